@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make train` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup train test test-fast lint format bench bench-accuracy bench-papers clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install the project with its dev tools
+
+train: $(STAMP)  ## the default experiment: digits, two teachers (fitted once, then cached), an MLP student
+	$(PY) -m kd_lightning.train $(ARGS)
+
+test: $(STAMP)  ## the whole suite (slow and multi-process tests included)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)  ## skip the tests marked slow
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench-accuracy: $(STAMP)  ## gallo2020 and landro2021 vs the student alone, 3 seeds, mean ± std
+	$(PY) bench/accuracy.py $(ARGS)
+
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,129 @@
+"""DistillationModule: student + frozen TeacherEnsemble + Objective, as a LightningModule.
+
+The teachers are deliberately *not* registered as a submodule: Lightning's per-epoch `.train()`,
+the optimizer, DDP's gradient sync, `sync_batchnorm` and the checkpoint's state_dict never see them.
+`_apply` is extended so `.to(device)` / dtype casts still move them with the module. Resuming
+therefore needs nothing from the checkpoint for the teachers: they are rebuilt from their own files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from kd_lightning.errors import ConfigError, choices
+from kd_lightning.objective import Objective
+from kd_lightning.taps import FeatureTaps
+from kd_lightning.teachers import TeacherEnsemble
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+SCHEDULERS = ("none", "cosine", "step")
+
+
+class DistillationModule(pl.LightningModule):
+    def __init__(
+        self,
+        student: nn.Module,
+        objective: Objective,
+        teachers: TeacherEnsemble | None,
+        student_taps: FeatureTaps,
+        num_classes: int,
+        optim: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.student = student
+        self.objective = objective
+        object.__setattr__(self, "teachers", teachers)  # not a submodule: see the module docstring
+        self.taps = student_taps
+        self.optim_cfg = dict(optim or {})
+        self.num_classes = num_classes
+        self.needs_teachers = teachers is not None and len(objective.terms) > 0
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        if teachers is not None:
+            self.teacher_test_acc = nn.ModuleDict(
+                {n: MulticlassAccuracy(num_classes, average="micro") for n in [*teachers.names, "ensemble"]}
+            )
+            self.test_agreement = MulticlassAccuracy(num_classes, average="micro")
+
+    # --- teachers travel with the module without being part of it ---------------------------
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.teachers is not None:
+            self.teachers._apply(fn, *args, **kwargs)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+    # --- steps -------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        s_feats = self.taps(x)
+        t_feats = self.teachers(x) if self.needs_teachers else None
+        loss, parts = self.objective(s_feats, t_feats, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, step {self.global_step}: "
+                f"parts {({k: float(v) for k, v in parts.items()})}. Lower optim.lr or the term weights; "
+                "the last good checkpoint is kept"
+            )
+        self.train_acc(s_feats["logits"].detach(), y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch[0], batch[1]
+        logits = self.student(x)
+        self.val_acc(logits, y)
+        self.log("val/ce", torch.nn.functional.cross_entropy(logits.float(), y), sync_dist=True, batch_size=len(y))
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch[0], batch[1]
+        logits = self.student(x)
+        self.test_acc(logits, y)
+        self.log("test/acc", self.test_acc)
+        if self.teachers is not None:
+            feats = self.teachers(x)
+            for name in self.teachers.names:
+                self.teacher_test_acc[name](feats[name]["logits"], y)
+                self.log(f"test/teacher/{name}/acc", self.teacher_test_acc[name])
+            ens = self.teachers.combined_logits(feats)
+            self.teacher_test_acc["ensemble"](ens, y)
+            self.log("test/teacher/ensemble/acc", self.teacher_test_acc["ensemble"])
+            self.test_agreement(logits.argmax(1), ens.argmax(1))
+            self.log("test/agreement", self.test_agreement)
+
+    # --- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        cfg = dict(self.optim_cfg)
+        name = str(cfg.pop("name", "adam"))
+        if name not in OPTIMIZERS:
+            raise ConfigError(f"optim.name={name!r}; valid: {choices(OPTIMIZERS)}")
+        scheduler = str(cfg.pop("scheduler", "none"))
+        step_size = cfg.pop("step_size", 30)
+        gamma = cfg.pop("gamma", 0.1)
+        params = [p for p in self.parameters() if p.requires_grad]
+        try:
+            opt = OPTIMIZERS[name](params, **cfg)
+        except TypeError as e:
+            raise ConfigError(f"optim: {e}") from None
+        if scheduler == "none":
+            return opt
+        if scheduler == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs or 1))
+        elif scheduler == "step":
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(step_size), gamma=float(gamma))
+        else:
+            raise ConfigError(f"optim.scheduler={scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -1,0 +1,169 @@
+"""The distillation objective: w_ce · CE(student, y) + Σ_i w_i · term_i(student taps, teacher taps).
+
+A term reads one student tap and one teacher tap (the same role in every teacher), adapts the
+student feature to the teacher's shape and applies a distance. With several teachers (Landro et al.
+2021) the term combines them in one of three ways:
+- `concat`: the teachers' features concatenated along channels; one adapter maps the student to it.
+- `mean`: the weighted mean of the teachers' features (shapes must match); one adapter.
+- `per_teacher`: one adapter and one distance per teacher, summed with the teachers' weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from numbers import Real
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_lightning.adapters import make_adapter
+from kd_lightning.errors import ConfigError, choices
+from kd_lightning.losses import create_loss
+
+COMBINE_MODES = ("per_teacher", "mean", "concat")
+TERM_KEYS = {"weight", "student_tap", "teacher_tap", "distance", "adapter", "combine"}
+Shape = tuple[int, ...]
+
+
+def check_weight(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    value = float(value)
+    if value < 0 or value != value:
+        raise ConfigError(f"{where} must be a non-negative number, got {value}")
+    return value
+
+
+class Term(nn.Module):
+    def __init__(
+        self,
+        name: str,
+        spec: Mapping[str, Any],
+        student_shape: Shape,
+        teacher_shapes: Mapping[str, Shape],
+        teacher_weights: Mapping[str, float],
+    ):
+        super().__init__()
+        self.name = name
+        self.weight = check_weight(f"distill.terms.{name}.weight", spec.get("weight", 1.0))
+        self.student_tap = str(spec.get("student_tap", "embed"))
+        self.teacher_tap = str(spec.get("teacher_tap", self.student_tap))
+        self.combine = str(spec.get("combine", "per_teacher"))
+        if self.combine not in COMBINE_MODES:
+            raise ConfigError(f"distill.terms.{name}.combine={self.combine!r}; valid: {', '.join(COMBINE_MODES)}")
+        loss_kwargs = {k: v for k, v in spec.items() if k not in TERM_KEYS}
+        try:
+            self.loss = create_loss(str(spec.get("distance", "mse")), **loss_kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"distill.terms.{name}: {e} (term keys: {choices(TERM_KEYS)})") from None
+        self.teacher_weights = dict(teacher_weights)
+        kind = str(spec.get("adapter", "auto"))
+        members = list(teacher_shapes)
+        if self.combine == "per_teacher":
+            self.adapters = nn.ModuleDict({m: make_adapter(student_shape, teacher_shapes[m], kind) for m in members})
+        else:
+            target = self._combined_shape(teacher_shapes)
+            self.adapters = nn.ModuleDict({"combined": make_adapter(student_shape, target, kind)})
+
+    def _combined_shape(self, shapes: Mapping[str, Shape]) -> Shape:
+        distinct = set(shapes.values())
+        if self.combine == "mean":
+            if len(distinct) > 1:
+                raise ConfigError(
+                    f"distill.terms.{self.name}: combine=mean needs teacher features of one shape, got "
+                    f"{dict(shapes)}; use combine=concat or combine=per_teacher"
+                )
+            return next(iter(distinct))
+        first = next(iter(shapes.values()))
+        if all(len(s) == 1 for s in shapes.values()):
+            return (sum(s[0] for s in shapes.values()),)
+        if any(s[1:] != first[1:] for s in shapes.values()):
+            raise ConfigError(
+                f"distill.terms.{self.name}: combine=concat needs feature maps of one spatial size, got "
+                f"{dict(shapes)}; use combine=per_teacher"
+            )
+        return (sum(s[0] for s in shapes.values()), *first[1:])
+
+    def forward(self, student: torch.Tensor, teachers: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.combine == "per_teacher":
+            return sum(
+                self.teacher_weights[m] * self.loss(self.adapters[m](student), t) for m, t in teachers.items()
+            )
+        if self.combine == "mean":
+            target = sum(self.teacher_weights[m] * t for m, t in teachers.items())
+        else:
+            ts = list(teachers.values())
+            target = torch.cat([t.flatten(1) for t in ts], 1) if ts[0].dim() == 2 else torch.cat(ts, 1)
+        return self.loss(self.adapters["combined"](student), target)
+
+
+class Objective(nn.Module):
+    """Weighted sum of cross-entropy and distillation terms; owns the adapters."""
+
+    def __init__(self, ce_weight: float, terms: Mapping[str, Term]):
+        super().__init__()
+        self.ce_weight = check_weight("distill.ce_weight", ce_weight)
+        self.terms = nn.ModuleDict(dict(terms))
+        if self.ce_weight == 0 and not self.terms:
+            raise ConfigError("distill.ce_weight is 0 and there are no distillation terms: nothing to train on")
+
+    @staticmethod
+    def student_taps(distill_cfg: Mapping[str, Any]) -> list[str]:
+        return sorted({str(t.get("student_tap", "embed")) for t in active_terms(distill_cfg).values()})
+
+    @staticmethod
+    def teacher_taps(distill_cfg: Mapping[str, Any]) -> list[str]:
+        return sorted(
+            {str(t.get("teacher_tap", t.get("student_tap", "embed"))) for t in active_terms(distill_cfg).values()}
+        )
+
+    def forward(
+        self, student: Mapping[str, torch.Tensor], teachers: Mapping[str, Mapping[str, torch.Tensor]] | None, y: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        parts: dict[str, torch.Tensor] = {}
+        total = student["logits"].new_zeros((), dtype=torch.float32)
+        if self.ce_weight > 0:
+            parts["ce"] = F.cross_entropy(student["logits"].float(), y)
+            total = total + self.ce_weight * parts["ce"]
+        for name, term in self.terms.items():
+            t_feats = {m: feats[term.teacher_tap] for m, feats in teachers.items()}
+            parts[name] = term(student[term.student_tap], t_feats)
+            total = total + term.weight * parts[name]
+        return total, parts
+
+
+def active_terms(distill_cfg: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Terms of the config, minus those switched off with `null` (so `distill.terms.x=null` removes x)."""
+    terms = distill_cfg.get("terms") or {}
+    if not isinstance(terms, Mapping):
+        raise ConfigError(f"distill.terms must be a mapping of term name → settings, got {type(terms).__name__}")
+    out = {}
+    for name, spec in terms.items():
+        if spec is None:
+            continue
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"distill.terms.{name} must be a mapping of settings, got {spec!r}")
+        out[str(name)] = spec
+    return out
+
+
+def build_objective(
+    distill_cfg: Mapping[str, Any],
+    student_shapes: Mapping[str, Shape],
+    teacher_shapes: Mapping[str, Mapping[str, Shape]] | None,
+    teacher_weights: Mapping[str, float] | None,
+) -> Objective:
+    terms_cfg = active_terms(distill_cfg)
+    if terms_cfg and not teacher_shapes:
+        raise ConfigError(
+            f"distill has terms {sorted(terms_cfg)} but there are no teachers; use distill=none for "
+            "training without teachers, or choose a teachers= set"
+        )
+    terms = {}
+    for name, spec in terms_cfg.items():
+        tap = str(spec.get("teacher_tap", spec.get("student_tap", "embed")))
+        shapes = {m: s[tap] for m, s in (teacher_shapes or {}).items()}
+        terms[name] = Term(name, spec, student_shapes[str(spec.get("student_tap", "embed"))], shapes, teacher_weights or {})
+    return Objective(distill_cfg.get("ce_weight", 1.0), terms)

@@ -1,0 +1,162 @@
+"""Turn a composed config into the objects of one run (datamodule, teachers, student, module, trainer).
+
+Everything here runs before training, so configuration errors surface before the first step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kd_lightning.data.base import TensorDataModule
+from kd_lightning.errors import ConfigError, choices
+from kd_lightning.models import create_model, save_model
+from kd_lightning.module import DistillationModule
+from kd_lightning.objective import Objective, build_objective
+from kd_lightning.taps import FeatureTaps
+from kd_lightning.teachers import TeacherEnsemble, build_teachers
+
+log = logging.getLogger(__name__)
+
+
+def to_dict(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def instantiate_datamodule(data_cfg: Mapping[str, Any]) -> TensorDataModule:
+    """Instantiate `data._target_`, turning unknown keys into a ConfigError that lists the valid ones."""
+    data_cfg = dict(to_dict(data_cfg))
+    data_cfg.pop("name", None)
+    target = data_cfg.get("_target_")
+    if not target:
+        raise ConfigError("data._target_ is missing: pick a dataset with data=<name>")
+    cls = hydra.utils.get_class(target)
+    valid = set()
+    for klass in cls.__mro__:
+        if klass is object or not hasattr(klass, "__init__"):
+            continue
+        valid |= {p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "kwargs")}
+        if klass is TensorDataModule:
+            break
+    unknown = sorted(set(data_cfg) - valid - {"_target_"})
+    if unknown:
+        raise ConfigError(f"data has unknown key(s) {unknown}; valid keys for {cls.__name__}: {choices(valid)}")
+    return hydra.utils.instantiate(data_cfg, _convert_="all")
+
+
+def model_spec(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A student/teacher arch config as a plain dict."""
+    return dict(to_dict(cfg))
+
+
+def supervised_module(model: nn.Module, num_classes: int, optim: Mapping[str, Any]) -> DistillationModule:
+    return DistillationModule(model, Objective(1.0, {}), None, FeatureTaps(model, []), num_classes, optim)
+
+
+def fit_supervised(
+    spec: Mapping[str, Any],
+    dm: TensorDataModule,
+    fit_cfg: Mapping[str, Any],
+    accelerator: str = "cpu",
+    out_path: Path | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> tuple[nn.Module, float]:
+    """Train `spec` alone on `dm` with cross-entropy (teacher fitting and the student-alone baseline).
+
+    Returns the trained model and its test accuracy; writes a model file to `out_path` when given.
+    The global RNG state is restored afterwards, so fitting a teacher does not change the main run.
+    """
+    fit_cfg = dict(fit_cfg)
+    seed = int(fit_cfg.pop("seed", 0))
+    max_epochs = int(fit_cfg.pop("max_epochs", 20))
+    if max_epochs <= 0:
+        raise ConfigError(f"fit.max_epochs must be positive, got {max_epochs}")
+    optim = {"name": "adam", "lr": 1e-3, "scheduler": "cosine", **fit_cfg}
+    rng = torch.random.get_rng_state()
+    pl.seed_everything(seed, workers=True, verbose=False)
+    model = create_model(spec, dm.num_classes, dm.input_shape)
+    module = supervised_module(model, dm.num_classes, optim)
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test/acc"])
+    torch.random.set_rng_state(rng)
+    if out_path is not None:
+        save_model(
+            model, out_path, spec, dm.num_classes, dm.input_shape,
+            meta={"test_acc": acc, "fit_seconds": time.perf_counter() - t0, "fit": dict(fit_cfg, seed=seed, max_epochs=max_epochs), **(meta or {})},
+        )
+    model.eval()
+    return model, acc
+
+
+@torch.no_grad()
+def probe_shapes(model_taps: FeatureTaps, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes of every tap, from one dry batch run in eval mode (no BN statistics updated)."""
+    model = model_taps.model
+    was_training = model.training
+    model.eval()
+    feats = model_taps(x)
+    model.train(was_training)
+    return {k: tuple(v.shape[1:]) for k, v in feats.items()}
+
+
+def build_teacher_ensemble(cfg: DictConfig, dm: TensorDataModule, data_name: str) -> TeacherEnsemble | None:
+    teachers_cfg = to_dict(cfg.teachers) or {}
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+
+    def fit(name: str, arch: Mapping[str, Any], fit_cfg: Mapping[str, Any], path: Path) -> None:
+        t0 = time.perf_counter()
+        _, acc = fit_supervised(dict(arch), dm, fit_cfg, accelerator, out_path=path, meta={"teacher": name})
+        log.info("fitted teacher %s: test acc %.4f in %.1fs → %s", name, acc, time.perf_counter() - t0, path)
+
+    return build_teachers(
+        teachers_cfg, dm.num_classes, dm.input_shape, data_name, to_dict(cfg.data), cfg.paths.cache_dir, fit
+    )
+
+
+def build_module(cfg: DictConfig, dm: TensorDataModule, teachers: TeacherEnsemble | None) -> DistillationModule:
+    """Student + objective sized on one dry batch (adapters get their shapes here, before training)."""
+    distill = to_dict(cfg.distill) or {}
+    student_spec = model_spec(cfg.student)
+    student = create_model(student_spec, dm.num_classes, dm.input_shape)
+    student_aliases = dict(student_spec.get("taps") or {})
+    student_taps = FeatureTaps(student, Objective.student_taps(distill), aliases=student_aliases, owner="student")
+    batch = dm.prepare_batch(next(iter(dm.train_dataloader())), train=False)
+    x = batch[0][: min(8, len(batch[0]))]
+    student_shapes = probe_shapes(student_taps, x)
+    _check_logits("student", student_shapes["logits"], dm.num_classes)
+    teacher_shapes = None
+    if teachers is not None:
+        teachers.configure_taps(Objective.teacher_taps(distill))
+        feats = teachers(x)
+        teacher_shapes = {m: {k: tuple(v.shape[1:]) for k, v in f.items()} for m, f in feats.items()}
+        for m, shapes in teacher_shapes.items():
+            _check_logits(f"teacher {m!r}", shapes["logits"], dm.num_classes)
+    objective = build_objective(distill, student_shapes, teacher_shapes, teachers.weights if teachers else None)
+    return DistillationModule(student, objective, teachers, student_taps, dm.num_classes, to_dict(cfg.optim))
+
+
+def _check_logits(owner: str, shape: tuple[int, ...], num_classes: int) -> None:
+    if shape != (num_classes,):
+        raise ConfigError(f"{owner} outputs shape {shape} per sample but the dataset has {num_classes} classes")

@@ -1,0 +1,160 @@
+"""kd-train: the Hydra entry point. Compose → validate/build (before training) → fit → test → write.
+
+Writes into the run's output dir: results.json (always, also on failure), student.pt (the student
+alone: loads with `kd_lightning.models.load_model`, no teachers needed) and Lightning checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.models import save_model
+from kd_lightning.pipeline import (
+    build_module,
+    build_teacher_ensemble,
+    fit_supervised,
+    instantiate_datamodule,
+    model_spec,
+    to_dict,
+)
+from kd_lightning.results import write_json_atomic
+from kd_lightning.summary import print_summary
+
+log = logging.getLogger("kd_lightning")
+
+GROUPS = ("data", "student", "teachers", "distill", "trainer", "optim", "experiment")
+
+
+def group_choices(cfg: DictConfig) -> dict[str, Any]:
+    """The config-group choices of this run (from Hydra when available, else the configs' `name` keys)."""
+    if HydraConfig.initialized():
+        chosen = HydraConfig.get().runtime.choices
+        return {g: chosen.get(g) for g in GROUPS}
+    return {g: (cfg.get(g) or {}).get("name") if isinstance(cfg.get(g), DictConfig) else None for g in GROUPS}
+
+
+def _instantiate_all(node: DictConfig | None) -> list[Any]:
+    if not node:
+        return []
+    return [hydra.utils.instantiate(c) for c in node.values() if c is not None and "_target_" in c]
+
+
+def build_trainer(cfg: DictConfig) -> pl.Trainer:
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    try:
+        return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    except TypeError as e:
+        raise ConfigError(f"trainer: {e}") from None
+
+
+def teacher_set_label(cfg: DictConfig) -> str:
+    members = list((cfg.teachers or {}).get("members") or {})
+    use = (cfg.teachers or {}).get("use")
+    used = members if use is None else ([use] if isinstance(use, str) else list(use))
+    return "+".join(used) if used else "none"
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """One experiment; returns the results dict that it also writes to results.json."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "status": "running",
+        "seed": int(cfg.seed),
+        **group_choices(cfg),
+        "teacher_set": teacher_set_label(cfg),
+        "output_dir": str(out),
+    }
+    try:
+        pl.seed_everything(int(cfg.seed), workers=True)
+        dm = instantiate_datamodule(cfg.data)
+        dm.prepare_data()
+        dm.setup("fit")
+        log.info("data %s", dm.describe())
+        teachers = build_teacher_ensemble(cfg, dm, str(results.get("data") or dm.name))
+        pl.seed_everything(int(cfg.seed), workers=True)
+        module = build_module(cfg, dm, teachers)
+        trainer = build_trainer(cfg)
+        results["teacher_checkpoints"] = teachers.checkpoints if teachers else {}
+
+        t0 = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        results["fit_seconds"] = time.perf_counter() - t0
+        if trainer.interrupted:
+            raise KeyboardInterrupt("training was interrupted")
+        ckpt_cb = trainer.checkpoint_callback
+        best = ckpt_cb.best_model_path if ckpt_cb is not None else ""
+        results["val_acc"] = float(ckpt_cb.best_model_score) if best and ckpt_cb.best_model_score is not None else _last(trainer, "val/acc")
+        test = trainer.test(module, datamodule=dm, ckpt_path=best or None, verbose=False)[0]
+        results["test_acc"] = float(test["test/acc"])
+        results["best_checkpoint"] = best or None
+        if teachers is not None:
+            results["teacher_test_acc"] = {n: float(test[f"test/teacher/{n}/acc"]) for n in teachers.names}
+            results["teacher_ensemble_test_acc"] = float(test["test/teacher/ensemble/acc"])
+            results["teacher_agreement"] = float(test["test/agreement"])
+        else:
+            results["teacher_test_acc"] = {}
+        if cfg.get("baseline"):
+            fit_cfg = {"seed": int(cfg.seed), "max_epochs": int(cfg.trainer.max_epochs), **to_dict(cfg.optim)}
+            _, results["baseline_test_acc"] = fit_supervised(
+                model_spec(cfg.student), dm, fit_cfg, str(cfg.trainer.get("accelerator", "cpu"))
+            )
+        if trainer.is_global_zero:
+            results["student_path"] = str(
+                save_model(module.student, out / "student.pt", model_spec(cfg.student), dm.num_classes, dm.input_shape,
+                           meta={"test_acc": results["test_acc"], "seed": int(cfg.seed)})
+            )
+        results["status"] = "ok"
+    except ConfigError as e:
+        results.update(status="config_error", error=str(e))
+        raise
+    except BaseException as e:
+        results.update(status="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if _is_rank_zero():
+            write_json_atomic(out / "results.json", results)
+    if cfg.get("print_summary", True) and _is_rank_zero():
+        print_summary(results)
+    return results
+
+
+def _last(trainer: pl.Trainer, key: str) -> float | None:
+    v = trainer.callback_metrics.get(key)
+    return float(v) if v is not None else None
+
+
+def _is_rank_zero() -> bool:
+    from pytorch_lightning.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """Returns val_acc, the objective for Hydra sweepers (Optuna)."""
+    if cfg.get("print_config"):
+        print(OmegaConf.to_yaml(cfg, resolve=False))
+    try:
+        return run(cfg).get("val_acc")
+    except ConfigError as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra marks this job failed and goes on with the others
+        print(f"\nConfiguration error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
