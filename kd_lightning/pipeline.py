@@ -15,6 +15,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -31,6 +32,16 @@ log = logging.getLogger(__name__)
 
 def to_dict(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def instantiate(cfg: Any, where: str, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, with our own ConfigErrors unwrapped and other failures named by key."""
+    try:
+        return hydra.utils.instantiate(cfg, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise ConfigError(f"{where}: {e}".replace("\n", " ")) from None
 
 
 def instantiate_datamodule(data_cfg: Mapping[str, Any]) -> TensorDataModule:
@@ -51,7 +62,7 @@ def instantiate_datamodule(data_cfg: Mapping[str, Any]) -> TensorDataModule:
     unknown = sorted(set(data_cfg) - valid - {"_target_"})
     if unknown:
         raise ConfigError(f"data has unknown key(s) {unknown}; valid keys for {cls.__name__}: {choices(valid)}")
-    return hydra.utils.instantiate(data_cfg, _convert_="all")
+    return instantiate(data_cfg, "data", _convert_="all")
 
 
 def model_spec(cfg: Mapping[str, Any]) -> dict[str, Any]:

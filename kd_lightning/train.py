@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ProgressBar
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import save_model
@@ -24,6 +25,7 @@ from kd_lightning.pipeline import (
     build_module,
     build_teacher_ensemble,
     fit_supervised,
+    instantiate,
     instantiate_datamodule,
     model_spec,
     to_dict,
@@ -44,19 +46,18 @@ def group_choices(cfg: DictConfig) -> dict[str, Any]:
     return {g: (cfg.get(g) or {}).get("name") if isinstance(cfg.get(g), DictConfig) else None for g in GROUPS}
 
 
-def _instantiate_all(node: DictConfig | None) -> list[Any]:
+def _instantiate_all(node: DictConfig | None, group: str) -> list[Any]:
     if not node:
         return []
-    return [hydra.utils.instantiate(c) for c in node.values() if c is not None and "_target_" in c]
+    return [instantiate(c, f"{group}.{k}") for k, c in node.items() if c is not None and "_target_" in c]
 
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
-    callbacks = _instantiate_all(cfg.get("callbacks"))
-    loggers = _instantiate_all(cfg.get("logger"))
-    try:
-        return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    except TypeError as e:
-        raise ConfigError(f"trainer: {e}") from None
+    callbacks = _instantiate_all(cfg.get("callbacks"), "callbacks")
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    loggers = _instantiate_all(cfg.get("logger"), "logger")
+    return instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
 
 
 def teacher_set_label(cfg: DictConfig) -> str:

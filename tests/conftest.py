@@ -1,0 +1,61 @@
+"""Shared fixtures: compose the real Hydra config with fast overrides, and a session-wide teacher cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Small but real: two teachers on digits fitted for a few epochs, a couple of epochs of KD.
+FAST_TRAINER = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=none", "print_summary=false"]
+FAST_TEACHERS = ["teachers.members.cnn_s.fit.max_epochs=3", "teachers.members.cnn_l.fit.max_epochs=3"]
+FAST = FAST_TRAINER + FAST_TEACHERS
+
+
+def fast_overrides(overrides: list[str]) -> list[str]:
+    """FAST, minus the digits-teacher settings when another teacher set is chosen."""
+    other_teachers = any(o.startswith("teachers=") for o in overrides)
+    return FAST_TRAINER + ([] if other_teachers else FAST_TEACHERS)
+
+
+def compose_cfg(overrides: list[str], out_dir: Path, cache_dir: Path) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.output_dir = str(out_dir)
+        cfg.paths.cache_dir = str(cache_dir)
+        cfg.hydra.runtime.output_dir = str(out_dir)
+        cfg.hydra.runtime.cwd = str(ROOT)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kd_cache")
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path, cache_dir: Path):
+    def _make(*overrides: str, fast: bool = True) -> DictConfig:
+        return compose_cfg([*(fast_overrides(list(overrides)) if fast else []), *overrides], tmp_path / "run", cache_dir)
+
+    return _make
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600, module: str = "kd_lightning.train") -> subprocess.CompletedProcess:
+    """Run a console entry point in a fresh process, as a user would."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,168 @@
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kd_lightning.data import (
+    CIFARDataModule,
+    DigitsDataModule,
+    ImageFolderDataModule,
+    MNIST1DDataModule,
+    MNISTDataModule,
+    SyntheticDataModule,
+)
+from kd_lightning.data.base import random_crop_flip
+from kd_lightning.errors import ConfigError
+
+
+def _all(ds):
+    return ds.__getitems__(list(range(len(ds))))
+
+
+def test_digits_splits_are_disjoint_seeded_and_yield_indices():
+    a, b = DigitsDataModule(split_seed=3, batch_size=64), DigitsDataModule(split_seed=3)
+    a.setup(), b.setup()
+    assert a.input_shape == (1, 8, 8) and a.num_classes == 10
+    sizes = {k: len(v) for k, v in a.splits.items()}
+    assert sum(sizes.values()) == 1797
+    torch.testing.assert_close(a.splits["train"].x, b.splits["train"].x)
+    x, y, idx = next(iter(a.train_dataloader()))
+    assert x.shape == (64, 1, 8, 8) and y.shape == idx.shape == (64,)
+    torch.testing.assert_close(a.splits["train"].x[idx], x)
+    c = DigitsDataModule(split_seed=4)
+    c.setup()
+    assert not torch.equal(a.splits["train"].x, c.splits["train"].x)
+
+
+def test_train_statistics_normalise_train_split():
+    dm = DigitsDataModule()
+    dm.setup()
+    x, _, _ = dm.prepare_batch(_all(dm.splits["train"]), train=False)
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3
+
+
+def test_mnist1d_generated_locally_and_cached(tmp_path: Path):
+    dm = MNIST1DDataModule(num_samples=200, cache_dir=str(tmp_path))
+    dm.setup()
+    assert dm.cache_path().is_file()
+    assert dm.input_shape == (1, 40) and dm.num_classes == 10
+    assert len(dm.splits["test"]) == 40 and len(dm.splits["train"]) + len(dm.splits["val"]) == 160
+    again = MNIST1DDataModule(num_samples=200, cache_dir=str(tmp_path))
+    again.setup()
+    torch.testing.assert_close(dm.splits["train"].x, again.splits["train"].x)
+
+
+def _write_cifar(root: Path, classes: int, n_train: int = 10, n_test: int = 6) -> None:
+    rng = np.random.default_rng(0)
+    if classes == 10:
+        folder = root / "cifar-10-batches-py"
+        files = {f"data_batch_{i}": n_train for i in range(1, 6)} | {"test_batch": n_test}
+        key = b"labels"
+    else:
+        folder = root / "cifar-100-python"
+        files = {"train": n_train, "test": n_test}
+        key = b"fine_labels"
+    folder.mkdir(parents=True)
+    for name, n in files.items():
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: list(rng.integers(0, classes, n))}
+        batch[key][0] = classes - 1
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_cifar_reader_on_files_the_test_writes(tmp_path: Path, classes: int):
+    _write_cifar(tmp_path, classes)
+    dm = CIFARDataModule(root=str(tmp_path), classes=classes, val_fraction=0.2, batch_size=4)
+    dm.setup()
+    n_train = 50 if classes == 10 else 10
+    assert len(dm.splits["train"]) + len(dm.splits["val"]) == n_train
+    assert dm.input_shape == (3, 32, 32) and dm.num_classes == classes
+    assert dm.splits["train"].x.dtype == torch.uint8
+    x, _, _ = dm.prepare_batch(next(iter(dm.train_dataloader())), train=True)
+    assert x.dtype == torch.float32 and x.shape == (4, 3, 32, 32)
+
+
+def test_cifar_missing_files_say_how_to_get_them(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"data.download=true.*data.root"):
+        CIFARDataModule(root=str(tmp_path)).setup()
+
+
+def test_cifar_pickle_with_code_is_refused(tmp_path: Path):
+    _write_cifar(tmp_path, 10)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({b"data": Evil()}, f)
+    with pytest.raises(ConfigError, match="refused global builtins.print"):
+        CIFARDataModule(root=str(tmp_path)).setup()
+
+
+def _idx(path: Path, arr: np.ndarray, compress: bool) -> None:
+    raw = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}i", *arr.shape) + arr.tobytes()
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+
+
+@pytest.mark.parametrize("variant,folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_mnist_idx_reader(tmp_path: Path, variant: str, folder: str):
+    raw = tmp_path / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    _idx(raw / "train-images-idx3-ubyte", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), False)
+    _idx(raw / "train-labels-idx1-ubyte.gz", np.arange(20, dtype=np.uint8) % 10, True)
+    _idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, (8, 28, 28), dtype=np.uint8), False)
+    _idx(raw / "t10k-labels-idx1-ubyte", np.arange(8, dtype=np.uint8) % 10, False)
+    dm = MNISTDataModule(root=str(tmp_path), variant=variant, val_fraction=0.25)
+    dm.setup()
+    assert dm.input_shape == (1, 28, 28) and dm.num_classes == 10
+    assert len(dm.splits["train"]) == 15 and len(dm.splits["test"]) == 8
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x09abc")
+    with pytest.raises(ConfigError, match="truncated"):
+        MNISTDataModule(root=str(tmp_path), variant=variant).setup()
+
+
+def test_imagefolder_on_png_files(tmp_path: Path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 2)):
+        for cls in ("cat", "dog", "owl"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    dm = ImageFolderDataModule(root=str(tmp_path / "train"), test_root=str(tmp_path / "test"), image_size=16, batch_size=4, val_fraction=0.2)
+    dm.setup()
+    assert dm.class_names == ["cat", "dog", "owl"] and dm.num_classes == 3
+    assert len(dm.splits["test"]) == 6 and len(dm.splits["train"]) + len(dm.splits["val"]) == 18
+    x, y, idx = dm.prepare_batch(next(iter(dm.train_dataloader())), train=True)
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and y.shape == idx.shape == (4,)
+    with pytest.raises(ConfigError, match="not a folder"):
+        ImageFolderDataModule(root=str(tmp_path / "nope")).setup()
+
+
+def test_batched_crop_flip_matches_per_sample_definition():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    gen = torch.Generator().manual_seed(0)
+    out = random_crop_flip(x, 1, hflip=False, generator=gen)
+    gen = torch.Generator().manual_seed(0)
+    oy = torch.randint(0, 3, (2,), generator=gen)
+    ox = torch.randint(0, 3, (2,), generator=gen)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    for i in range(2):
+        torch.testing.assert_close(out[i], padded[i, :, oy[i] : oy[i] + 4, ox[i] : ox[i] + 4])
+
+
+def test_bad_sizes_are_config_errors():
+    with pytest.raises(ConfigError, match="batch_size"):
+        DigitsDataModule(batch_size=0)
+    with pytest.raises(ConfigError, match="val_fraction"):
+        DigitsDataModule(val_fraction=1.5)
+    with pytest.raises(ConfigError, match="num_train"):
+        SyntheticDataModule(num_train=-3)

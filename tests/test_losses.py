@@ -1,0 +1,56 @@
+import math
+
+import pytest
+import torch
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses import create_loss, list_losses
+
+S = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+T = torch.tensor([[0.0, 2.0], [2.0, 1.0]])
+
+
+def test_mse_l1_by_hand():
+    # differences: 1, 0, -2, -2
+    assert create_loss("mse")(S, T).item() == pytest.approx((1 + 0 + 4 + 4) / 4)
+    assert create_loss("l1")(S, T).item() == pytest.approx((1 + 0 + 2 + 2) / 4)
+
+
+def test_smooth_l1_by_hand():
+    # beta=1: |d|<1 → 0.5 d²; else |d| - 0.5. d = 1, 0, 2, 2 → 0.5, 0, 1.5, 1.5
+    assert create_loss("smooth_l1", beta=1.0)(S, T).item() == pytest.approx((0.5 + 0 + 1.5 + 1.5) / 4)
+
+
+def test_cosine_by_hand():
+    cos1 = (1 * 0 + 2 * 2) / (math.sqrt(5) * 2)
+    cos2 = (0 * 2 + -1 * 1) / (1 * math.sqrt(5))
+    assert create_loss("cosine")(S, T).item() == pytest.approx(((1 - cos1) + (1 - cos2)) / 2, rel=1e-6)
+
+
+def test_kl_hinton_by_hand():
+    temp = 2.0
+    total = 0.0
+    for s, t in zip(S.tolist(), T.tolist()):
+        ps = [math.exp(v / temp) for v in s]
+        pt = [math.exp(v / temp) for v in t]
+        ps = [v / sum(ps) for v in ps]
+        pt = [v / sum(pt) for v in pt]
+        total += sum(b * math.log(b / a) for a, b in zip(ps, pt))
+    expected = total / 2 * temp**2
+    assert create_loss("kl", temperature=temp)(S, T).item() == pytest.approx(expected, rel=1e-5)
+    assert create_loss("kd", temperature=temp)(S, T).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_distances_are_zero_at_the_target():
+    for name in ("mse", "l1", "smooth_l1", "cosine", "kl"):
+        assert create_loss(name)(T, T).item() == pytest.approx(0.0, abs=1e-6), name
+
+
+def test_registry_errors_are_clear():
+    assert {"mse", "l1", "smooth_l1", "cosine", "kl", "kd"} <= set(list_losses())
+    with pytest.raises(ConfigError, match="unknown distance/loss 'msee'.*mse"):
+        create_loss("msee")
+    with pytest.raises(ConfigError, match="temperatur.*valid options: temperature"):
+        create_loss("kl", temperatur=3)
+    with pytest.raises(ConfigError, match="positive"):
+        create_loss("kl", temperature=0)

@@ -1,0 +1,96 @@
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.models import create_model, list_models, load_model, load_weights, save_model
+
+SHAPES = {"mlp": (1, 40), "wide2": (20,), "cnn": (1, 8, 8), "cnn1d": (1, 40)}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_builds_and_classifies(name):
+    shape = SHAPES.get(name, (3, 16, 16))
+    model = create_model({"name": name}, 7, shape).eval()
+    assert model(torch.randn(2, *shape)).shape == (2, 7)
+
+
+def test_cifar_resnet_sizes_match_repdistiller():
+    n = lambda name: sum(p.numel() for p in create_model({"name": name}, 100, (3, 32, 32)).parameters())  # noqa: E731
+    assert 0.07e6 < n("resnet8") < 0.1e6
+    assert 1.2e6 < n("resnet8x4") < 1.3e6
+    assert 7.4e6 < n("resnet32x4") < 7.5e6
+    assert 0.6e6 < n("wrn_16_2") < 0.75e6
+
+
+def test_torchvision_model_by_name_with_small_stem_and_gray_input():
+    model = create_model({"name": "resnet18", "small_input": True}, 5, (1, 32, 32))
+    assert model.conv1.in_channels == 1 and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 5)
+
+
+def test_unknown_model_and_option_are_clear_errors():
+    with pytest.raises(ConfigError, match="unknown model 'resnet9'.*resnet8"):
+        create_model({"name": "resnet9"}, 10, (3, 32, 32))
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['hiden'\].*hidden"):
+        create_model({"name": "mlp", "hiden": [3]}, 10, (4,))
+    with pytest.raises(ConfigError, match="positive"):
+        create_model({"name": "mlp", "hidden": [0]}, 10, (4,))
+    with pytest.raises(ConfigError, match="needs image inputs"):
+        create_model({"name": "cnn"}, 10, (1, 40))
+
+
+def test_save_load_roundtrip_gives_same_predictions(tmp_path: Path):
+    spec = {"name": "cnn", "channels": [4, 8]}
+    model = create_model(spec, 3, (1, 8, 8)).eval()
+    path = save_model(model, tmp_path / "m.pt", spec, 3, (1, 8, 8))
+    again = load_model(path).eval()
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(model(x), again(x))
+
+
+def test_plain_state_dict_and_spec_checkpoint(tmp_path: Path):
+    spec = {"name": "mlp", "hidden": [6]}
+    model = create_model(spec, 3, (4,))
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    other = create_model({**spec, "checkpoint": str(tmp_path / "sd.pt")}, 3, (4,))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+
+
+def test_checkpoint_for_another_architecture_is_named(tmp_path: Path):
+    spec = {"name": "mlp", "hidden": [6]}
+    path = save_model(create_model(spec, 3, (4,)), tmp_path / "m.pt", spec, 3, (4,))
+    with pytest.raises(ConfigError, match=r"does not fit.*made for 'mlp'"):
+        load_weights(create_model({"name": "mlp", "hidden": [7, 7]}, 3, (4,)), path)
+
+
+def test_not_a_checkpoint(tmp_path: Path):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("hello")
+    with pytest.raises(ConfigError, match="not a PyTorch checkpoint"):
+        load_weights(create_model({"name": "mlp"}, 3, (4,)), bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_weights(create_model({"name": "mlp"}, 3, (4,)), tmp_path / "missing.pt")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (Path.touch, (Path(_Evil.target),))
+
+
+def test_malicious_pickle_is_refused(tmp_path: Path):
+    _Evil.target = str(tmp_path / "pwned")
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "payload": _Evil()}, path)
+    with pytest.raises(ConfigError, match="refused to load"):
+        load_weights(create_model({"name": "mlp"}, 3, (4,)), path)
+    assert not (tmp_path / "pwned").exists()
+    with open(path, "rb"):
+        pass
+    with pytest.raises(ConfigError):
+        load_model(path)
+    assert not (tmp_path / "pwned").exists()
+    assert pickle  # the payload above really is an executable pickle

@@ -1,0 +1,81 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.objective import Objective, Term, active_terms, build_objective
+
+
+def term(combine: str, shapes: dict, weights: dict | None = None, **spec) -> Term:
+    weights = weights or {m: 1.0 / len(shapes) for m in shapes}
+    return Term("feat", {"combine": combine, "distance": "mse", "adapter": "auto", **spec}, (4,), shapes, weights)
+
+
+def test_per_teacher_sums_weighted_distances_with_own_adapters():
+    t = term("per_teacher", {"a": (4,), "b": (6,)}, {"a": 0.25, "b": 0.75})
+    assert set(t.adapters) == {"a", "b"}
+    s = torch.randn(3, 4)
+    ta, tb = torch.randn(3, 4), torch.randn(3, 6)
+    expected = 0.25 * F.mse_loss(s, ta) + 0.75 * F.mse_loss(t.adapters["b"](s), tb)  # 'a' is identity
+    torch.testing.assert_close(t(s, {"a": ta, "b": tb}), expected)
+
+
+def test_concat_targets_the_concatenation_with_one_adapter():
+    t = term("concat", {"a": (4,), "b": (6,)})
+    s, ta, tb = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 6)
+    expected = F.mse_loss(t.adapters["combined"](s), torch.cat([ta, tb], 1))
+    assert t.adapters["combined"].proj.out_features == 10
+    torch.testing.assert_close(t(s, {"a": ta, "b": tb}), expected)
+
+
+def test_mean_targets_the_weighted_mean():
+    t = term("mean", {"a": (4,), "b": (4,)}, {"a": 0.2, "b": 0.8})
+    s, ta, tb = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    torch.testing.assert_close(t(s, {"a": ta, "b": tb}), F.mse_loss(s, 0.2 * ta + 0.8 * tb))
+
+
+def test_mean_with_different_shapes_says_what_to_use():
+    with pytest.raises(ConfigError, match="combine=concat or combine=per_teacher"):
+        term("mean", {"a": (4,), "b": (6,)})
+
+
+def test_concat_maps_need_one_spatial_size():
+    with pytest.raises(ConfigError, match="spatial"):
+        Term("f", {"combine": "concat"}, (4, 2, 2), {"a": (4, 2, 2), "b": (4, 4, 4)}, {"a": 0.5, "b": 0.5})
+
+
+def test_objective_total_is_weighted_sum_and_ce_can_be_zero():
+    t = term("per_teacher", {"a": (4,)}, weight=2.5)
+    obj = Objective(0.5, {"feat": t})
+    logits, y = torch.randn(3, 5), torch.tensor([0, 1, 4])
+    s = {"logits": logits, "embed": torch.randn(3, 4)}
+    teachers = {"a": {"embed": torch.randn(3, 4)}}
+    total, parts = obj(s, teachers, y)
+    torch.testing.assert_close(parts["ce"], F.cross_entropy(logits, y))
+    torch.testing.assert_close(total, 0.5 * parts["ce"] + 2.5 * parts["feat"])
+    label_free = Objective(0.0, {"feat": t})
+    total0, parts0 = label_free(s, teachers, y)
+    assert "ce" not in parts0
+    torch.testing.assert_close(total0, 2.5 * parts0["feat"])
+
+
+@pytest.mark.parametrize("bad", ["heavy", None, True, float("nan"), -1.0])
+def test_weights_must_be_numbers(bad):
+    with pytest.raises(ConfigError, match="weight"):
+        term("per_teacher", {"a": (4,)}, weight=bad)
+
+
+def test_nothing_to_train_on_is_an_error():
+    with pytest.raises(ConfigError, match="nothing to train"):
+        Objective(0.0, {})
+
+
+def test_terms_without_teachers_is_an_error():
+    with pytest.raises(ConfigError, match="no teachers"):
+        build_objective({"terms": {"feat": {"student_tap": "embed"}}}, {"embed": (4,), "logits": (3,)}, None, None)
+
+
+def test_null_term_is_switched_off_and_unknown_term_key_is_reported():
+    assert active_terms({"terms": {"a": None, "b": {"weight": 1}}}) == {"b": {"weight": 1}}
+    with pytest.raises(ConfigError, match="distill.terms.feat.*wieght"):
+        term("per_teacher", {"a": (4,)}, wieght=3)

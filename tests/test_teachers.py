@@ -1,0 +1,96 @@
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.models import create_model, save_model
+from kd_lightning.teachers import TeacherEnsemble, build_teachers, teacher_cache_path
+
+
+def small_teacher(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
+
+
+def test_members_frozen_and_stay_in_eval_mode():
+    ens = TeacherEnsemble({"a": small_teacher(0), "b": small_teacher(1)})
+    ens.train()
+    assert not ens.training and not any(m.training for m in ens.modules())
+    assert not any(p.requires_grad for p in ens.parameters())
+
+
+def test_outputs_are_deterministic_and_usable_as_loss_targets():
+    ens = TeacherEnsemble({"a": small_teacher(0)})
+    ens.configure_taps(["1"])
+    x = torch.randn(6, 4)
+    out1, out2 = ens(x), ens(x)
+    torch.testing.assert_close(out1["a"]["logits"], out2["a"]["logits"])  # eval: dropout off, BN fixed
+    student = torch.randn(6, 8, requires_grad=True)
+    F.mse_loss(student, out1["a"]["1"]).backward()  # would raise for raw inference tensors
+    assert student.grad is not None
+    assert not out1["a"]["1"].requires_grad
+
+
+def test_weights_normalised_and_combined_logits():
+    ens = TeacherEnsemble({"a": small_teacher(0), "b": small_teacher(1)}, weights={"a": 1.0, "b": 3.0})
+    assert ens.weights == {"a": 0.25, "b": 0.75}
+    x = torch.randn(5, 4)
+    feats = ens(x)
+    torch.testing.assert_close(ens.combined_logits(feats), 0.25 * feats["a"]["logits"] + 0.75 * feats["b"]["logits"])
+
+
+def _member(**kw):
+    return {"arch": {"name": "mlp", "hidden": [8]}, "fit_if_missing": False, "fit": {"max_epochs": 1}, **kw}
+
+
+def test_missing_checkpoint_names_the_file_and_the_fix(tmp_path: Path):
+    cfg = {"members": {"t": _member(checkpoint=str(tmp_path / "nope.pt"))}}
+    with pytest.raises(ConfigError, match=r"teacher 't'.*nope\.pt.*fit_if_missing"):
+        build_teachers(cfg, 3, (4,), "d", {}, tmp_path)
+
+
+def test_fit_if_missing_fits_once_then_reuses_the_cache(tmp_path: Path):
+    calls = []
+
+    def fit(name, arch, fit_cfg, path):
+        calls.append(name)
+        save_model(create_model(arch, 3, (4,)), path, arch, 3, (4,))
+
+    cfg = {"members": {"t": _member(fit_if_missing=True)}}
+    ens = build_teachers(cfg, 3, (4,), "d", {"x": 1}, tmp_path, fit)
+    assert calls == ["t"] and Path(ens.checkpoints["t"]).is_file()
+    build_teachers(cfg, 3, (4,), "d", {"x": 1}, tmp_path, fit)
+    assert calls == ["t"]  # cached
+    # a different data config or fit setting gives a different cache key
+    build_teachers(cfg, 3, (4,), "d", {"x": 2}, tmp_path, fit)
+    assert calls == ["t", "t"]
+    other = teacher_cache_path(tmp_path, "d", "t", _member(fit={"max_epochs": 2}), {"x": 1})
+    assert other != Path(ens.checkpoints["t"])
+
+
+def test_class_count_mismatch_is_reported(tmp_path: Path):
+    arch = {"name": "mlp", "hidden": [8]}
+    path = save_model(create_model(arch, 5, (4,)), tmp_path / "t.pt", arch, 5, (4,))
+    cfg = {"members": {"t": _member(checkpoint=str(path))}}
+    with pytest.raises(ConfigError, match=r"5-class head but the dataset has 3 classes"):
+        build_teachers(cfg, 3, (4,), "d", {}, tmp_path)
+
+
+def test_use_selects_members_and_rejects_unknown(tmp_path: Path):
+    arch = {"name": "mlp", "hidden": [8]}
+    path = save_model(create_model(arch, 3, (4,)), tmp_path / "t.pt", arch, 3, (4,))
+    cfg = {"members": {"a": _member(checkpoint=str(path)), "b": _member(checkpoint=str(path))}, "use": ["b"]}
+    assert build_teachers(cfg, 3, (4,), "d", {}, tmp_path).names == ["b"]
+    cfg["use"] = ["c"]
+    with pytest.raises(ConfigError, match=r"unknown teacher\(s\) \['c'\].*a, b"):
+        build_teachers(cfg, 3, (4,), "d", {}, tmp_path)
+    cfg["use"] = []
+    assert build_teachers(cfg, 3, (4,), "d", {}, tmp_path) is None
+
+
+def test_unknown_member_key_is_reported(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['chekpoint'\]"):
+        build_teachers({"members": {"t": _member(chekpoint="x")}}, 3, (4,), "d", {}, tmp_path)

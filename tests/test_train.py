@@ -1,0 +1,99 @@
+"""The real entry point: end-to-end runs and the configuration errors users meet first."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.models import create_model, save_model
+from kd_lightning.train import run
+
+from .conftest import FAST, ROOT, run_cli
+
+
+def _cli_env(tmp_path: Path, cache_dir: Path) -> dict:
+    return {"KD_OUTPUT_ROOT": str(tmp_path / "outputs"), "KD_CACHE_DIR": str(cache_dir)}
+
+
+@pytest.mark.slow
+def test_cli_default_experiment_prints_summary_and_writes_results(tmp_path, cache_dir):
+    proc = run_cli(*FAST, "print_summary=true", "baseline=true", cwd=ROOT, env=_cli_env(tmp_path, cache_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for text in ("cnn_s", "cnn_l", "teacher", "student alone (baseline)", "student + teachers", "results.json"):
+        assert text in proc.stdout, text
+    [results] = list((tmp_path / "outputs").rglob("results.json"))
+    r = json.loads(results.read_text())
+    assert r["status"] == "ok" and r["teachers"] == "digits_pair" and r["student"] == "mlp"
+    assert 0 <= r["baseline_test_acc"] <= 1 and r["fit_seconds"] > 0
+    assert (results.parent / "student.pt").is_file()
+    assert len(list((results.parent / "checkpoints").glob("*.ckpt"))) >= 1
+
+
+def test_plain_supervised_training_without_teachers(make_cfg):
+    r = run(make_cfg("teachers=none", "distill=none"))
+    assert r["status"] == "ok" and r["teacher_test_acc"] == {} and r["teacher_set"] == "none"
+
+
+def test_hinton_kd_and_summed_terms(make_cfg):
+    r = run(make_cfg("distill=[feature,kd]"))
+    assert r["status"] == "ok"
+    r = run(make_cfg("distill=kd", "teachers.use=[cnn_l]"))
+    assert r["status"] == "ok" and list(r["teacher_test_acc"]) == ["cnn_l"]
+
+
+def test_label_free_training(make_cfg):
+    assert run(make_cfg("distill=kd", "distill.ce_weight=0"))["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "overrides,pattern",
+    [
+        (["distill.terms.feat.student_tap=layer9"], r"unknown tap 'layer9' for student.*features\.0"),
+        (["distill.terms.feat.teacher_tap=head"], r"unknown tap 'head' for teacher 'cnn_"),
+        (["distill.terms.feat.distance=msee"], r"unknown distance/loss 'msee'.*cosine"),
+        (["distill.terms.feat.weight=heavy"], r"weight must be a number, got 'heavy'"),
+        (["distill.terms.feat.combine=sum"], r"combine='sum'; valid: per_teacher, mean, concat"),
+        (["student.name=resnet9"], r"unknown model 'resnet9'"),
+        (["data.batch_size=0"], r"batch_size must be a positive integer"),
+        (["+data.bogus=1"], r"data has unknown key\(s\) \['bogus'\]"),
+        (["teachers.use=[cnn_x]"], r"unknown teacher\(s\) \['cnn_x'\]"),
+        (["teachers=none"], r"no teachers"),
+        (["optim.name=adagrad"], r"optim.name='adagrad'; valid: adam, adamw, sgd"),
+    ],
+)
+def test_config_errors_before_training(make_cfg, overrides, pattern):
+    cfg = make_cfg(*overrides)
+    with pytest.raises(ConfigError, match=pattern):
+        run(cfg)
+    r = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    assert r["status"] == "config_error" and "fit_seconds" not in r  # failed before training started
+
+
+def test_missing_teacher_checkpoint(make_cfg, tmp_path):
+    cfg = make_cfg(f"teachers.members.cnn_s.checkpoint={tmp_path}/none.pt", "teachers.members.cnn_s.fit_if_missing=false")
+    with pytest.raises(ConfigError, match=r"teacher 'cnn_s': checkpoint file not found: .*none\.pt"):
+        run(cfg)
+
+
+def test_teacher_made_for_another_class_count(make_cfg, tmp_path):
+    arch = {"name": "cnn", "channels": [16, 32]}
+    path = save_model(create_model(arch, 4, (1, 8, 8)), tmp_path / "t4.pt", arch, 4, (1, 8, 8))
+    cfg = make_cfg(f"teachers.members.cnn_s.checkpoint={path}")
+    with pytest.raises(ConfigError, match=r"4-class head but the dataset has 10 classes"):
+        run(cfg)
+
+
+@pytest.mark.slow
+def test_cli_config_error_is_one_clear_message(tmp_path, cache_dir):
+    proc = run_cli(*FAST, "distill.terms.feat.student_tap=layer9", cwd=ROOT, env=_cli_env(tmp_path, cache_dir))
+    assert proc.returncode == 2
+    assert "Configuration error: unknown tap 'layer9'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_unknown_group_choice_lists_options(tmp_path, cache_dir):
+    proc = run_cli("teachers=nope", cwd=ROOT, env=_cli_env(tmp_path, cache_dir))
+    assert proc.returncode != 0
+    assert "teachers/nope" in proc.stderr and "digits_pair" in proc.stderr and "mnist1d_pool" in proc.stderr
