@@ -15,3 +15,27 @@ def choices(valid: Iterable[str], limit: int = 40) -> str:
     if len(items) > limit:
         return ", ".join(items[:limit]) + f", ... ({len(items) - limit} more)"
     return ", ".join(items)
+
+
+def as_int(key: str, value: object, minimum: int | None = None) -> int:
+    """An integer config value (bools and non-integral numbers rejected), with an optional lower bound."""
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def as_float(key: str, value: object, low: float | None = None, high: float | None = None, open_low: bool = False, open_high: bool = False) -> float:
+    """A finite number within [low, high] (ends open when asked)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    value = float(value)
+    too_low = low is not None and (value <= low if open_low else value < low)
+    too_high = high is not None and (value >= high if open_high else value > high)
+    if too_low or too_high:
+        lo = "" if low is None else f"{'(' if open_low else '['}{low}"
+        hi = "" if high is None else f"{high}{')' if open_high else ']'}"
+        raise ConfigError(f"{key} must be in {lo or '(-inf'}, {hi or 'inf)'}, got {value}")
+    return value

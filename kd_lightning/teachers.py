@@ -112,6 +112,8 @@ def build_teachers(
 ) -> TeacherEnsemble | None:
     """Build the ensemble from `teachers.members` (restricted to `teachers.use`), fitting missing members."""
     members_cfg: Mapping[str, Any] = teachers_cfg.get("members") or {}
+    if not members_cfg:
+        return None  # teachers=none, whatever an experiment's `use` says
     use = teachers_cfg.get("use")
     if use is None:
         selected = list(members_cfg)

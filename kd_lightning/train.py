@@ -19,8 +19,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.errors import ConfigError, as_float, as_int
 from kd_lightning.models import save_model
+from kd_lightning.objective import active_terms
 from kd_lightning.pipeline import (
     build_module,
     build_teacher_ensemble,
@@ -30,7 +31,7 @@ from kd_lightning.pipeline import (
     model_spec,
     to_dict,
 )
-from kd_lightning.results import write_json_atomic
+from kd_lightning.results import read_results, write_json_atomic
 from kd_lightning.summary import print_summary
 
 log = logging.getLogger("kd_lightning")
@@ -64,23 +65,64 @@ def teacher_set_label(cfg: DictConfig) -> str:
     members = list((cfg.teachers or {}).get("members") or {})
     use = (cfg.teachers or {}).get("use")
     used = members if use is None else ([use] if isinstance(use, str) else list(use))
-    return "+".join(used) if used else "none"
+    return "+".join(u for u in used if u in members) or "none"
+
+
+def distance_label(cfg: DictConfig) -> str:
+    terms = active_terms(to_dict(cfg.distill) or {})
+    return "+".join(sorted({str(t.get("distance", "mse")) for t in terms.values()})) or "none"
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks of the top-level keys that no component owns (components check their own keys)."""
+    as_int("seed", cfg.seed, 0)
+    as_int("trainer.max_epochs", cfg.trainer.get("max_epochs"), 1)
+    as_float("optim.lr", cfg.optim.get("lr"), 0.0, open_low=True)
+    as_float("optim.weight_decay", cfg.optim.get("weight_decay", 0.0), 0.0)
+    for key in ("baseline", "dry_run"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ConfigError(f"{key} must be true or false, got {cfg.get(key)!r}")
+    resume = cfg.get("resume")
+    if resume not in (None, "auto") and not (isinstance(resume, str) and Path(resume).is_file()):
+        raise ConfigError(f"resume must be null, 'auto' or an existing checkpoint file, got {resume!r}")
+
+
+def resume_path(cfg: DictConfig, out: Path) -> str | None:
+    """resume=auto: the run folder's last.ckpt when there is one (a fresh start otherwise)."""
+    resume = cfg.get("resume")
+    if resume == "auto":
+        last = out / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    return resume
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """One experiment; returns the results dict that it also writes to results.json."""
+    """One experiment; returns the results dict that it also writes to results.json.
+
+    With resume=auto a finished run (results.json with status ok) is not repeated, and an interrupted
+    one continues from its last checkpoint: re-launching a sweep only redoes what is missing.
+    """
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    previous = out / "results.json"
+    if cfg.get("resume") == "auto" and previous.is_file():
+        done = read_results(previous)
+        if done.get("status") == "ok":
+            log.info("resume=auto: %s already finished, not repeating it", out)
+            return done
     results: dict[str, Any] = {
         "status": "running",
-        "seed": int(cfg.seed),
+        "seed": cfg.seed,
         **group_choices(cfg),
         "teacher_set": teacher_set_label(cfg),
+        "distance": distance_label(cfg),
         "output_dir": str(out),
     }
     try:
+        validate(cfg)
         pl.seed_everything(int(cfg.seed), workers=True)
         dm = instantiate_datamodule(cfg.data)
+        dm.shuffle_seed = int(cfg.seed)
         dm.prepare_data()
         dm.setup("fit")
         log.info("data %s", dm.describe())
@@ -89,9 +131,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         module = build_module(cfg, dm, teachers)
         trainer = build_trainer(cfg)
         results["teacher_checkpoints"] = teachers.checkpoints if teachers else {}
+        if cfg.get("dry_run"):
+            results["status"] = "dry_run"
+            return results
 
+        ckpt = resume_path(cfg, out)
+        results["resumed_from"] = ckpt
         t0 = time.perf_counter()
-        trainer.fit(module, datamodule=dm)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
         results["fit_seconds"] = time.perf_counter() - t0
         if trainer.interrupted:
             raise KeyboardInterrupt("training was interrupted")

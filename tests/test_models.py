@@ -37,7 +37,7 @@ def test_unknown_model_and_option_are_clear_errors():
         create_model({"name": "resnet9"}, 10, (3, 32, 32))
     with pytest.raises(ConfigError, match=r"unknown option\(s\) \['hiden'\].*hidden"):
         create_model({"name": "mlp", "hiden": [3]}, 10, (4,))
-    with pytest.raises(ConfigError, match="positive"):
+    with pytest.raises(ConfigError, match="hidden entries must be an integer >= 1, got 0"):
         create_model({"name": "mlp", "hidden": [0]}, 10, (4,))
     with pytest.raises(ConfigError, match="needs image inputs"):
         create_model({"name": "cnn"}, 10, (1, 40))

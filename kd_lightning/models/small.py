@@ -11,23 +11,22 @@ import math
 import torch
 from torch import nn
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.errors import ConfigError, as_float, as_int
 from kd_lightning.models.registry import register_model
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
 def _activation(name: str) -> nn.Module:
-    if name not in _ACTIVATIONS:
+    if not isinstance(name, str) or name not in _ACTIVATIONS:
         raise ConfigError(f"unknown activation {name!r}; valid: {', '.join(sorted(_ACTIVATIONS))}")
     return _ACTIVATIONS[name]()
 
 
 def _positive(name: str, values: list[int] | tuple[int, ...]) -> list[int]:
-    values = [int(v) for v in values]
-    if not values or any(v <= 0 for v in values):
-        raise ConfigError(f"{name} must be a non-empty list of positive sizes, got {values}")
-    return values
+    if isinstance(values, int | float | str) or not values:
+        raise ConfigError(f"{name} must be a non-empty list of positive sizes, got {values!r}")
+    return [as_int(f"{name} entries", v, 1) for v in values]
 
 
 class Classifier(nn.Module):
@@ -60,6 +59,7 @@ def mlp(
 ) -> nn.Module:
     """Fully connected net on the flattened input."""
     hidden = _positive("hidden", hidden)
+    dropout = as_float("dropout", dropout, 0.0, 1.0, open_high=True)
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for h in hidden:
@@ -75,6 +75,7 @@ def wide2(
     num_classes: int, input_shape: tuple[int, ...], width: int = 4096, activation: str = "relu"
 ) -> nn.Module:
     """Two-layer network of one (very) wide hidden layer: the kernel-regime student of Rahbar et al."""
+    width = as_int("width", width, 1)
     return mlp(num_classes, input_shape, hidden=[width], activation=activation)
 
 
@@ -94,6 +95,7 @@ def cnn(
     if len(input_shape) != 3:
         raise ConfigError(f"cnn needs image inputs (C, H, W), got input_shape={tuple(input_shape)}; use cnn1d or mlp")
     channels = _positive("channels", channels)
+    kernel_size = as_int("kernel_size", kernel_size, 1)
     layers: list[nn.Module] = []
     cin, size = input_shape[0], min(input_shape[1:])
     for i, c in enumerate(channels):
@@ -118,6 +120,7 @@ def cnn1d(
     if len(input_shape) != 2:
         raise ConfigError(f"cnn1d needs 1-D signals (C, L), got input_shape={tuple(input_shape)}")
     channels = _positive("channels", channels)
+    kernel_size, stride = as_int("kernel_size", kernel_size, 1), as_int("stride", stride, 1)
     layers: list[nn.Module] = []
     cin = input_shape[0]
     for c in channels:
