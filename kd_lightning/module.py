@@ -70,8 +70,8 @@ class DistillationModule(pl.LightningModule):
         loss, parts = self.objective(s_feats, t_feats, y)
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, step {self.global_step}: "
-                f"parts {({k: float(v) for k, v in parts.items()})}. Lower optim.lr or the term weights; "
+                f"non-finite training loss ({loss.detach().item()}) at epoch {self.current_epoch}, step {self.global_step}: "
+                f"parts {({k: float(v.detach()) for k, v in parts.items()})}. Lower optim.lr or the term weights; "
                 "the last good checkpoint is kept"
             )
         self.train_acc(s_feats["logits"].detach(), y)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd_lightning.errors import ConfigError, choices
+from kd_lightning.errors import ConfigError, as_float, choices
 from kd_lightning.models import create_model, load_weights
 from kd_lightning.taps import FeatureTaps
 
@@ -118,13 +118,16 @@ def build_teachers(
     if use is None:
         selected = list(members_cfg)
     else:
-        selected = [use] if isinstance(use, str) else list(use)
+        selected = [use] if isinstance(use, str) else use
+        if not isinstance(selected, list | tuple) or not all(isinstance(u, str) for u in selected):
+            raise ConfigError(f"teachers.use must be null or a list of teacher names from {choices(members_cfg)}, got {use!r}")
         unknown = [u for u in selected if u not in members_cfg]
         if unknown:
             raise ConfigError(f"teachers.use names unknown teacher(s) {unknown}; the pool has: {choices(members_cfg)}")
     if not selected:
         return None
-    members, aliases, weights, checkpoints = {}, {}, {}, {}
+    # Check every selected member first, so that a typo in the second one fails before the first is fitted.
+    specs, paths, weights = {}, {}, {}
     for name in selected:
         spec = dict(members_cfg[name])
         bad = sorted(set(spec) - MEMBER_KEYS)
@@ -132,6 +135,7 @@ def build_teachers(
             raise ConfigError(f"teachers.members.{name} has unknown key(s) {bad}; valid: {choices(MEMBER_KEYS)}")
         if not spec.get("arch") or "name" not in spec["arch"]:
             raise ConfigError(f"teachers.members.{name}.arch.name is required (a model name)")
+        weights[name] = as_float(f"teachers.members.{name}.weight", spec.get("weight", 1.0), low=0.0)
         ckpt = spec.get("checkpoint")
         path = Path(ckpt) if ckpt else teacher_cache_path(cache_dir, data_name, name, spec, data_cfg)
         if not path.is_file():
@@ -142,13 +146,20 @@ def build_teachers(
                 )
             if fit_fn is None:
                 raise ConfigError(f"teacher {name!r} has no checkpoint at {path} and no way to fit it here")
+        specs[name], paths[name] = spec, path
+    if sum(weights.values()) <= 0:
+        raise ConfigError(f"the teachers' weights {weights} sum to 0; give at least one a weight > 0")
+
+    members, aliases, checkpoints = {}, {}, {}
+    for name, spec in specs.items():
+        path = paths[name]
+        if not path.is_file():
             log.info("teacher %s: no checkpoint at %s, fitting it first", name, path)
             fit_fn(name, spec["arch"], dict(spec.get("fit") or {}), path)
         model = create_model(dict(spec["arch"]), num_classes, input_shape)
         load_weights(model, path, owner=f"teacher {name!r}")
         members[name] = model
         aliases[name] = dict(spec.get("taps") or {})
-        weights[name] = float(spec.get("weight", 1.0))
         checkpoints[name] = str(path)
     return TeacherEnsemble(members, aliases, weights, checkpoints)
 

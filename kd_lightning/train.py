@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
 
+from kd_lightning.config_files import check_config_dirs, config_dirs_from_argv
 from kd_lightning.errors import ConfigError, as_float, as_int
 from kd_lightning.models import save_model
 from kd_lightning.objective import active_terms
@@ -64,8 +65,8 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
 def teacher_set_label(cfg: DictConfig) -> str:
     members = list((cfg.teachers or {}).get("members") or {})
     use = (cfg.teachers or {}).get("use")
-    used = members if use is None else ([use] if isinstance(use, str) else list(use))
-    return "+".join(u for u in used if u in members) or "none"
+    used = members if use is None else ([use] if isinstance(use, str) else use)
+    return "+".join(str(u) for u in (used if isinstance(used, list | tuple) else []) if u in members) or "none"
 
 
 def distance_label(cfg: DictConfig) -> str:
@@ -190,8 +191,11 @@ def _is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     """Returns val_acc, the objective for Hydra sweepers (Optuna)."""
     if cfg.get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=False))
@@ -202,6 +206,16 @@ def main(cfg: DictConfig) -> float | None:
             raise  # Hydra marks this job failed and goes on with the others
         print(f"\nConfiguration error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def main() -> None:
+    """`kd-train`: name a broken YAML file before Hydra composes it, then hand over to Hydra."""
+    try:
+        check_config_dirs(config_dirs_from_argv(sys.argv[1:], CONF_DIR))
+    except ConfigError as e:
+        print(f"\nConfiguration error: {e}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
 
 
 if __name__ == "__main__":

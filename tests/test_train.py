@@ -101,3 +101,14 @@ def test_cli_unknown_group_choice_lists_options(tmp_path, cache_dir):
     proc = run_cli("teachers=nope", cwd=ROOT, env=_cli_env(tmp_path, cache_dir))
     assert proc.returncode != 0
     assert "teachers/nope" in proc.stderr and "digits_pair" in proc.stderr and "mnist1d_pool" in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_broken_yaml_in_user_config_dir_is_named(tmp_path, cache_dir):
+    extra = tmp_path / "my_conf" / "distill"
+    extra.mkdir(parents=True)
+    (extra / "mine.yaml").write_text("terms: {feat: [1, 2}\n")
+    proc = run_cli("--config-dir", str(tmp_path / "my_conf"), "distill=mine", cwd=ROOT, env=_cli_env(tmp_path, cache_dir))
+    assert proc.returncode == 2
+    assert f"config file {extra / 'mine.yaml'} is not valid YAML (line 1" in proc.stderr
+    assert "Traceback" not in proc.stderr

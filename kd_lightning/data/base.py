@@ -1,0 +1,215 @@
+"""In-memory datamodule: whole batches by one tensor index, normalisation and augmentation on device.
+
+Every batch is `(x, y, index)`; the index is the sample's position in its split, which the teacher
+cache keys on. Normalisation and augmentation run in `on_after_batch_transfer`, after the batch has
+reached the device, so student and teachers always see the same tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from kd_lightning.errors import ConfigError, as_float, as_int
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch): a resumed run sees exactly the batches it would have.
+
+    Lightning calls `set_epoch` every epoch (and wraps this sampler for DDP).
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+
+class IndexedTensorDataset(Dataset):
+    """`(x[i], y[i], i)`; `__getitems__` returns a whole batch with one index operation."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        if len(x) != len(y):
+            raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i], torch.tensor(i)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.x[idx], self.y[idx], idx
+
+
+def batch_is_collated(batch: Any) -> Any:
+    """Collate function for datasets whose `__getitems__` already returns a batch."""
+    return batch
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Batched random crop (zero padding) and horizontal flip of an image batch (N, C, H, W), no Python loop."""
+    n, _, h, w = x.shape
+    dev = x.device
+    if padding > 0:
+        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device="cpu").to(dev)
+        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device="cpu").to(dev)
+        rows = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]  # N,H,1
+        cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, :]  # N,1,W
+        x = padded[torch.arange(n, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    if hflip:
+        flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x.contiguous()
+
+
+class TensorDataModule(pl.LightningDataModule):
+    """Base for datasets that fit in memory. Subclasses implement `load()`.
+
+    `load()` returns train and test arrays; a validation split is carved from train with `split_seed`
+    (independent of the run seed, so every run of a sweep sees the same splits).
+    """
+
+    name = "tensor"
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        train_subset: int | None = None,
+        normalize: bool = True,
+        augment: dict | None = None,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.batch_size = as_int("data.batch_size", batch_size, 1)
+        self.eval_batch_size = as_int("data.eval_batch_size", eval_batch_size or max(self.batch_size, 256), 1)
+        self.val_fraction = as_float("data.val_fraction", val_fraction, 0.0, 1.0, open_low=True, open_high=True)
+        self.split_seed = as_int("data.split_seed", split_seed)
+        self.train_subset = None if train_subset is None else as_int("data.train_subset", train_subset, 1)
+        self.normalize = bool(normalize)
+        if augment is not None and not isinstance(augment, dict):
+            raise ConfigError(f"data.augment must be a mapping like {{crop_padding: 4, hflip: true}} or null, got {augment!r}")
+        self.augment = dict(augment or {})
+        unknown = sorted(set(self.augment) - {"crop_padding", "hflip"})
+        if unknown:
+            raise ConfigError(f"data.augment has unknown key(s) {unknown}; valid: crop_padding, hflip")
+        self.num_workers = as_int("data.num_workers", num_workers, 0)
+        self.shuffle_seed: int | None = None  # set by the run (its seed); else torch's initial seed
+        self.splits: dict[str, Dataset] = {}
+        self.mean: torch.Tensor | None = None
+        self.std: torch.Tensor | None = None
+
+    # --- to implement -------------------------------------------------------------------
+    def load(self) -> dict[str, np.ndarray]:
+        """Return {'x_train', 'y_train', 'x_test', 'y_test'}; x as (N, C, ...) float32 or uint8."""
+        raise NotImplementedError
+
+    # --- shapes ---------------------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        self._require_setup()
+        return tuple(self.splits["train"][0][0].shape)
+
+    @property
+    def num_classes(self) -> int:
+        self._require_setup()
+        return self._num_classes
+
+    def _require_setup(self) -> None:
+        if not self.splits:
+            self.setup("fit")
+
+    # --- Lightning hooks ------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        arrays = self.load()
+        x_tr, y_tr = torch.as_tensor(arrays["x_train"]), torch.as_tensor(arrays["y_train"]).long()
+        x_te, y_te = torch.as_tensor(arrays["x_test"]), torch.as_tensor(arrays["y_test"]).long()
+        self._num_classes = int(max(y_tr.max(), y_te.max()) + 1)
+        perm = torch.randperm(len(y_tr), generator=torch.Generator().manual_seed(self.split_seed))
+        n_val = max(1, int(round(self.val_fraction * len(y_tr))))
+        val_idx, tr_idx = perm[:n_val], perm[n_val:]
+        if self.train_subset is not None:
+            tr_idx = tr_idx[: int(self.train_subset)]
+        self.splits = {
+            "train": IndexedTensorDataset(x_tr[tr_idx], y_tr[tr_idx]),
+            "val": IndexedTensorDataset(x_tr[val_idx], y_tr[val_idx]),
+            "test": IndexedTensorDataset(x_te, y_te),
+        }
+        if self.normalize:
+            self.set_normalization(self._to_float(self.splits["train"].x))
+
+    def set_normalization(self, train_x: torch.Tensor) -> None:
+        """Per-channel mean/std of the training split (never of val/test)."""
+        dims = [0] + list(range(2, train_x.dim()))
+        self.mean = train_x.mean(dim=dims).view(1, -1, *[1] * (train_x.dim() - 2))
+        self.std = train_x.std(dim=dims).clamp_min(1e-6).view_as(self.mean)
+
+    @staticmethod
+    def _to_float(x: torch.Tensor) -> torch.Tensor:
+        return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+    def prepare_batch(self, batch: Any, train: bool) -> Any:
+        """Scale, normalise and (when training) augment a batch that is already on its device."""
+        x, *rest = batch
+        x = self._to_float(x)
+        if self.mean is not None:
+            x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if train and self.augment and x.dim() == 4:
+            x = random_crop_flip(x, int(self.augment.get("crop_padding", 0)), bool(self.augment.get("hflip", False)))
+        return (x, *rest)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        training = self.trainer is not None and self.trainer.training
+        return self.prepare_batch(batch, train=training)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self._require_setup()
+        ds = self.splits[split]
+        seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed() % (2**31)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            sampler=EpochSeededSampler(len(ds), seed) if shuffle else None,
+            collate_fn=batch_is_collated if isinstance(ds, IndexedTensorDataset) else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def describe(self) -> str:
+        self._require_setup()
+        sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
+        return f"{self.name}: input {self.input_shape}, {self.num_classes} classes, {sizes}"
+
+    def steps_per_epoch(self) -> int:
+        self._require_setup()
+        return math.ceil(len(self.splits["train"]) / self.batch_size)

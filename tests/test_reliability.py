@@ -1,0 +1,105 @@
+"""Nothing already written is lost: resume after SIGKILL, non-finite losses, failed sweep jobs."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_lightning.train import run
+
+from .conftest import FAST, ROOT
+
+# Deterministic KD job whose epochs take long enough (small batches) to be killed mid-epoch.
+JOB = [*FAST, "data.batch_size=8", "trainer.max_epochs=4", "trainer.deterministic=true", "seed=3"]
+
+
+def _launch(run_dir: Path, cache_dir: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "KD_CACHE_DIR": str(cache_dir), "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "kd_lightning.train", *JOB, f"hydra.run.dir={run_dir}", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _student_weights(ckpt: Path) -> dict:
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    return {k: v for k, v in sd.items() if k.startswith("student.")}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigkill_mid_epoch_then_resume_auto_matches_uninterrupted_run(tmp_path, cache_dir):
+    reference = _launch(tmp_path / "reference", cache_dir)
+    out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, out[-3000:]
+    ref = json.loads((tmp_path / "reference" / "results.json").read_text())
+
+    run_dir = tmp_path / "killed"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    proc = _launch(run_dir, cache_dir)
+    deadline = time.time() + 300
+    while not last.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert last.is_file(), "no checkpoint was written before the deadline"
+    time.sleep(0.5)  # well into the next epoch
+    assert proc.poll() is None, "the run finished before it could be killed; make the job longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    assert killed_epoch < 3
+    assert not (run_dir / "results.json").is_file() or json.loads((run_dir / "results.json").read_text())["status"] != "ok"
+
+    resumed = _launch(run_dir, cache_dir, "resume=auto")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["status"] == "ok" and res["resumed_from"].endswith("last.ckpt")
+    # Same final metrics and weights as the run that was never interrupted (CPU, deterministic mode).
+    assert res["test_acc"] == pytest.approx(ref["test_acc"], abs=1e-6)
+    assert res["val_acc"] == pytest.approx(ref["val_acc"], abs=1e-6)
+    a, b = _student_weights(tmp_path / "reference" / "checkpoints" / "last.ckpt"), _student_weights(last)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+    # A finished run is not repeated by resume=auto.
+    again = _launch(run_dir, cache_dir, "resume=auto")
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0 and "already finished" in out
+
+
+def test_non_finite_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(make_cfg):
+    cfg = make_cfg("trainer.max_epochs=3", "+callbacks.poison._target_=tests.helpers.PoisonWeightsAtEpoch", "+callbacks.poison.epoch=1")
+    with pytest.raises(FloatingPointError, match="non-finite training loss .* epoch 1"):
+        run(cfg)
+    out = Path(cfg.paths.output_dir)
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "failed" and "non-finite training loss" in res["error"]
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def test_results_json_is_written_atomically(tmp_path):
+    from kd_lightning.results import write_json_atomic
+
+    path = write_json_atomic(tmp_path / "r.json", {"a": float("nan"), "b": [1.0, math.inf]})
+    assert json.loads(path.read_text()) == {"a": None, "b": [1.0, None]}  # valid JSON, no NaN tokens
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left behind
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_failed_sweep_job_leaves_the_others_intact(tmp_path, cache_dir):
+    env = {**os.environ, "KD_CACHE_DIR": str(cache_dir), "PYTHONWARNINGS": "ignore"}
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "kd_lightning.train", "-m", *FAST, "distill.terms.feat.distance=mse,nope,cosine",
+           f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0  # the sweep reports the failure...
+    statuses = {json.loads(p.read_text())["distance"]: json.loads(p.read_text())["status"] for p in sweep.rglob("results.json")}
+    assert statuses == {"mse": "ok", "nope": "config_error", "cosine": "ok"}  # ...and every other job ran
