@@ -37,10 +37,20 @@ def main() -> None:
     for label, overrides in SETTINGS.items():
         folder = out / label.split(" ")[0]
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "kd_lightning.train", "-m", *overrides, *QUIET, f"seed={a.seeds}",
-               f"hydra.sweep.dir={folder}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kd_lightning.train",
+            "-m",
+            *overrides,
+            *QUIET,
+            f"seed={a.seeds}",
+            f"hydra.sweep.dir={folder}",
+        ]
         print(f"[bench-accuracy] {label}: {' '.join(cmd[2:])}", flush=True)
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True)
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True
+        )
         if proc.returncode != 0:
             print(proc.stderr[-4000:], file=sys.stderr)
             raise SystemExit(f"[bench-accuracy] {label} failed (exit {proc.returncode})")
@@ -49,7 +59,9 @@ def main() -> None:
         teachers = {c.split("/", 1)[1]: df[c].mean() for c in df.columns if c.startswith("teacher_acc/")}
         rows.append((label, row["mean"], row["std"], int(row["n"]), teachers, time.perf_counter() - t0))
     base = rows[0][1]
-    print("\n| setting | student test acc (%) mean ± std | n | gain vs alone (pts) | teachers' test acc (%) | wall s |")
+    print(
+        "\n| setting | student test acc (%) mean ± std | n | gain vs alone (pts) | teachers' test acc (%) | wall s |"
+    )
     print("|---|---|---|---|---|---|")
     for label, mean, std, n, teachers, wall in rows:
         t = ", ".join(f"{k} {100 * v:.2f}" for k, v in teachers.items()) or "—"

@@ -30,7 +30,9 @@ class Adapter(nn.Module):
             if kind == "mlp":
                 self.proj = nn.Sequential(conv(s[0], t[0], 1), nn.ReLU(inplace=True), conv(t[0], t[0], 1))
             else:
-                self.proj = nn.Sequential(conv(s[0], t[0], 1, bias=False), (nn.BatchNorm2d if len(s) == 3 else nn.BatchNorm1d)(t[0]))
+                self.proj = nn.Sequential(
+                    conv(s[0], t[0], 1, bias=False), (nn.BatchNorm2d if len(s) == 3 else nn.BatchNorm1d)(t[0])
+                )
         else:
             din, dout = _numel(s), _numel(t)
             if kind == "mlp":
@@ -55,7 +57,9 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def make_adapter(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], kind: str = "auto") -> nn.Module:
+def make_adapter(
+    student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], kind: str = "auto"
+) -> nn.Module:
     """`auto`: identity when shapes already match, else a projector; `none`: shapes must match."""
     if kind not in ADAPTER_KINDS:
         raise ConfigError(f"unknown adapter {kind!r}; valid: {', '.join(ADAPTER_KINDS)}")

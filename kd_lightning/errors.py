@@ -19,7 +19,9 @@ def choices(valid: Iterable[str], limit: int = 40) -> str:
 
 def as_int(key: str, value: object, minimum: int | None = None) -> int:
     """An integer config value (bools and non-integral numbers rejected), with an optional lower bound."""
-    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+    if isinstance(value, bool) or not (
+        isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    ):
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     value = int(value)
     if minimum is not None and value < minimum:
@@ -27,9 +29,21 @@ def as_int(key: str, value: object, minimum: int | None = None) -> int:
     return value
 
 
-def as_float(key: str, value: object, low: float | None = None, high: float | None = None, open_low: bool = False, open_high: bool = False) -> float:
+def as_float(
+    key: str,
+    value: object,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> float:
     """A finite number within [low, high] (ends open when asked)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value in (float("inf"), float("-inf")):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or value != value
+        or value in (float("inf"), float("-inf"))
+    ):
         raise ConfigError(f"{key} must be a finite number, got {value!r}")
     value = float(value)
     too_low = low is not None and (value <= low if open_low else value < low)

@@ -71,7 +71,7 @@ class DistillationModule(pl.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.detach().item()}) at epoch {self.current_epoch}, step {self.global_step}: "
-                f"parts {({k: float(v.detach()) for k, v in parts.items()})}. Lower optim.lr or the term weights; "
+                f"parts { ({k: float(v.detach()) for k, v in parts.items()}) }. Lower optim.lr or the term weights; "
                 "the last good checkpoint is kept"
             )
         self.train_acc(s_feats["logits"].detach(), y)
@@ -85,7 +85,9 @@ class DistillationModule(pl.LightningModule):
         x, y = batch[0], batch[1]
         logits = self.student(x)
         self.val_acc(logits, y)
-        self.log("val/ce", torch.nn.functional.cross_entropy(logits.float(), y), sync_dist=True, batch_size=len(y))
+        self.log(
+            "val/ce", torch.nn.functional.cross_entropy(logits.float(), y), sync_dist=True, batch_size=len(y)
+        )
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
@@ -121,7 +123,9 @@ class DistillationModule(pl.LightningModule):
         if scheduler == "none":
             return opt
         if scheduler == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs or 1))
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+                opt, T_max=max(1, self.trainer.max_epochs or 1)
+            )
         elif scheduler == "step":
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(step_size), gamma=float(gamma))
         else:

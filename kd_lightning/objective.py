@@ -52,7 +52,9 @@ class Term(nn.Module):
         self.teacher_tap = str(spec.get("teacher_tap", self.student_tap))
         self.combine = str(spec.get("combine", "per_teacher"))
         if self.combine not in COMBINE_MODES:
-            raise ConfigError(f"distill.terms.{name}.combine={self.combine!r}; valid: {', '.join(COMBINE_MODES)}")
+            raise ConfigError(
+                f"distill.terms.{name}.combine={self.combine!r}; valid: {', '.join(COMBINE_MODES)}"
+            )
         loss_kwargs = {k: v for k, v in spec.items() if k not in TERM_KEYS}
         try:
             self.loss = create_loss(str(spec.get("distance", "mse")), **loss_kwargs)
@@ -62,7 +64,9 @@ class Term(nn.Module):
         kind = str(spec.get("adapter", "auto"))
         members = list(teacher_shapes)
         if self.combine == "per_teacher":
-            self.adapters = nn.ModuleDict({m: make_adapter(student_shape, teacher_shapes[m], kind) for m in members})
+            self.adapters = nn.ModuleDict(
+                {m: make_adapter(student_shape, teacher_shapes[m], kind) for m in members}
+            )
         else:
             target = self._combined_shape(teacher_shapes)
             self.adapters = nn.ModuleDict({"combined": make_adapter(student_shape, target, kind)})
@@ -107,7 +111,9 @@ class Objective(nn.Module):
         self.ce_weight = check_weight("distill.ce_weight", ce_weight)
         self.terms = nn.ModuleDict(dict(terms))
         if self.ce_weight == 0 and not self.terms:
-            raise ConfigError("distill.ce_weight is 0 and there are no distillation terms: nothing to train on")
+            raise ConfigError(
+                "distill.ce_weight is 0 and there are no distillation terms: nothing to train on"
+            )
 
     @staticmethod
     def student_taps(distill_cfg: Mapping[str, Any]) -> list[str]:
@@ -116,11 +122,17 @@ class Objective(nn.Module):
     @staticmethod
     def teacher_taps(distill_cfg: Mapping[str, Any]) -> list[str]:
         return sorted(
-            {str(t.get("teacher_tap", t.get("student_tap", "embed"))) for t in active_terms(distill_cfg).values()}
+            {
+                str(t.get("teacher_tap", t.get("student_tap", "embed")))
+                for t in active_terms(distill_cfg).values()
+            }
         )
 
     def forward(
-        self, student: Mapping[str, torch.Tensor], teachers: Mapping[str, Mapping[str, torch.Tensor]] | None, y: torch.Tensor
+        self,
+        student: Mapping[str, torch.Tensor],
+        teachers: Mapping[str, Mapping[str, torch.Tensor]] | None,
+        y: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts: dict[str, torch.Tensor] = {}
         total = student["logits"].new_zeros((), dtype=torch.float32)
@@ -138,7 +150,9 @@ def active_terms(distill_cfg: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]
     """Terms of the config, minus those switched off with `null` (so `distill.terms.x=null` removes x)."""
     terms = distill_cfg.get("terms") or {}
     if not isinstance(terms, Mapping):
-        raise ConfigError(f"distill.terms must be a mapping of term name → settings, got {type(terms).__name__}")
+        raise ConfigError(
+            f"distill.terms must be a mapping of term name → settings, got {type(terms).__name__}"
+        )
     out = {}
     for name, spec in terms.items():
         if spec is None:
@@ -165,5 +179,7 @@ def build_objective(
     for name, spec in terms_cfg.items():
         tap = str(spec.get("teacher_tap", spec.get("student_tap", "embed")))
         shapes = {m: s[tap] for m, s in (teacher_shapes or {}).items()}
-        terms[name] = Term(name, spec, student_shapes[str(spec.get("student_tap", "embed"))], shapes, teacher_weights or {})
+        terms[name] = Term(
+            name, spec, student_shapes[str(spec.get("student_tap", "embed"))], shapes, teacher_weights or {}
+        )
     return Objective(distill_cfg.get("ce_weight", 1.0), terms)

@@ -61,7 +61,9 @@ def instantiate_datamodule(data_cfg: Mapping[str, Any]) -> TensorDataModule:
             break
     unknown = sorted(set(data_cfg) - valid - {"_target_"})
     if unknown:
-        raise ConfigError(f"data has unknown key(s) {unknown}; valid keys for {cls.__name__}: {choices(valid)}")
+        raise ConfigError(
+            f"data has unknown key(s) {unknown}; valid keys for {cls.__name__}: {choices(valid)}"
+        )
     return instantiate(data_cfg, "data", _convert_="all")
 
 
@@ -114,8 +116,17 @@ def fit_supervised(
     torch.random.set_rng_state(rng)
     if out_path is not None:
         save_model(
-            model, out_path, spec, dm.num_classes, dm.input_shape,
-            meta={"test_acc": acc, "fit_seconds": time.perf_counter() - t0, "fit": dict(fit_cfg, seed=seed, max_epochs=max_epochs), **(meta or {})},
+            model,
+            out_path,
+            spec,
+            dm.num_classes,
+            dm.input_shape,
+            meta={
+                "test_acc": acc,
+                "fit_seconds": time.perf_counter() - t0,
+                "fit": dict(fit_cfg, seed=seed, max_epochs=max_epochs),
+                **(meta or {}),
+            },
         )
     model.eval()
     return model, acc
@@ -146,13 +157,17 @@ def build_teacher_ensemble(cfg: DictConfig, dm: TensorDataModule, data_name: str
     )
 
 
-def build_module(cfg: DictConfig, dm: TensorDataModule, teachers: TeacherEnsemble | None) -> DistillationModule:
+def build_module(
+    cfg: DictConfig, dm: TensorDataModule, teachers: TeacherEnsemble | None
+) -> DistillationModule:
     """Student + objective sized on one dry batch (adapters get their shapes here, before training)."""
     distill = to_dict(cfg.distill) or {}
     student_spec = model_spec(cfg.student)
     student = create_model(student_spec, dm.num_classes, dm.input_shape)
     student_aliases = dict(student_spec.get("taps") or {})
-    student_taps = FeatureTaps(student, Objective.student_taps(distill), aliases=student_aliases, owner="student")
+    student_taps = FeatureTaps(
+        student, Objective.student_taps(distill), aliases=student_aliases, owner="student"
+    )
     batch = dm.prepare_batch(next(iter(dm.train_dataloader())), train=False)
     x = batch[0][: min(8, len(batch[0]))]
     student_shapes = probe_shapes(student_taps, x)
@@ -164,10 +179,14 @@ def build_module(cfg: DictConfig, dm: TensorDataModule, teachers: TeacherEnsembl
         teacher_shapes = {m: {k: tuple(v.shape[1:]) for k, v in f.items()} for m, f in feats.items()}
         for m, shapes in teacher_shapes.items():
             _check_logits(f"teacher {m!r}", shapes["logits"], dm.num_classes)
-    objective = build_objective(distill, student_shapes, teacher_shapes, teachers.weights if teachers else None)
+    objective = build_objective(
+        distill, student_shapes, teacher_shapes, teachers.weights if teachers else None
+    )
     return DistillationModule(student, objective, teachers, student_taps, dm.num_classes, to_dict(cfg.optim))
 
 
 def _check_logits(owner: str, shape: tuple[int, ...], num_classes: int) -> None:
     if shape != (num_classes,):
-        raise ConfigError(f"{owner} outputs shape {shape} per sample but the dataset has {num_classes} classes")
+        raise ConfigError(
+            f"{owner} outputs shape {shape} per sample but the dataset has {num_classes} classes"
+        )

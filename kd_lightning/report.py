@@ -28,7 +28,9 @@ def collect(root: str | Path) -> pd.DataFrame:
             continue
         row = {k: v for k, v in r.items() if not isinstance(v, dict | list)}
         row["run_dir"] = str(path.parent)
-        row["n_teachers"] = 0 if r.get("teacher_set", "none") == "none" else len(str(r.get("teacher_set")).split("+"))
+        row["n_teachers"] = (
+            0 if r.get("teacher_set", "none") == "none" else len(str(r.get("teacher_set")).split("+"))
+        )
         for name, acc in (r.get("teacher_test_acc") or {}).items():
             row[f"teacher_acc/{name}"] = acc
         rows.append(row)
@@ -53,8 +55,17 @@ def summarize(df: pd.DataFrame, keys: Sequence[str] = GROUP_KEYS, metric: str = 
         g = ok.groupby(keys, dropna=False)[metric]
         table = g.agg(["mean", "std", "count"]).reset_index().rename(columns={"count": "n"})
         table["std"] = table["std"].fillna(0.0)
-        nf = failed.groupby(keys, dropna=False).size() if not failed.empty and set(keys) <= set(failed.columns) else None
-        table["failed"] = [int(nf.get(tuple(r[k] for k in keys) if len(keys) > 1 else r[keys[0]], 0)) if nf is not None else 0 for _, r in table.iterrows()]
+        nf = (
+            failed.groupby(keys, dropna=False).size()
+            if not failed.empty and set(keys) <= set(failed.columns)
+            else None
+        )
+        table["failed"] = [
+            int(nf.get(tuple(r[k] for k in keys) if len(keys) > 1 else r[keys[0]], 0))
+            if nf is not None
+            else 0
+            for _, r in table.iterrows()
+        ]
         table["best"] = table["mean"] == table["mean"].max()
         table = table.sort_values("mean", ascending=False).reset_index(drop=True)
     return table
@@ -68,7 +79,11 @@ def to_markdown(table: pd.DataFrame, metric: str = "test_acc") -> str:
         cell = _fmt(r["mean"], r["std"])
         if r["best"]:
             cell = f"**{cell}** (best)"
-        lines.append("| " + " | ".join([*(str(r[k]) for k in keys), cell, str(int(r["n"])), str(int(r["failed"]))]) + " |")
+        lines.append(
+            "| "
+            + " | ".join([*(str(r[k]) for k in keys), cell, str(int(r["n"])), str(int(r["failed"]))])
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -81,7 +96,11 @@ def plot(df: pd.DataFrame, table: pd.DataFrame, out: Path, metric: str = "test_a
     paths = []
     if table.empty:
         return paths
-    label_keys = [k for k in ("teacher_set", "distance", "distill", "student") if k in table.columns and table[k].nunique() > 1] or ["teacher_set"]
+    label_keys = [
+        k
+        for k in ("teacher_set", "distance", "distill", "student")
+        if k in table.columns and table[k].nunique() > 1
+    ] or ["teacher_set"]
     labels = [" / ".join(str(r[k]) for k in label_keys) for _, r in table.iterrows()]
     fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(table) + 2), 4))
     ax.bar(range(len(table)), 100 * table["mean"], yerr=100 * table["std"], capsize=4, color="tab:blue")
@@ -110,7 +129,13 @@ def plot(df: pd.DataFrame, table: pd.DataFrame, out: Path, metric: str = "test_a
     return paths
 
 
-def write_report(root: str | Path, out: str | Path | None = None, keys: Iterable[str] = GROUP_KEYS, metric: str = "test_acc", plots: bool = True) -> tuple[pd.DataFrame, str]:
+def write_report(
+    root: str | Path,
+    out: str | Path | None = None,
+    keys: Iterable[str] = GROUP_KEYS,
+    metric: str = "test_acc",
+    plots: bool = True,
+) -> tuple[pd.DataFrame, str]:
     root = Path(root)
     out = Path(out) if out else root
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("path", help="a multirun folder (or any folder holding results.json files)")
     p.add_argument("--out", help="where to write report.csv, report.md and the plots (default: PATH)")
     p.add_argument("--metric", default="test_acc", help="column to aggregate (default: test_acc)")
-    p.add_argument("--by", default=",".join(GROUP_KEYS), help=f"grouping keys (default: {','.join(GROUP_KEYS)})")
+    p.add_argument(
+        "--by", default=",".join(GROUP_KEYS), help=f"grouping keys (default: {','.join(GROUP_KEYS)})"
+    )
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)
     _, md = write_report(a.path, a.out, a.by.split(","), a.metric, plots=not a.no_plots)

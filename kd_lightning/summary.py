@@ -22,10 +22,15 @@ def print_summary(results: Mapping[str, Any], console: Console | None = None) ->
     table.add_column("test acc", justify="right")
     for name, acc in (results.get("teacher_test_acc") or {}).items():
         table.add_row(name, "teacher", _pct(acc))
-    if results.get("teacher_ensemble_test_acc") is not None and len(results.get("teacher_test_acc") or {}) > 1:
+    if (
+        results.get("teacher_ensemble_test_acc") is not None
+        and len(results.get("teacher_test_acc") or {}) > 1
+    ):
         table.add_row("ensemble", "teachers' mean logits", _pct(results["teacher_ensemble_test_acc"]))
     if results.get("baseline_test_acc") is not None:
-        table.add_row(str(results.get("student")), "student alone (baseline)", _pct(results["baseline_test_acc"]))
+        table.add_row(
+            str(results.get("student")), "student alone (baseline)", _pct(results["baseline_test_acc"])
+        )
     role = "student + teachers" if results.get("teacher_test_acc") else "student"
     table.add_row(str(results.get("student")), role, _pct(results.get("test_acc")), style="bold")
     console.print(table)
@@ -33,6 +38,8 @@ def print_summary(results: Mapping[str, Any], console: Console | None = None) ->
     if results.get("teacher_agreement") is not None:
         extra.append(f"student/teacher agreement {_pct(results['teacher_agreement'])}")
     if results.get("baseline_test_acc") is not None and results.get("test_acc") is not None:
-        extra.append(f"gain over baseline {100 * (results['test_acc'] - results['baseline_test_acc']):+.2f} pts")
+        extra.append(
+            f"gain over baseline {100 * (results['test_acc'] - results['baseline_test_acc']):+.2f} pts"
+        )
     console.print(" · ".join(extra))
     console.print(f"results: {results.get('output_dir')}/results.json")

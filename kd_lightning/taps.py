@@ -28,7 +28,9 @@ def _last_linear_name(model: nn.Module) -> str | None:
     return names[-1] if names else None
 
 
-def resolve_tap(model: nn.Module, tap: str, aliases: Mapping[str, str] | None = None, owner: str = "model") -> str:
+def resolve_tap(
+    model: nn.Module, tap: str, aliases: Mapping[str, str] | None = None, owner: str = "model"
+) -> str:
     """Turn a tap name or alias into a concrete spec ('logits', 'name' or 'name:input'), or fail clearly."""
     spec = (aliases or {}).get(tap, tap)
     if spec in _OUTPUT_NAMES:
@@ -42,7 +44,9 @@ def resolve_tap(model: nn.Module, tap: str, aliases: Mapping[str, str] | None = 
     modules = dict(model.named_modules())
     if name not in modules or name == "" or where not in ("", "input", "output"):
         valid = ["logits", "embed", *(aliases or {})] + [n for n in modules if n]
-        raise ConfigError(f"unknown tap {tap!r} for {owner} ({type(model).__name__}); valid taps: {choices(valid, 60)}")
+        raise ConfigError(
+            f"unknown tap {tap!r} for {owner} ({type(model).__name__}); valid taps: {choices(valid, 60)}"
+        )
     return name if where in ("", "output") else f"{name}:input"
 
 
@@ -53,7 +57,13 @@ class FeatureTaps:
     `{key: tensor}` (the output is included under `logits` whether asked for or not).
     """
 
-    def __init__(self, model: nn.Module, taps: Mapping[str, str] | Iterable[str], aliases: Mapping[str, str] | None = None, owner: str = "model"):
+    def __init__(
+        self,
+        model: nn.Module,
+        taps: Mapping[str, str] | Iterable[str],
+        aliases: Mapping[str, str] | None = None,
+        owner: str = "model",
+    ):
         self.model = model
         keys = list(taps) if not isinstance(taps, Mapping) else list(taps.items())
         pairs = [(k, k) for k in keys] if not isinstance(taps, Mapping) else keys
@@ -77,12 +87,14 @@ class FeatureTaps:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             for k in keys:
                 self._store[k] = output
+
         return hook
 
     def _pre_hook(self, keys: list[str]):
         def hook(_module: nn.Module, inputs: Any) -> None:
             for k in keys:
                 self._store[k] = inputs[0]
+
         return hook
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -88,9 +88,13 @@ def data_identity(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data_cfg.items() if k not in ignore}
 
 
-def teacher_cache_path(cache_dir: str | Path, data_name: str, member: str, spec: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> Path:
+def teacher_cache_path(
+    cache_dir: str | Path, data_name: str, member: str, spec: Mapping[str, Any], data_cfg: Mapping[str, Any]
+) -> Path:
     key = json.dumps(
-        {"arch": spec.get("arch"), "fit": spec.get("fit"), "data": data_identity(data_cfg)}, sort_keys=True, default=str
+        {"arch": spec.get("arch"), "fit": spec.get("fit"), "data": data_identity(data_cfg)},
+        sort_keys=True,
+        default=str,
     )
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     return Path(cache_dir) / "teachers" / data_name / f"{member}-{digest}.pt"
@@ -120,10 +124,14 @@ def build_teachers(
     else:
         selected = [use] if isinstance(use, str) else use
         if not isinstance(selected, list | tuple) or not all(isinstance(u, str) for u in selected):
-            raise ConfigError(f"teachers.use must be null or a list of teacher names from {choices(members_cfg)}, got {use!r}")
+            raise ConfigError(
+                f"teachers.use must be null or a list of teacher names from {choices(members_cfg)}, got {use!r}"
+            )
         unknown = [u for u in selected if u not in members_cfg]
         if unknown:
-            raise ConfigError(f"teachers.use names unknown teacher(s) {unknown}; the pool has: {choices(members_cfg)}")
+            raise ConfigError(
+                f"teachers.use names unknown teacher(s) {unknown}; the pool has: {choices(members_cfg)}"
+            )
     if not selected:
         return None
     # Check every selected member first, so that a typo in the second one fails before the first is fitted.
@@ -132,7 +140,9 @@ def build_teachers(
         spec = dict(members_cfg[name])
         bad = sorted(set(spec) - MEMBER_KEYS)
         if bad:
-            raise ConfigError(f"teachers.members.{name} has unknown key(s) {bad}; valid: {choices(MEMBER_KEYS)}")
+            raise ConfigError(
+                f"teachers.members.{name} has unknown key(s) {bad}; valid: {choices(MEMBER_KEYS)}"
+            )
         if not spec.get("arch") or "name" not in spec["arch"]:
             raise ConfigError(f"teachers.members.{name}.arch.name is required (a model name)")
         weights[name] = as_float(f"teachers.members.{name}.weight", spec.get("weight", 1.0), low=0.0)
@@ -162,4 +172,3 @@ def build_teachers(
         aliases[name] = dict(spec.get("taps") or {})
         checkpoints[name] = str(path)
     return TeacherEnsemble(members, aliases, weights, checkpoints)
-

@@ -66,7 +66,9 @@ def teacher_set_label(cfg: DictConfig) -> str:
     members = list((cfg.teachers or {}).get("members") or {})
     use = (cfg.teachers or {}).get("use")
     used = members if use is None else ([use] if isinstance(use, str) else use)
-    return "+".join(str(u) for u in (used if isinstance(used, list | tuple) else []) if u in members) or "none"
+    return (
+        "+".join(str(u) for u in (used if isinstance(used, list | tuple) else []) if u in members) or "none"
+    )
 
 
 def distance_label(cfg: DictConfig) -> str:
@@ -145,7 +147,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             raise KeyboardInterrupt("training was interrupted")
         ckpt_cb = trainer.checkpoint_callback
         best = ckpt_cb.best_model_path if ckpt_cb is not None else ""
-        results["val_acc"] = float(ckpt_cb.best_model_score) if best and ckpt_cb.best_model_score is not None else _last(trainer, "val/acc")
+        results["val_acc"] = (
+            float(ckpt_cb.best_model_score)
+            if best and ckpt_cb.best_model_score is not None
+            else _last(trainer, "val/acc")
+        )
         test = trainer.test(module, datamodule=dm, ckpt_path=best or None, verbose=False)[0]
         results["test_acc"] = float(test["test/acc"])
         results["best_checkpoint"] = best or None
@@ -162,8 +168,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             )
         if trainer.is_global_zero:
             results["student_path"] = str(
-                save_model(module.student, out / "student.pt", model_spec(cfg.student), dm.num_classes, dm.input_shape,
-                           meta={"test_acc": results["test_acc"], "seed": int(cfg.seed)})
+                save_model(
+                    module.student,
+                    out / "student.pt",
+                    model_spec(cfg.student),
+                    dm.num_classes,
+                    dm.input_shape,
+                    meta={"test_acc": results["test_acc"], "seed": int(cfg.seed)},
+                )
             )
         results["status"] = "ok"
     except ConfigError as e:

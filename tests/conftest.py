@@ -16,7 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 # Small but real: two teachers on digits fitted for a few epochs, a couple of epochs of KD.
-FAST_TRAINER = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=none", "print_summary=false"]
+FAST_TRAINER = [
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+    "print_summary=false",
+]
 FAST_TEACHERS = ["teachers.members.cnn_s.fit.max_epochs=3", "teachers.members.cnn_l.fit.max_epochs=3"]
 FAST = FAST_TRAINER + FAST_TEACHERS
 
@@ -48,14 +53,23 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def make_cfg(tmp_path: Path, cache_dir: Path):
     def _make(*overrides: str, fast: bool = True) -> DictConfig:
-        return compose_cfg([*(fast_overrides(list(overrides)) if fast else []), *overrides], tmp_path / "run", cache_dir)
+        return compose_cfg(
+            [*(fast_overrides(list(overrides)) if fast else []), *overrides], tmp_path / "run", cache_dir
+        )
 
     return _make
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600, module: str = "kd_lightning.train") -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path, env: dict | None = None, timeout: int = 600, module: str = "kd_lightning.train"
+) -> subprocess.CompletedProcess:
     """Run a console entry point in a fresh process, as a user would."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )

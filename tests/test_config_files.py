@@ -14,7 +14,12 @@ def test_packaged_configs_are_clean():
 
 @pytest.mark.parametrize(
     ("text", "needle"),
-    [("5\n", "must hold a mapping"), ("a: [1, 2\n", "line 2"), ("- a\n- b\n", "got a list"), ("a: b: c\n", "not valid YAML")],
+    [
+        ("5\n", "must hold a mapping"),
+        ("a: [1, 2\n", "line 2"),
+        ("- a\n- b\n", "got a list"),
+        ("a: b: c\n", "not valid YAML"),
+    ],
 )
 def test_bad_file_is_named(tmp_path, text, needle):
     bad = tmp_path / "distill" / "broken.yaml"
@@ -31,4 +36,7 @@ def test_empty_file_is_fine(tmp_path):
 
 
 def test_user_config_dirs_are_checked_too(tmp_path):
-    assert config_dirs_from_argv(["-cd", "x", "--config-dir=y", "seed=1"], tmp_path) == [tmp_path, *map(type(tmp_path), ["x", "y"])]
+    assert config_dirs_from_argv(["-cd", "x", "--config-dir=y", "seed=1"], tmp_path) == [
+        tmp_path,
+        *map(type(tmp_path), ["x", "y"]),
+    ]

@@ -68,7 +68,10 @@ def _write_cifar(root: Path, classes: int, n_train: int = 10, n_test: int = 6) -
         key = b"fine_labels"
     folder.mkdir(parents=True)
     for name, n in files.items():
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: list(rng.integers(0, classes, n))}
+        batch = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            key: list(rng.integers(0, classes, n)),
+        }
         batch[key][0] = classes - 1
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
@@ -136,8 +139,16 @@ def test_imagefolder_on_png_files(tmp_path: Path):
         for cls in ("cat", "dog", "owl"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
-    dm = ImageFolderDataModule(root=str(tmp_path / "train"), test_root=str(tmp_path / "test"), image_size=16, batch_size=4, val_fraction=0.2)
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+                    tmp_path / split / cls / f"{i}.png"
+                )
+    dm = ImageFolderDataModule(
+        root=str(tmp_path / "train"),
+        test_root=str(tmp_path / "test"),
+        image_size=16,
+        batch_size=4,
+        val_fraction=0.2,
+    )
     dm.setup()
     assert dm.class_names == ["cat", "dog", "owl"] and dm.num_classes == 3
     assert len(dm.splits["test"]) == 6 and len(dm.splits["train"]) + len(dm.splits["val"]) == 18

@@ -17,18 +17,61 @@ from kd_lightning.train import run
 from .conftest import CONF, FAST, compose_cfg
 
 KEYS = [
-    "data.batch_size", "data.val_fraction", "data.test_fraction", "data.train_subset", "data.split_seed",
-    "student.hidden", "student.activation", "student.dropout", "student.name",
-    "distill.ce_weight", "distill.terms.feat.weight", "distill.terms.feat.distance", "distill.terms.feat.student_tap",
-    "distill.terms.feat.teacher_tap", "distill.terms.feat.adapter", "distill.terms.feat.combine",
-    "teachers.use", "teachers.members.cnn_s.weight", "optim.lr", "optim.weight_decay", "optim.name",
-    "optim.scheduler", "trainer.max_epochs", "seed", "baseline",
+    "data.batch_size",
+    "data.val_fraction",
+    "data.test_fraction",
+    "data.train_subset",
+    "data.split_seed",
+    "student.hidden",
+    "student.activation",
+    "student.dropout",
+    "student.name",
+    "distill.ce_weight",
+    "distill.terms.feat.weight",
+    "distill.terms.feat.distance",
+    "distill.terms.feat.student_tap",
+    "distill.terms.feat.teacher_tap",
+    "distill.terms.feat.adapter",
+    "distill.terms.feat.combine",
+    "teachers.use",
+    "teachers.members.cnn_s.weight",
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.name",
+    "optim.scheduler",
+    "trainer.max_epochs",
+    "seed",
+    "baseline",
 ]
 VALUES = st.one_of(
     st.integers(-5, 400).map(str),
     st.floats(-2, 2, allow_nan=False).map(lambda v: f"{v:.3g}"),
-    st.sampled_from(["null", "true", "abc", "[]", "[0]", "[3,4]", "[cnn_s]", "[cnn_x]", "mse", "kl", "cosine",
-                     "embed", "logits", "features.0", "fc", "concat", "mean", "linear", "none", "nan", "inf", "'1e-3'"]),
+    st.sampled_from(
+        [
+            "null",
+            "true",
+            "abc",
+            "[]",
+            "[0]",
+            "[3,4]",
+            "[cnn_s]",
+            "[cnn_x]",
+            "mse",
+            "kl",
+            "cosine",
+            "embed",
+            "logits",
+            "features.0",
+            "fc",
+            "concat",
+            "mean",
+            "linear",
+            "none",
+            "nan",
+            "inf",
+            "'1e-3'",
+        ]
+    ),
 )
 # Hydra's own composition errors (unknown key, bad override syntax, type mismatch against the schema) name
 # the key and are as clear as ours; everything else must be our ConfigError.
@@ -72,7 +115,9 @@ def test_malformed_yaml_files_fail_clearly(tmp_path_factory, cache_dir, text, wh
 
         check_config_dirs([conf])  # what `kd-train` does before Hydra composes
         with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            cfg = compose("train", overrides=[*FAST, "dry_run=true", f"{where}=fuzz"], return_hydra_config=True)
+            cfg = compose(
+                "train", overrides=[*FAST, "dry_run=true", f"{where}=fuzz"], return_hydra_config=True
+            )
         with open_dict(cfg):
             cfg.paths.output_dir = str(Path(conf) / "out")
             cfg.paths.cache_dir = str(cache_dir)

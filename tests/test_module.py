@@ -1,5 +1,7 @@
 """Frozen-teacher invariants on a real fit of the default (digits) configuration."""
 
+from pathlib import Path
+
 import pytorch_lightning as pl
 import torch
 
@@ -63,8 +65,19 @@ def test_run_writes_results_and_a_student_that_loads_alone(make_cfg):
     out = cfg.paths.output_dir
     import json
 
-    saved = json.load(open(f"{out}/results.json"))
-    for key in ("status", "seed", "test_acc", "val_acc", "teacher_test_acc", "fit_seconds", "data", "student", "teachers", "distill"):
+    saved = json.loads(Path(f"{out}/results.json").read_text())
+    for key in (
+        "status",
+        "seed",
+        "test_acc",
+        "val_acc",
+        "teacher_test_acc",
+        "fit_seconds",
+        "data",
+        "student",
+        "teachers",
+        "distill",
+    ):
         assert key in saved, key
     assert saved["status"] == "ok" and saved["data"] == "digits" and saved["distill"] == "feature"
     assert set(saved["teacher_test_acc"]) == {"cnn_s", "cnn_l"}
@@ -75,7 +88,9 @@ def test_run_writes_results_and_a_student_that_loads_alone(make_cfg):
     assert not any("teacher" in k or "adapter" in k for k in sd)
     dm = instantiate_datamodule(cfg.data)
     dm.setup("test")
-    x, y, _ = dm.prepare_batch(dm.splits["test"].__getitems__(list(range(len(dm.splits["test"])))), train=False)
+    x, y, _ = dm.prepare_batch(
+        dm.splits["test"].__getitems__(list(range(len(dm.splits["test"])))), train=False
+    )
     student.eval()
     acc = (student(x).argmax(1) == y).float().mean().item()
     assert abs(acc - saved["test_acc"]) < 1e-6  # the exported student is the tested (best) one

@@ -8,7 +8,9 @@ from kd_lightning.objective import Objective, Term, active_terms, build_objectiv
 
 def term(combine: str, shapes: dict, weights: dict | None = None, **spec) -> Term:
     weights = weights or {m: 1.0 / len(shapes) for m in shapes}
-    return Term("feat", {"combine": combine, "distance": "mse", "adapter": "auto", **spec}, (4,), shapes, weights)
+    return Term(
+        "feat", {"combine": combine, "distance": "mse", "adapter": "auto", **spec}, (4,), shapes, weights
+    )
 
 
 def test_per_teacher_sums_weighted_distances_with_own_adapters():
@@ -72,7 +74,9 @@ def test_nothing_to_train_on_is_an_error():
 
 def test_terms_without_teachers_is_an_error():
     with pytest.raises(ConfigError, match="no teachers"):
-        build_objective({"terms": {"feat": {"student_tap": "embed"}}}, {"embed": (4,), "logits": (3,)}, None, None)
+        build_objective(
+            {"terms": {"feat": {"student_tap": "embed"}}}, {"embed": (4,), "logits": (3,)}, None, None
+        )
 
 
 def test_null_term_is_switched_off_and_unknown_term_key_is_reported():

@@ -23,7 +23,9 @@ JOB = [*FAST, "data.batch_size=8", "trainer.max_epochs=4", "trainer.deterministi
 def _launch(run_dir: Path, cache_dir: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "KD_CACHE_DIR": str(cache_dir), "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "kd_lightning.train", *JOB, f"hydra.run.dir={run_dir}", *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _student_weights(ckpt: Path) -> dict:
@@ -52,7 +54,10 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_uninterrupted_run(tmp_path, 
     proc.wait(timeout=60)
     killed_epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
     assert killed_epoch < 3
-    assert not (run_dir / "results.json").is_file() or json.loads((run_dir / "results.json").read_text())["status"] != "ok"
+    assert (
+        not (run_dir / "results.json").is_file()
+        or json.loads((run_dir / "results.json").read_text())["status"] != "ok"
+    )
 
     resumed = _launch(run_dir, cache_dir, "resume=auto")
     out, _ = resumed.communicate(timeout=600)
@@ -73,7 +78,11 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_uninterrupted_run(tmp_path, 
 
 
 def test_non_finite_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(make_cfg):
-    cfg = make_cfg("trainer.max_epochs=3", "+callbacks.poison._target_=tests.helpers.PoisonWeightsAtEpoch", "+callbacks.poison.epoch=1")
+    cfg = make_cfg(
+        "trainer.max_epochs=3",
+        "+callbacks.poison._target_=tests.helpers.PoisonWeightsAtEpoch",
+        "+callbacks.poison.epoch=1",
+    )
     with pytest.raises(FloatingPointError, match="non-finite training loss .* epoch 1"):
         run(cfg)
     out = Path(cfg.paths.output_dir)
@@ -97,9 +106,19 @@ def test_results_json_is_written_atomically(tmp_path):
 def test_failed_sweep_job_leaves_the_others_intact(tmp_path, cache_dir):
     env = {**os.environ, "KD_CACHE_DIR": str(cache_dir), "PYTHONWARNINGS": "ignore"}
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "kd_lightning.train", "-m", *FAST, "distill.terms.feat.distance=mse,nope,cosine",
-           f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kd_lightning.train",
+        "-m",
+        *FAST,
+        "distill.terms.feat.distance=mse,nope,cosine",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0  # the sweep reports the failure...
-    statuses = {json.loads(p.read_text())["distance"]: json.loads(p.read_text())["status"] for p in sweep.rglob("results.json")}
+    statuses = {
+        json.loads(p.read_text())["distance"]: json.loads(p.read_text())["status"]
+        for p in sweep.rglob("results.json")
+    }
     assert statuses == {"mse": "ok", "nope": "config_error", "cosine": "ok"}  # ...and every other job ran

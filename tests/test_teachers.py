@@ -39,7 +39,9 @@ def test_weights_normalised_and_combined_logits():
     assert ens.weights == {"a": 0.25, "b": 0.75}
     x = torch.randn(5, 4)
     feats = ens(x)
-    torch.testing.assert_close(ens.combined_logits(feats), 0.25 * feats["a"]["logits"] + 0.75 * feats["b"]["logits"])
+    torch.testing.assert_close(
+        ens.combined_logits(feats), 0.25 * feats["a"]["logits"] + 0.75 * feats["b"]["logits"]
+    )
 
 
 def _member(**kw):

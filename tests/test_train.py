@@ -20,7 +20,14 @@ def _cli_env(tmp_path: Path, cache_dir: Path) -> dict:
 def test_cli_default_experiment_prints_summary_and_writes_results(tmp_path, cache_dir):
     proc = run_cli(*FAST, "print_summary=true", "baseline=true", cwd=ROOT, env=_cli_env(tmp_path, cache_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for text in ("cnn_s", "cnn_l", "teacher", "student alone (baseline)", "student + teachers", "results.json"):
+    for text in (
+        "cnn_s",
+        "cnn_l",
+        "teacher",
+        "student alone (baseline)",
+        "student + teachers",
+        "results.json",
+    ):
         assert text in proc.stdout, text
     [results] = list((tmp_path / "outputs").rglob("results.json"))
     r = json.loads(results.read_text())
@@ -75,7 +82,9 @@ def test_config_errors_before_training(make_cfg, overrides, pattern):
 
 
 def test_missing_teacher_checkpoint(make_cfg, tmp_path):
-    cfg = make_cfg(f"teachers.members.cnn_s.checkpoint={tmp_path}/none.pt", "teachers.members.cnn_s.fit_if_missing=false")
+    cfg = make_cfg(
+        f"teachers.members.cnn_s.checkpoint={tmp_path}/none.pt", "teachers.members.cnn_s.fit_if_missing=false"
+    )
     with pytest.raises(ConfigError, match=r"teacher 'cnn_s': checkpoint file not found: .*none\.pt"):
         run(cfg)
 
@@ -90,7 +99,9 @@ def test_teacher_made_for_another_class_count(make_cfg, tmp_path):
 
 @pytest.mark.slow
 def test_cli_config_error_is_one_clear_message(tmp_path, cache_dir):
-    proc = run_cli(*FAST, "distill.terms.feat.student_tap=layer9", cwd=ROOT, env=_cli_env(tmp_path, cache_dir))
+    proc = run_cli(
+        *FAST, "distill.terms.feat.student_tap=layer9", cwd=ROOT, env=_cli_env(tmp_path, cache_dir)
+    )
     assert proc.returncode == 2
     assert "Configuration error: unknown tap 'layer9'" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -108,7 +119,9 @@ def test_cli_broken_yaml_in_user_config_dir_is_named(tmp_path, cache_dir):
     extra = tmp_path / "my_conf" / "distill"
     extra.mkdir(parents=True)
     (extra / "mine.yaml").write_text("terms: {feat: [1, 2}\n")
-    proc = run_cli("--config-dir", str(tmp_path / "my_conf"), "distill=mine", cwd=ROOT, env=_cli_env(tmp_path, cache_dir))
+    proc = run_cli(
+        "--config-dir", str(tmp_path / "my_conf"), "distill=mine", cwd=ROOT, env=_cli_env(tmp_path, cache_dir)
+    )
     assert proc.returncode == 2
     assert f"config file {extra / 'mine.yaml'} is not valid YAML (line 1" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -62,7 +62,9 @@ def batch_is_collated(batch: Any) -> Any:
     return batch
 
 
-def random_crop_flip(x: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_crop_flip(
+    x: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Batched random crop (zero padding) and horizontal flip of an image batch (N, C, H, W), no Python loop."""
     n, _, h, w = x.shape
     dev = x.device
@@ -102,12 +104,16 @@ class TensorDataModule(pl.LightningDataModule):
         super().__init__()
         self.batch_size = as_int("data.batch_size", batch_size, 1)
         self.eval_batch_size = as_int("data.eval_batch_size", eval_batch_size or max(self.batch_size, 256), 1)
-        self.val_fraction = as_float("data.val_fraction", val_fraction, 0.0, 1.0, open_low=True, open_high=True)
+        self.val_fraction = as_float(
+            "data.val_fraction", val_fraction, 0.0, 1.0, open_low=True, open_high=True
+        )
         self.split_seed = as_int("data.split_seed", split_seed)
         self.train_subset = None if train_subset is None else as_int("data.train_subset", train_subset, 1)
         self.normalize = bool(normalize)
         if augment is not None and not isinstance(augment, dict):
-            raise ConfigError(f"data.augment must be a mapping like {{crop_padding: 4, hflip: true}} or null, got {augment!r}")
+            raise ConfigError(
+                f"data.augment must be a mapping like {{crop_padding: 4, hflip: true}} or null, got {augment!r}"
+            )
         self.augment = dict(augment or {})
         unknown = sorted(set(self.augment) - {"crop_padding", "hflip"})
         if unknown:
@@ -176,7 +182,9 @@ class TensorDataModule(pl.LightningDataModule):
         if self.mean is not None:
             x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         if train and self.augment and x.dim() == 4:
-            x = random_crop_flip(x, int(self.augment.get("crop_padding", 0)), bool(self.augment.get("hflip", False)))
+            x = random_crop_flip(
+                x, int(self.augment.get("crop_padding", 0)), bool(self.augment.get("hflip", False))
+            )
         return (x, *rest)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -20,7 +20,9 @@ class DigitsDataModule(TensorDataModule):
 
     def __init__(self, test_fraction: float = 0.25, **kwargs):
         super().__init__(**kwargs)
-        self.test_fraction = as_float("data.test_fraction", test_fraction, 0.0, 1.0, open_low=True, open_high=True)
+        self.test_fraction = as_float(
+            "data.test_fraction", test_fraction, 0.0, 1.0, open_low=True, open_high=True
+        )
 
     def load(self) -> dict[str, np.ndarray]:
         from sklearn.datasets import load_digits

@@ -85,7 +85,9 @@ class CIFARDataModule(TensorDataModule):
 
         def read(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
             batches = [read_cifar_batch(folder / f) for f in files]
-            x = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
+            x = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(
+                -1, 3, 32, 32
+            )
             y = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
             return x, y
 
@@ -199,7 +201,9 @@ class ImageFolderDataModule(TensorDataModule):
         super().__init__(**kwargs)
         self.root = Path(root)
         self.test_root = Path(test_root) if test_root else None
-        self.test_fraction = as_float("data.test_fraction", test_fraction, 0.0, 1.0, open_low=True, open_high=True)
+        self.test_fraction = as_float(
+            "data.test_fraction", test_fraction, 0.0, 1.0, open_low=True, open_high=True
+        )
         self.image_size = as_int("data.image_size", image_size, 1)
         self.mean_std = (tuple(mean), tuple(std))
 
@@ -214,7 +218,9 @@ class ImageFolderDataModule(TensorDataModule):
             raise ConfigError(f"{root} has no class subfolders; expected {root}/<class>/<image>.png")
         unknown = sorted(set(found) - set(classes))
         if unknown:
-            raise ConfigError(f"{root} has classes {unknown} that the training folder lacks; valid: {classes}")
+            raise ConfigError(
+                f"{root} has classes {unknown} that the training folder lacks; valid: {classes}"
+            )
         samples = [
             (str(p), i)
             for i, c in enumerate(classes)

@@ -35,5 +35,7 @@ def create_loss(name: str, **kwargs: Any) -> nn.Module:
     params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
-        raise ConfigError(f"loss {name!r} got unknown option(s) {unknown}; valid options: {choices(params) or '(none)'}")
+        raise ConfigError(
+            f"loss {name!r} got unknown option(s) {unknown}; valid options: {choices(params) or '(none)'}"
+        )
     return cls(**kwargs)

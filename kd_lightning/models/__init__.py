@@ -50,7 +50,12 @@ def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
 
 
 def _torchvision_model(
-    name: str, num_classes: int, input_shape: tuple[int, ...], weights: str | None, small_input: bool, kwargs: dict
+    name: str,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    weights: str | None,
+    small_input: bool,
+    kwargs: dict,
 ) -> nn.Module:
     import torchvision
 
@@ -77,7 +82,9 @@ def _torchvision_model(
         if stem_small:
             model.maxpool = nn.Identity()
     if small_input and not hasattr(model, "maxpool"):
-        raise ConfigError(f"small_input=true is supported for ResNet-style torchvision models only, not {name!r}")
+        raise ConfigError(
+            f"small_input=true is supported for ResNet-style torchvision models only, not {name!r}"
+        )
     return model
 
 
@@ -131,7 +138,9 @@ def _extract_state_dict(obj: Any, path: str | os.PathLike) -> dict[str, torch.Te
         return sd
     if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return dict(obj)
-    raise ConfigError(f"{path} holds no state_dict (found {type(obj).__name__}); expected a model weights file")
+    raise ConfigError(
+        f"{path} holds no state_dict (found {type(obj).__name__}); expected a model weights file"
+    )
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, owner: str = "model") -> dict[str, Any]:
@@ -141,7 +150,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike, owner: str = "model"
     """
     obj = _safe_load(path)
     sd = _extract_state_dict(obj, path)
-    head = _last_linear(model)[0] + ".weight" if any(isinstance(m, nn.Linear) for m in model.modules()) else None
+    head = (
+        _last_linear(model)[0] + ".weight" if any(isinstance(m, nn.Linear) for m in model.modules()) else None
+    )
     if head and head in sd and sd[head].shape[0] != model.get_submodule(head[: -len(".weight")]).out_features:
         raise ConfigError(
             f"{owner}: checkpoint {path} has a {sd[head].shape[0]}-class head but the dataset has "

@@ -51,7 +51,9 @@ class CifarResNet(nn.Module):
 
     @staticmethod
     def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
-        return nn.Sequential(*[BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(blocks)])
+        return nn.Sequential(
+            *[BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(blocks)]
+        )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -105,7 +107,10 @@ class WideResNet(nn.Module):
     @staticmethod
     def _stage(cin: int, cout: int, blocks: int, stride: int, dropout: float) -> nn.Sequential:
         return nn.Sequential(
-            *[WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, dropout) for i in range(blocks)]
+            *[
+                WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, dropout)
+                for i in range(blocks)
+            ]
         )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

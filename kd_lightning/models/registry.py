@@ -30,7 +30,9 @@ def get_model_fn(name: str) -> ModelFn | None:
     return _REGISTRY.get(name)
 
 
-def call_model_fn(name: str, fn: ModelFn, num_classes: int, input_shape: tuple[int, ...], kwargs: dict[str, Any]) -> nn.Module:
+def call_model_fn(
+    name: str, fn: ModelFn, num_classes: int, input_shape: tuple[int, ...], kwargs: dict[str, Any]
+) -> nn.Module:
     """Call a model factory, turning unknown keyword arguments into a ConfigError listing the valid ones."""
     params = inspect.signature(fn).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -79,7 +79,9 @@ def wide2(
     return mlp(num_classes, input_shape, hidden=[width], activation=activation)
 
 
-def _conv_block(conv: type[nn.Module], bn: type[nn.Module], cin: int, cout: int, k: int, stride: int) -> list[nn.Module]:
+def _conv_block(
+    conv: type[nn.Module], bn: type[nn.Module], cin: int, cout: int, k: int, stride: int
+) -> list[nn.Module]:
     return [conv(cin, cout, k, stride=stride, padding=k // 2, bias=False), bn(cout), nn.ReLU(inplace=True)]
 
 
@@ -93,7 +95,9 @@ def cnn(
 ) -> nn.Module:
     """Conv-BN-ReLU blocks (2×2 max-pool between blocks while the map is large enough), global average pool."""
     if len(input_shape) != 3:
-        raise ConfigError(f"cnn needs image inputs (C, H, W), got input_shape={tuple(input_shape)}; use cnn1d or mlp")
+        raise ConfigError(
+            f"cnn needs image inputs (C, H, W), got input_shape={tuple(input_shape)}; use cnn1d or mlp"
+        )
     channels = _positive("channels", channels)
     kernel_size = as_int("kernel_size", kernel_size, 1)
     layers: list[nn.Module] = []
