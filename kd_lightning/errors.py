@@ -17,8 +17,11 @@ def choices(valid: Iterable[str], limit: int = 40) -> str:
     return ", ".join(items)
 
 
-def as_int(key: str, value: object, minimum: int | None = None) -> int:
-    """An integer config value (bools and non-integral numbers rejected), with an optional lower bound."""
+SEED_MAX = 2**32 - 1  # numpy and Lightning accept seeds in [0, 2**32 - 1]
+
+
+def as_int(key: str, value: object, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer config value (bools and non-integral numbers rejected), with optional bounds."""
     if isinstance(value, bool) or not (
         isinstance(value, int) or (isinstance(value, float) and value.is_integer())
     ):
@@ -26,7 +29,13 @@ def as_int(key: str, value: object, minimum: int | None = None) -> int:
     value = int(value)
     if minimum is not None and value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{key} must be an integer <= {maximum}, got {value}")
     return value
+
+
+def as_seed(key: str, value: object) -> int:
+    return as_int(key, value, 0, SEED_MAX)
 
 
 def as_float(

@@ -52,6 +52,19 @@ class DistillationModule(pl.LightningModule):
             )
             self.test_agreement = MulticlassAccuracy(num_classes, average="micro")
 
+    def on_fit_start(self) -> None:
+        """Under DDP every rank must hold the same frozen teachers: compare their fingerprints once."""
+        if self.teachers is None or self.trainer.world_size == 1:
+            return
+        mine = self.teachers.fingerprint().to(self.device)
+        every = self.all_gather(mine)  # (world_size, n_teachers, 2)
+        if not torch.allclose(every, mine.expand_as(every), rtol=1e-9, atol=0.0):
+            raise RuntimeError(
+                f"the teachers differ between ranks (fingerprints {every.tolist()}); every rank must load the "
+                f"same teacher files ({self.teachers.checkpoints}): put paths.cache_dir on a shared filesystem "
+                "or give each teacher an explicit checkpoint"
+            )
+
     # --- teachers travel with the module without being part of it ---------------------------
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -77,7 +90,7 @@ class DistillationModule(pl.LightningModule):
         self.train_acc(s_feats["logits"].detach(), y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
         for name, value in parts.items():
-            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(y))
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 

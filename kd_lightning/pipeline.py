@@ -16,7 +16,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from kd_lightning.data.base import TensorDataModule
@@ -25,13 +25,13 @@ from kd_lightning.models import create_model, save_model
 from kd_lightning.module import DistillationModule
 from kd_lightning.objective import Objective, build_objective
 from kd_lightning.taps import FeatureTaps
-from kd_lightning.teachers import TeacherEnsemble, build_teachers
+from kd_lightning.teachers import TeacherEnsemble, build_teachers, check_fit_cfg
 
 log = logging.getLogger(__name__)
 
 
 def to_dict(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig | ListConfig) else cfg
 
 
 def instantiate(cfg: Any, where: str, **kwargs: Any) -> Any:
@@ -89,11 +89,8 @@ def fit_supervised(
     Returns the trained model and its test accuracy; writes a model file to `out_path` when given.
     The global RNG state is restored afterwards, so fitting a teacher does not change the main run.
     """
-    fit_cfg = dict(fit_cfg)
-    seed = int(fit_cfg.pop("seed", 0))
-    max_epochs = int(fit_cfg.pop("max_epochs", 20))
-    if max_epochs <= 0:
-        raise ConfigError(f"fit.max_epochs must be positive, got {max_epochs}")
+    fit_cfg = check_fit_cfg("fit", fit_cfg)
+    seed, max_epochs = fit_cfg.pop("seed"), fit_cfg.pop("max_epochs")
     optim = {"name": "adam", "lr": 1e-3, "scheduler": "cosine", **fit_cfg}
     rng = torch.random.get_rng_state()
     pl.seed_everything(seed, workers=True, verbose=False)

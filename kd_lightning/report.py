@@ -34,6 +34,14 @@ def collect(root: str | Path) -> pd.DataFrame:
         for name, acc in (r.get("teacher_test_acc") or {}).items():
             row[f"teacher_acc/{name}"] = acc
         rows.append(row)
+    # A job killed before it could write anything (OOM, node lost) still left Hydra's .hydra/ folder.
+    for hydra_dir in sorted(Path(root).rglob(".hydra")):
+        job = hydra_dir.parent
+        if not (job / "results.json").exists() and (hydra_dir / "overrides.yaml").exists():
+            overrides = (hydra_dir / "overrides.yaml").read_text().replace("\n", " ").strip()
+            rows.append(
+                {"status": "missing", "error": f"no results.json; overrides {overrides}", "run_dir": str(job)}
+            )
     return pd.DataFrame(rows)
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from torch import nn
 
-from kd_lightning.errors import ConfigError, as_float, choices
+from kd_lightning.errors import ConfigError, as_float, as_int, as_seed, choices
 from kd_lightning.models import create_model, load_weights
 from kd_lightning.taps import FeatureTaps
 
@@ -56,6 +57,17 @@ class TeacherEnsemble(nn.Module):
     @property
     def names(self) -> list[str]:
         return list(self.members)
+
+    @torch.no_grad()
+    def fingerprint(self) -> torch.Tensor:
+        """Per-teacher sum and sum of squares of all weights and buffers (float64): equal weights, equal print."""
+        rows = []
+        for name in self.names:
+            tensors = [*self.members[name].parameters(), *self.members[name].buffers()]
+            flat = [t.detach().double().flatten() for t in tensors if t.is_floating_point()]
+            cat = torch.cat(flat) if flat else torch.zeros(1, dtype=torch.float64)
+            rows.append(torch.stack([cat.sum(), cat.square().sum()]))
+        return torch.stack(rows)
 
     def train(self, mode: bool = True) -> TeacherEnsemble:
         """Teachers stay in eval mode whatever the caller asks (Lightning calls .train() every epoch)."""
@@ -102,6 +114,18 @@ def teacher_cache_path(
 
 MEMBER_KEYS = {"arch", "checkpoint", "taps", "weight", "fit_if_missing", "fit"}
 
+
+def check_fit_cfg(key: str, fit_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The `fit:` block of a teacher (or the baseline): seed, epochs and optimiser numbers, checked."""
+    fit = dict(fit_cfg or {})
+    fit["seed"] = as_seed(f"{key}.seed", fit.get("seed", 0))
+    fit["max_epochs"] = as_int(f"{key}.max_epochs", fit.get("max_epochs", 20), 1)
+    for name in ("lr", "weight_decay"):
+        if name in fit:
+            fit[name] = as_float(f"{key}.{name}", fit[name], 0.0, open_low=name == "lr")
+    return fit
+
+
 FitFn = Callable[[str, Mapping[str, Any], Mapping[str, Any], Path], None]
 
 
@@ -146,6 +170,7 @@ def build_teachers(
         if not spec.get("arch") or "name" not in spec["arch"]:
             raise ConfigError(f"teachers.members.{name}.arch.name is required (a model name)")
         weights[name] = as_float(f"teachers.members.{name}.weight", spec.get("weight", 1.0), low=0.0)
+        spec["fit"] = check_fit_cfg(f"teachers.members.{name}.fit", spec.get("fit") or {})
         ckpt = spec.get("checkpoint")
         path = Path(ckpt) if ckpt else teacher_cache_path(cache_dir, data_name, name, spec, data_cfg)
         if not path.is_file():
@@ -164,8 +189,12 @@ def build_teachers(
     for name, spec in specs.items():
         path = paths[name]
         if not path.is_file():
-            log.info("teacher %s: no checkpoint at %s, fitting it first", name, path)
-            fit_fn(name, spec["arch"], dict(spec.get("fit") or {}), path)
+            # Parallel sweep jobs share the cache: one fits, the others wait for its file.
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(path) + ".lock"):
+                if not path.is_file():
+                    log.info("teacher %s: no checkpoint at %s, fitting it first", name, path)
+                    fit_fn(name, spec["arch"], dict(spec.get("fit") or {}), path)
         model = create_model(dict(spec["arch"]), num_classes, input_shape)
         load_weights(model, path, owner=f"teacher {name!r}")
         members[name] = model

@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
 
 from kd_lightning.config_files import check_config_dirs, config_dirs_from_argv
-from kd_lightning.errors import ConfigError, as_float, as_int
+from kd_lightning.distributed import job_scope, leave_process_group, pin_ddp_children_to_job, torchrun_argv
+from kd_lightning.errors import ConfigError, as_float, as_int, as_seed
 from kd_lightning.models import save_model
 from kd_lightning.objective import active_terms
 from kd_lightning.pipeline import (
@@ -32,10 +33,12 @@ from kd_lightning.pipeline import (
     model_spec,
     to_dict,
 )
+from kd_lightning.resolvers import register_resolvers
 from kd_lightning.results import read_results, write_json_atomic
 from kd_lightning.summary import print_summary
 
 log = logging.getLogger("kd_lightning")
+register_resolvers()
 
 GROUPS = ("data", "student", "teachers", "distill", "trainer", "optim", "experiment")
 
@@ -62,13 +65,34 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     return instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
 
 
-def teacher_set_label(cfg: DictConfig) -> str:
-    members = list((cfg.teachers or {}).get("members") or {})
-    use = (cfg.teachers or {}).get("use")
-    used = members if use is None else ([use] if isinstance(use, str) else use)
-    return (
-        "+".join(str(u) for u in (used if isinstance(used, list | tuple) else []) if u in members) or "none"
+def evaluation_trainer(trainer: pl.Trainer) -> pl.Trainer:
+    """After a multi-process fit, rank 0 tests alone on one device: every test sample counted exactly once
+    (a DistributedSampler would pad the test set with repeats)."""
+    if trainer.world_size == 1:
+        return trainer
+    root = trainer.strategy.root_device
+    return pl.Trainer(
+        accelerator="gpu" if root.type == "cuda" else root.type,
+        devices=[root.index] if root.type == "cuda" else 1,
+        precision=trainer.precision,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=trainer.default_root_dir,
     )
+
+
+def teacher_set_label(cfg: DictConfig) -> str:
+    """`cnn_a+cnn_b`: the teachers this run uses, in pool order of `teachers.use` ("none" without any)."""
+    try:
+        teachers = to_dict(cfg.get("teachers")) or {}
+    except Exception:  # a broken interpolation is reported by validation; the label must not fail first
+        return "unknown"
+    members = list(teachers.get("members") or {})
+    use = teachers.get("use")
+    used = members if use is None else ([use] if isinstance(use, str) else use)
+    return "+".join(str(u) for u in (used if isinstance(used, list) else []) if u in members) or "none"
 
 
 def distance_label(cfg: DictConfig) -> str:
@@ -78,7 +102,7 @@ def distance_label(cfg: DictConfig) -> str:
 
 def validate(cfg: DictConfig) -> None:
     """Checks of the top-level keys that no component owns (components check their own keys)."""
-    as_int("seed", cfg.seed, 0)
+    as_seed("seed", cfg.seed)
     as_int("trainer.max_epochs", cfg.trainer.get("max_epochs"), 1)
     as_float("optim.lr", cfg.optim.get("lr"), 0.0, open_low=True)
     as_float("optim.weight_decay", cfg.optim.get("weight_decay", 0.0), 0.0)
@@ -139,6 +163,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             return results
 
         ckpt = resume_path(cfg, out)
+        pin_ddp_children_to_job(cfg, out)
         results["resumed_from"] = ckpt
         t0 = time.perf_counter()
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
@@ -152,7 +177,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if best and ckpt_cb.best_model_score is not None
             else _last(trainer, "val/acc")
         )
-        test = trainer.test(module, datamodule=dm, ckpt_path=best or None, verbose=False)[0]
+        if trainer.world_size > 1:
+            # Rank 0 tests alone (each test sample once) and writes; the other ranks are done. The group
+            # goes, so that torchmetrics does not wait for ranks that have left.
+            leave_process_group()
+            if not trainer.is_global_zero:
+                results["status"] = "ok"
+                return results
+        test = evaluation_trainer(trainer).test(module, datamodule=dm, ckpt_path=best or None, verbose=False)[
+            0
+        ]
         results["test_acc"] = float(test["test/acc"])
         results["best_checkpoint"] = best or None
         if teachers is not None:
@@ -161,7 +195,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             results["teacher_agreement"] = float(test["test/agreement"])
         else:
             results["teacher_test_acc"] = {}
-        if cfg.get("baseline"):
+        if cfg.get("baseline") and _is_rank_zero():
             fit_cfg = {"seed": int(cfg.seed), "max_epochs": int(cfg.trainer.max_epochs), **to_dict(cfg.optim)}
             _, results["baseline_test_acc"] = fit_supervised(
                 model_spec(cfg.student), dm, fit_cfg, str(cfg.trainer.get("accelerator", "cpu"))
@@ -212,7 +246,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
     if cfg.get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=False))
     try:
-        return run(cfg).get("val_acc")
+        with job_scope():
+            return run(cfg).get("val_acc")
     except ConfigError as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra marks this job failed and goes on with the others
@@ -224,6 +259,7 @@ def main() -> None:
     """`kd-train`: name a broken YAML file before Hydra composes it, then hand over to Hydra."""
     try:
         check_config_dirs(config_dirs_from_argv(sys.argv[1:], CONF_DIR))
+        sys.argv += torchrun_argv(sys.argv[1:])
     except ConfigError as e:
         print(f"\nConfiguration error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -8,34 +8,53 @@ reached the device, so student and teachers always see the same tensor.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from kd_lightning.errors import ConfigError, as_float, as_int
+from kd_lightning.errors import ConfigError, as_float, as_int, as_seed
 
 
-class EpochSeededSampler(Sampler[int]):
-    """A shuffle that depends only on (seed, epoch): a resumed run sees exactly the batches it would have.
+class EpochSeededSampler(DistributedSampler):
+    """A shuffle that depends only on (seed, epoch), sharded over DDP ranks.
 
-    Lightning calls `set_epoch` every epoch (and wraps this sampler for DDP).
+    A resumed run sees exactly the batches it would have seen. Under DDP rank r takes every
+    world_size-th index of the *same* permutation (padded to equal length, as DistributedSampler
+    does), so N ranks × batch b step through the same global batches as 1 process × batch N·b.
+    Being a DistributedSampler, Lightning uses it as it is instead of wrapping it in a second shuffle.
+    The epoch comes from `epoch_source` (the trainer's epoch) when given, else from `set_epoch`.
     """
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        epoch_source: Callable[[], int | None] | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.n, self.epoch_source = n, epoch_source
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
+    def current_epoch(self) -> int:
+        epoch = self.epoch_source() if self.epoch_source is not None else None
+        return self.epoch if epoch is None else int(epoch)
 
     def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=gen).tolist())
+        gen = torch.Generator().manual_seed(self.seed * 100003 + self.current_epoch())
+        perm = torch.randperm(self.n, generator=gen).tolist()
+        perm += perm[: self.total_size - self.n]
+        return iter(perm[self.rank : self.total_size : self.num_replicas])
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
 
 
 class IndexedTensorDataset(Dataset):
@@ -107,7 +126,7 @@ class TensorDataModule(pl.LightningDataModule):
         self.val_fraction = as_float(
             "data.val_fraction", val_fraction, 0.0, 1.0, open_low=True, open_high=True
         )
-        self.split_seed = as_int("data.split_seed", split_seed)
+        self.split_seed = as_seed("data.split_seed", split_seed)
         self.train_subset = None if train_subset is None else as_int("data.train_subset", train_subset, 1)
         self.normalize = bool(normalize)
         if augment is not None and not isinstance(augment, dict):
@@ -198,11 +217,15 @@ class TensorDataModule(pl.LightningDataModule):
         return DataLoader(
             ds,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            sampler=EpochSeededSampler(len(ds), seed) if shuffle else None,
+            sampler=EpochSeededSampler(len(ds), seed, self._trainer_epoch, *_world()) if shuffle else None,
             collate_fn=batch_is_collated if isinstance(ds, IndexedTensorDataset) else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _trainer_epoch(self) -> int | None:
+        trainer = getattr(self, "trainer", None)
+        return None if trainer is None else trainer.current_epoch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

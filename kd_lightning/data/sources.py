@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
 from kd_lightning.data.base import TensorDataModule
-from kd_lightning.errors import as_float, as_int
+from kd_lightning.errors import ConfigError, as_float, as_int, as_seed
 
 
 class DigitsDataModule(TensorDataModule):
@@ -31,6 +32,14 @@ class DigitsDataModule(TensorDataModule):
         d = load_digits()
         x = (d.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
         y = d.target.astype(np.int64)
+        n, k = len(y), len(np.unique(y))
+        n_test = math.ceil(self.test_fraction * n)
+        if n_test < k or n - n_test < k:
+            raise ConfigError(
+                f"data.test_fraction={self.test_fraction} leaves {n_test} test and {n - n_test} train samples "
+                f"of {n}; a stratified split needs at least {k} (one per class) in each: use a value in "
+                f"[{k / n:.4f}, {1 - k / n:.4f}]"
+            )
         x_tr, x_te, y_tr, y_te = train_test_split(
             x, y, test_size=self.test_fraction, random_state=self.split_seed, stratify=y
         )
@@ -54,7 +63,7 @@ class MNIST1DDataModule(TensorDataModule):
         super().__init__(**kwargs)
         self.args = {
             "num_samples": as_int("data.num_samples", num_samples, 20),
-            "seed": as_int("data.data_seed", data_seed),
+            "seed": as_seed("data.data_seed", data_seed),
             "train_split": as_float("data.train_split", train_split, 0.0, 1.0, open_low=True, open_high=True),
             "shuffle_seq": bool(shuffle_seq),
         }
@@ -111,7 +120,7 @@ class SyntheticDataModule(TensorDataModule):
             classes=as_int("data.num_classes", num_classes, 2),
         )
         self.separation = as_float("data.separation", separation, 0.0)
-        self.data_seed = as_int("data.data_seed", data_seed)
+        self.data_seed = as_seed("data.data_seed", data_seed)
 
     def load(self) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(self.data_seed)

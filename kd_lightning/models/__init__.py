@@ -92,8 +92,10 @@ def create_model(spec: Mapping[str, Any], num_classes: int, input_shape: tuple[i
     """Build `spec.name` (registry or torchvision) and load `spec.checkpoint` when given."""
     spec = dict(spec)
     name = spec.get("name")
-    if not name:
-        raise ConfigError(f"a model spec needs a 'name'; registered models: {choices(list_models())}")
+    if not name or not isinstance(name, str):
+        raise ConfigError(
+            f"a model spec needs a 'name' (a string), got {name!r}; registered models: {choices(list_models())}"
+        )
     kwargs = {k: v for k, v in spec.items() if k not in _SPEC_KEYS}
     fn = get_model_fn(name)
     if fn is not None:

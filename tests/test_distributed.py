@@ -1,0 +1,199 @@
+"""KD under DDP on CPU (gloo): two processes, a multirun of DDP jobs, a 2-node torchrun over loopback,
+bf16 autocast, and 2×b DDP vs 1×2b equivalence. GPU paths (NCCL, 16-mixed) are not exercised here."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_lightning.distributed import num_nodes_from_env, spawns_children, torchrun_argv
+from kd_lightning.errors import ConfigError
+from kd_lightning.models import load_model
+from kd_lightning.pipeline import build_module, build_teacher_ensemble, instantiate_datamodule
+
+from .conftest import FAST, ROOT, run_cli
+
+DDP = ["trainer=ddp_cpu", "trainer.devices=2"]
+# a train set of 1024 = 16 steps of 64: DDP's sampler pads nothing, so 2×32 and 1×64 see the same batches
+EQUIV = [
+    "data.train_subset=1024",
+    "trainer.max_epochs=3",
+    "optim.scheduler=none",
+    "callbacks=none",
+    "trainer.deterministic=true",
+]
+
+
+def _env(tmp_path: Path, cache_dir: Path) -> dict:
+    return {
+        "KD_OUTPUT_ROOT": str(tmp_path / "outputs"),
+        "KD_CACHE_DIR": str(cache_dir),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def _results(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) | {"_dir": str(p.parent)} for p in sorted(root.rglob("results.json"))]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_num_nodes_from_env(monkeypatch):
+    for k in ("KD_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert num_nodes_from_env() == 1
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert num_nodes_from_env() == 2
+    monkeypatch.setenv("SLURM_NNODES", "3")
+    assert num_nodes_from_env() == 3
+    monkeypatch.setenv("KD_NUM_NODES", "5")
+    assert num_nodes_from_env() == 5
+
+
+def test_who_spawns_ranks(monkeypatch):
+    for k in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    assert spawns_children({"strategy": "ddp", "devices": 2})
+    assert not spawns_children({"strategy": "ddp", "devices": 1})
+    assert not spawns_children({"strategy": "ddp_spawn", "devices": 2})
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert not spawns_children({"strategy": "ddp", "devices": 2})
+
+
+def test_torchrun_ranks_must_share_a_folder():
+    env = {"TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "2", "RANK": "1"}
+    with pytest.raises(ConfigError, match=r"hydra.run.dir=<"):
+        torchrun_argv(["seed=1"], env)
+    assert torchrun_argv(["hydra.run.dir=/x"], env) == [
+        "hydra.output_subdir=null",
+        "hydra.job.name=train_rank1",
+    ]
+    assert torchrun_argv(["hydra.run.dir=/x"], {**env, "RANK": "0"}) == []
+    with pytest.raises(ConfigError, match="hydra.sweep.dir"):
+        torchrun_argv(["-m", "hydra.run.dir=/x"], env)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ddp_two_processes_one_folder_rank0_writes(tmp_path, cache_dir):
+    proc = run_cli(*FAST, *DDP, "baseline=true", cwd=ROOT, env=_env(tmp_path, cache_dir))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Starting with 2 processes" in proc.stderr + proc.stdout
+    [r] = _results(tmp_path / "outputs")  # one results.json, written by rank 0
+    job = Path(r["_dir"])
+    assert (
+        r["status"] == "ok" and 0 <= r["test_acc"] <= 1 and set(r["teacher_test_acc"]) == {"cnn_s", "cnn_l"}
+    )
+    assert "baseline_test_acc" in r
+    assert [p.parent for p in (tmp_path / "outputs").rglob(".hydra")] == [job]  # no second Hydra folder
+    assert (job / "train_ddp_process_1.log").exists() and (job / "student.pt").exists()
+    ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert not [k for k in ckpt["state_dict"] if "teacher" in k]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_multirun_of_ddp_jobs(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "-m", *FAST, *DDP, "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=ROOT, env=_env(tmp_path, cache_dir)
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rs = _results(sweep)
+    assert sorted(r["seed"] for r in rs) == [0, 1] and all(r["status"] == "ok" for r in rs)
+    assert sorted(Path(r["_dir"]).name for r in rs) == ["0", "1"]
+    assert not (tmp_path / "outputs").exists(), "a DDP child started a run folder of its own"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_nodes_over_loopback_with_torchrun(tmp_path, cache_dir):
+    run_dir, port = tmp_path / "run", _free_port()
+    env = {**os.environ, **_env(tmp_path, cache_dir), "KD_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    cmd = lambda rank: [  # noqa: E731
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}",
+        "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "kd_lightning.train",
+        *FAST, "trainer=multinode", f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    nodes = [
+        subprocess.Popen(
+            cmd(r), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for r in (0, 1)
+    ]
+    outs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outs[1]
+    [r] = _results(run_dir)
+    assert r["status"] == "ok" and (run_dir / "student.pt").exists()
+    assert list(run_dir.rglob(".hydra")) == [run_dir / ".hydra"]
+
+
+@pytest.mark.slow
+def test_bf16_mixed_on_cpu_teachers_under_autocast(make_cfg, cache_dir):
+    import pytorch_lightning as pl
+
+    cfg = make_cfg("trainer.precision=bf16-mixed", "distill=[feature,kd]")
+    dm = instantiate_datamodule(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    teachers = build_teacher_ensemble(cfg, dm, "digits")
+    module = build_module(cfg, dm, teachers)
+    seen: dict[str, torch.dtype] = {}
+    teacher = teachers.members["cnn_l"]
+
+    def record(module, inputs, output) -> None:  # a hook that returns None leaves the output alone
+        seen.setdefault("teacher", output.dtype)
+
+    teacher.fc.register_forward_hook(record)
+    losses = []
+    orig = module.objective.forward
+    module.objective.forward = lambda *a, **k: (lambda out: (losses.append(out[0].dtype), out)[1])(
+        orig(*a, **k)
+    )
+    trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=3, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    assert seen["teacher"] == torch.bfloat16  # the teachers ran under the trainer's autocast
+    assert losses and all(d == torch.float32 for d in losses)  # KL / cosine / MSE reduced in fp32
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ddp_2x_b_matches_1x_2b(tmp_path, cache_dir):
+    """Same seed, same global batches: the students end within a small tolerance of each other."""
+    one = run_cli(
+        *FAST,
+        *EQUIV,
+        "data.batch_size=64",
+        "hydra.run.dir=" + str(tmp_path / "one"),
+        cwd=ROOT,
+        env=_env(tmp_path, cache_dir),
+    )
+    two = run_cli(
+        *FAST,
+        *EQUIV,
+        *DDP,
+        "data.batch_size=32",
+        "hydra.run.dir=" + str(tmp_path / "two"),
+        cwd=ROOT,
+        env=_env(tmp_path, cache_dir),
+    )
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-4000:]
+    a, b = load_model(tmp_path / "one" / "student.pt"), load_model(tmp_path / "two" / "student.pt")
+    diff = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert diff < 1e-4, f"weights differ by {diff}"
+    ra, rb = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert abs(ra["test_acc"] - rb["test_acc"]) <= 0.005, (ra["test_acc"], rb["test_acc"])

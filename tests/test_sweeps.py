@@ -1,0 +1,101 @@
+"""Sweeps over teacher combinations: the subset resolver, and a real parallel sweep → kd-report → notebook."""
+
+import json
+import os
+
+import pytest
+from omegaconf import OmegaConf
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.report import write_report
+from kd_lightning.resolvers import register_resolvers
+from kd_lightning.sweeps import sweep_string, teacher_subsets
+from kd_lightning.train import teacher_set_label
+
+from .conftest import FAST, ROOT, compose_cfg, run_cli
+
+
+def test_every_non_empty_subset_smallest_first():
+    assert teacher_subsets(["a", "b", "c"]) == [
+        ["a"], ["b"], ["c"], ["a", "b"], ["a", "c"], ["b", "c"], ["a", "b", "c"]
+    ]  # fmt: skip
+    assert teacher_subsets(["a", "b", "c"], min_size=2, max_size=2) == [["a", "b"], ["a", "c"], ["b", "c"]]
+    assert sweep_string([["a"], ["a", "b"]]) == "[a],[a,b]"
+
+
+@pytest.mark.parametrize(("pool", "lo", "hi"), [([], 1, None), (["a"], 2, None), (["a", "a"], 1, None)])
+def test_impossible_subsets_are_config_errors(pool, lo, hi):
+    with pytest.raises(ConfigError, match="teacher"):
+        teacher_subsets(pool, lo, hi)
+
+
+def test_sweep_config_expands_the_chosen_pool(tmp_path, cache_dir):
+    register_resolvers()
+    cfg = compose_cfg(["experiment=landro2021", "sweep=teacher_subsets"], tmp_path, cache_dir)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
+    subsets = params["teachers.use"].split("],[")
+    assert len(subsets) == 7 and params["teachers.use"].endswith("[cnn_a,cnn_b,cnn_c]")
+    assert cfg.hydra.mode.name == "MULTIRUN"
+
+
+@pytest.mark.parametrize(
+    ("use", "label"),
+    [("null", "cnn_a+cnn_b+cnn_c"), ("[cnn_c,cnn_a]", "cnn_c+cnn_a"), ("cnn_b", "cnn_b"), ("[]", "none")],
+)
+def test_teacher_set_label(tmp_path, cache_dir, use, label):
+    cfg = compose_cfg(["experiment=landro2021", f"teachers.use={use}"], tmp_path, cache_dir)
+    assert teacher_set_label(cfg) == label
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_parallel_teacher_subset_sweep_report_and_notebook(tmp_path, cache_dir):
+    """3 teacher sets × 2 loss weights (one invalid) in 2 parallel processes; the bad jobs fail alone."""
+    sweep = tmp_path / "sweep"
+    env = {"KD_CACHE_DIR": str(cache_dir), "KD_OUTPUT_ROOT": str(tmp_path / "out")}
+    proc = run_cli(
+        *FAST,
+        "sweep=teacher_subsets",
+        "hydra/launcher=local",
+        "hydra.launcher.n_jobs=2",
+        "distill.terms.feat.weight=1.0,oops",
+        f"hydra.sweep.dir={sweep}",
+        cwd=ROOT,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode != 0, "the sweep must report its failed jobs"
+    results = [json.loads(p.read_text()) for p in sweep.rglob("results.json")]
+    ok = sorted(r["teacher_set"] for r in results if r["status"] == "ok")
+    bad = [r for r in results if r["status"] == "config_error"]
+    assert ok == ["cnn_l", "cnn_s", "cnn_s+cnn_l"], proc.stderr[-3000:]
+    assert len(bad) == 3 and all("distill.terms.feat.weight" in r["error"] for r in bad)
+
+    table, md = write_report(sweep)
+    assert len(table) == 3 and table["n"].tolist() == [1, 1, 1]
+    assert "Failed runs:" in md and md.count("config_error") == 3
+    for name in (
+        "report.csv",
+        "report.md",
+        "runs.csv",
+        "accuracy_by_teacher_set.png",
+        "accuracy_vs_n_teachers.png",
+    ):
+        assert (sweep / name).stat().st_size > 0, name
+
+    cli = run_cli(str(sweep), "--out", str(tmp_path / "rep"), cwd=ROOT, module="kd_lightning.report")
+    assert cli.returncode == 0 and "cnn_s+cnn_l" in cli.stdout and "(best)" in cli.stdout
+
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
+    os.environ["KD_REPORT_DIR"], os.environ["KD_REPORT_OUT"] = str(sweep), str(tmp_path / "nb")
+    try:
+        NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
+    finally:
+        del os.environ["KD_REPORT_DIR"], os.environ["KD_REPORT_OUT"]
+    text = json.dumps(nb)
+    assert "cnn_s+cnn_l" in text and "image/png" in text and "config_error" in text
