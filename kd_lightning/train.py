@@ -240,7 +240,8 @@ def _is_rank_zero() -> bool:
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+# An absolute path: the same conf/ whether started as `kd-train` (console script) or `python -m`.
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float | None:
     """Returns val_acc, the objective for Hydra sweepers (Optuna)."""
     if cfg.get("print_config"):

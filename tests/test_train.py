@@ -1,6 +1,9 @@
 """The real entry point: end-to-end runs and the configuration errors users meet first."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,3 +128,20 @@ def test_cli_broken_yaml_in_user_config_dir_is_named(tmp_path, cache_dir):
     assert proc.returncode == 2
     assert f"config file {extra / 'mine.yaml'} is not valid YAML (line 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_console_script_kd_train(tmp_path, cache_dir):
+    script = Path(sys.executable).parent / "kd-train"
+    assert script.exists(), "the project is not installed (pip install -e .)"
+    proc = subprocess.run(
+        [str(script), *FAST, "dry_run=true"],
+        cwd=tmp_path,  # anywhere, not only the repository root
+        env={**os.environ, **_cli_env(tmp_path, cache_dir)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [r] = [json.loads(p.read_text()) for p in (tmp_path / "outputs").rglob("results.json")]
+    assert r["status"] == "dry_run"
