@@ -34,5 +34,8 @@ format: $(STAMP)
 bench-accuracy: $(STAMP)  ## gallo2020 and landro2021 vs the student alone, 3 seeds, mean ± std
 	$(PY) bench/accuracy.py $(ARGS)
 
+bench-methods: $(STAMP)  ## every method of conf/distill on MNIST-1D, 3 seeds, mean ± std
+	$(PY) bench/methods.py $(ARGS)
+
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -80,7 +80,8 @@ class DistillationModule(pl.LightningModule):
         x, y = batch[0], batch[1]
         s_feats = self.taps(x)
         t_feats = self.teachers(x) if self.needs_teachers else None
-        loss, parts = self.objective(s_feats, t_feats, y)
+        index = batch[2] if len(batch) > 2 else None
+        loss, parts = self.objective(s_feats, t_feats, y, index=index, epoch=self.current_epoch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.detach().item()}) at epoch {self.current_epoch}, step {self.global_step}: "

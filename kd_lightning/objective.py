@@ -20,7 +20,7 @@ from torch import nn
 
 from kd_lightning.adapters import make_adapter
 from kd_lightning.errors import ConfigError, choices
-from kd_lightning.losses import create_loss
+from kd_lightning.losses import create_loss, forward_extras, loss_class
 
 COMBINE_MODES = ("per_teacher", "mean", "concat")
 TERM_KEYS = {"weight", "student_tap", "teacher_tap", "distance", "adapter", "combine"}
@@ -44,6 +44,7 @@ class Term(nn.Module):
         student_shape: Shape,
         teacher_shapes: Mapping[str, Shape],
         teacher_weights: Mapping[str, float],
+        context: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.name = name
@@ -56,20 +57,36 @@ class Term(nn.Module):
                 f"distill.terms.{name}.combine={self.combine!r}; valid: {', '.join(COMBINE_MODES)}"
             )
         loss_kwargs = {k: v for k, v in spec.items() if k not in TERM_KEYS}
+        distance = str(spec.get("distance", "mse"))
         try:
-            self.loss = create_loss(str(spec.get("distance", "mse")), **loss_kwargs)
+            shape_free = bool(getattr(loss_class(distance), "shape_free", False))
         except ConfigError as e:
-            raise ConfigError(f"distill.terms.{name}: {e} (term keys: {choices(TERM_KEYS)})") from None
+            raise ConfigError(f"distill.terms.{name}: {e}") from None
         self.teacher_weights = dict(teacher_weights)
         kind = str(spec.get("adapter", "auto"))
         members = list(teacher_shapes)
         if self.combine == "per_teacher":
-            self.adapters = nn.ModuleDict(
-                {m: make_adapter(student_shape, teacher_shapes[m], kind) for m in members}
-            )
+            targets = {m: teacher_shapes[m] for m in members}
         else:
-            target = self._combined_shape(teacher_shapes)
-            self.adapters = nn.ModuleDict({"combined": make_adapter(student_shape, target, kind)})
+            targets = {"combined": self._combined_shape(teacher_shapes)}
+        self.adapters = nn.ModuleDict(
+            {
+                k: nn.Identity()
+                if shape_free and kind in ("auto", "none")
+                else make_adapter(student_shape, t, kind)
+                for k, t in targets.items()
+            }
+        )
+        # One loss per target: methods with state (VID variances, CRD heads and memories) keep it per teacher.
+        self.losses = nn.ModuleDict()
+        for k, t in targets.items():
+            adapted = student_shape if isinstance(self.adapters[k], nn.Identity) else tuple(t)
+            injected = {"student_shape": tuple(adapted), "teacher_shape": tuple(t), **dict(context or {})}
+            try:
+                self.losses[k] = create_loss(distance, injected, **loss_kwargs)
+            except ConfigError as e:
+                raise ConfigError(f"distill.terms.{name}: {e} (term keys: {choices(TERM_KEYS)})") from None
+        self.extras = forward_extras(next(iter(self.losses.values()))) if len(self.losses) else ()
 
     def _combined_shape(self, shapes: Mapping[str, Shape]) -> Shape:
         distinct = set(shapes.values())
@@ -90,17 +107,24 @@ class Term(nn.Module):
             )
         return (sum(s[0] for s in shapes.values()), *first[1:])
 
-    def forward(self, student: torch.Tensor, teachers: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        student: torch.Tensor,
+        teachers: Mapping[str, torch.Tensor],
+        ctx: Mapping[str, Any] | None = None,
+    ) -> torch.Tensor:
+        kw = {k: (ctx or {}).get(k) for k in self.extras}
         if self.combine == "per_teacher":
             return sum(
-                self.teacher_weights[m] * self.loss(self.adapters[m](student), t) for m, t in teachers.items()
+                self.teacher_weights[m] * self.losses[m](self.adapters[m](student), t, **kw)
+                for m, t in teachers.items()
             )
         if self.combine == "mean":
             target = sum(self.teacher_weights[m] * t for m, t in teachers.items())
         else:
             ts = list(teachers.values())
             target = torch.cat([t.flatten(1) for t in ts], 1) if ts[0].dim() == 2 else torch.cat(ts, 1)
-        return self.loss(self.adapters["combined"](student), target)
+        return self.losses["combined"](self.adapters["combined"](student), target, **kw)
 
 
 class Objective(nn.Module):
@@ -133,6 +157,8 @@ class Objective(nn.Module):
         student: Mapping[str, torch.Tensor],
         teachers: Mapping[str, Mapping[str, torch.Tensor]] | None,
         y: torch.Tensor,
+        index: torch.Tensor | None = None,
+        epoch: int = 0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts: dict[str, torch.Tensor] = {}
         total = student["logits"].new_zeros((), dtype=torch.float32)
@@ -141,7 +167,7 @@ class Objective(nn.Module):
             total = total + self.ce_weight * parts["ce"]
         for name, term in self.terms.items():
             t_feats = {m: feats[term.teacher_tap] for m, feats in teachers.items()}
-            parts[name] = term(student[term.student_tap], t_feats)
+            parts[name] = term(student[term.student_tap], t_feats, {"y": y, "index": index, "epoch": epoch})
             total = total + term.weight * parts[name]
         return total, parts
 
@@ -168,7 +194,9 @@ def build_objective(
     student_shapes: Mapping[str, Shape],
     teacher_shapes: Mapping[str, Mapping[str, Shape]] | None,
     teacher_weights: Mapping[str, float] | None,
+    context: Mapping[str, Any] | None = None,
 ) -> Objective:
+    """`context` holds what some methods need from the data: `num_samples` (train size), `num_classes`."""
     terms_cfg = active_terms(distill_cfg)
     if terms_cfg and not teacher_shapes:
         raise ConfigError(
@@ -180,6 +208,11 @@ def build_objective(
         tap = str(spec.get("teacher_tap", spec.get("student_tap", "embed")))
         shapes = {m: s[tap] for m, s in (teacher_shapes or {}).items()}
         terms[name] = Term(
-            name, spec, student_shapes[str(spec.get("student_tap", "embed"))], shapes, teacher_weights or {}
+            name,
+            spec,
+            student_shapes[str(spec.get("student_tap", "embed"))],
+            shapes,
+            teacher_weights or {},
+            context,
         )
     return Objective(distill_cfg.get("ce_weight", 1.0), terms)

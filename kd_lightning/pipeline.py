@@ -176,8 +176,9 @@ def build_module(
         teacher_shapes = {m: {k: tuple(v.shape[1:]) for k, v in f.items()} for m, f in feats.items()}
         for m, shapes in teacher_shapes.items():
             _check_logits(f"teacher {m!r}", shapes["logits"], dm.num_classes)
+    context = {"num_samples": len(dm.splits["train"]), "num_classes": dm.num_classes}
     objective = build_objective(
-        distill, student_shapes, teacher_shapes, teachers.weights if teachers else None
+        distill, student_shapes, teacher_shapes, teachers.weights if teachers else None, context
     )
     return DistillationModule(student, objective, teachers, student_taps, dm.num_classes, to_dict(cfg.optim))
 

@@ -3,6 +3,8 @@
 A tap spec is one of:
 - `logits` (or `output`): the model's output;
 - `embed`: the input of the model's last nn.Linear, i.e. the penultimate embedding, for any classifier;
+- `map`: the last feature map before global pooling (the input of the last adaptive/average pooling,
+  or of the last nn.Flatten that follows other layers), for any CNN — what AT, NST and FitNet read;
 - `<module name>`: that module's output, e.g. `layer3`, `features.7`;
 - `<module name>:input`: that module's (first) input.
 Aliases (a dict alias → spec, from the model's `taps` config) let terms name one role, say `embed`,
@@ -28,6 +30,24 @@ def _last_linear_name(model: nn.Module) -> str | None:
     return names[-1] if names else None
 
 
+_POOLS = (
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AvgPool2d,
+)
+
+
+def _last_map_name(model: nn.Module) -> str | None:
+    named = [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
+    pools = [n for n, m in named if isinstance(m, _POOLS)]
+    if pools:
+        return pools[-1]
+    flats = [i for i, (_, m) in enumerate(named) if isinstance(m, nn.Flatten) and i > 0]
+    return named[flats[-1]][0] if flats else None
+
+
 def resolve_tap(
     model: nn.Module, tap: str, aliases: Mapping[str, str] | None = None, owner: str = "model"
 ) -> str:
@@ -35,6 +55,14 @@ def resolve_tap(
     spec = (aliases or {}).get(tap, tap)
     if spec in _OUTPUT_NAMES:
         return OUTPUT
+    if spec == "map":
+        last = _last_map_name(model)
+        if last is None:
+            raise ConfigError(
+                f"tap 'map' needs a CNN with a pooling or flatten layer after its convolutions in {owner}; "
+                "name a module instead"
+            )
+        return f"{last}:input"
     if spec == "embed":
         last = _last_linear_name(model)
         if last is None:
@@ -43,7 +71,7 @@ def resolve_tap(
     name, _, where = spec.partition(":")
     modules = dict(model.named_modules())
     if name not in modules or name == "" or where not in ("", "input", "output"):
-        valid = ["logits", "embed", *(aliases or {})] + [n for n in modules if n]
+        valid = ["logits", "embed", "map", *(aliases or {})] + [n for n in modules if n]
         raise ConfigError(
             f"unknown tap {tap!r} for {owner} ({type(model).__name__}); valid taps: {choices(valid, 60)}"
         )

@@ -99,3 +99,20 @@ def test_parallel_teacher_subset_sweep_report_and_notebook(tmp_path, cache_dir):
         del os.environ["KD_REPORT_DIR"], os.environ["KD_REPORT_OUT"]
     text = json.dumps(nb)
     assert "cnn_s+cnn_l" in text and "image/png" in text and "config_error" in text
+
+
+@pytest.mark.slow
+def test_optuna_hparams_search_maximises_val_acc(tmp_path, cache_dir):
+    sweep = tmp_path / "optuna"
+    env = {"KD_CACHE_DIR": str(cache_dir), "KD_OUTPUT_ROOT": str(tmp_path / "out")}
+    proc = run_cli(
+        *FAST, "hparams_search=mnist1d_optuna", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}",
+        cwd=ROOT, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert set(best.best_params) == {
+        "distill.terms.feat.weight", "distill.terms.kd.weight", "distill.terms.kd.temperature", "optim.lr"
+    }  # fmt: skip
+    trials = [json.loads(p.read_text()) for p in sweep.rglob("results.json")]
+    assert len(trials) == 3 and best.best_value == max(t["val_acc"] for t in trials)

@@ -1,0 +1,354 @@
+"""The method zoo: each term against its paper's equation computed by hand (loops over samples, pairs
+and channels, in float64, not the vectorised code), the invariances it must have, and gradients that
+reach only the student and the trainable parts of the objective."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd_lightning.losses import create_loss
+from kd_lightning.objective import build_objective
+
+torch.set_default_dtype(torch.float32)
+G = torch.Generator().manual_seed(0)
+
+
+def rand(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=G)
+
+
+def huber(a: float, b: float) -> float:
+    d = abs(a - b)
+    return 0.5 * d * d if d < 1 else d - 0.5
+
+
+def unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm()
+
+
+# --- DKD ------------------------------------------------------------------------------------------------
+def dkd_by_hand(zs, zt, y, alpha, beta, T, ramp):
+    tck, nck = [], []
+    for i in range(len(y)):
+        ps, pt = F.softmax(zs[i].double() / T, 0), F.softmax(zt[i].double() / T, 0)
+        c = int(y[i])
+        bs, bt = [ps[c], 1 - ps[c]], [pt[c], 1 - pt[c]]
+        tck.append(sum(bt[k] * math.log(bt[k] / bs[k]) for k in range(2)))
+        rest = [k for k in range(len(zs[i])) if k != c]
+        qs = F.softmax(zs[i, rest].double() / T, 0)
+        qt = F.softmax(zt[i, rest].double() / T, 0)
+        nck.append(sum(qt[k] * math.log(qt[k] / qs[k]) for k in range(len(rest))))
+    return ramp * (alpha * sum(tck) / len(y) + beta * sum(nck) / len(y)) * T * T
+
+
+@pytest.mark.parametrize(("epoch", "warmup", "ramp"), [(0, 0, 1.0), (5, 20, 0.25), (40, 20, 1.0)])
+def test_dkd_matches_the_paper(epoch, warmup, ramp):
+    zs, zt, y = rand(6, 5), rand(6, 5) * 3, torch.tensor([0, 1, 2, 3, 4, 0])
+    loss = create_loss("dkd", alpha=0.7, beta=3.0, temperature=2.0, warmup=warmup)
+    got = loss(zs, zt, y=y, epoch=epoch)
+    assert got.item() == pytest.approx(float(dkd_by_hand(zs, zt, y, 0.7, 3.0, 2.0, ramp)), rel=1e-5)
+
+
+def test_dkd_with_alpha_beta_one_equals_kd_decomposition_bound():
+    # Zhao et al. eq. 1: KD = TCKD + (1 − p_t^T) · NCKD; with alpha=1, beta=1 DKD ≥ KD − 0 only when the
+    # teacher is confident, so check the identity itself on the parts.
+    zs, zt, y = rand(4, 6), rand(4, 6), torch.tensor([1, 2, 3, 0])
+    T = 1.0
+    kd = create_loss("kl", temperature=T)(zs, zt).item()
+    tck = create_loss("dkd", alpha=1, beta=0, temperature=T, warmup=0)(zs, zt, y=y).item()
+    per = []
+    for i in range(4):
+        pt = F.softmax(zt[i].double(), 0)
+        nck_i = create_loss("dkd", alpha=0, beta=1, temperature=T, warmup=0)(
+            zs[i : i + 1], zt[i : i + 1], y=y[i : i + 1]
+        )
+        per.append((1 - pt[int(y[i])]).item() * nck_i.item())
+    assert kd == pytest.approx(tck + sum(per) / 4, rel=1e-4)
+
+
+# --- SP ---------------------------------------------------------------------------------------------------
+def sp_by_hand(s, t):
+    b = len(s)
+    qs, qt = s.flatten(1).double(), t.flatten(1).double()
+    total = 0.0
+    for i in range(b):
+        gs = torch.stack([qs[i] @ qs[j] for j in range(b)])
+        gt = torch.stack([qt[i] @ qt[j] for j in range(b)])
+        total += ((unit(gt) - unit(gs)) ** 2).sum().item()
+    return total / (b * b)
+
+
+def test_sp_matches_the_paper_and_is_scale_invariant():
+    s, t = rand(5, 7), rand(5, 3, 2, 2)
+    sp = create_loss("sp")
+    assert sp(s, t).item() == pytest.approx(sp_by_hand(s, t), rel=1e-5)
+    assert sp(s * 13.0, t * 0.01).item() == pytest.approx(sp(s, t).item(), rel=1e-4)
+
+
+# --- RKD --------------------------------------------------------------------------------------------------
+def rkd_by_hand(s, t, wd, wa):
+    s, t = s.flatten(1).double(), t.flatten(1).double()
+    b = len(s)
+    pairs = [(i, j) for i in range(b) for j in range(b) if i != j]
+    mu_s = sum((s[i] - s[j]).norm() for i, j in pairs) / len(pairs)
+    mu_t = sum((t[i] - t[j]).norm() for i, j in pairs) / len(pairs)
+    ld = sum(
+        huber(((s[i] - s[j]).norm() / mu_s).item(), ((t[i] - t[j]).norm() / mu_t).item()) for i, j in pairs
+    )
+    trip = [(i, j, k) for i, j, k in itertools.product(range(b), repeat=3) if len({i, j, k}) == 3]
+    la = sum(
+        huber(
+            (unit(s[i] - s[j]) @ unit(s[k] - s[j])).item(),
+            (unit(t[i] - t[j]) @ unit(t[k] - t[j])).item(),
+        )
+        for i, j, k in trip
+    )
+    return wd * ld / len(pairs) + wa * la / len(trip)
+
+
+def test_rkd_matches_the_paper_and_is_invariant_to_global_scale():
+    s, t = rand(5, 4), rand(5, 9)
+    rkd = create_loss("rkd", distance_weight=1.5, angle_weight=2.0)
+    assert rkd(s, t).item() == pytest.approx(rkd_by_hand(s, t, 1.5, 2.0), rel=1e-4)
+    assert rkd(s * 7.0, t * 0.2).item() == pytest.approx(rkd(s, t).item(), rel=1e-4)
+    assert rkd(s + 3.0, t - 1.0).item() == pytest.approx(rkd(s, t).item(), rel=1e-3)  # and to translation
+
+
+# --- PKT --------------------------------------------------------------------------------------------------
+def pkt_by_hand(s, t):
+    def cond(x):
+        x = x.flatten(1).double()
+        b = len(x)
+        k = [[((unit(x[i]) @ unit(x[j])).item() + 1) / 2 for j in range(b)] for i in range(b)]
+        return [[k[i][j] / sum(k[m][j] for m in range(b) if m != j) for j in range(b)] for i in range(b)]
+
+    ps, pt = cond(s), cond(t)
+    b = len(s)
+    return sum(pt[i][j] * math.log(pt[i][j] / ps[i][j]) for i in range(b) for j in range(b) if i != j) / b
+
+
+def test_pkt_matches_the_paper_and_ignores_feature_norms():
+    s, t = rand(6, 4), rand(6, 10)
+    pkt = create_loss("pkt")
+    assert pkt(s, t).item() == pytest.approx(pkt_by_hand(s, t), rel=1e-4)
+    scale = torch.rand(6, 1, generator=G) + 0.5
+    assert pkt(s * scale, t).item() == pytest.approx(pkt(s, t).item(), rel=1e-4)
+    assert pkt(t[:, :4], t[:, :4]).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# --- CC ---------------------------------------------------------------------------------------------------
+def cc_by_hand(s, t, gamma):
+    """The exact Gaussian kernel on L2-normalised features (the Taylor series' limit)."""
+
+    def corr(x):
+        x = F.normalize(x.flatten(1).double(), dim=1)
+        b = len(x)
+        return torch.tensor(
+            [[math.exp(-gamma * (x[i] - x[j]).pow(2).sum().item()) for j in range(b)] for i in range(b)]
+        )
+
+    b = len(s)
+    return ((corr(t) - corr(s)) ** 2).sum().item() / (b * b)
+
+
+def test_cc_taylor_series_converges_to_the_gaussian_kernel_and_order_two_is_the_formula():
+    s, t = rand(5, 6), rand(5, 3)
+    assert create_loss("cc", gamma=0.4, order=20)(s, t).item() == pytest.approx(
+        cc_by_hand(s, t, 0.4), rel=1e-5
+    )
+
+    # order 2 by hand: e^{-2γ} (1 + 2γ c + (2γ c)²/2), c the cosine
+    def corr2(x):
+        x = F.normalize(x.double(), dim=1)
+        c = x @ x.T
+        return math.exp(-0.8) * (1 + 0.8 * c + 0.32 * c * c)
+
+    expect = ((corr2(t) - corr2(s)) ** 2).sum().item() / 25
+    assert create_loss("cc", gamma=0.4, order=2)(s, t).item() == pytest.approx(expect, rel=1e-5)
+    assert create_loss("cc")(s * 4, t / 3).item() == pytest.approx(create_loss("cc")(s, t).item(), rel=1e-5)
+
+
+# --- AT ---------------------------------------------------------------------------------------------------
+def at_by_hand(s, t, mode):
+    b = len(s)
+    vals = []
+    for i in range(b):
+        qs = unit((s[i].double() ** 2).sum(0).flatten())
+        qt = unit((t[i].double() ** 2).sum(0).flatten())
+        vals.append(((qs - qt) ** 2).mean().item() if mode == "code" else (qs - qt).norm().item())
+    return sum(vals) / b
+
+
+@pytest.mark.parametrize("mode", ["code", "paper"])
+def test_at_matches_the_paper_and_ignores_channels_and_scale(mode):
+    s, t = rand(3, 4, 5, 5), rand(3, 9, 5, 5)
+    at = create_loss("at", mode=mode)
+    assert at(s, t).item() == pytest.approx(at_by_hand(s, t, mode), rel=1e-5)
+    assert at(s * 5, t).item() == pytest.approx(at(s, t).item(), rel=1e-4)
+    big = rand(3, 4, 10, 10)  # a larger student map is resized to the teacher's size first
+    resized = F.interpolate(big, size=(5, 5), mode="bilinear", align_corners=False)
+    assert at(big, t).item() == pytest.approx(at_by_hand(resized, t, mode), rel=1e-5)
+
+
+def test_at_on_vectors_is_a_clear_error():
+    from kd_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="feature maps"):
+        create_loss("at")(rand(3, 4), rand(3, 4))
+
+
+# --- NST --------------------------------------------------------------------------------------------------
+def nst_by_hand(s, t):
+    vals = []
+    for n in range(len(s)):
+        fs = [unit(s[n, c].double().flatten()) for c in range(s.shape[1])]
+        ft = [unit(t[n, c].double().flatten()) for c in range(t.shape[1])]
+        k = lambda a, b: (a @ b).item() ** 2  # noqa: E731
+        tt = sum(k(a, b) for a in ft for b in ft) / len(ft) ** 2
+        ss = sum(k(a, b) for a in fs for b in fs) / len(fs) ** 2
+        st = sum(k(a, b) for a in fs for b in ft) / (len(fs) * len(ft))
+        vals.append(tt + ss - 2 * st)
+    return sum(vals) / len(vals)
+
+
+def test_nst_matches_the_paper_and_ignores_channel_scale():
+    s, t = rand(2, 3, 4, 4), rand(2, 5, 4, 4)
+    nst = create_loss("nst")
+    assert nst(s, t).item() == pytest.approx(nst_by_hand(s, t), rel=1e-5)
+    per_channel = torch.rand(1, 3, 1, 1, generator=G) + 0.1
+    assert nst(s * per_channel, t).item() == pytest.approx(nst(s, t).item(), rel=1e-4)
+    assert nst(t, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# --- VID --------------------------------------------------------------------------------------------------
+def test_vid_is_the_gaussian_negative_log_likelihood():
+    mu, t = rand(4, 3, 2, 2), rand(4, 3, 2, 2)
+    vid = create_loss("vid", {"teacher_shape": (3, 2, 2)}, init_var=2.0)
+    with torch.no_grad():
+        vid.alpha.copy_(torch.tensor([0.1, -0.5, 2.0]))
+    total, n = 0.0, 0
+    for i, c, h, w in itertools.product(range(4), range(3), range(2), range(2)):
+        var = math.log1p(math.exp(vid.alpha[c].item())) + 1e-5
+        total += 0.5 * ((t[i, c, h, w].item() - mu[i, c, h, w].item()) ** 2 / var + math.log(var))
+        n += 1
+    assert vid(mu, t).item() == pytest.approx(total / n, rel=1e-5)
+    fresh = create_loss("vid", {"teacher_shape": (3,)}, init_var=2.0)
+    assert fresh.variance().detach().numpy() == pytest.approx([2.0] * 3, rel=1e-5)
+
+
+# --- CRD --------------------------------------------------------------------------------------------------
+def test_crd_is_nce_against_the_memory_banks_and_updates_them():
+    n, d, k, tau = 10, 4, 3, 0.5
+    crd = create_loss(
+        "crd",
+        {"student_shape": (6,), "teacher_shape": (5,), "num_samples": n},
+        feat_dim=d,
+        nce_k=k,
+        nce_t=tau,
+    )
+    s, t, index = rand(2, 6), rand(2, 5), torch.tensor([7, 2])
+    negatives = torch.tensor([[1, 2, 9], [0, 7, 4]])
+    crd.draw_negatives = lambda idx: negatives
+    mem_s, mem_t = crd.memory_s.clone().double(), crd.memory_t.clone().double()
+    vs = [unit(crd.embed_s.weight.double() @ s[i].double() + crd.embed_s.bias.double()) for i in range(2)]
+    vt = [unit(crd.embed_t.weight.double() @ t[i].double() + crd.embed_t.bias.double()) for i in range(2)]
+
+    def direction(anchors, bank):
+        h = [
+            [math.exp((bank[j] @ anchors[i]).item() / tau) for j in [int(index[i]), *negatives[i].tolist()]]
+            for i in range(2)
+        ]
+        z = sum(map(sum, h)) / (2 * (k + 1)) * n
+        noise = k / n
+        loss = 0.0
+        for row in h:
+            row = [v / z for v in row]
+            loss -= math.log(row[0] / (row[0] + noise)) + sum(math.log(noise / (v + noise)) for v in row[1:])
+        return loss / 2
+
+    expect = direction(vs, mem_t) + direction(vt, mem_s)
+    crd.train()
+    assert crd(s, t, index=index).item() == pytest.approx(expect, rel=1e-4)
+    for i in range(2):
+        j = int(index[i])
+        assert crd.memory_s[j].double().numpy() == pytest.approx(
+            unit(0.5 * mem_s[j] + 0.5 * vs[i]).detach().numpy(), abs=1e-5
+        )
+        assert crd.memory_t[j].double().numpy() == pytest.approx(
+            unit(0.5 * mem_t[j] + 0.5 * vt[i]).detach().numpy(), abs=1e-5
+        )
+
+
+# --- gradients reach only the student side ----------------------------------------------------------------
+METHOD_SHAPES = {
+    # method: (term options, student feature shape, teacher feature shape)
+    "kd": ({"distance": "kl", "student_tap": "logits", "teacher_tap": "logits"}, (10,), (10,)),
+    "dkd": ({"distance": "dkd", "student_tap": "logits", "teacher_tap": "logits", "warmup": 0}, (10,), (10,)),
+    "fitnet": (
+        {"distance": "mse", "adapter": "auto", "student_tap": "map", "teacher_tap": "map"},
+        (4, 6, 6),
+        (8, 3, 3),
+    ),
+    "at": ({"distance": "at", "student_tap": "map", "teacher_tap": "map"}, (4, 6, 6), (8, 3, 3)),
+    "nst": ({"distance": "nst", "student_tap": "map", "teacher_tap": "map"}, (4, 3, 3), (8, 3, 3)),
+    "sp": ({"distance": "sp"}, (7,), (12,)),
+    "rkd": ({"distance": "rkd"}, (7,), (12,)),
+    "pkt": ({"distance": "pkt"}, (7,), (12,)),
+    "cc": ({"distance": "cc"}, (7,), (12,)),
+    "crd": ({"distance": "crd", "nce_k": 5}, (7,), (12,)),
+    "vid": ({"distance": "vid", "adapter": "mlp"}, (7,), (12,)),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_SHAPES))
+@pytest.mark.parametrize("combine", ["per_teacher", "concat"])
+def test_gradients_flow_to_student_and_objective_only(method, combine):
+    opts, s_shape, t_shape = METHOD_SHAPES[method]
+    tap_s, tap_t = opts.get("student_tap", "embed"), opts.get("teacher_tap", "embed")
+    spec = {"weight": 1.0, "combine": combine, **opts}
+    teacher_shapes = {"a": {tap_t: t_shape}, "b": {tap_t: t_shape}}
+    obj = build_objective({"ce_weight": 1.0, "terms": {method: spec}}, {tap_s: s_shape, "logits": (10,)},
+                          teacher_shapes, {"a": 0.5, "b": 0.5}, {"num_samples": 50, "num_classes": 10})  # fmt: skip
+    b = 6
+    student = {tap_s: rand(b, *s_shape).requires_grad_(), "logits": rand(b, 10).requires_grad_()}
+    teachers = {m: {tap_t: rand(b, *t_shape)} for m in ("a", "b")}
+    y, index = torch.randint(0, 10, (b,), generator=G), torch.arange(b)
+    loss, parts = obj(student, teachers, y, index=index, epoch=3)
+    assert torch.isfinite(loss) and parts[method].item() != 0.0
+    loss.backward()
+    assert student[tap_s].grad is not None and student[tap_s].grad.abs().sum() > 0
+    assert all(t[tap_t].grad is None and not t[tap_t].requires_grad for t in teachers.values())
+    trainable = [p for p in obj.parameters() if p.requires_grad]
+    assert all(p.grad is not None for p in trainable), [
+        n for n, p in obj.named_parameters() if p.grad is None
+    ]
+
+
+# --- every config runs end to end on digits ----------------------------------------------------------------
+MAP_METHODS = {"at", "nst"}
+CONFIGS = ["kd", "fitnet", "at", "sp", "rkd", "pkt", "nst", "cc", "dkd", "crd", "vid"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*CONFIGS, "[kd,at]", "[crd,kd]"])
+def test_each_method_config_trains_a_few_batches(make_cfg, name):
+    from kd_lightning.train import run
+
+    maps = any(m in name for m in MAP_METHODS)
+    cfg = make_cfg(
+        f"distill={name}",
+        *(["student=cnn", "student.channels=[8,16]"] if maps else []),
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=4",
+        "+trainer.limit_val_batches=1",
+        "callbacks=none",
+    )
+    res = run(cfg)
+    assert res["status"] == "ok" and 0 <= res["test_acc"] <= 1
+    if name.startswith("["):
+        assert set(cfg.distill.terms) == set(name.strip("[]").split(","))  # the terms of both files, summed
