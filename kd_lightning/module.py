@@ -39,6 +39,7 @@ class DistillationModule(pl.LightningModule):
         self.student = student
         self.objective = objective
         object.__setattr__(self, "teachers", teachers)  # not a submodule: see the module docstring
+        object.__setattr__(self, "teacher_cache", None)  # a TeacherOutputCache, set by build_module
         self.taps = student_taps
         self.optim_cfg = dict(optim or {})
         self.num_classes = num_classes
@@ -51,6 +52,23 @@ class DistillationModule(pl.LightningModule):
                 {n: MulticlassAccuracy(num_classes, average="micro") for n in [*teachers.names, "ensemble"]}
             )
             self.test_agreement = MulticlassAccuracy(num_classes, average="micro")
+
+    def teacher_features(
+        self, x: torch.Tensor, index: torch.Tensor | None
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """From the teacher-output cache when every sample of the batch is in it, else live (and stored)."""
+        cache = self.teacher_cache
+        if cache is None or index is None:
+            return self.teachers(x)
+        feats = cache.get(index, x.device)
+        if feats is None:
+            feats = self.teachers(x)
+            cache.put(index, feats)
+        return feats
+
+    def on_train_epoch_end(self) -> None:
+        if self.teacher_cache is not None and self.trainer.is_global_zero:
+            self.teacher_cache.save()  # mode disk, once complete; a no-op otherwise
 
     def on_fit_start(self) -> None:
         """Under DDP every rank must hold the same frozen teachers: compare their fingerprints once."""
@@ -79,8 +97,8 @@ class DistillationModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
         s_feats = self.taps(x)
-        t_feats = self.teachers(x) if self.needs_teachers else None
         index = batch[2] if len(batch) > 2 else None
+        t_feats = self.teacher_features(x, index) if self.needs_teachers else None
         loss, parts = self.objective(s_feats, t_feats, y, index=index, epoch=self.current_epoch)
         if not torch.isfinite(loss):
             raise FloatingPointError(

@@ -25,7 +25,8 @@ from kd_lightning.models import create_model, save_model
 from kd_lightning.module import DistillationModule
 from kd_lightning.objective import Objective, build_objective
 from kd_lightning.taps import FeatureTaps
-from kd_lightning.teachers import TeacherEnsemble, build_teachers, check_fit_cfg
+from kd_lightning.teacher_cache import TeacherOutputCache, cache_key, check_mode
+from kd_lightning.teachers import TeacherEnsemble, build_teachers, check_fit_cfg, data_identity
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,40 @@ def build_module(
     objective = build_objective(
         distill, student_shapes, teacher_shapes, teachers.weights if teachers else None, context
     )
-    return DistillationModule(student, objective, teachers, student_taps, dm.num_classes, to_dict(cfg.optim))
+    module = DistillationModule(
+        student, objective, teachers, student_taps, dm.num_classes, to_dict(cfg.optim)
+    )
+    if teachers is not None and objective.terms:
+        object.__setattr__(module, "teacher_cache", build_teacher_cache(cfg, dm, teachers, distill))
+    return module
+
+
+def build_teacher_cache(
+    cfg: DictConfig, dm: TensorDataModule, teachers: TeacherEnsemble, distill: Mapping[str, Any]
+) -> TeacherOutputCache | None:
+    mode = check_mode(cfg.get("teacher_cache", "memory"))
+    if mode == "none":
+        return None
+    if dm.augments_training:
+        log.info(
+            "teacher_cache=%s is off: data.augment changes every view of a sample, so teacher outputs "
+            "cannot be reused; teachers run live on every batch",
+            mode,
+        )
+        return None
+    n = len(dm.splits["train"])
+    taps = {
+        m: [*Objective.teacher_taps(distill), *sorted(teachers.aliases[m].items())] for m in teachers.names
+    }
+    key = cache_key(
+        data_identity(to_dict(cfg.data)),
+        n,
+        teachers.checkpoints,
+        taps,
+        str(cfg.trainer.get("precision", "32")),
+    )
+    path = Path(cfg.paths.cache_dir) / "teacher_outputs" / f"{dm.name}-{key}.pt" if mode == "disk" else None
+    return TeacherOutputCache(n, key, path)
 
 
 def _check_logits(owner: str, shape: tuple[int, ...], num_classes: int) -> None:

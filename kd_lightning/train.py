@@ -36,6 +36,7 @@ from kd_lightning.pipeline import (
 from kd_lightning.resolvers import register_resolvers
 from kd_lightning.results import read_results, write_json_atomic
 from kd_lightning.summary import print_summary
+from kd_lightning.teacher_cache import check_mode
 
 log = logging.getLogger("kd_lightning")
 register_resolvers()
@@ -109,6 +110,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("baseline", "dry_run"):
         if not isinstance(cfg.get(key, False), bool):
             raise ConfigError(f"{key} must be true or false, got {cfg.get(key)!r}")
+    check_mode(cfg.get("teacher_cache", "memory"))
     resume = cfg.get("resume")
     if resume not in (None, "auto") and not (isinstance(resume, str) and Path(resume).is_file()):
         raise ConfigError(f"resume must be null, 'auto' or an existing checkpoint file, got {resume!r}")

@@ -194,6 +194,15 @@ class TensorDataModule(pl.LightningDataModule):
     def _to_float(x: torch.Tensor) -> torch.Tensor:
         return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
+    @property
+    def augments_training(self) -> bool:
+        """Whether training batches are augmented (random views), which rules out reusing teacher outputs."""
+        return (
+            bool(self.augment)
+            and len(self.input_shape) == 3
+            and (int(self.augment.get("crop_padding", 0)) > 0 or bool(self.augment.get("hflip", False)))
+        )
+
     def prepare_batch(self, batch: Any, train: bool) -> Any:
         """Scale, normalise and (when training) augment a batch that is already on its device."""
         x, *rest = batch

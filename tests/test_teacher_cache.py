@@ -1,0 +1,108 @@
+"""Teacher-output cache: the same losses as live teachers, keyed so that any change invalidates it."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+
+from kd_lightning.models import load_model, save_model
+from kd_lightning.pipeline import build_module, build_teacher_ensemble, instantiate_datamodule
+from kd_lightning.teacher_cache import TeacherOutputCache, cache_key
+
+
+class RecordLosses(pl.Callback):
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def _fit(make_cfg, *overrides: str, epochs: int = 2):
+    cfg = make_cfg(*overrides, "callbacks=none")
+    pl.seed_everything(0)
+    dm = instantiate_datamodule(cfg.data)
+    dm.shuffle_seed = 0
+    dm.prepare_data()
+    dm.setup("fit")
+    teachers = build_teacher_ensemble(cfg, dm, "digits")
+    pl.seed_everything(0)
+    module = build_module(cfg, dm, teachers)
+    rec = RecordLosses()
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, limit_val_batches=0, callbacks=[rec], deterministic=True)  # fmt: skip
+    calls = {"n": 0}
+    forward = teachers.forward
+
+    def counted(x):
+        calls["n"] += 1
+        return forward(x)
+
+    teachers.forward = counted
+    trainer.fit(module, datamodule=dm)
+    return rec.losses, calls["n"], module, len(dm.train_dataloader())
+
+
+def test_cached_and_live_teachers_give_the_same_losses(make_cfg):
+    live, live_calls, _, steps = _fit(make_cfg, "teacher_cache=none", "distill=[feature,kd]")
+    cached, cached_calls, module, _ = _fit(make_cfg, "teacher_cache=memory", "distill=[feature,kd]")
+    assert len(live) == len(cached) == 2 * steps
+    assert torch.allclose(torch.tensor(live), torch.tensor(cached), rtol=1e-5, atol=1e-6)
+    assert live_calls == 2 * steps and cached_calls == steps  # the second epoch ran no teacher
+    assert module.teacher_cache.complete and module.teacher_cache.hits == steps
+
+
+def test_disk_cache_is_reused_and_invalidated_by_a_new_teacher_checkpoint(make_cfg, cache_dir, tmp_path):
+    _, first_calls, module, steps = _fit(make_cfg, "teacher_cache=disk", epochs=1)
+    path = module.teacher_cache.path
+    assert path is not None and path.is_file() and first_calls == steps
+    _, again_calls, again, _ = _fit(make_cfg, "teacher_cache=disk", epochs=1)
+    assert again_calls == 0 and again.teacher_cache.path == path  # read from disk, no teacher on train data
+
+    # another checkpoint file for cnn_s (weights changed) → another key, the old file is not used
+    src = module.teachers.checkpoints["cnn_s"]
+    model = load_model(src)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    changed = tmp_path / "cnn_s_changed.pt"
+    save_model(model, changed, {"name": "cnn", "channels": [16, 32]}, 10, (1, 8, 8))
+    _, calls, other, _ = _fit(make_cfg, "teacher_cache=disk", f"teachers.members.cnn_s.checkpoint={changed}", epochs=1)
+    assert other.teacher_cache.path != path and calls == steps
+
+
+def test_key_changes_with_every_input(tmp_path):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b"one")
+    b.write_bytes(b"two")
+    base = dict(data_identity={"x": 1}, num_samples=10, checkpoints={"t": str(a)}, taps={"t": ["embed"]}, precision="32-true")
+    key = cache_key(**base)
+    assert key == cache_key(**base)
+    for change in (
+        {"data_identity": {"x": 2}},
+        {"num_samples": 11},
+        {"checkpoints": {"t": str(b)}},
+        {"taps": {"t": ["logits"]}},
+        {"precision": "bf16-mixed"},
+    ):
+        assert cache_key(**{**base, **change}) != key, change
+
+
+def test_partial_batches_fall_back_to_live():
+    cache = TeacherOutputCache(4, "k")
+    feats = {"t": {"embed": torch.arange(6.0).view(2, 3)}}
+    cache.put(torch.tensor([0, 2]), feats)
+    assert cache.get(torch.tensor([0, 1]), torch.device("cpu")) is None
+    got = cache.get(torch.tensor([2, 0]), torch.device("cpu"))
+    assert torch.equal(got["t"]["embed"], torch.tensor([[3.0, 4, 5], [0, 1, 2]]))
+
+
+def test_augmentation_turns_the_cache_off(make_cfg, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    cfg = make_cfg("student=cnn", "+data.augment={crop_padding: 1, hflip: true}")
+    dm = instantiate_datamodule(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    module = build_module(cfg, dm, build_teacher_ensemble(cfg, dm, "digits"))
+    assert module.teacher_cache is None and "teachers run live" in caplog.text
