@@ -34,6 +34,10 @@ format: $(STAMP)
 bench-accuracy: $(STAMP)  ## gallo2020 and landro2021 vs the student alone, 3 seeds, mean ± std
 	$(PY) bench/accuracy.py $(ARGS)
 
+bench: $(STAMP)  ## throughput: student alone, KD live / cached, hand-written loop, torchdistill (samples/s, ratios)
+	$(PY) -c "import torchdistill" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) bench/throughput.py $(ARGS)
+
 bench-methods: $(STAMP)  ## every method of conf/distill on MNIST-1D, 3 seeds, mean ± std
 	$(PY) bench/methods.py $(ARGS)
 

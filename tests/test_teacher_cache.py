@@ -66,7 +66,9 @@ def test_disk_cache_is_reused_and_invalidated_by_a_new_teacher_checkpoint(make_c
         next(model.parameters()).add_(0.01)
     changed = tmp_path / "cnn_s_changed.pt"
     save_model(model, changed, {"name": "cnn", "channels": [16, 32]}, 10, (1, 8, 8))
-    _, calls, other, _ = _fit(make_cfg, "teacher_cache=disk", f"teachers.members.cnn_s.checkpoint={changed}", epochs=1)
+    _, calls, other, _ = _fit(
+        make_cfg, "teacher_cache=disk", f"teachers.members.cnn_s.checkpoint={changed}", epochs=1
+    )
     assert other.teacher_cache.path != path and calls == steps
 
 
@@ -74,7 +76,13 @@ def test_key_changes_with_every_input(tmp_path):
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     a.write_bytes(b"one")
     b.write_bytes(b"two")
-    base = dict(data_identity={"x": 1}, num_samples=10, checkpoints={"t": str(a)}, taps={"t": ["embed"]}, precision="32-true")
+    base = dict(
+        data_identity={"x": 1},
+        num_samples=10,
+        checkpoints={"t": str(a)},
+        taps={"t": ["embed"]},
+        precision="32-true",
+    )
     key = cache_key(**base)
     assert key == cache_key(**base)
     for change in (
