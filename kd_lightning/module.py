@@ -56,15 +56,18 @@ class DistillationModule(pl.LightningModule):
     def teacher_features(
         self, x: torch.Tensor, index: torch.Tensor | None
     ) -> dict[str, dict[str, torch.Tensor]]:
-        """From the teacher-output cache when every sample of the batch is in it, else live (and stored)."""
+        """From the teacher-output cache where it holds the samples; the teachers run on the rest only."""
         cache = self.teacher_cache
         if cache is None or index is None:
             return self.teachers(x)
-        feats = cache.get(index, x.device)
-        if feats is None:
+        missing = cache.missing(index)
+        if bool(missing.all()):
             feats = self.teachers(x)
             cache.put(index, feats)
-        return feats
+            return feats
+        if bool(missing.any()):
+            cache.put(index[missing], self.teachers(x[missing]))
+        return cache.get(index, x.device)
 
     def on_train_epoch_end(self) -> None:
         if self.teacher_cache is not None and self.trainer.is_global_zero:
@@ -98,7 +101,8 @@ class DistillationModule(pl.LightningModule):
         x, y = batch[0], batch[1]
         s_feats = self.taps(x)
         index = batch[2] if len(batch) > 2 else None
-        t_feats = self.teacher_features(x, index) if self.needs_teachers else None
+        slot = batch[3] if len(batch) > 3 else index  # (sample, view) under consistent teaching
+        t_feats = self.teacher_features(x, slot) if self.needs_teachers else None
         loss, parts = self.objective(s_feats, t_feats, y, index=index, epoch=self.current_epoch)
         if not torch.isfinite(loss):
             raise FloatingPointError(

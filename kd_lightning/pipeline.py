@@ -195,14 +195,15 @@ def build_teacher_cache(
     mode = check_mode(cfg.get("teacher_cache", "memory"))
     if mode == "none":
         return None
-    if dm.augments_training:
+    if dm.fresh_views:
         log.info(
-            "teacher_cache=%s is off: data.augment changes every view of a sample, so teacher outputs "
-            "cannot be reused; teachers run live on every batch",
+            "teacher_cache=%s is off: data.augment draws a new view of every sample each step, so teacher "
+            "outputs cannot be reused; teachers run live on every batch (set data.augment.views=K for "
+            "consistent teaching with K recorded views per sample, which the cache can hold)",
             mode,
         )
         return None
-    n = len(dm.splits["train"])
+    n = dm.cache_slots
     taps = {
         m: [*Objective.teacher_taps(distill), *sorted(teachers.aliases[m].items())] for m in teachers.names
     }

@@ -59,7 +59,10 @@ def cache_key(
 
 
 class TeacherOutputCache:
-    """`get(index)` → the teachers' features for those samples, or None if any is missing; `put` stores."""
+    """`get(index)` → the teachers' features for those samples, or None if any is missing; `put` stores.
+
+    A batch with some samples missing runs the teachers on those samples only (teachers are in eval
+    mode, so a sample's outputs do not depend on the rest of its batch)."""
 
     def __init__(self, num_samples: int, key: str, path: Path | None = None):
         self.n, self.key, self.path = int(num_samples), key, path
@@ -81,6 +84,10 @@ class TeacherOutputCache:
         self.tensors = obj["tensors"]
         self.filled[:] = True
         log.info("teacher outputs read from %s (%d samples)", path, self.n)
+
+    def missing(self, index: torch.Tensor) -> torch.Tensor:
+        """Bool mask (on index's device): which of these samples the cache does not hold yet."""
+        return (~self.filled[index.cpu()]).to(index.device)
 
     def get(self, index: torch.Tensor, device: torch.device) -> Features | None:
         idx = index.cpu()

@@ -35,7 +35,7 @@ def _fit(make_cfg, *overrides: str, epochs: int = 2):
     forward = teachers.forward
 
     def counted(x):
-        calls["n"] += 1
+        calls["n"] += len(x)  # samples the teachers ran on
         return forward(x)
 
     teachers.forward = counted
@@ -48,14 +48,15 @@ def test_cached_and_live_teachers_give_the_same_losses(make_cfg):
     cached, cached_calls, module, _ = _fit(make_cfg, "teacher_cache=memory", "distill=[feature,kd]")
     assert len(live) == len(cached) == 2 * steps
     assert torch.allclose(torch.tensor(live), torch.tensor(cached), rtol=1e-5, atol=1e-6)
-    assert live_calls == 2 * steps and cached_calls == steps  # the second epoch ran no teacher
+    n = len(module.teacher_cache.filled)
+    assert live_calls == 2 * n and cached_calls == n  # each sample once: the second epoch ran no teacher
     assert module.teacher_cache.complete and module.teacher_cache.hits == steps
 
 
 def test_disk_cache_is_reused_and_invalidated_by_a_new_teacher_checkpoint(make_cfg, cache_dir, tmp_path):
     _, first_calls, module, steps = _fit(make_cfg, "teacher_cache=disk", epochs=1)
     path = module.teacher_cache.path
-    assert path is not None and path.is_file() and first_calls == steps
+    assert path is not None and path.is_file() and first_calls == len(module.teacher_cache.filled)
     _, again_calls, again, _ = _fit(make_cfg, "teacher_cache=disk", epochs=1)
     assert again_calls == 0 and again.teacher_cache.path == path  # read from disk, no teacher on train data
 
@@ -69,7 +70,7 @@ def test_disk_cache_is_reused_and_invalidated_by_a_new_teacher_checkpoint(make_c
     _, calls, other, _ = _fit(
         make_cfg, "teacher_cache=disk", f"teachers.members.cnn_s.checkpoint={changed}", epochs=1
     )
-    assert other.teacher_cache.path != path and calls == steps
+    assert other.teacher_cache.path != path and calls == first_calls
 
 
 def test_key_changes_with_every_input(tmp_path):
@@ -114,3 +115,40 @@ def test_augmentation_turns_the_cache_off(make_cfg, caplog):
     dm.setup("fit")
     module = build_module(cfg, dm, build_teacher_ensemble(cfg, dm, "digits"))
     assert module.teacher_cache is None and "teachers run live" in caplog.text
+
+
+AUG_VIEWS = ["student=cnn", "+data.augment={crop_padding: 1, hflip: true, views: 2}", "distill=[feature,kd]"]
+
+
+def test_consistent_teaching_views_are_recorded_and_repeat(make_cfg):
+    cfg = make_cfg(*AUG_VIEWS)
+    dm = instantiate_datamodule(cfg.data)
+    dm.shuffle_seed = 0
+    dm.setup("fit")
+    x, y, index = dm.splits["train"].__getitems__(list(range(16)))
+    views = {e: dm.epoch_views(e)[:16] for e in range(6)}
+    assert len({tuple(v.tolist()) for v in views.values()}) > 1  # the view shown changes with the epoch
+
+    class _T:  # the epoch the datamodule reads
+        current_epoch = 0
+
+    dm.trainer = _T()
+    seen: dict[int, torch.Tensor] = {}
+    for e in range(6):
+        _T.current_epoch = e
+        xb, _, _, slot = dm.prepare_batch((x.clone(), y, index), train=True)
+        assert torch.equal(slot, index * 2 + views[e])
+        for i, s in enumerate(slot.tolist()):
+            if s in seen:
+                assert torch.equal(seen[s], xb[i])  # the same (sample, view) is the same image
+            seen[s] = xb[i]
+    assert len(seen) > 16  # both views of some samples were shown
+
+
+def test_cached_and_live_agree_under_consistent_teaching(make_cfg):
+    live, live_calls, _, steps = _fit(make_cfg, "teacher_cache=none", *AUG_VIEWS, epochs=3)
+    cached, cached_calls, module, _ = _fit(make_cfg, "teacher_cache=memory", *AUG_VIEWS, epochs=3)
+    assert torch.allclose(torch.tensor(live), torch.tensor(cached), rtol=1e-5, atol=1e-6)
+    slots = len(module.teacher_cache.filled)  # 2 views per sample
+    assert live_calls == 3 * slots // 2  # every sample, every epoch
+    assert cached_calls == int(module.teacher_cache.filled.sum()) < live_calls  # each (sample, view) once

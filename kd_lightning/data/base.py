@@ -81,23 +81,35 @@ def batch_is_collated(batch: Any) -> Any:
     return batch
 
 
+def crop_flip_params(
+    n: int, padding: int, hflip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(n, 3) int64: crop offsets (y, x) in [0, 2·padding] and a flip bit, drawn uniformly."""
+    oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    flip = (torch.rand(n, generator=generator) < 0.5).long() if hflip else torch.zeros(n, dtype=torch.long)
+    return torch.stack([oy, ox, flip], 1)
+
+
+def crop_flip(x: torch.Tensor, padding: int, params: torch.Tensor) -> torch.Tensor:
+    """Crop (zero padding) and flip each image of a batch (N, C, H, W) as `params` say; no Python loop."""
+    n, _, h, w = x.shape
+    dev = x.device
+    params = params.to(dev)
+    if padding > 0:
+        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        rows = (params[:, 0, None] + torch.arange(h, device=dev))[:, :, None]  # N,H,1
+        cols = (params[:, 1, None] + torch.arange(w, device=dev))[:, None, :]  # N,1,W
+        x = padded[torch.arange(n, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    x = torch.where(params[:, 2, None, None, None].bool(), x.flip(3), x)
+    return x.contiguous()
+
+
 def random_crop_flip(
     x: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Batched random crop (zero padding) and horizontal flip of an image batch (N, C, H, W), no Python loop."""
-    n, _, h, w = x.shape
-    dev = x.device
-    if padding > 0:
-        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device="cpu").to(dev)
-        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device="cpu").to(dev)
-        rows = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]  # N,H,1
-        cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, :]  # N,1,W
-        x = padded[torch.arange(n, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
-    if hflip:
-        flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    return x.contiguous()
+    """Batched random crop (zero padding) and horizontal flip of an image batch (N, C, H, W)."""
+    return crop_flip(x, padding, crop_flip_params(len(x), padding, hflip, generator))
 
 
 class TensorDataModule(pl.LightningDataModule):
@@ -134,9 +146,15 @@ class TensorDataModule(pl.LightningDataModule):
                 f"data.augment must be a mapping like {{crop_padding: 4, hflip: true}} or null, got {augment!r}"
             )
         self.augment = dict(augment or {})
-        unknown = sorted(set(self.augment) - {"crop_padding", "hflip"})
+        unknown = sorted(set(self.augment) - {"crop_padding", "hflip", "views"})
         if unknown:
-            raise ConfigError(f"data.augment has unknown key(s) {unknown}; valid: crop_padding, hflip")
+            raise ConfigError(f"data.augment has unknown key(s) {unknown}; valid: crop_padding, hflip, views")
+        self.crop_padding = as_int("data.augment.crop_padding", self.augment.get("crop_padding", 0), 0)
+        self.hflip = bool(self.augment.get("hflip", False))
+        views = self.augment.get("views")
+        # consistent teaching: a fixed number of recorded views per sample (None: a fresh view every step)
+        self.views = None if views is None else as_int("data.augment.views", views, 1)
+        self.view_params: torch.Tensor | None = None  # (n_train, views, 3), drawn once at setup
         self.num_workers = as_int("data.num_workers", num_workers, 0)
         self.shuffle_seed: int | None = None  # set by the run (its seed); else torch's initial seed
         self.splits: dict[str, Dataset] = {}
@@ -183,6 +201,12 @@ class TensorDataModule(pl.LightningDataModule):
         }
         if self.normalize:
             self.set_normalization(self._to_float(self.splits["train"].x))
+        if self.views is not None:
+            n = len(self.splits["train"])
+            gen = torch.Generator().manual_seed(self.split_seed * 7919 + 1)
+            self.view_params = crop_flip_params(n * self.views, self.crop_padding, self.hflip, gen).view(
+                n, self.views, 3
+            )
 
     def set_normalization(self, train_x: torch.Tensor) -> None:
         """Per-channel mean/std of the training split (never of val/test)."""
@@ -196,12 +220,25 @@ class TensorDataModule(pl.LightningDataModule):
 
     @property
     def augments_training(self) -> bool:
-        """Whether training batches are augmented (random views), which rules out reusing teacher outputs."""
-        return (
-            bool(self.augment)
-            and len(self.input_shape) == 3
-            and (int(self.augment.get("crop_padding", 0)) > 0 or bool(self.augment.get("hflip", False)))
-        )
+        """Whether training batches are augmented at all (images only)."""
+        return len(self.input_shape) == 3 and (self.crop_padding > 0 or self.hflip)
+
+    @property
+    def fresh_views(self) -> bool:
+        """A new random view every step: teacher outputs cannot be reused (no `augment.views`)."""
+        return self.augments_training and self.views is None
+
+    @property
+    def cache_slots(self) -> int:
+        """Rows a teacher-output cache needs: one per training sample, or per (sample, view)."""
+        n = len(self.splits["train"])
+        return n * self.views if self.augments_training and self.views else n
+
+    def epoch_views(self, epoch: int) -> torch.Tensor:
+        """Which recorded view each training sample shows in `epoch` (depends on the run seed and epoch)."""
+        seed = self.shuffle_seed if self.shuffle_seed is not None else self.split_seed
+        gen = torch.Generator().manual_seed(seed * 104729 + epoch)
+        return torch.randint(0, self.views or 1, (len(self.splits["train"]),), generator=gen)
 
     def prepare_batch(self, batch: Any, train: bool) -> Any:
         """Scale, normalise and (when training) augment a batch that is already on its device."""
@@ -209,10 +246,17 @@ class TensorDataModule(pl.LightningDataModule):
         x = self._to_float(x)
         if self.mean is not None:
             x = (x - self.mean.to(x.device)) / self.std.to(x.device)
-        if train and self.augment and x.dim() == 4:
-            x = random_crop_flip(
-                x, int(self.augment.get("crop_padding", 0)), bool(self.augment.get("hflip", False))
-            )
+        if train and x.dim() == 4 and (self.crop_padding > 0 or self.hflip):
+            if self.views is None:
+                x = random_crop_flip(x, self.crop_padding, self.hflip)
+            elif len(rest) >= 2:
+                # consistent teaching: this epoch's recorded view of each sample; the 4th element is the
+                # (sample, view) slot that the teacher-output cache keys on
+                index = rest[1].cpu()
+                epoch = self.trainer.current_epoch if self.trainer is not None else 0
+                view = self.epoch_views(epoch)[index]
+                x = crop_flip(x, self.crop_padding, self.view_params[index, view])
+                return (x, rest[0], rest[1], (index * self.views + view).to(rest[1].device))
         return (x, *rest)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
