@@ -44,6 +44,7 @@ class DistillationModule(pl.LightningModule):
         self.optim_cfg = dict(optim or {})
         self.num_classes = num_classes
         self.needs_teachers = teachers is not None and len(objective.terms) > 0
+        self.channels_last = False  # perf.channels_last: inputs in NHWC like the models
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -99,6 +100,8 @@ class DistillationModule(pl.LightningModule):
     # --- steps -------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         s_feats = self.taps(x)
         index = batch[2] if len(batch) > 2 else None
         slot = batch[3] if len(batch) > 3 else index  # (sample, view) under consistent teaching

@@ -189,6 +189,27 @@ def build_module(
     return module
 
 
+PERF_KEYS = {"compile", "channels_last"}
+
+
+def apply_perf(
+    perf: Mapping[str, Any], student: nn.Module, teachers: TeacherEnsemble | None, input_dims: int
+) -> None:
+    """`perf.channels_last` (image models) and `perf.compile` (torch.compile of every model's forward;
+    forward hooks, so taps, keep working). Applied after the dry batch that sized the adapters."""
+    perf = dict(perf)
+    unknown = sorted(set(perf) - PERF_KEYS)
+    if unknown:
+        raise ConfigError(f"perf has unknown key(s) {unknown}; valid: {choices(PERF_KEYS)}")
+    models = [student, *(teachers.members.values() if teachers is not None else [])]
+    if perf.get("channels_last") and input_dims == 3:
+        for m in models:
+            m.to(memory_format=torch.channels_last)
+    if perf.get("compile"):
+        for m in models:
+            m.forward = torch.compile(m.forward)
+
+
 def build_teacher_cache(
     cfg: DictConfig, dm: TensorDataModule, teachers: TeacherEnsemble, distill: Mapping[str, Any]
 ) -> TeacherOutputCache | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -152,3 +153,17 @@ def test_cached_and_live_agree_under_consistent_teaching(make_cfg):
     slots = len(module.teacher_cache.filled)  # 2 views per sample
     assert live_calls == 3 * slots // 2  # every sample, every epoch
     assert cached_calls == int(module.teacher_cache.filled.sum()) < live_calls  # each (sample, view) once
+
+
+@pytest.mark.slow
+def test_compile_and_channels_last_give_the_same_losses(make_cfg):
+    eager, *_ = _fit(make_cfg, "student=cnn", "teachers.use=[cnn_s]", epochs=1)
+    fast, *_ = _fit(
+        make_cfg,
+        "student=cnn",
+        "teachers.use=[cnn_s]",
+        "perf.compile=true",
+        "perf.channels_last=true",
+        epochs=1,
+    )
+    assert torch.allclose(torch.tensor(eager), torch.tensor(fast), rtol=1e-3, atol=1e-4)
