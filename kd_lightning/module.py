@@ -45,6 +45,8 @@ class DistillationModule(pl.LightningModule):
         self.num_classes = num_classes
         self.needs_teachers = teachers is not None and len(objective.terms) > 0
         self.channels_last = False  # perf.channels_last: inputs in NHWC like the models
+        self._epoch_sums: dict[str, torch.Tensor] = {}
+        self._epoch_count = 0
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -69,10 +71,6 @@ class DistillationModule(pl.LightningModule):
         if bool(missing.any()):
             cache.put(index[missing], self.teachers(x[missing]))
         return cache.get(index, x.device)
-
-    def on_train_epoch_end(self) -> None:
-        if self.teacher_cache is not None and self.trainer.is_global_zero:
-            self.teacher_cache.save()  # mode disk, once complete; a no-op otherwise
 
     def on_fit_start(self) -> None:
         """Under DDP every rank must hold the same frozen teachers: compare their fingerprints once."""
@@ -113,12 +111,30 @@ class DistillationModule(pl.LightningModule):
                 f"parts { ({k: float(v.detach()) for k, v in parts.items()}) }. Lower optim.lr or the term weights; "
                 "the last good checkpoint is kept"
             )
-        self.train_acc(s_feats["logits"].detach(), y)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
-        for name, value in parts.items():
-            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.train_acc.update(s_feats["logits"].detach(), y)
+        # Epoch means are summed here and logged once per epoch: a `self.log` call costs about a
+        # millisecond, as much as a whole step of a small student.
+        n = len(y)
+        for name, value in (("loss", loss), *parts.items()):
+            acc = self._epoch_sums.get(name)
+            self._epoch_sums[name] = value.detach() * n if acc is None else acc + value.detach() * n
+        self._epoch_count += n
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log(
+                "train/loss_step", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n
+            )
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_sums, self._epoch_count = {}, 0
+
+    def on_train_epoch_end(self) -> None:
+        for name, total in self._epoch_sums.items():
+            self.log(f"train/{name}", total / max(1, self._epoch_count), on_epoch=True, sync_dist=True)
+        self.log("train/acc", self.train_acc.compute(), on_epoch=True, sync_dist=True)
+        self.train_acc.reset()
+        if self.teacher_cache is not None and self.trainer.is_global_zero:
+            self.teacher_cache.save()  # mode disk, once complete; a no-op otherwise
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch[0], batch[1]
