@@ -352,3 +352,16 @@ def test_each_method_config_trains_a_few_batches(make_cfg, name):
     assert res["status"] == "ok" and 0 <= res["test_acc"] <= 1
     if name.startswith("["):
         assert set(cfg.distill.terms) == set(name.strip("[]").split(","))  # the terms of both files, summed
+
+
+def test_crd_whole_bank_and_gathered_scores_agree():
+    crd = create_loss(
+        "crd", {"student_shape": (6,), "teacher_shape": (5,), "num_samples": 40}, feat_dim=4, nce_k=7
+    )
+    crd.eval()  # no memory update between the two calls
+    s, t, index = rand(3, 6), rand(3, 5), torch.tensor([1, 5, 30])
+    negatives = torch.randint(0, 40, (3, 7), generator=G)
+    crd.draw_negatives = lambda idx: negatives
+    whole = crd(s, t, index=index)
+    crd.full_bank_ratio = 0  # force the gather path
+    assert crd(s, t, index=index).item() == pytest.approx(whole.item(), rel=1e-5)

@@ -28,6 +28,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 @register_loss("crd")
 class CRD(nn.Module):
     shape_free = True
+    full_bank_ratio = 32  # score the whole bank when N <= ratio · (K + 1)
 
     def __init__(
         self,
@@ -67,7 +68,13 @@ class CRD(nn.Module):
     def _scores(
         self, anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, z: torch.Tensor
     ) -> torch.Tensor:
-        h = torch.exp(torch.bmm(bank[idx].detach(), anchor.unsqueeze(2)).squeeze(2) / self.tau)
+        if self.n <= self.full_bank_ratio * idx.shape[1]:
+            # scoring the whole bank in one matmul and picking the drawn columns beats gathering
+            # (B, K+1, d) rows unless the bank is much larger than the negatives (memory-bound gather)
+            scores = torch.gather(anchor @ bank.detach().T, 1, idx)
+        else:
+            scores = torch.bmm(bank[idx].detach(), anchor.unsqueeze(2)).squeeze(2)
+        h = torch.exp(scores / self.tau)
         if z.item() < 0:  # the normalising constant, estimated once
             z.fill_(float(h.mean().detach() * self.n))
         return h / z
@@ -87,7 +94,12 @@ class CRD(nn.Module):
         )
         if self.training:
             with torch.no_grad():
-                for bank, v in ((self.memory_s, vs), (self.memory_t, vt)):
-                    mixed = bank[index] * self.momentum + v.detach() * (1 - self.momentum)
-                    bank[index] = F.normalize(mixed, dim=1)
+                for name, v in (("memory_s", vs), ("memory_t", vt)):
+                    bank = getattr(self, name)
+                    mixed = F.normalize(bank[index] * self.momentum + v.detach() * (1 - self.momentum), dim=1)
+                    if self.n <= self.full_bank_ratio * idx.shape[1]:
+                        # the whole bank was saved for backward: update a copy (small banks only)
+                        setattr(self, name, bank.index_copy(0, index, mixed))
+                    else:
+                        bank[index] = mixed
         return loss
