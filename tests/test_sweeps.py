@@ -116,3 +116,16 @@ def test_optuna_hparams_search_maximises_val_acc(tmp_path, cache_dir):
     }  # fmt: skip
     trials = [json.loads(p.read_text()) for p in sweep.rglob("results.json")]
     assert len(trials) == 3 and best.best_value == max(t["val_acc"] for t in trials)
+
+
+@pytest.mark.parametrize("launcher", ["local", "slurm"])
+def test_launcher_configs_compose_with_the_fields_users_set(tmp_path, cache_dir, launcher):
+    cfg = compose_cfg(
+        [f"hydra/launcher={launcher}", "experiment=landro2021", "sweep=teacher_subsets"], tmp_path, cache_dir
+    )
+    lc = cfg.hydra.launcher
+    if launcher == "slurm":
+        assert "SlurmLauncher" in lc._target_
+        assert {"partition", "nodes", "tasks_per_node", "gpus_per_node", "timeout_min"} <= set(lc)
+    else:
+        assert "JoblibLauncher" in lc._target_ and int(lc.n_jobs) >= 1
