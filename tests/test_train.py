@@ -145,3 +145,28 @@ def test_console_script_kd_train(tmp_path, cache_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     [r] = [json.loads(p.read_text()) for p in (tmp_path / "outputs").rglob("results.json")]
     assert r["status"] == "dry_run"
+
+
+TINY_MNIST1D = [
+    "data.num_samples=600",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+    "print_summary=false",
+    *(f"teachers.members.{m}.fit.max_epochs=1" for m in ("cnn_a", "cnn_b", "cnn_c")),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("experiment", "teachers"),
+    [
+        ("gallo2020", {"cnn_b"}),
+        ("landro2021", {"cnn_a", "cnn_b"}),
+        ("landro2021_student_beats_teacher", {"cnn_a", "cnn_b", "cnn_c"}),
+    ],
+)
+def test_paper_experiments_run(make_cfg, experiment, teachers):
+    res = run(make_cfg(f"experiment={experiment}", *TINY_MNIST1D, fast=False))
+    assert res["status"] == "ok" and set(res["teacher_test_acc"]) == teachers
+    assert res["data"] == "mnist1d" and 0 <= res["test_acc"] <= 1
