@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -73,3 +75,17 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+# Injected into runs through the config: +callbacks.poison._target_=tests.conftest.PoisonWeightsAtEpoch
+class PoisonWeightsAtEpoch(pl.Callback):
+    """Make the student's weights NaN at the start of `epoch`, as a diverging run would."""
+
+    def __init__(self, epoch: int = 1):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                for p in pl_module.student.parameters():
+                    p.fill_(float("nan"))

@@ -80,7 +80,7 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_uninterrupted_run(tmp_path, 
 def test_non_finite_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(make_cfg):
     cfg = make_cfg(
         "trainer.max_epochs=3",
-        "+callbacks.poison._target_=tests.helpers.PoisonWeightsAtEpoch",
+        "+callbacks.poison._target_=tests.conftest.PoisonWeightsAtEpoch",
         "+callbacks.poison.epoch=1",
     )
     with pytest.raises(FloatingPointError, match="non-finite training loss .* epoch 1"):
