@@ -69,7 +69,8 @@ class DistillationModule(pl.LightningModule):
             cache.put(index, feats)
             return feats
         if bool(missing.any()):
-            cache.put(index[missing], self.teachers(x[missing]))
+            rows = missing.to(x.device)
+            cache.put(index[rows], self.teachers(x[rows]))
         return cache.get(index, x.device)
 
     def on_fit_start(self) -> None:

@@ -86,8 +86,8 @@ class TeacherOutputCache:
         log.info("teacher outputs read from %s (%d samples)", path, self.n)
 
     def missing(self, index: torch.Tensor) -> torch.Tensor:
-        """Bool mask (on index's device): which of these samples the cache does not hold yet."""
-        return (~self.filled[index.cpu()]).to(index.device)
+        """Bool mask on the CPU: which of these samples the cache does not hold yet."""
+        return ~self.filled[index.cpu()]
 
     def get(self, index: torch.Tensor, device: torch.device) -> Features | None:
         idx = index.cpu()

@@ -235,10 +235,16 @@ class TensorDataModule(pl.LightningDataModule):
         return n * self.views if self.augments_training and self.views else n
 
     def epoch_views(self, epoch: int) -> torch.Tensor:
-        """Which recorded view each training sample shows in `epoch` (depends on the run seed and epoch)."""
+        """Which recorded view each training sample shows in `epoch` (depends on the run seed and epoch).
+
+        Drawn once per epoch, not per batch."""
         seed = self.shuffle_seed if self.shuffle_seed is not None else self.split_seed
-        gen = torch.Generator().manual_seed(seed * 104729 + epoch)
-        return torch.randint(0, self.views or 1, (len(self.splits["train"]),), generator=gen)
+        key = (seed, epoch)
+        if getattr(self, "_views_key", None) != key:
+            gen = torch.Generator().manual_seed(seed * 104729 + epoch)
+            self._views = torch.randint(0, self.views or 1, (len(self.splits["train"]),), generator=gen)
+            self._views_key = key
+        return self._views
 
     def prepare_batch(self, batch: Any, train: bool) -> Any:
         """Scale, normalise and (when training) augment a batch that is already on its device."""
