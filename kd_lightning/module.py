@@ -174,8 +174,8 @@ class DistillationModule(pl.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         try:
             opt = OPTIMIZERS[name](params, **cfg)
-        except TypeError as e:
-            raise ConfigError(f"optim: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"optim: {e} (optim={dict(self.optim_cfg)})") from None
         if scheduler == "none":
             return opt
         if scheduler == "cosine":

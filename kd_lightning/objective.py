@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning.adapters import make_adapter
-from kd_lightning.errors import ConfigError, choices
+from kd_lightning.errors import ConfigError, as_float, choices
 from kd_lightning.losses import create_loss, forward_extras, loss_class
 
 COMBINE_MODES = ("per_teacher", "mean", "concat")
@@ -127,12 +127,21 @@ class Term(nn.Module):
         return self.losses["combined"](self.adapters["combined"](student), target, **kw)
 
 
-class Objective(nn.Module):
-    """Weighted sum of cross-entropy and distillation terms; owns the adapters."""
+LABEL_LOSSES = ("ce", "mse")
 
-    def __init__(self, ce_weight: float, terms: Mapping[str, Term]):
+
+class Objective(nn.Module):
+    """Weighted sum of a label loss and distillation terms; owns the adapters.
+
+    The label loss is cross-entropy, or `mse` between the logits and the one-hot labels (the least-squares
+    setting of the kernel-regime analyses, Rahbar et al. 2020)."""
+
+    def __init__(self, ce_weight: float, terms: Mapping[str, Term], label_loss: str = "ce"):
         super().__init__()
         self.ce_weight = check_weight("distill.ce_weight", ce_weight)
+        if label_loss not in LABEL_LOSSES:
+            raise ConfigError(f"distill.label_loss={label_loss!r}; valid: {', '.join(LABEL_LOSSES)}")
+        self.label_loss = label_loss
         self.terms = nn.ModuleDict(dict(terms))
         if self.ce_weight == 0 and not self.terms:
             raise ConfigError(
@@ -163,8 +172,12 @@ class Objective(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         total = student["logits"].new_zeros((), dtype=torch.float32)
         if self.ce_weight > 0:
-            parts["ce"] = F.cross_entropy(student["logits"].float(), y)
-            total = total + self.ce_weight * parts["ce"]
+            logits = student["logits"].float()
+            if self.label_loss == "ce":
+                label = parts["ce"] = F.cross_entropy(logits, y)
+            else:
+                label = parts["label_mse"] = F.mse_loss(logits, F.one_hot(y, logits.shape[1]).float())
+            total = total + self.ce_weight * label
         for name, term in self.terms.items():
             t_feats = {m: feats[term.teacher_tap] for m, feats in teachers.items()}
             parts[name] = term(student[term.student_tap], t_feats, {"y": y, "index": index, "epoch": epoch})
@@ -196,8 +209,20 @@ def build_objective(
     teacher_weights: Mapping[str, float] | None,
     context: Mapping[str, Any] | None = None,
 ) -> Objective:
-    """`context` holds what some methods need from the data: `num_samples` (train size), `num_classes`."""
+    """`context` holds what some methods need from the data: `num_samples` (train size), `num_classes`.
+
+    `distill.rho` (optional, in [0, 1]) mixes the two sides: the label loss gets weight 1 − ρ and every
+    term's weight is multiplied by ρ (ρ = 1: teachers only, ρ = 0: labels only)."""
     terms_cfg = active_terms(distill_cfg)
+    ce_weight = distill_cfg.get("ce_weight", 1.0)
+    rho = distill_cfg.get("rho")
+    if rho is not None:
+        rho = as_float("distill.rho", rho, 0.0, 1.0)
+        ce_weight = 1.0 - rho
+        terms_cfg = {
+            k: {**v, "weight": rho * check_weight(f"distill.terms.{k}.weight", v.get("weight", 1.0))}
+            for k, v in terms_cfg.items()
+        }
     if terms_cfg and not teacher_shapes:
         raise ConfigError(
             f"distill has terms {sorted(terms_cfg)} but there are no teachers; use distill=none for "
@@ -215,4 +240,4 @@ def build_objective(
             teacher_weights or {},
             context,
         )
-    return Objective(distill_cfg.get("ce_weight", 1.0), terms)
+    return Objective(ce_weight, terms, str(distill_cfg.get("label_loss", "ce")))

@@ -22,6 +22,8 @@ from pytorch_lightning.callbacks import ProgressBar
 from kd_lightning.config_files import check_config_dirs, config_dirs_from_argv
 from kd_lightning.distributed import job_scope, leave_process_group, pin_ddp_children_to_job, torchrun_argv
 from kd_lightning.errors import ConfigError, as_float, as_int, as_seed
+from kd_lightning.evaluation import robustness_summary
+from kd_lightning.evaluation.run_eval import check_eval_cfg, evaluate_and_write
 from kd_lightning.models import save_model
 from kd_lightning.objective import active_terms
 from kd_lightning.pipeline import (
@@ -116,6 +118,17 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"resume must be null, 'auto' or an existing checkpoint file, got {resume!r}")
 
 
+def write_resolved_config(cfg: DictConfig, out: Path) -> None:
+    """config.resolved.yaml: the run's config with every interpolation resolved (kd-eval rebuilds from it)."""
+    if _is_rank_zero():
+        try:
+            text = OmegaConf.to_yaml(cfg, resolve=True)
+        except Exception as e:  # a key that resolves only later is reported by its owner
+            log.warning("config.resolved.yaml not written: %s", e)
+            return
+        (out / "config.resolved.yaml").write_text(text)
+
+
 def resume_path(cfg: DictConfig, out: Path) -> str | None:
     """resume=auto: the run folder's last.ckpt when there is one (a fresh start otherwise)."""
     resume = cfg.get("resume")
@@ -149,6 +162,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     try:
         validate(cfg)
+        write_resolved_config(cfg, out)
         pl.seed_everything(int(cfg.seed), workers=True)
         dm = instantiate_datamodule(cfg.data)
         dm.shuffle_seed = int(cfg.seed)
@@ -158,6 +172,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         teachers = build_teacher_ensemble(cfg, dm, str(results.get("data") or dm.name))
         pl.seed_everything(int(cfg.seed), workers=True)
         module = build_module(cfg, dm, teachers)
+        eval_cfg = check_eval_cfg(to_dict(cfg.get("evaluate")), dm.input_shape)
         trainer = build_trainer(cfg)
         results["teacher_checkpoints"] = teachers.checkpoints if teachers else {}
         if cfg.get("dry_run"):
@@ -197,6 +212,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             results["teacher_agreement"] = float(test["test/agreement"])
         else:
             results["teacher_test_acc"] = {}
+        if eval_cfg["metrics"]:
+            results.update(evaluation_results(module, teachers, dm, eval_cfg, out))
         if cfg.get("baseline") and _is_rank_zero():
             fit_cfg = {"seed": int(cfg.seed), "max_epochs": int(cfg.trainer.max_epochs), **to_dict(cfg.optim)}
             _, results["baseline_test_acc"] = fit_supervised(
@@ -226,6 +243,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("print_summary", True) and _is_rank_zero():
         print_summary(results)
     return results
+
+
+def evaluation_results(module, teachers, dm, eval_cfg: dict[str, Any], out: Path) -> dict[str, Any]:
+    """evaluate=robustness: metrics beyond accuracy, written to the run folder and into results.json."""
+    result = evaluate_and_write(module.student, teachers, dm, eval_cfg, out, device=module.device)
+    summary = robustness_summary(result["robustness"])
+    return {
+        "metrics": result["clean"],
+        "agreement": result.get("agreement", {}),
+        "robustness": {m: s["mean"] for m, s in summary.items()},
+    }
 
 
 def _last(trainer: pl.Trainer, key: str) -> float | None:

@@ -2,7 +2,8 @@
 
 Each returns a scalar averaged over the batch. Reductions follow the usual definitions:
 mse/l1/smooth_l1 average over every element; cosine is 1 − cos over the flattened feature;
-kl is KL(softmax(t/T) ‖ softmax(s/T)) · T² per sample (Hinton et al. 2015).
+kl is KL(softmax(t/T) ‖ softmax(s/T)) · T² per sample (Hinton et al. 2015); soft_mse regresses the
+student's raw outputs onto the teacher's probabilities softmax(t/T) (least-squares soft labels).
 """
 
 from __future__ import annotations
@@ -60,3 +61,17 @@ class KL(nn.Module):
         log_p_s = F.log_softmax(s.flatten(1).float() / T, dim=1)
         log_p_t = F.log_softmax(t.flatten(1).float() / T, dim=1)
         return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
+
+
+@register_loss("soft_mse")
+class SoftMSE(nn.Module):
+    """Squared error between student outputs and teacher probabilities: the kernel-regime KD of Rahbar et al."""
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        if temperature <= 0:
+            raise ConfigError(f"soft_mse temperature must be positive, got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(s.float(), F.softmax(t.float() / self.temperature, dim=-1))

@@ -70,13 +70,43 @@ def mlp(
     return Classifier(nn.Sequential(*layers), width, num_classes)
 
 
+class NTKLinear(nn.Linear):
+    """Linear layer in the NTK parametrisation: N(0, 1) weights, output scaled by 1/sqrt(fan_in).
+
+    Gradient descent then has a width-independent step size, and a very wide net stays in the kernel
+    regime (Jacot et al. 2018; the setting Rahbar et al. 2020 analyse)."""
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight) / math.sqrt(self.in_features) + (
+            self.bias if self.bias is not None else 0.0
+        )
+
+
 @register_model
 def wide2(
-    num_classes: int, input_shape: tuple[int, ...], width: int = 4096, activation: str = "relu"
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    width: int = 4096,
+    activation: str = "relu",
+    parametrization: str = "standard",
 ) -> nn.Module:
-    """Two-layer network of one (very) wide hidden layer: the kernel-regime student of Rahbar et al."""
+    """Two-layer network of one (very) wide hidden layer: the kernel-regime student of Rahbar et al.
+
+    `parametrization: ntk` uses NTKLinear layers (one learning rate for every width)."""
     width = as_int("width", width, 1)
-    return mlp(num_classes, input_shape, hidden=[width], activation=activation)
+    if parametrization == "standard":
+        return mlp(num_classes, input_shape, hidden=[width], activation=activation)
+    if parametrization != "ntk":
+        raise ConfigError(f"wide2 parametrization={parametrization!r}; valid: ntk, standard")
+    hidden = nn.Sequential(nn.Flatten(), NTKLinear(math.prod(input_shape), width), _activation(activation))
+    model = Classifier(hidden, width, num_classes)
+    model.fc = NTKLinear(width, num_classes)
+    return model
 
 
 def _conv_block(

@@ -1,0 +1,130 @@
+"""Evaluate models on the clean test split and under every corruption × severity; table and plot."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kd_lightning.data.base import TensorDataModule
+from kd_lightning.evaluation.corruptions import check_corruptions, corrupt
+from kd_lightning.evaluation.metrics import classification_metrics
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]  # normalised inputs → logits
+
+
+@torch.no_grad()
+def _logits(fn: Predictor, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    return torch.cat([fn(x[i : i + batch]).float().cpu() for i in range(0, len(x), batch)])
+
+
+def evaluate_models(
+    predictors: Mapping[str, Predictor],
+    dm: TensorDataModule,
+    corruptions: Sequence[str] = (),
+    severities: Sequence[int] = (1, 2, 3, 4, 5),
+    seed: int = 0,
+    reference: str | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """`{"clean": {model: metrics}, "agreement": {model: top-1 agreement with reference},
+    "robustness": [{model, corruption, severity, acc}]}` on the test split of `dm`.
+
+    Corruptions act on the data as loaded (images scaled to [0, 1] and clipped there), then the
+    datamodule's own normalisation applies, as in training."""
+    check_corruptions(list(corruptions), list(severities))
+    dm.setup("test")
+    test = dm.splits["test"]
+    raw = test.x
+    x = TensorDataModule._to_float(raw.clone())
+    y = test.y.cpu()
+    clip = raw.dtype == torch.uint8
+    scale = float(TensorDataModule._to_float(dm.splits["train"].x.clone()).std())
+
+    def run_all(inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        xin = dm.prepare_batch((inputs.to(device), y.to(device)), train=False)[0]
+        return {name: _logits(fn, xin) for name, fn in predictors.items()}
+
+    clean_logits = run_all(x)
+    out: dict[str, Any] = {"clean": {n: classification_metrics(v, y) for n, v in clean_logits.items()}}
+    if reference is not None and reference in clean_logits:
+        ref = clean_logits[reference].argmax(1)
+        out["agreement"] = {
+            n: float((v.argmax(1) == ref).float().mean()) for n, v in clean_logits.items() if n != reference
+        }
+    rows = []
+    for c in corruptions:
+        for s in severities:
+            xc = corrupt(x, c, s, scale, seed)
+            if clip:
+                xc = xc.clamp(0, 1)
+            for name, logits in (clean_logits if s == 0 else run_all(xc)).items():
+                acc = float((logits.argmax(1) == y).float().mean())
+                rows.append({"model": name, "corruption": c, "severity": int(s), "acc": acc})
+    out["robustness"] = rows
+    return out
+
+
+def robustness_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """model → corruption → mean accuracy over the severities ≥ 1 (and `mean` over corruptions)."""
+    acc: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        if r["severity"] > 0:
+            acc.setdefault(r["model"], {}).setdefault(r["corruption"], []).append(r["acc"])
+    out = {}
+    for model, per in acc.items():
+        out[model] = {c: sum(v) / len(v) for c, v in per.items()}
+        out[model]["mean"] = sum(out[model].values()) / len(per)
+    return out
+
+
+def robustness_table(result: Mapping[str, Any]) -> str:
+    """Markdown: per model, clean metrics and mean accuracy under each corruption (severities ≥ 1)."""
+    summary = robustness_summary(result.get("robustness", []))
+    corruptions = sorted({r["corruption"] for r in result.get("robustness", [])})
+    agree = result.get("agreement", {})
+    head = ["model", "acc", "macro F1", "ECE", "agreement", *corruptions, "mean corrupted"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, m in result["clean"].items():
+        cells = [
+            model,
+            f"{100 * m['acc']:.2f}",
+            f"{100 * m['macro_f1']:.2f}",
+            f"{m['ece']:.4f}",
+            f"{100 * agree[model]:.2f}" if model in agree else "—",
+            *[f"{100 * summary.get(model, {}).get(c, float('nan')):.2f}" for c in corruptions],
+            f"{100 * summary[model]['mean']:.2f}" if model in summary else "—",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_robustness(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    """One panel per corruption: accuracy against severity, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corruptions = sorted({r["corruption"] for r in rows})
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(corruptions), figsize=(3.2 * len(corruptions), 3), squeeze=False)
+    for ax, c in zip(axes[0], corruptions, strict=True):
+        for m in models:
+            pts = sorted((r["severity"], r["acc"]) for r in rows if r["corruption"] == c and r["model"] == m)
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=m)
+        ax.set_title(c)
+        ax.set_xlabel("severity")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,91 @@
+"""Evaluation of a trained student (and its teachers) after a run, or later from its folder (`kd-eval`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kd_lightning.data.base import TensorDataModule
+from kd_lightning.errors import ConfigError, as_seed
+from kd_lightning.evaluation.corruptions import check_corruptions
+from kd_lightning.evaluation.robustness import Predictor, evaluate_models, plot_robustness, robustness_table
+from kd_lightning.teachers import TeacherEnsemble
+
+EVAL_KEYS = {"metrics", "corruptions", "severities", "seed"}
+
+
+def check_eval_cfg(cfg: Mapping[str, Any] | None, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Validate `evaluate.*` before training (corruptions need signals or images)."""
+    cfg = dict(cfg or {})
+    unknown = sorted(set(cfg) - EVAL_KEYS)
+    if unknown:
+        raise ConfigError(f"evaluate has unknown key(s) {unknown}; valid: {', '.join(sorted(EVAL_KEYS))}")
+    corruptions = list(cfg.get("corruptions") or [])
+    severities = list(cfg.get("severities") or [])
+    check_corruptions(corruptions, severities)
+    if corruptions and len(input_shape) not in (2, 3):
+        raise ConfigError(
+            f"evaluate.corruptions need signals (C, L) or images (C, H, W); this dataset's inputs are "
+            f"{tuple(input_shape)}: use evaluate=none or evaluate.corruptions=[]"
+        )
+    if corruptions and not severities:
+        raise ConfigError("evaluate.corruptions is set but evaluate.severities is empty; e.g. [0,1,2,3,4,5]")
+    return {
+        "metrics": bool(cfg.get("metrics", False)) or bool(corruptions),
+        "corruptions": corruptions,
+        "severities": severities,
+        "seed": as_seed("evaluate.seed", cfg.get("seed", 0)),
+    }
+
+
+def predictors(student: nn.Module, teachers: TeacherEnsemble | None) -> dict[str, Predictor]:
+    """`student`, each teacher and the teachers' `ensemble` as functions inputs → logits (eval mode)."""
+    student.eval()
+    out: dict[str, Predictor] = {"student": student}
+    if teachers is not None:
+        for name in teachers.names:
+            out[name] = lambda x, n=name: teachers(x)[n]["logits"]
+        if len(teachers.names) > 1:
+            out["ensemble"] = lambda x: teachers.combined_logits(teachers(x))
+    return out
+
+
+def evaluate_and_write(
+    student: nn.Module,
+    teachers: TeacherEnsemble | None,
+    dm: TensorDataModule,
+    eval_cfg: Mapping[str, Any],
+    out_dir: str | Path,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Run the evaluation; write evaluation.json, evaluation.md and (with corruptions) robustness.csv/.png."""
+    preds = predictors(student, teachers)
+    reference = "ensemble" if "ensemble" in preds else next((n for n in preds if n != "student"), None)
+    result = evaluate_models(
+        preds,
+        dm,
+        eval_cfg.get("corruptions", ()),
+        eval_cfg.get("severities", ()),
+        int(eval_cfg.get("seed", 0)),
+        reference=reference,
+        device=device,
+    )
+    if "agreement" in result:
+        result["agreement_reference"] = reference
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(result, indent=1))
+    (out / "evaluation.md").write_text(robustness_table(result) + "\n")
+    if result["robustness"]:
+        with open(out / "robustness.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["model", "corruption", "severity", "acc"])
+            w.writeheader()
+            w.writerows(result["robustness"])
+        plot_robustness(result["robustness"], out / "robustness.png", title=str(out.name))
+    return result
