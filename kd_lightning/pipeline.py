@@ -16,13 +16,14 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch import nn
 
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError, choices
 from kd_lightning.models import create_model, save_model
 from kd_lightning.module import DistillationModule
+from kd_lightning.pretrain import resolve_pretrained
 from kd_lightning.objective import Objective, build_objective
 from kd_lightning.taps import FeatureTaps
 from kd_lightning.teacher_cache import TeacherOutputCache, cache_key, check_mode
@@ -139,6 +140,31 @@ def probe_shapes(model_taps: FeatureTaps, x: torch.Tensor) -> dict[str, tuple[in
     feats = model_taps(x)
     model.train(was_training)
     return {k: tuple(v.shape[1:]) for k, v in feats.items()}
+
+
+def resolve_pretrained_models(cfg: DictConfig) -> None:
+    """Turn every `pretrained:` mapping (student and teacher members) into a checkpoint path, pre-training
+    on the source task first where the file is missing; `cfg` is updated in place."""
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+
+    def fit(arch: Mapping[str, Any], data_cfg: Mapping[str, Any], fit_cfg: Mapping[str, Any], path: Path) -> None:
+        source = instantiate_datamodule(data_cfg)
+        source.setup("fit")
+        _, acc = fit_supervised(dict(arch), source, fit_cfg, accelerator, out_path=path, meta={"source": source.name})
+        log.info("pre-trained %s on %s: source test acc %.4f → %s", arch.get("name"), source.describe(), acc, path)
+
+    student = to_dict(cfg.student) or {}
+    if isinstance(student.get("pretrained"), Mapping | str):
+        resolved = resolve_pretrained("student", student, cfg.paths.cache_dir, fit)
+        with open_dict(cfg):
+            cfg.student.pretrained = resolved["pretrained"]
+    members = (to_dict(cfg.teachers) or {}).get("members") or {}
+    for name, member in members.items():
+        arch = (member or {}).get("arch") or {}
+        if isinstance(arch, Mapping) and arch.get("pretrained") is not None:
+            resolved = resolve_pretrained(f"teachers.members.{name}.arch", arch, cfg.paths.cache_dir, fit)
+            with open_dict(cfg):
+                cfg.teachers.members[name].arch.pretrained = resolved["pretrained"]
 
 
 def build_teacher_ensemble(cfg: DictConfig, dm: TensorDataModule, data_name: str) -> TeacherEnsemble | None:

@@ -33,6 +33,7 @@ from kd_lightning.pipeline import (
     instantiate,
     instantiate_datamodule,
     model_spec,
+    resolve_pretrained_models,
     to_dict,
 )
 from kd_lightning.resolvers import register_resolvers
@@ -162,13 +163,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     try:
         validate(cfg)
-        write_resolved_config(cfg, out)
         pl.seed_everything(int(cfg.seed), workers=True)
         dm = instantiate_datamodule(cfg.data)
         dm.shuffle_seed = int(cfg.seed)
         dm.prepare_data()
         dm.setup("fit")
         log.info("data %s", dm.describe())
+        resolve_pretrained_models(cfg)
+        write_resolved_config(cfg, out)
         teachers = build_teacher_ensemble(cfg, dm, str(results.get("data") or dm.name))
         pl.seed_everything(int(cfg.seed), workers=True)
         module = build_module(cfg, dm, teachers)

@@ -131,6 +131,7 @@ class TensorDataModule(pl.LightningDataModule):
         normalize: bool = True,
         augment: dict | None = None,
         num_workers: int = 0,
+        class_subset: list[int] | None = None,
     ):
         super().__init__()
         self.batch_size = as_int("data.batch_size", batch_size, 1)
@@ -156,6 +157,16 @@ class TensorDataModule(pl.LightningDataModule):
         self.views = None if views is None else as_int("data.augment.views", views, 1)
         self.view_params: torch.Tensor | None = None  # (n_train, views, 3), drawn once at setup
         self.num_workers = as_int("data.num_workers", num_workers, 0)
+        # a task made of some classes only, relabelled 0..k-1 in the order given (transfer-learning pairs)
+        if class_subset is not None and (isinstance(class_subset, str | int) or len(class_subset) < 2):
+            raise ConfigError(
+                f"data.class_subset must be null or a list of at least 2 class ids, got {class_subset!r}"
+            )
+        self.class_subset = (
+            None if class_subset is None else [as_int("data.class_subset entries", c, 0) for c in class_subset]
+        )
+        if self.class_subset is not None and len(set(self.class_subset)) != len(self.class_subset):
+            raise ConfigError(f"data.class_subset has repeated ids: {self.class_subset}")
         self.shuffle_seed: int | None = None  # set by the run (its seed); else torch's initial seed
         self.splits: dict[str, Dataset] = {}
         self.mean: torch.Tensor | None = None
@@ -188,6 +199,8 @@ class TensorDataModule(pl.LightningDataModule):
         arrays = self.load()
         x_tr, y_tr = torch.as_tensor(arrays["x_train"]), torch.as_tensor(arrays["y_train"]).long()
         x_te, y_te = torch.as_tensor(arrays["x_test"]), torch.as_tensor(arrays["y_test"]).long()
+        if self.class_subset is not None:
+            (x_tr, y_tr), (x_te, y_te) = self._select_classes(x_tr, y_tr), self._select_classes(x_te, y_te)
         self._num_classes = int(max(y_tr.max(), y_te.max()) + 1)
         perm = torch.randperm(len(y_tr), generator=torch.Generator().manual_seed(self.split_seed))
         n_val = max(1, int(round(self.val_fraction * len(y_tr))))
@@ -207,6 +220,17 @@ class TensorDataModule(pl.LightningDataModule):
             self.view_params = crop_flip_params(n * self.views, self.crop_padding, self.hflip, gen).view(
                 n, self.views, 3
             )
+
+    def _select_classes(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        present = sorted(int(c) for c in y.unique())
+        wanted = self.class_subset
+        absent = [c for c in wanted if c not in present]
+        if absent:
+            raise ConfigError(f"data.class_subset {absent} do not occur in {self.name}; its classes: {present}")
+        keep = torch.isin(y, torch.tensor(wanted))
+        lookup = torch.full((max(present) + 1,), -1, dtype=torch.long)
+        lookup[torch.tensor(wanted)] = torch.arange(len(wanted))
+        return x[keep], lookup[y[keep]]
 
     def set_normalization(self, train_x: torch.Tensor) -> None:
         """Per-channel mean/std of the training split (never of val/test)."""

@@ -111,9 +111,45 @@ def create_model(spec: Mapping[str, Any], num_classes: int, input_shape: tuple[i
             f"unknown model {name!r}; registered: {choices(list_models())}; "
             "or any torchvision classifier name (torchvision.models.list_models())"
         )
+    if spec.get("pretrained"):
+        load_pretrained(model, _pretrained_path(spec["pretrained"], name))
     if spec.get("checkpoint"):
         load_weights(model, spec["checkpoint"])
     return model
+
+
+def _pretrained_path(value: Any, name: str) -> str:
+    if isinstance(value, str | os.PathLike):
+        return str(value)
+    raise ConfigError(
+        f"model {name!r}: pretrained must be a checkpoint path here, got {value!r} (a pretrained mapping "
+        "{checkpoint, fit_if_missing, data, fit} is resolved by kd-train before the model is built)"
+    )
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Transfer learning: every weight from `path` except a classifier head of another class count,
+    which keeps its fresh initialisation. Returns the names of the weights left out.
+
+    Anything else that does not match (missing, unexpected or reshaped weights) is an error."""
+    sd = _extract_state_dict(_safe_load(path), path)
+    own = model.state_dict()
+    head = _last_linear(model)[0] if any(isinstance(m, nn.Linear) for m in model.modules()) else None
+    head_keys = {f"{head}.weight", f"{head}.bias"} if head else set()
+    mismatched = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    dropped = [k for k in mismatched if k in head_keys]
+    if dropped:  # a new head: drop both of its tensors
+        dropped = sorted(k for k in head_keys if k in sd)
+    mismatched = [k for k in mismatched if k not in dropped]
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected or mismatched:
+        raise ConfigError(
+            f"pretrained weights {path} do not fit {type(model).__name__}: missing keys {missing[:4]}, "
+            f"unexpected keys {unexpected[:4]}, shape mismatches {mismatched[:4]}"
+        )
+    model.load_state_dict({k: v for k, v in sd.items() if k not in dropped}, strict=not dropped)
+    return dropped
 
 
 def _safe_load(path: str | os.PathLike) -> Any:
@@ -189,7 +225,7 @@ def save_model(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arch = {k: v for k, v in dict(spec).items() if k not in ("checkpoint", "taps")}
+    arch = {k: v for k, v in dict(spec).items() if k not in ("checkpoint", "taps", "pretrained")}
     payload = {
         "format": MODEL_FILE_FORMAT,
         "arch": arch,
@@ -211,6 +247,7 @@ def load_model(path: str | os.PathLike) -> nn.Module:
         raise ConfigError(f"{path} is not a kd_lightning model file (format {MODEL_FILE_FORMAT!r})")
     arch = dict(obj["arch"])
     arch.pop("weights", None)  # the file holds the weights already
+    arch.pop("pretrained", None)
     model = create_model(arch, int(obj["num_classes"]), tuple(obj["input_shape"]))
     model.load_state_dict(obj["state_dict"], strict=True)
     return model
