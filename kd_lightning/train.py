@@ -171,6 +171,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("data %s", dm.describe())
         resolve_pretrained_models(cfg)
         write_resolved_config(cfg, out)
+        if cfg.get("amalgamation"):
+            return run_amalgamation_job(cfg, dm, out, results)
         teachers = build_teacher_ensemble(cfg, dm, str(results.get("data") or dm.name))
         pl.seed_everything(int(cfg.seed), workers=True)
         module = build_module(cfg, dm, teachers)
@@ -244,6 +246,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             write_json_atomic(out / "results.json", results)
     if cfg.get("print_summary", True) and _is_rank_zero():
         print_summary(results)
+    return results
+
+
+def run_amalgamation_job(cfg: DictConfig, dm: Any, out: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """experiment=ye2019: label-free, layer-wise amalgamation of multi-task teachers (kd_lightning.amalgamation)."""
+    from kd_lightning.amalgamation import check_amalgamation_cfg, print_task_table, run_amalgamation
+
+    check_amalgamation_cfg(to_dict(cfg.amalgamation))
+    if cfg.get("dry_run"):
+        results["status"] = "dry_run"
+        return results
+    results.update(run_amalgamation(cfg, dm, out, to_dict(cfg.data)))
+    results["status"] = "ok"
+    if cfg.get("print_summary", True):
+        print_task_table(results)
     return results
 
 
