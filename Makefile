@@ -38,6 +38,9 @@ bench: $(STAMP)  ## throughput: student alone, KD live / cached, hand-written lo
 	$(PY) -c "import torchdistill" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) bench/throughput.py $(ARGS)
 
+bench-papers: $(STAMP)  ## rahbar2020, thapa2022, ye2019, landro2021 reproductions, 3 seeds, tables + PNG plots
+	$(PY) bench/papers.py $(ARGS)
+
 bench-methods: $(STAMP)  ## every method of conf/distill on MNIST-1D, 3 seeds, mean ± std
 	$(PY) bench/methods.py $(ARGS)
 

@@ -76,8 +76,10 @@ class NTKLinear(nn.Linear):
     Gradient descent then has a width-independent step size, and a very wide net stays in the kernel
     regime (Jacot et al. 2018; the setting Rahbar et al. 2020 analyse)."""
 
+    zero_init = False  # set on an instance: start at 0 (the network's output is 0 everywhere at init)
+
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight)
+        nn.init.zeros_(self.weight) if self.zero_init else nn.init.normal_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -94,10 +96,13 @@ def wide2(
     width: int = 4096,
     activation: str = "relu",
     parametrization: str = "standard",
+    zero_output: bool = False,
 ) -> nn.Module:
     """Two-layer network of one (very) wide hidden layer: the kernel-regime student of Rahbar et al.
 
-    `parametrization: ntk` uses NTKLinear layers (one learning rate for every width)."""
+    `parametrization: ntk` uses NTKLinear layers (one learning rate for every width); `zero_output`
+    starts the output layer at zero, so the random function at initialisation adds nothing to the
+    predictions (the kernel predictor is then the plain kernel regression of the targets)."""
     width = as_int("width", width, 1)
     if parametrization == "standard":
         return mlp(num_classes, input_shape, hidden=[width], activation=activation)
@@ -106,6 +111,9 @@ def wide2(
     hidden = nn.Sequential(nn.Flatten(), NTKLinear(math.prod(input_shape), width), _activation(activation))
     model = Classifier(hidden, width, num_classes)
     model.fc = NTKLinear(width, num_classes)
+    if zero_output:
+        model.fc.zero_init = True
+        model.fc.reset_parameters()
     return model
 
 
