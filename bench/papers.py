@@ -26,7 +26,9 @@ sys.path.insert(0, str(ROOT))
 QUIET = ["trainer.enable_progress_bar=false", "print_summary=false"]
 
 
-def multirun(folder: Path, overrides: Sequence[str], seeds: str, jobs: int, logger: str = "none") -> list[dict]:
+def multirun(
+    folder: Path, overrides: Sequence[str], seeds: str, jobs: int, logger: str = "none"
+) -> list[dict]:
     """One Hydra multirun of kd-train; returns every job's results.json (with its folder as `run_dir`)."""
     cmd = [
         sys.executable,
@@ -91,8 +93,13 @@ WIDTHS = "16,64,256,1024,4096"
 TEACHER_WIDTH = 64
 
 
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _train_loss_curve(run_dir: str) -> list[float]:
-    rows = list(csv.DictReader(open(next(Path(run_dir).rglob("metrics.csv")))))
+    rows = _read_csv(next(Path(run_dir).rglob("metrics.csv")))
     per_epoch: dict[int, float] = {}
     for r in rows:
         if r.get("train/loss"):
@@ -147,7 +154,11 @@ def rahbar2020(out: Path, seeds: str, jobs: int) -> str:
     base = ["experiment=rahbar2020"]
     runs = multirun(out / "rho", [*base, f"distill.rho={RHOS}"], seeds, jobs, logger="csv")
     runs += multirun(
-        out / "width", [*base, "distill.rho=0,1", f"student.width={WIDTHS.replace(',4096', '')}"], seeds, jobs, "csv"
+        out / "width",
+        [*base, "distill.rho=0,1", f"student.width={WIDTHS.replace(',4096', '')}"],
+        seeds,
+        jobs,
+        "csv",
     )
     rows = [_rahbar_analysis(r) for r in runs]
     plt = _plt()
@@ -245,7 +256,7 @@ def thapa2022(out: Path, seeds: str, jobs: int) -> str:
         runs = multirun(out / label.replace(" ", "_").replace("+", "_"), overrides, seeds, jobs)
         per_corr: dict[str, list[float]] = {}
         for r in runs:
-            rows = list(csv.DictReader(open(Path(r["run_dir"]) / "robustness.csv")))
+            rows = _read_csv(Path(r["run_dir"]) / "robustness.csv")
             for row in rows:
                 key = (row["corruption"], int(row["severity"]))
                 model = "student" if row["model"] == "student" else "teacher"
@@ -312,10 +323,14 @@ def ye2019(out: Path, seeds: str, jobs: int) -> str:
                 "| model | " + " | ".join(f"{t} acc (%)" for t in tasks) + " |",
                 "|---|" + "---|" * len(tasks),
             ]
-        lines.append(f"| student: {label} | " + " | ".join(ms([r["task_acc"][t] for r in runs]) for t in tasks) + " |")
+        lines.append(
+            f"| student: {label} | " + " | ".join(ms([r["task_acc"][t] for r in runs]) for t in tasks) + " |"
+        )
         teachers = runs[0]["teacher_task_acc"]
     for n, per in teachers.items():
-        lines.append(f"| teacher {n} | " + " | ".join(f"{100 * per[t]:.2f}" if t in per else "—" for t in tasks) + " |")
+        lines.append(
+            f"| teacher {n} | " + " | ".join(f"{100 * per[t]:.2f}" if t in per else "—" for t in tasks) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -323,7 +338,10 @@ def ye2019(out: Path, seeds: str, jobs: int) -> str:
 def landro2021(out: Path, seeds: str, jobs: int) -> str:
     kd = multirun(out / "kd", ["experiment=landro2021_student_beats_teacher"], seeds, jobs)
     alone = multirun(
-        out / "alone", ["experiment=landro2021_student_beats_teacher", "teachers=none", "distill=none"], seeds, jobs
+        out / "alone",
+        ["experiment=landro2021_student_beats_teacher", "teachers=none", "distill=none"],
+        seeds,
+        jobs,
     )
     t = kd[0]["teacher_test_acc"]
     lines = [

@@ -72,18 +72,28 @@ class MultiTaskNet(nn.Module):
         super().__init__()
         conv, bn = (nn.Conv1d, nn.BatchNorm1d) if len(input_shape) == 2 else (nn.Conv2d, nn.BatchNorm2d)
         if len(input_shape) not in (2, 3):
-            raise ConfigError(f"amalgamation needs signals (C, L) or images (C, H, W), got {tuple(input_shape)}")
+            raise ConfigError(
+                f"amalgamation needs signals (C, L) or images (C, H, W), got {tuple(input_shape)}"
+            )
         cin, blocks = int(input_shape[0]), []
         for c in channels:
             blocks.append(
-                nn.Sequential(conv(cin, c, kernel_size, stride=2, padding=kernel_size // 2, bias=False), bn(c), nn.ReLU())
+                nn.Sequential(
+                    conv(cin, c, kernel_size, stride=2, padding=kernel_size // 2, bias=False),
+                    bn(c),
+                    nn.ReLU(),
+                )
             )
             cin = c
         self.blocks = nn.ModuleList(blocks)
         with torch.no_grad():
             dim = self.trunk(torch.zeros(2, *input_shape)).flatten(1).shape[1]
         self.heads = nn.ModuleDict({t: nn.Linear(dim, TASKS[t][0]) for t in tasks})
-        self.spec = {"channels": [int(c) for c in channels], "kernel_size": int(kernel_size), "tasks": list(tasks)}
+        self.spec = {
+            "channels": [int(c) for c in channels],
+            "kernel_size": int(kernel_size),
+            "tasks": list(tasks),
+        }
 
     def trunk(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         for block in self.blocks[: len(self.blocks) if upto is None else upto]:
@@ -102,7 +112,9 @@ class MultiTaskNet(nn.Module):
         return {t: head(z) for t, head in self.heads.items()}
 
 
-def save_multitask(model: MultiTaskNet, path: Path, input_shape: Sequence[int], meta: Mapping[str, Any]) -> Path:
+def save_multitask(
+    model: MultiTaskNet, path: Path, input_shape: Sequence[int], meta: Mapping[str, Any]
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FILE_FORMAT,
@@ -136,7 +148,13 @@ class _Stage(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         opt = torch.optim.Adam(self._params, lr=self.lr)
         steps = max(1, int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps), "interval": "step"}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {
+                "scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps),
+                "interval": "step",
+            },
+        }
 
 
 class SupervisedMultiTask(_Stage):
@@ -167,7 +185,9 @@ class BlockStage(_Stage):
     ):
         conv = nn.Conv1d if isinstance(student.blocks[0][0], nn.Conv1d) else nn.Conv2d
         c_s = student.blocks[k][0].out_channels
-        projections = nn.ModuleDict({n: conv(c_s, t.blocks[k][0].out_channels, 1) for n, t in teachers.items()})
+        projections = nn.ModuleDict(
+            {n: conv(c_s, t.blocks[k][0].out_channels, 1) for n, t in teachers.items()}
+        )
         super().__init__([*student.blocks[k].parameters(), *projections.parameters()], lr)
         self.student, self.k, self.projections = student, k, projections
         object.__setattr__(self, "teachers", dict(teachers))  # frozen, not submodules
@@ -248,7 +268,9 @@ def _trainer(max_epochs: int, accelerator: str) -> pl.Trainer:
 
 # --- evaluation and filtering --------------------------------------------------------------------
 @torch.no_grad()
-def task_accuracy(model: MultiTaskNet, dm: TensorDataModule, tasks: Sequence[str], split: str = "test") -> dict[str, float]:
+def task_accuracy(
+    model: MultiTaskNet, dm: TensorDataModule, tasks: Sequence[str], split: str = "test"
+) -> dict[str, float]:
     model.eval()
     ds = dm.splits[split]
     x = dm.prepare_batch((ds.x, ds.y), train=False)[0]
@@ -270,7 +292,9 @@ def taylor_channel_weights(
         for block in teacher.blocks[k + 1 :]:
             z = block(z)
         z = z.flatten(1)
-        loss = sum(F.cross_entropy(teacher.heads[task](z), teacher.heads[task](z).argmax(1)) for task in tasks)
+        loss = sum(
+            F.cross_entropy(teacher.heads[task](z), teacher.heads[task](z).argmax(1)) for task in tasks
+        )
         (grad,) = torch.autograd.grad(loss, t)
         imp = (grad * t).abs().transpose(0, 1).flatten(1).sum(1).detach()
         total = imp if total is None else total + imp
@@ -279,7 +303,15 @@ def taylor_channel_weights(
 
 # --- the run -----------------------------------------------------------------------------------
 AMALGAMATION_KEYS = {
-    "tasks", "teachers", "student", "block_epochs", "head_epochs", "finetune_epochs", "temperature", "lr", "filter"
+    "tasks",
+    "teachers",
+    "student",
+    "block_epochs",
+    "head_epochs",
+    "finetune_epochs",
+    "temperature",
+    "lr",
+    "filter",
 }
 TEACHER_KEYS = {"tasks", "channels", "kernel_size", "fit"}
 
@@ -292,21 +324,31 @@ def check_amalgamation_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
     tasks = _check_tasks("amalgamation.tasks", cfg.get("tasks"))
     teachers = cfg.get("teachers") or {}
     if not isinstance(teachers, Mapping) or not teachers:
-        raise ConfigError("amalgamation.teachers must map teacher names to {tasks, channels, kernel_size, fit}")
+        raise ConfigError(
+            "amalgamation.teachers must map teacher names to {tasks, channels, kernel_size, fit}"
+        )
     checked = {}
     for name, t in teachers.items():
         t = dict(t or {})
         bad = sorted(set(t) - TEACHER_KEYS)
         if bad:
-            raise ConfigError(f"amalgamation.teachers.{name} has unknown key(s) {bad}; valid: {choices(TEACHER_KEYS)}")
+            raise ConfigError(
+                f"amalgamation.teachers.{name} has unknown key(s) {bad}; valid: {choices(TEACHER_KEYS)}"
+            )
         fit = dict(t.get("fit") or {})
         checked[name] = {
             "tasks": _check_tasks(f"amalgamation.teachers.{name}.tasks", t.get("tasks")),
-            "channels": [as_int(f"amalgamation.teachers.{name}.channels", c, 1) for c in t.get("channels") or []],
+            "channels": [
+                as_int(f"amalgamation.teachers.{name}.channels", c, 1) for c in t.get("channels") or []
+            ],
             "kernel_size": as_int(f"amalgamation.teachers.{name}.kernel_size", t.get("kernel_size", 5), 1),
             "fit": {
-                "max_epochs": as_int(f"amalgamation.teachers.{name}.fit.max_epochs", fit.get("max_epochs", 30), 1),
-                "lr": as_float(f"amalgamation.teachers.{name}.fit.lr", fit.get("lr", 3e-3), 0.0, open_low=True),
+                "max_epochs": as_int(
+                    f"amalgamation.teachers.{name}.fit.max_epochs", fit.get("max_epochs", 30), 1
+                ),
+                "lr": as_float(
+                    f"amalgamation.teachers.{name}.fit.lr", fit.get("lr", 3e-3), 0.0, open_low=True
+                ),
                 "seed": as_seed(f"amalgamation.teachers.{name}.fit.seed", fit.get("seed", 0)),
             },
         }
@@ -330,7 +372,10 @@ def check_amalgamation_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "tasks": tasks,
         "teachers": checked,
-        "student": {"channels": s_channels, "kernel_size": as_int("amalgamation.student.kernel_size", student.get("kernel_size", 5), 1)},
+        "student": {
+            "channels": s_channels,
+            "kernel_size": as_int("amalgamation.student.kernel_size", student.get("kernel_size", 5), 1),
+        },
         "block_epochs": as_int("amalgamation.block_epochs", cfg.get("block_epochs", 10), 1),
         "head_epochs": as_int("amalgamation.head_epochs", cfg.get("head_epochs", 10), 1),
         "finetune_epochs": as_int("amalgamation.finetune_epochs", cfg.get("finetune_epochs", 0), 0),
@@ -341,10 +386,20 @@ def check_amalgamation_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def fit_or_load_teacher(
-    name: str, spec: Mapping[str, Any], dm: TensorDataModule, data_cfg: Mapping[str, Any], cache_dir: str | Path, accelerator: str
+    name: str,
+    spec: Mapping[str, Any],
+    dm: TensorDataModule,
+    data_cfg: Mapping[str, Any],
+    cache_dir: str | Path,
+    accelerator: str,
 ) -> tuple[MultiTaskNet, Path]:
     key = json.dumps({"teacher": dict(spec), "data": data_identity(data_cfg)}, sort_keys=True, default=str)
-    path = Path(cache_dir) / "teachers" / f"{dm.name}-multitask" / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
+    path = (
+        Path(cache_dir)
+        / "teachers"
+        / f"{dm.name}-multitask"
+        / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.is_file():
@@ -352,9 +407,13 @@ def fit_or_load_teacher(
             pl.seed_everything(spec["fit"]["seed"], verbose=False)
             model = MultiTaskNet(dm.input_shape, spec["tasks"], spec["channels"], spec["kernel_size"])
             t0 = time.perf_counter()
-            _trainer(spec["fit"]["max_epochs"], accelerator).fit(SupervisedMultiTask(model, spec["fit"]["lr"]), datamodule=dm)
+            _trainer(spec["fit"]["max_epochs"], accelerator).fit(
+                SupervisedMultiTask(model, spec["fit"]["lr"]), datamodule=dm
+            )
             acc = task_accuracy(model, dm, spec["tasks"])
-            save_multitask(model, path, dm.input_shape, {"test_acc": acc, "fit_seconds": time.perf_counter() - t0})
+            save_multitask(
+                model, path, dm.input_shape, {"test_acc": acc, "fit_seconds": time.perf_counter() - t0}
+            )
             torch.random.set_rng_state(rng)
             log.info("fitted multi-task teacher %s %s → %s", name, acc, path)
     model = load_multitask(path)
@@ -362,13 +421,17 @@ def fit_or_load_teacher(
     return model.eval(), path
 
 
-def run_amalgamation(cfg: Any, dm: TensorDataModule, out: Path, data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+def run_amalgamation(
+    cfg: Any, dm: TensorDataModule, out: Path, data_cfg: Mapping[str, Any]
+) -> dict[str, Any]:
     """The whole method; returns the entries of results.json (student's and teachers' task accuracies)."""
     a = check_amalgamation_cfg(cfg.amalgamation)
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
     teachers, paths = {}, {}
     for name, spec in a["teachers"].items():
-        teachers[name], paths[name] = fit_or_load_teacher(name, spec, dm, data_cfg, cfg.paths.cache_dir, accelerator)
+        teachers[name], paths[name] = fit_or_load_teacher(
+            name, spec, dm, data_cfg, cfg.paths.cache_dir, accelerator
+        )
     # the teachers that hold a chosen task, and which of the chosen tasks each holds
     relevant = {n: [t for t in a["tasks"] if t in a["teachers"][n]["tasks"]] for n in teachers}
     relevant = {n: ts for n, ts in relevant.items() if ts}
@@ -388,19 +451,25 @@ def run_amalgamation(cfg: Any, dm: TensorDataModule, out: Path, data_cfg: Mappin
         _trainer(a["block_epochs"], accelerator).fit(stage, datamodule=dm)
         log.info("amalgamation: block %d of %d trained", k + 1, len(student.blocks))
     sources = {t: [teachers[n] for n, ts in relevant.items() if t in ts] for t in a["tasks"]}
-    _trainer(a["head_epochs"], accelerator).fit(HeadStage(student, sources, a["temperature"], a["lr"]), datamodule=dm)
+    _trainer(a["head_epochs"], accelerator).fit(
+        HeadStage(student, sources, a["temperature"], a["lr"]), datamodule=dm
+    )
     if a["finetune_epochs"]:
         whole = HeadStage(student, sources, a["temperature"], a["lr"] / 3, whole=True)
         _trainer(a["finetune_epochs"], accelerator).fit(whole, datamodule=dm)
     fit_seconds = time.perf_counter() - t0
     student_acc = task_accuracy(student, dm, a["tasks"])
     teacher_acc = {n: task_accuracy(teachers[n], dm, a["teachers"][n]["tasks"]) for n in teachers}
-    save_multitask(student, out / "student.pt", dm.input_shape, {"task_acc": student_acc, "seed": int(cfg.seed)})
+    save_multitask(
+        student, out / "student.pt", dm.input_shape, {"task_acc": student_acc, "seed": int(cfg.seed)}
+    )
     return {
         "test_acc": sum(student_acc.values()) / len(student_acc),
         "task_acc": student_acc,
         "teacher_task_acc": teacher_acc,
-        "teacher_test_acc": {f"{n}:{t}": acc for n, per in teacher_acc.items() for t, acc in per.items() if t in a["tasks"]},
+        "teacher_test_acc": {
+            f"{n}:{t}": acc for n, per in teacher_acc.items() for t, acc in per.items() if t in a["tasks"]
+        },
         "teacher_checkpoints": {n: str(p) for n, p in paths.items()},
         "fit_seconds": fit_seconds,
         "student_path": str(out / "student.pt"),
@@ -414,6 +483,10 @@ def print_task_table(results: Mapping[str, Any]) -> None:
     tasks = results.get("tasks") or []
     teachers = results.get("teacher_task_acc") or {}
     print("\n| model | " + " | ".join(tasks) + " |\n|---|" + "---|" * len(tasks))
-    print("| student (no labels) | " + " | ".join(f"{100 * results['task_acc'][t]:.2f}" for t in tasks) + " |")
+    print(
+        "| student (no labels) | " + " | ".join(f"{100 * results['task_acc'][t]:.2f}" for t in tasks) + " |"
+    )
     for n, per in teachers.items():
-        print(f"| teacher {n} | " + " | ".join(f"{100 * per[t]:.2f}" if t in per else "—" for t in tasks) + " |")
+        print(
+            f"| teacher {n} | " + " | ".join(f"{100 * per[t]:.2f}" if t in per else "—" for t in tasks) + " |"
+        )

@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
             out = (a.out / run.name) if a.out and len(a.runs) > 1 else (a.out or run / "eval")
             result = evaluate_and_write(student, teachers, dm, eval_cfg, out)
             print(f"\n## {run}\n\n{robustness_table(result)}\n\nwritten to {out}")
-            students += [dict(r, model=f"{run.name}") for r in result["robustness"] if r["model"] == "student"]
+            students += [
+                dict(r, model=f"{run.name}") for r in result["robustness"] if r["model"] == "student"
+            ]
     except ConfigError as e:
         print(f"kd-eval: {e}", file=sys.stderr)
         sys.exit(2)

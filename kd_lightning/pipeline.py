@@ -23,8 +23,8 @@ from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError, choices
 from kd_lightning.models import create_model, save_model
 from kd_lightning.module import DistillationModule
-from kd_lightning.pretrain import resolve_pretrained
 from kd_lightning.objective import Objective, build_objective
+from kd_lightning.pretrain import resolve_pretrained
 from kd_lightning.taps import FeatureTaps
 from kd_lightning.teacher_cache import TeacherOutputCache, cache_key, check_mode
 from kd_lightning.teachers import TeacherEnsemble, build_teachers, check_fit_cfg, data_identity
@@ -147,11 +147,17 @@ def resolve_pretrained_models(cfg: DictConfig) -> None:
     on the source task first where the file is missing; `cfg` is updated in place."""
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
 
-    def fit(arch: Mapping[str, Any], data_cfg: Mapping[str, Any], fit_cfg: Mapping[str, Any], path: Path) -> None:
+    def fit(
+        arch: Mapping[str, Any], data_cfg: Mapping[str, Any], fit_cfg: Mapping[str, Any], path: Path
+    ) -> None:
         source = instantiate_datamodule(data_cfg)
         source.setup("fit")
-        _, acc = fit_supervised(dict(arch), source, fit_cfg, accelerator, out_path=path, meta={"source": source.name})
-        log.info("pre-trained %s on %s: source test acc %.4f → %s", arch.get("name"), source.describe(), acc, path)
+        _, acc = fit_supervised(
+            dict(arch), source, fit_cfg, accelerator, out_path=path, meta={"source": source.name}
+        )
+        log.info(
+            "pre-trained %s on %s: source test acc %.4f → %s", arch.get("name"), source.describe(), acc, path
+        )
 
     student = to_dict(cfg.student) or {}
     if isinstance(student.get("pretrained"), Mapping | str):

@@ -56,7 +56,9 @@ def resolve_pretrained(
         )
     unknown = sorted(set(p) - PRETRAINED_KEYS)
     if unknown:
-        raise ConfigError(f"{owner}.pretrained has unknown key(s) {unknown}; valid: {choices(PRETRAINED_KEYS)}")
+        raise ConfigError(
+            f"{owner}.pretrained has unknown key(s) {unknown}; valid: {choices(PRETRAINED_KEYS)}"
+        )
     arch = {k: v for k, v in spec.items() if k not in ("pretrained", "checkpoint", "taps")}
     if p.get("checkpoint"):
         path = Path(p["checkpoint"])

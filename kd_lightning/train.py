@@ -123,7 +123,10 @@ def write_resolved_config(cfg: DictConfig, out: Path) -> None:
     """config.resolved.yaml: the run's config with every interpolation resolved (kd-eval rebuilds from it)."""
     if _is_rank_zero():
         try:
-            text = OmegaConf.to_yaml(cfg, resolve=True)
+            plain = {k: v for k, v in cfg.items() if k != "hydra"}  # present when composed by the API
+            text = OmegaConf.to_yaml(
+                OmegaConf.create(OmegaConf.to_container(OmegaConf.create(plain), resolve=True))
+            )
         except Exception as e:  # a key that resolves only later is reported by its owner
             log.warning("config.resolved.yaml not written: %s", e)
             return

@@ -177,3 +177,24 @@ def test_bad_sizes_are_config_errors():
         DigitsDataModule(val_fraction=1.5)
     with pytest.raises(ConfigError, match="num_train"):
         SyntheticDataModule(num_train=-3)
+
+
+def test_class_subset_keeps_those_classes_relabelled_in_the_given_order():
+    full = DigitsDataModule()
+    full.setup()
+    sub = DigitsDataModule(class_subset=[7, 2, 9])
+    sub.setup()
+    assert sub.num_classes == 3
+    for split in ("train", "val", "test"):
+        assert set(sub.splits[split].y.tolist()) <= {0, 1, 2}
+    # relabelled in the order given: every test sample of class 7 becomes 0, of 2 becomes 1, of 9 becomes 2
+    te_full, te_sub = full.splits["test"], sub.splits["test"]
+    for new, old in enumerate([7, 2, 9]):
+        assert int((te_sub.y == new).sum()) == int((te_full.y == old).sum())
+        torch.testing.assert_close(te_sub.x[te_sub.y == new], te_full.x[te_full.y == old])
+    with pytest.raises(ConfigError, match=r"class_subset \[12\] do not occur"):
+        DigitsDataModule(class_subset=[1, 12]).setup()
+    with pytest.raises(ConfigError, match="repeated"):
+        DigitsDataModule(class_subset=[1, 1])
+    with pytest.raises(ConfigError, match="at least 2"):
+        DigitsDataModule(class_subset=[3])

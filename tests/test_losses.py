@@ -54,3 +54,12 @@ def test_registry_errors_are_clear():
         create_loss("kl", temperatur=3)
     with pytest.raises(ConfigError, match="positive"):
         create_loss("kl", temperature=0)
+
+
+def test_soft_mse_regresses_onto_teacher_probabilities():
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    loss = create_loss("soft_mse", temperature=2.0)
+    by_hand = sum(((s[i] - torch.softmax(t[i] / 2.0, 0)) ** 2).sum() for i in range(4)) / 20
+    torch.testing.assert_close(loss(s, t), by_hand)
+    with pytest.raises(ConfigError, match="temperature"):
+        create_loss("soft_mse", temperature=0.0)

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.models import create_model, list_models, load_model, load_weights, save_model
+from kd_lightning.models import (
+    create_model,
+    list_models,
+    load_model,
+    load_pretrained,
+    load_weights,
+    save_model,
+)
 
 SHAPES = {"mlp": (1, 40), "wide2": (20,), "cnn": (1, 8, 8), "cnn1d": (1, 40)}
 
@@ -94,3 +101,42 @@ def test_malicious_pickle_is_refused(tmp_path: Path):
         load_model(path)
     assert not (tmp_path / "pwned").exists()
     assert pickle  # the payload above really is an executable pickle
+
+
+def test_ntk_wide2_output_scale_does_not_grow_with_width_and_zero_output_starts_at_zero():
+    torch.manual_seed(0)
+    x = torch.randn(256, 20)
+    stds = [
+        float(create_model({"name": "wide2", "width": w, "parametrization": "ntk"}, 3, (20,))(x).std())
+        for w in (64, 4096)
+    ]
+    assert 0.5 < stds[1] / stds[0] < 2.0  # NTK scaling: O(1) outputs at every width
+    zero = create_model(
+        {"name": "wide2", "width": 512, "parametrization": "ntk", "zero_output": True}, 3, (20,)
+    )
+    assert torch.count_nonzero(zero(x)) == 0
+    loss = zero(x).square().sum() + (zero(x) - 1).square().mean()
+    loss.backward()
+    assert zero.fc.weight.grad.abs().sum() > 0  # it still learns
+    with pytest.raises(ConfigError, match="parametrization"):
+        create_model({"name": "wide2", "parametrization": "mup"}, 3, (20,))
+
+
+def test_load_pretrained_keeps_the_body_and_reinitialises_a_head_of_another_size(tmp_path):
+    source = create_model({"name": "cnn1d", "channels": [8, 8]}, 5, (1, 40))
+    save_model(source, tmp_path / "src.pt", {"name": "cnn1d", "channels": [8, 8]}, 5, (1, 40))
+    target = create_model(
+        {"name": "cnn1d", "channels": [8, 8], "pretrained": str(tmp_path / "src.pt")}, 3, (1, 40)
+    )
+    for k, v in source.state_dict().items():
+        if not k.startswith("fc."):
+            torch.testing.assert_close(target.state_dict()[k], v)
+    assert target.fc.out_features == 3
+    same = create_model({"name": "cnn1d", "channels": [8, 8]}, 5, (1, 40))
+    assert load_pretrained(same, tmp_path / "src.pt") == []  # same head size: everything loads
+    torch.testing.assert_close(same.fc.weight, source.fc.weight)
+    wider = create_model({"name": "cnn1d", "channels": [16, 8]}, 3, (1, 40))
+    with pytest.raises(ConfigError, match="do not fit"):
+        load_pretrained(wider, tmp_path / "src.pt")
+    with pytest.raises(ConfigError, match="resolved by kd-train"):
+        create_model({"name": "cnn1d", "pretrained": {"data": {}}}, 3, (1, 40))

@@ -83,3 +83,44 @@ def test_null_term_is_switched_off_and_unknown_term_key_is_reported():
     assert active_terms({"terms": {"a": None, "b": {"weight": 1}}}) == {"b": {"weight": 1}}
     with pytest.raises(ConfigError, match="distill.terms.feat.*wieght"):
         term("per_teacher", {"a": (4,)}, wieght=3)
+
+
+RHO_DISTILL = {
+    "rho": 0.25,
+    "label_loss": "mse",
+    "terms": {
+        "pi": {
+            "weight": 2.0,
+            "student_tap": "logits",
+            "teacher_tap": "logits",
+            "distance": "soft_mse",
+            "adapter": "none",
+        }
+    },
+}
+
+
+def test_rho_mixes_least_squares_on_labels_and_on_teacher_probabilities():
+    """Rahbar et al.: (1 − ρ)·‖f − onehot(y)‖² + ρ·w·‖f − softmax(t)‖², each a mean over elements."""
+    obj = build_objective(RHO_DISTILL, {"logits": (3,)}, {"t": {"logits": (3,)}}, {"t": 1.0})
+    assert obj.ce_weight == pytest.approx(0.75) and obj.terms["pi"].weight == pytest.approx(0.5)
+    s, t, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
+    total, parts = obj({"logits": s.float()}, {"t": {"logits": t}}, y)
+    onehot = torch.eye(3)[y]
+    by_hand = 0.75 * ((s.float() - onehot) ** 2).mean() + 0.5 * ((s.float() - t.softmax(1)) ** 2).mean()
+    torch.testing.assert_close(total, by_hand)
+    assert set(parts) == {"label_mse", "pi"}
+
+
+@pytest.mark.parametrize(("rho", "ce", "term"), [(0.0, 1.0, 0.0), (1.0, 0.0, 2.0)])
+def test_rho_ends_are_labels_only_and_teacher_only(rho, ce, term):
+    obj = build_objective({**RHO_DISTILL, "rho": rho}, {"logits": (3,)}, {"t": {"logits": (3,)}}, {"t": 1.0})
+    assert obj.ce_weight == ce and obj.terms["pi"].weight == term
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "named"), [("rho", 1.5, "distill.rho"), ("label_loss", "hinge", "label_loss")]
+)
+def test_bad_rho_or_label_loss_is_named(key, value, named):
+    with pytest.raises(ConfigError, match=named):
+        build_objective({**RHO_DISTILL, key: value}, {"logits": (3,)}, {"t": {"logits": (3,)}}, {"t": 1.0})

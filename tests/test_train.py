@@ -170,3 +170,59 @@ def test_paper_experiments_run(make_cfg, experiment, teachers):
     res = run(make_cfg(f"experiment={experiment}", *TINY_MNIST1D, fast=False))
     assert res["status"] == "ok" and set(res["teacher_test_acc"]) == teachers
     assert res["data"] == "mnist1d" and 0 <= res["test_acc"] <= 1
+
+
+TINY = ["trainer.enable_progress_bar=false", "logger=none", "print_summary=false"]
+
+
+@pytest.mark.slow
+def test_rahbar2020_runs_and_mixes_labels_and_teacher(make_cfg):
+    res = run(
+        make_cfg(
+            "experiment=rahbar2020",
+            "student.width=128",
+            "trainer.max_epochs=5",
+            "distill.rho=0.5",
+            *TINY,
+            fast=False,
+        )
+    )
+    assert res["status"] == "ok" and set(res["teacher_test_acc"]) == {"mlp64"} and res["student"] == "wide2"
+
+
+@pytest.mark.slow
+def test_thapa2022_pretrains_on_the_source_fine_tunes_on_the_target_and_evaluates(make_cfg, tmp_path):
+    tiny = [
+        "data.num_samples=600",
+        "source_data.num_samples=600",
+        "trainer.max_epochs=2",
+        "student.pretrained.fit.max_epochs=1",
+        "teachers.members.cnn_l.arch.pretrained.fit.max_epochs=1",
+        "teachers.members.cnn_l.fit.max_epochs=1",
+        "evaluate.severities=[0,3]",
+        *TINY,
+    ]
+    res = run(make_cfg("experiment=thapa2022", *tiny, fast=False))
+    assert res["status"] == "ok" and set(res["metrics"]) == {"student", "cnn_l"}
+    assert set(res["robustness"]) == {"student", "cnn_l"} and "student" in res["agreement"]
+    resolved = (tmp_path / "run" / "config.resolved.yaml").read_text()
+    assert "pretrained/cnn1d-" in resolved  # the source-task model file the student started from
+    for key in ("acc", "macro_f1", "ece"):
+        assert 0 <= res["metrics"]["student"][key] <= 1
+
+
+@pytest.mark.slow
+def test_ye2019_runs_without_labels_and_reports_each_chosen_task(make_cfg):
+    tiny = [
+        "data.num_samples=600",
+        "amalgamation.block_epochs=1",
+        "amalgamation.head_epochs=1",
+        "amalgamation.finetune_epochs=1",
+        "amalgamation.teachers.t_digit_parity.fit.max_epochs=1",
+        "amalgamation.teachers.t_ge5_mod3.fit.max_epochs=1",
+        *TINY,
+    ]
+    res = run(make_cfg("experiment=ye2019", *tiny, fast=False))
+    assert res["status"] == "ok" and set(res["task_acc"]) == {"parity", "ge5"}
+    assert set(res["teacher_test_acc"]) == {"t_digit_parity:parity", "t_ge5_mod3:ge5"}
+    assert res["test_acc"] == pytest.approx(sum(res["task_acc"].values()) / 2)

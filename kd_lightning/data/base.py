@@ -163,7 +163,9 @@ class TensorDataModule(pl.LightningDataModule):
                 f"data.class_subset must be null or a list of at least 2 class ids, got {class_subset!r}"
             )
         self.class_subset = (
-            None if class_subset is None else [as_int("data.class_subset entries", c, 0) for c in class_subset]
+            None
+            if class_subset is None
+            else [as_int("data.class_subset entries", c, 0) for c in class_subset]
         )
         if self.class_subset is not None and len(set(self.class_subset)) != len(self.class_subset):
             raise ConfigError(f"data.class_subset has repeated ids: {self.class_subset}")
@@ -226,7 +228,9 @@ class TensorDataModule(pl.LightningDataModule):
         wanted = self.class_subset
         absent = [c for c in wanted if c not in present]
         if absent:
-            raise ConfigError(f"data.class_subset {absent} do not occur in {self.name}; its classes: {present}")
+            raise ConfigError(
+                f"data.class_subset {absent} do not occur in {self.name}; its classes: {present}"
+            )
         keep = torch.isin(y, torch.tensor(wanted))
         lookup = torch.full((max(present) + 1,), -1, dtype=torch.long)
         lookup[torch.tensor(wanted)] = torch.arange(len(wanted))

@@ -33,7 +33,9 @@ def _blur(x: torch.Tensor, level: int, scale: float, gen: torch.Generator) -> to
     k = k / k.sum()
     c = x.shape[1]
     if x.dim() == 3:
-        return F.conv1d(F.pad(x, (radius, radius), mode="replicate"), k.view(1, 1, -1).repeat(c, 1, 1), groups=c)
+        return F.conv1d(
+            F.pad(x, (radius, radius), mode="replicate"), k.view(1, 1, -1).repeat(c, 1, 1), groups=c
+        )
     x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
     x = F.conv2d(x, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
     return F.conv2d(x, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)

@@ -1,0 +1,126 @@
+"""Ye et al. 2019 amalgamation: config checks, multi-task model files, channel filtering, no labels."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kd_lightning.amalgamation import (
+    BlockStage,
+    MultiTaskNet,
+    check_amalgamation_cfg,
+    fit_or_load_teacher,
+    load_multitask,
+    run_amalgamation,
+    save_multitask,
+    task_labels,
+    taylor_channel_weights,
+)
+from kd_lightning.data import DigitsDataModule
+from kd_lightning.errors import ConfigError
+
+TEACHERS = {
+    "a": {"tasks": ["digit", "parity"], "channels": [8, 8], "fit": {"max_epochs": 2, "seed": 1}},
+    "b": {
+        "tasks": ["ge5", "mod3"],
+        "channels": [8, 8],
+        "kernel_size": 3,
+        "fit": {"max_epochs": 2, "seed": 2},
+    },
+}
+CFG = {
+    "tasks": ["parity", "ge5"],
+    "teachers": TEACHERS,
+    "student": {"channels": [4, 4]},
+    "block_epochs": 1,
+    "head_epochs": 1,
+    "finetune_epochs": 1,
+}
+
+
+def test_task_labels_from_digits():
+    y = torch.arange(10)
+    assert task_labels("parity", y).tolist() == [0, 1] * 5
+    assert task_labels("ge5", y).tolist() == [0] * 5 + [1] * 5
+    assert task_labels("mod3", y).tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"tasks": ["parity", "color"]}, "unknown task"),
+        ({"tasks": ["parity", "parity"]}, "repeats"),
+        ({"teachers": {"a": TEACHERS["a"]}}, r"tasks \['ge5'\] are held by no teacher"),
+        ({"student": {"channels": [4, 4, 4]}}, "as many blocks as every teacher"),
+        ({"filter": "magic"}, "filter"),
+        ({"epochs": 3}, "unknown key"),
+    ],
+)
+def test_bad_amalgamation_settings_are_named(change, message):
+    with pytest.raises(ConfigError, match=message):
+        check_amalgamation_cfg({**CFG, **change})
+
+
+def test_multitask_file_round_trip_and_refuses_other_files(tmp_path):
+    m = MultiTaskNet((1, 8, 8), ["digit", "parity"], [4, 4])
+    save_multitask(m, tmp_path / "m.pt", (1, 8, 8), {"note": 1})
+    back = load_multitask(tmp_path / "m.pt")
+    x = torch.randn(3, 1, 8, 8)
+    m.eval(), back.eval()
+    for task, out in m(x).items():
+        torch.testing.assert_close(back(x)[task], out)
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="multi-task model file"):
+        load_multitask(tmp_path / "other.pt")
+
+
+def test_taylor_filter_gives_no_weight_to_a_channel_the_chosen_task_ignores():
+    torch.manual_seed(0)
+    t = MultiTaskNet((1, 16), ["parity", "digit"], [4, 3])
+    last = t.blocks[-1](t.blocks[0](torch.zeros(1, 1, 16))).shape[-1]  # positions per channel
+    with torch.no_grad():
+        t.heads["parity"].weight[:, last : 2 * last] = 0  # channel 1 of the last block: not used for parity
+    w = taylor_channel_weights(t, 1, ["parity"], torch.randn(64, 1, 16))
+    assert w.shape == (3,) and w.mean() == pytest.approx(1.0) and bool((w >= 0).all())
+    assert w[1] == 0 and w[0] > 0 and w[2] > 0
+    w_digit = taylor_channel_weights(t, 1, ["digit"], torch.randn(64, 1, 16))
+    assert w_digit[1] > 0  # the other task does use it
+
+
+def test_block_stage_trains_only_the_student_block_and_projections():
+    s = MultiTaskNet((1, 16), ["parity"], [4, 4])
+    teacher = MultiTaskNet((1, 16), ["parity"], [6, 6]).requires_grad_(False)
+    stage = BlockStage(s, 1, {"t": teacher}, {"t": torch.ones(6)}, lr=0.01)
+    trained = {id(p) for p in stage._params}
+    assert trained == {id(p) for p in [*s.blocks[1].parameters(), *stage.projections.parameters()]}
+    assert not trained & {id(p) for p in teacher.parameters()}
+
+
+@pytest.mark.slow
+def test_the_student_never_uses_labels(tmp_path):
+    """Same seed, training labels shuffled after the teachers were fitted: the very same student."""
+    cfg = OmegaConf.create(
+        {
+            "amalgamation": CFG,
+            "trainer": {"accelerator": "cpu"},
+            "paths": {"cache_dir": str(tmp_path)},
+            "seed": 0,
+        }
+    )
+    data_cfg = {"_target_": "DigitsDataModule"}
+    results = []
+    for shuffle in (False, True):
+        dm = DigitsDataModule(batch_size=128)
+        dm.setup()
+        spec = check_amalgamation_cfg(CFG)["teachers"]
+        for name in spec:  # the teachers are fitted (with labels) before any shuffling, then cached
+            fit_or_load_teacher(name, spec[name], dm, data_cfg, tmp_path, "cpu")
+        if shuffle:
+            y = dm.splits["train"].y
+            dm.splits["train"].y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
+        results.append(run_amalgamation(cfg, dm, tmp_path / f"out{int(shuffle)}", data_cfg))
+    assert results[0]["task_acc"] == results[1]["task_acc"]
+    assert set(results[0]["task_acc"]) == {"parity", "ge5"}
+    assert set(results[0]["teacher_test_acc"]) == {"a:parity", "b:ge5"}
+    s0, s1 = (load_multitask(tmp_path / f"out{i}" / "student.pt").state_dict() for i in (0, 1))
+    for k, v in s0.items():
+        torch.testing.assert_close(s1[k], v)
