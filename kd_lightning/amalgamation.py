@@ -20,9 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,109 +33,17 @@ from torch import nn
 
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError, as_float, as_int, as_seed, choices
-from kd_lightning.models import _safe_load
+from kd_lightning.models.multitask import (
+    MultiTaskNet,
+    check_tasks,
+    load_multitask,
+    save_multitask,
+    task_labels,
+)
+from kd_lightning.pipeline import quiet_trainer
 from kd_lightning.teachers import data_identity
 
 log = logging.getLogger(__name__)
-
-TASKS: dict[str, tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = {
-    "digit": (10, lambda y: y),
-    "parity": (2, lambda y: y % 2),
-    "ge5": (2, lambda y: (y >= 5).long()),
-    "mod3": (3, lambda y: y % 3),
-}
-FILE_FORMAT = "kd_lightning.multitask/1"
-
-
-def task_labels(task: str, y: torch.Tensor) -> torch.Tensor:
-    return TASKS[task][1](y)
-
-
-def _check_tasks(key: str, tasks: Any) -> list[str]:
-    if isinstance(tasks, str) or not isinstance(tasks, Sequence) or not tasks:
-        raise ConfigError(f"{key} must be a non-empty list of tasks from {choices(TASKS)}, got {tasks!r}")
-    bad = [t for t in tasks if t not in TASKS]
-    if bad:
-        raise ConfigError(f"{key} has unknown task(s) {bad}; valid: {choices(TASKS)}")
-    if len(set(tasks)) != len(tasks):
-        raise ConfigError(f"{key} repeats a task: {list(tasks)}")
-    return [str(t) for t in tasks]
-
-
-class MultiTaskNet(nn.Module):
-    """Conv-BN-ReLU blocks (1-D or 2-D after the input), a flattened map, one linear head per task."""
-
-    def __init__(
-        self, input_shape: Sequence[int], tasks: Sequence[str], channels: Sequence[int], kernel_size: int = 5
-    ):
-        super().__init__()
-        conv, bn = (nn.Conv1d, nn.BatchNorm1d) if len(input_shape) == 2 else (nn.Conv2d, nn.BatchNorm2d)
-        if len(input_shape) not in (2, 3):
-            raise ConfigError(
-                f"amalgamation needs signals (C, L) or images (C, H, W), got {tuple(input_shape)}"
-            )
-        cin, blocks = int(input_shape[0]), []
-        for c in channels:
-            blocks.append(
-                nn.Sequential(
-                    conv(cin, c, kernel_size, stride=2, padding=kernel_size // 2, bias=False),
-                    bn(c),
-                    nn.ReLU(),
-                )
-            )
-            cin = c
-        self.blocks = nn.ModuleList(blocks)
-        with torch.no_grad():
-            dim = self.trunk(torch.zeros(2, *input_shape)).flatten(1).shape[1]
-        self.heads = nn.ModuleDict({t: nn.Linear(dim, TASKS[t][0]) for t in tasks})
-        self.spec = {
-            "channels": [int(c) for c in channels],
-            "kernel_size": int(kernel_size),
-            "tasks": list(tasks),
-        }
-
-    def trunk(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
-        for block in self.blocks[: len(self.blocks) if upto is None else upto]:
-            x = block(x)
-        return x
-
-    def block_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outs = []
-        for block in self.blocks:
-            x = block(x)
-            outs.append(x)
-        return outs
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = self.trunk(x).flatten(1)
-        return {t: head(z) for t, head in self.heads.items()}
-
-
-def save_multitask(
-    model: MultiTaskNet, path: Path, input_shape: Sequence[int], meta: Mapping[str, Any]
-) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": FILE_FORMAT,
-        "spec": model.spec,
-        "input_shape": [int(s) for s in input_shape],
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "meta": dict(meta),
-    }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def load_multitask(path: str | Path) -> MultiTaskNet:
-    obj = _safe_load(path)  # weights_only=True
-    if not (isinstance(obj, Mapping) and obj.get("format") == FILE_FORMAT):
-        raise ConfigError(f"{path} is not a kd_lightning multi-task model file ({FILE_FORMAT})")
-    spec = obj["spec"]
-    model = MultiTaskNet(obj["input_shape"], spec["tasks"], spec["channels"], spec["kernel_size"])
-    model.load_state_dict(obj["state_dict"], strict=True)
-    return model
 
 
 # --- Lightning modules of the three kinds of training -------------------------------------------
@@ -252,20 +159,6 @@ class HeadStage(_Stage):
         return loss
 
 
-def _trainer(max_epochs: int, accelerator: str) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        accelerator=accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-
-
 # --- evaluation and filtering --------------------------------------------------------------------
 @torch.no_grad()
 def task_accuracy(
@@ -292,9 +185,8 @@ def taylor_channel_weights(
         for block in teacher.blocks[k + 1 :]:
             z = block(z)
         z = z.flatten(1)
-        loss = sum(
-            F.cross_entropy(teacher.heads[task](z), teacher.heads[task](z).argmax(1)) for task in tasks
-        )
+        logits = [teacher.heads[task](z) for task in tasks]
+        loss = sum(F.cross_entropy(out, out.argmax(1)) for out in logits)
         (grad,) = torch.autograd.grad(loss, t)
         imp = (grad * t).abs().transpose(0, 1).flatten(1).sum(1).detach()
         total = imp if total is None else total + imp
@@ -321,7 +213,7 @@ def check_amalgamation_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(cfg) - AMALGAMATION_KEYS)
     if unknown:
         raise ConfigError(f"amalgamation has unknown key(s) {unknown}; valid: {choices(AMALGAMATION_KEYS)}")
-    tasks = _check_tasks("amalgamation.tasks", cfg.get("tasks"))
+    tasks = check_tasks("amalgamation.tasks", cfg.get("tasks"))
     teachers = cfg.get("teachers") or {}
     if not isinstance(teachers, Mapping) or not teachers:
         raise ConfigError(
@@ -337,7 +229,7 @@ def check_amalgamation_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
             )
         fit = dict(t.get("fit") or {})
         checked[name] = {
-            "tasks": _check_tasks(f"amalgamation.teachers.{name}.tasks", t.get("tasks")),
+            "tasks": check_tasks(f"amalgamation.teachers.{name}.tasks", t.get("tasks")),
             "channels": [
                 as_int(f"amalgamation.teachers.{name}.channels", c, 1) for c in t.get("channels") or []
             ],
@@ -407,7 +299,7 @@ def fit_or_load_teacher(
             pl.seed_everything(spec["fit"]["seed"], verbose=False)
             model = MultiTaskNet(dm.input_shape, spec["tasks"], spec["channels"], spec["kernel_size"])
             t0 = time.perf_counter()
-            _trainer(spec["fit"]["max_epochs"], accelerator).fit(
+            quiet_trainer(spec["fit"]["max_epochs"], accelerator).fit(
                 SupervisedMultiTask(model, spec["fit"]["lr"]), datamodule=dm
             )
             acc = task_accuracy(model, dm, spec["tasks"])
@@ -448,15 +340,15 @@ def run_amalgamation(
             for n, ts in relevant.items()
         }
         stage = BlockStage(student, k, {n: teachers[n] for n in relevant}, weights, a["lr"])
-        _trainer(a["block_epochs"], accelerator).fit(stage, datamodule=dm)
+        quiet_trainer(a["block_epochs"], accelerator).fit(stage, datamodule=dm)
         log.info("amalgamation: block %d of %d trained", k + 1, len(student.blocks))
     sources = {t: [teachers[n] for n, ts in relevant.items() if t in ts] for t in a["tasks"]}
-    _trainer(a["head_epochs"], accelerator).fit(
+    quiet_trainer(a["head_epochs"], accelerator).fit(
         HeadStage(student, sources, a["temperature"], a["lr"]), datamodule=dm
     )
     if a["finetune_epochs"]:
         whole = HeadStage(student, sources, a["temperature"], a["lr"] / 3, whole=True)
-        _trainer(a["finetune_epochs"], accelerator).fit(whole, datamodule=dm)
+        quiet_trainer(a["finetune_epochs"], accelerator).fit(whole, datamodule=dm)
     fit_seconds = time.perf_counter() - t0
     student_acc = task_accuracy(student, dm, a["tasks"])
     teacher_acc = {n: task_accuracy(teachers[n], dm, a["teachers"][n]["tasks"]) for n in teachers}

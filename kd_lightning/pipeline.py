@@ -78,6 +78,21 @@ def supervised_module(model: nn.Module, num_classes: int, optim: Mapping[str, An
     return DistillationModule(model, Objective(1.0, {}), None, FeatureTaps(model, []), num_classes, optim)
 
 
+def quiet_trainer(max_epochs: int, accelerator: str = "cpu") -> pl.Trainer:
+    """One device, no logger, checkpoints, progress bar or validation: for fits inside a run."""
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+
+
 def fit_supervised(
     spec: Mapping[str, Any],
     dm: TensorDataModule,
@@ -98,17 +113,7 @@ def fit_supervised(
     pl.seed_everything(seed, workers=True, verbose=False)
     model = create_model(spec, dm.num_classes, dm.input_shape)
     module = supervised_module(model, dm.num_classes, optim)
-    trainer = pl.Trainer(
-        max_epochs=max_epochs,
-        accelerator=accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_epochs, accelerator)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test/acc"])

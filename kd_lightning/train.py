@@ -25,6 +25,7 @@ from kd_lightning.errors import ConfigError, as_float, as_int, as_seed
 from kd_lightning.evaluation import robustness_summary
 from kd_lightning.evaluation.run_eval import check_eval_cfg, evaluate_and_write
 from kd_lightning.models import save_model
+from kd_lightning.module import DistillationModule
 from kd_lightning.objective import active_terms
 from kd_lightning.pipeline import (
     build_module,
@@ -40,6 +41,7 @@ from kd_lightning.resolvers import register_resolvers
 from kd_lightning.results import read_results, write_json_atomic
 from kd_lightning.summary import print_summary
 from kd_lightning.teacher_cache import check_mode
+from kd_lightning.teachers import TeacherEnsemble
 
 log = logging.getLogger("kd_lightning")
 register_resolvers()
@@ -267,7 +269,9 @@ def run_amalgamation_job(cfg: DictConfig, dm: Any, out: Path, results: dict[str,
     return results
 
 
-def evaluation_results(module, teachers, dm, eval_cfg: dict[str, Any], out: Path) -> dict[str, Any]:
+def evaluation_results(
+    module: DistillationModule, teachers: TeacherEnsemble | None, dm: Any, eval_cfg: dict[str, Any], out: Path
+) -> dict[str, Any]:
     """evaluate=robustness: metrics beyond accuracy, written to the run folder and into results.json."""
     result = evaluate_and_write(module.student, teachers, dm, eval_cfg, out, device=module.device)
     summary = robustness_summary(result["robustness"])

@@ -12,16 +12,18 @@ from kd_lightning.data.base import TensorDataModule
 from kd_lightning.evaluation.corruptions import check_corruptions, corrupt
 from kd_lightning.evaluation.metrics import classification_metrics
 
-Predictor = Callable[[torch.Tensor], torch.Tensor]  # normalised inputs → logits
+# normalised inputs → {model name: logits}, every model on the same batch (teachers forwarded once)
+Predictor = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
 
 @torch.no_grad()
-def _logits(fn: Predictor, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    return torch.cat([fn(x[i : i + batch]).float().cpu() for i in range(0, len(x), batch)])
+def _logits(predict: Predictor, x: torch.Tensor, batch: int = 1024) -> dict[str, torch.Tensor]:
+    chunks = [predict(x[i : i + batch]) for i in range(0, len(x), batch)]
+    return {name: torch.cat([c[name].float().cpu() for c in chunks]) for name in chunks[0]}
 
 
 def evaluate_models(
-    predictors: Mapping[str, Predictor],
+    predict: Predictor,
     dm: TensorDataModule,
     corruptions: Sequence[str] = (),
     severities: Sequence[int] = (1, 2, 3, 4, 5),
@@ -44,8 +46,7 @@ def evaluate_models(
     scale = float(TensorDataModule._to_float(dm.splits["train"].x.clone()).std())
 
     def run_all(inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        xin = dm.prepare_batch((inputs.to(device), y.to(device)), train=False)[0]
-        return {name: _logits(fn, xin) for name, fn in predictors.items()}
+        return _logits(predict, dm.prepare_batch((inputs.to(device), y.to(device)), train=False)[0])
 
     clean_logits = run_all(x)
     out: dict[str, Any] = {"clean": {n: classification_metrics(v, y) for n, v in clean_logits.items()}}

@@ -44,16 +44,20 @@ def check_eval_cfg(cfg: Mapping[str, Any] | None, input_shape: tuple[int, ...]) 
     }
 
 
-def predictors(student: nn.Module, teachers: TeacherEnsemble | None) -> dict[str, Predictor]:
-    """`student`, each teacher and the teachers' `ensemble` as functions inputs → logits (eval mode)."""
+def predictor(student: nn.Module, teachers: TeacherEnsemble | None) -> Predictor:
+    """Logits of the student, each teacher and (with several) the teachers' `ensemble`, in eval mode."""
     student.eval()
-    out: dict[str, Predictor] = {"student": student}
-    if teachers is not None:
-        for name in teachers.names:
-            out[name] = lambda x, n=name: teachers(x)[n]["logits"]
-        if len(teachers.names) > 1:
-            out["ensemble"] = lambda x: teachers.combined_logits(teachers(x))
-    return out
+
+    def predict(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"student": student(x)}
+        if teachers is not None:
+            feats = teachers(x)
+            out.update({name: feats[name]["logits"] for name in teachers.names})
+            if len(teachers.names) > 1:
+                out["ensemble"] = teachers.combined_logits(feats)
+        return out
+
+    return predict
 
 
 def evaluate_and_write(
@@ -65,10 +69,10 @@ def evaluate_and_write(
     device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Run the evaluation; write evaluation.json, evaluation.md and (with corruptions) robustness.csv/.png."""
-    preds = predictors(student, teachers)
-    reference = "ensemble" if "ensemble" in preds else next((n for n in preds if n != "student"), None)
+    names = ["student", *(teachers.names if teachers is not None else [])]
+    reference = "ensemble" if len(names) > 2 else (names[1] if len(names) > 1 else None)
     result = evaluate_models(
-        preds,
+        predictor(student, teachers),
         dm,
         eval_cfg.get("corruptions", ()),
         eval_cfg.get("severities", ()),
