@@ -169,6 +169,8 @@ def resolve_pretrained_models(cfg: DictConfig) -> None:
         resolved = resolve_pretrained("student", student, cfg.paths.cache_dir, fit)
         with open_dict(cfg):
             cfg.student.pretrained = resolved["pretrained"]
+            if resolved.get("weights"):  # a torchvision weights name given as `pretrained`
+                cfg.student.weights = resolved["weights"]
     members = (to_dict(cfg.teachers) or {}).get("members") or {}
     for name, member in members.items():
         arch = (member or {}).get("arch") or {}
@@ -176,6 +178,8 @@ def resolve_pretrained_models(cfg: DictConfig) -> None:
             resolved = resolve_pretrained(f"teachers.members.{name}.arch", arch, cfg.paths.cache_dir, fit)
             with open_dict(cfg):
                 cfg.teachers.members[name].arch.pretrained = resolved["pretrained"]
+                if resolved.get("weights"):
+                    cfg.teachers.members[name].arch.weights = resolved["weights"]
 
 
 def build_teacher_ensemble(cfg: DictConfig, dm: TensorDataModule, data_name: str) -> TeacherEnsemble | None:

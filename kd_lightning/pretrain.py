@@ -2,7 +2,8 @@
 
 Forms (Thapa 2022, transfer learning):
 - a path: a kd_lightning model file, a Lightning checkpoint or a state_dict;
-- torchvision weights go in `weights:` instead (e.g. `student.weights=IMAGENET1K_V1`);
+- for a torchvision architecture, the name of its published weights (`IMAGENET1K_V1`, `DEFAULT`): the
+  same as `weights:` (downloaded once by torchvision, the only network use, and only when asked for);
 - a mapping `{checkpoint, fit_if_missing, data, fit}`: when `checkpoint` is null or missing and
   `fit_if_missing` is true, the model is first trained on the source task `data` (a full data config)
   and cached under `paths.cache_dir/pretrained/`, keyed by arch, fit and source data.
@@ -29,6 +30,16 @@ PRETRAINED_KEYS = {"checkpoint", "fit_if_missing", "data", "fit"}
 SourceFitFn = Callable[[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any], Path], None]
 
 
+def _torchvision_weights(name: str) -> list[str]:
+    """Names of the published weights of a torchvision architecture ([] for other models)."""
+    import torchvision
+
+    try:
+        return ["DEFAULT", *(w.name for w in torchvision.models.get_model_weights(name))]
+    except (ValueError, KeyError):
+        return []
+
+
 def pretrained_cache_path(cache_dir: str | Path, arch: Mapping[str, Any], p: Mapping[str, Any]) -> Path:
     key = json.dumps(
         {"arch": arch, "fit": p.get("fit"), "data": data_identity(p["data"])}, sort_keys=True, default=str
@@ -46,9 +57,14 @@ def resolve_pretrained(
     if p is None:
         return spec
     if isinstance(p, str):
-        if not Path(p).is_file():
-            raise ConfigError(f"{owner}.pretrained: checkpoint file not found: {p}")
-        return spec
+        if Path(p).is_file():
+            return spec
+        weights = _torchvision_weights(str(spec.get("name")))
+        if weights and p in weights:
+            spec["weights"], spec["pretrained"] = p, None
+            return spec
+        hint = f"; or torchvision weights of {spec.get('name')!r}: {', '.join(weights)}" if weights else ""
+        raise ConfigError(f"{owner}.pretrained: checkpoint file not found: {p}{hint}")
     if not isinstance(p, Mapping):
         raise ConfigError(
             f"{owner}.pretrained must be null, a checkpoint path or a mapping with keys "

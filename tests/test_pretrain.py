@@ -45,3 +45,34 @@ def test_fits_on_the_source_task_once_then_reuses_the_file(tmp_path):
 def test_bad_pretrained_settings_name_the_key(tmp_path, pretrained, message):
     with pytest.raises(ConfigError, match=message):
         resolve_pretrained("student", {"name": "cnn", "pretrained": pretrained}, tmp_path, None)
+
+
+def test_torchvision_weight_names_become_weights_and_bad_ones_list_the_valid(tmp_path):
+    spec = resolve_pretrained("student", {"name": "resnet18", "pretrained": "IMAGENET1K_V1"}, tmp_path, None)
+    assert spec["weights"] == "IMAGENET1K_V1" and spec["pretrained"] is None  # nothing downloaded here
+    with pytest.raises(ConfigError, match="torchvision weights of 'resnet18': DEFAULT, IMAGENET1K_V1"):
+        resolve_pretrained("student", {"name": "resnet18", "pretrained": "IMAGENET22K"}, tmp_path, None)
+
+
+def test_a_run_given_torchvision_weights_as_pretrained_builds_with_those_weights(make_cfg, monkeypatch):
+    """`student.pretrained=IMAGENET1K_V1` reaches torchvision as weights= (the download is intercepted)."""
+    import torchvision
+
+    from kd_lightning.pipeline import resolve_pretrained_models
+
+    cfg = make_cfg("student=torchvision", "student.name=resnet18", "student.pretrained=IMAGENET1K_V1")
+    resolve_pretrained_models(cfg)
+    assert cfg.student.weights == "IMAGENET1K_V1" and cfg.student.pretrained is None
+    seen = []
+    real = torchvision.models.get_model
+
+    def fake_get_model(name, weights=None, **kw):
+        seen.append(weights)
+        return real(name, weights=None, **kw)
+
+    monkeypatch.setattr(torchvision.models, "get_model", fake_get_model)
+    from kd_lightning.models import create_model
+    from kd_lightning.pipeline import model_spec
+
+    create_model(model_spec(cfg.student), 10, (1, 8, 8))
+    assert seen == ["IMAGENET1K_V1"]
