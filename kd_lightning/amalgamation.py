@@ -17,8 +17,6 @@ docs/REPRODUCTIONS.md); the layer-wise schedule and the label-free setting follo
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -28,11 +26,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from filelock import FileLock
 from torch import nn
 
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError, as_float, as_int, as_seed, choices
+from kd_lightning.fit_cache import fit_once, keyed_path
 from kd_lightning.models.multitask import (
     MultiTaskNet,
     check_tasks,
@@ -285,30 +283,25 @@ def fit_or_load_teacher(
     cache_dir: str | Path,
     accelerator: str,
 ) -> tuple[MultiTaskNet, Path]:
-    key = json.dumps({"teacher": dict(spec), "data": data_identity(data_cfg)}, sort_keys=True, default=str)
-    path = (
-        Path(cache_dir)
-        / "teachers"
-        / f"{dm.name}-multitask"
-        / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if not path.is_file():
-            rng = torch.random.get_rng_state()
-            pl.seed_everything(spec["fit"]["seed"], verbose=False)
-            model = MultiTaskNet(dm.input_shape, spec["tasks"], spec["channels"], spec["kernel_size"])
-            t0 = time.perf_counter()
-            quiet_trainer(spec["fit"]["max_epochs"], accelerator).fit(
-                SupervisedMultiTask(model, spec["fit"]["lr"]), datamodule=dm
-            )
-            acc = task_accuracy(model, dm, spec["tasks"])
-            save_multitask(
-                model, path, dm.input_shape, {"test_acc": acc, "fit_seconds": time.perf_counter() - t0}
-            )
-            torch.random.set_rng_state(rng)
-            log.info("fitted multi-task teacher %s %s → %s", name, acc, path)
-    model = load_multitask(path)
+    key = {"teacher": dict(spec), "data": data_identity(data_cfg)}
+    path = keyed_path(Path(cache_dir) / "teachers" / f"{dm.name}-multitask", name, key)
+
+    def fit() -> None:
+        rng = torch.random.get_rng_state()
+        pl.seed_everything(spec["fit"]["seed"], verbose=False)
+        model = MultiTaskNet(dm.input_shape, spec["tasks"], spec["channels"], spec["kernel_size"])
+        t0 = time.perf_counter()
+        quiet_trainer(spec["fit"]["max_epochs"], accelerator).fit(
+            SupervisedMultiTask(model, spec["fit"]["lr"]), datamodule=dm
+        )
+        acc = task_accuracy(model, dm, spec["tasks"])
+        save_multitask(
+            model, path, dm.input_shape, {"test_acc": acc, "fit_seconds": time.perf_counter() - t0}
+        )
+        torch.random.set_rng_state(rng)
+        log.info("fitted multi-task teacher %s %s → %s", name, acc, path)
+
+    model = load_multitask(fit_once(path, fit))
     model.requires_grad_(False)
     return model.eval(), path
 

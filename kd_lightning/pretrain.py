@@ -12,16 +12,13 @@ A classifier head of another class count is re-initialised (see `models.load_pre
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from kd_lightning.errors import ConfigError, choices
+from kd_lightning.fit_cache import fit_once, keyed_path
 from kd_lightning.teachers import check_fit_cfg, data_identity
 
 log = logging.getLogger(__name__)
@@ -41,11 +38,8 @@ def _torchvision_weights(name: str) -> list[str]:
 
 
 def pretrained_cache_path(cache_dir: str | Path, arch: Mapping[str, Any], p: Mapping[str, Any]) -> Path:
-    key = json.dumps(
-        {"arch": arch, "fit": p.get("fit"), "data": data_identity(p["data"])}, sort_keys=True, default=str
-    )
-    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    return Path(cache_dir) / "pretrained" / f"{arch.get('name')}-{digest}.pt"
+    key = {"arch": arch, "fit": p.get("fit"), "data": data_identity(p["data"])}
+    return keyed_path(Path(cache_dir) / "pretrained", str(arch.get("name")), key)
 
 
 def resolve_pretrained(
@@ -94,10 +88,7 @@ def resolve_pretrained(
         if fit_fn is None:
             raise ConfigError(f"{owner}.pretrained: no checkpoint at {path} and no way to pre-train here")
         fit = check_fit_cfg(f"{owner}.pretrained.fit", p.get("fit") or {})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock"):  # parallel sweep jobs pre-train once
-            if not path.is_file():
-                log.info("%s: pre-training on the source task → %s", owner, path)
-                fit_fn(arch, p["data"], fit, path)
+        log.info("%s: pre-training on the source task → %s (unless a parallel job does)", owner, path)
+        fit_once(path, lambda: fit_fn(arch, p["data"], fit, path))
     spec["pretrained"] = str(path)
     return spec

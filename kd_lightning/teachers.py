@@ -8,18 +8,16 @@ a stale teacher.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 from torch import nn
 
 from kd_lightning.errors import ConfigError, as_float, as_int, as_seed, choices
+from kd_lightning.fit_cache import fit_once, keyed_path
 from kd_lightning.models import create_model, load_weights
 from kd_lightning.taps import FeatureTaps
 
@@ -103,13 +101,8 @@ def data_identity(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
 def teacher_cache_path(
     cache_dir: str | Path, data_name: str, member: str, spec: Mapping[str, Any], data_cfg: Mapping[str, Any]
 ) -> Path:
-    key = json.dumps(
-        {"arch": spec.get("arch"), "fit": spec.get("fit"), "data": data_identity(data_cfg)},
-        sort_keys=True,
-        default=str,
-    )
-    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    return Path(cache_dir) / "teachers" / data_name / f"{member}-{digest}.pt"
+    key = {"arch": spec.get("arch"), "fit": spec.get("fit"), "data": data_identity(data_cfg)}
+    return keyed_path(Path(cache_dir) / "teachers" / data_name, member, key)
 
 
 MEMBER_KEYS = {"arch", "checkpoint", "taps", "weight", "fit_if_missing", "fit"}
@@ -189,12 +182,10 @@ def build_teachers(
     for name, spec in specs.items():
         path = paths[name]
         if not path.is_file():
-            # Parallel sweep jobs share the cache: one fits, the others wait for its file.
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(path) + ".lock"):
-                if not path.is_file():
-                    log.info("teacher %s: no checkpoint at %s, fitting it first", name, path)
-                    fit_fn(name, spec["arch"], dict(spec.get("fit") or {}), path)
+            log.info(
+                "teacher %s: no checkpoint at %s, fitting it first (unless a parallel job does)", name, path
+            )
+            fit_once(path, lambda n=name, s=spec, p=path: fit_fn(n, s["arch"], dict(s.get("fit") or {}), p))
         model = create_model(dict(spec["arch"]), num_classes, input_shape)
         load_weights(model, path, owner=f"teacher {name!r}")
         members[name] = model
