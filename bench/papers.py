@@ -113,20 +113,20 @@ def _rahbar_analysis(run: dict) -> dict[str, Any]:
     import torch.nn.functional as F
     from omegaconf import OmegaConf
 
+    from kd_lightning.build import instantiate_datamodule
     from kd_lightning.models import load_model
-    from kd_lightning.pipeline import instantiate_datamodule
 
     cfg = OmegaConf.load(Path(run["run_dir"]) / "config.resolved.yaml")
     dm = instantiate_datamodule(cfg.data)
     dm.setup("fit")
-    train = dm.splits["train"]
-    x = dm.prepare_batch((train.x, train.y), train=False)[0]
+    x = torch.cat([dm.prepare_batch(b, train=False).x for b in dm.iter_split("train")])
+    train_y = dm.labels("train")
     student = load_model(Path(run["run_dir"]) / "student.pt").eval()
     teacher = load_model(next(iter(run["teacher_checkpoints"].values()))).eval()
     with torch.no_grad():
         f = student(x)
         p = F.softmax(teacher(x), 1)
-    y = F.one_hot(train.y, p.shape[1]).float()
+    y = F.one_hot(train_y, p.shape[1]).float()
     rho = float(cfg.distill.rho)
     d = p - y
     alpha = float(((f - y) * d).sum() / (d * d).sum())  # f ≈ y + α(p − y): α = ρ when it interpolates
@@ -135,7 +135,7 @@ def _rahbar_analysis(run: dict) -> dict[str, Any]:
     curve = _train_loss_curve(run["run_dir"])
     excess = [(v - loss_min) / max(curve[0] - loss_min, 1e-12) for v in curve]
     steps = {tol: next((i for i, e in enumerate(excess) if e <= tol), None) for tol in (0.1, 0.01)}
-    train_err = float((f.argmax(1) != train.y).float().mean())
+    train_err = float((f.argmax(1) != train_y).float().mean())
     return {
         "rho": rho,
         "width": int(cfg.student.width),

@@ -10,14 +10,14 @@ Weights are random: throughput does not depend on them.
 Measured per workload (steady state, the first `--warmup` steps of each run skipped; the time of a step
 is the time from one step's start to the next one's, data fetch, logging and optimiser included):
   (a) student alone        kd_lightning, teachers=none
-  (b) KD, live teachers    kd_lightning, teacher_cache=none
-  (c) KD, cache warm       kd_lightning, teacher_cache=memory, second epoch
+  (b) KD, live teachers    kd_lightning, teacher_cache.mode=none
+  (c) KD, cache warm       kd_lightning, teacher_cache.mode=memory, second epoch
   (d) hand-written loop    the same computation as (b) in plain PyTorch
   (e) torchdistill         DistillationBox with KDLoss, the teachers' ensemble as its teacher
   and, timed apart, the teachers' forward pass alone (for live_over_sum).
 Prints each figure and the ratios (times, lower is better) as name=value lines; `ours_over_torchdistill`
 compares live teachers step for step, `ours_cached_over_torchdistill` kd_lightning's default
-(teacher_cache=memory) from the second epoch on.
+(teacher_cache.mode=memory) from the second epoch on.
 Usage: python bench/throughput.py [--workloads cifar,mnist1d] [--samples 256] [--batch 32] [--warmup 3]
 """
 
@@ -155,7 +155,7 @@ def batches(dm: TensorDataModule):
     n, b = len(ds), dm.batch_size
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     for i in range(0, n - b + 1, b):
-        x, y, _ = ds.__getitems__(perm[i : i + b].tolist())
+        x, y, *_ = ds.__getitems__(perm[i : i + b].tolist())
         yield x, y
 
 
@@ -277,7 +277,7 @@ def main() -> None:
         print(f"{name}.framework_over_hand={t['live'] / t['hand']:.3f}")
         if t["torchdistill"] is not None:
             print(f"{name}.ours_over_torchdistill={t['live'] / t['torchdistill']:.3f}")
-            # kd_lightning's default (teacher_cache=memory) from the second epoch on, same job
+            # kd_lightning's default (teacher_cache.mode=memory) from the second epoch on, same job
             print(f"{name}.ours_cached_over_torchdistill={t['cached'] / t['torchdistill']:.3f}")
 
 

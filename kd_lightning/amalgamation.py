@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning.data.base import TensorDataModule
-from kd_lightning.errors import ConfigError, as_float, as_int, as_seed, choices
+from kd_lightning.errors import ConfigError
 from kd_lightning.fit_cache import fit_once, keyed_path
+from kd_lightning.fitting import quiet_trainer
 from kd_lightning.models.multitask import (
     MultiTaskNet,
     check_tasks,
@@ -38,7 +39,8 @@ from kd_lightning.models.multitask import (
     save_multitask,
     task_labels,
 )
-from kd_lightning.pipeline import quiet_trainer
+from kd_lightning.runners import RunContext, register_runner
+from kd_lightning.specs import AmalgamationSpec, MultiTaskTeacherSpec, as_plain, parse
 from kd_lightning.teachers import data_identity
 
 log = logging.getLogger(__name__)
@@ -46,12 +48,12 @@ log = logging.getLogger(__name__)
 
 # --- Lightning modules of the three kinds of training -------------------------------------------
 class _Stage(pl.LightningModule):
-    def __init__(self, params: list[nn.Parameter], lr: float):
+    def __init__(self, params: list[nn.Parameter], lr: float, weight_decay: float = 0.0):
         super().__init__()
-        self._params, self.lr = params, lr
+        self._params, self.lr, self.weight_decay = params, lr, weight_decay
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.Adam(self._params, lr=self.lr)
+        opt = torch.optim.Adam(self._params, lr=self.lr, weight_decay=self.weight_decay)
         steps = max(1, int(self.trainer.estimated_stepping_batches))
         return {
             "optimizer": opt,
@@ -65,8 +67,8 @@ class _Stage(pl.LightningModule):
 class SupervisedMultiTask(_Stage):
     """Fits a teacher with labels: the sum of its tasks' cross-entropies."""
 
-    def __init__(self, model: MultiTaskNet, lr: float):
-        super().__init__(list(model.parameters()), lr)
+    def __init__(self, model: MultiTaskNet, lr: float, weight_decay: float = 0.0):
+        super().__init__(list(model.parameters()), lr, weight_decay)
         self.model = model
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -163,21 +165,29 @@ def task_accuracy(
     model: MultiTaskNet, dm: TensorDataModule, tasks: Sequence[str], split: str = "test"
 ) -> dict[str, float]:
     model.eval()
-    ds = dm.splits[split]
-    x = dm.prepare_batch((ds.x, ds.y), train=False)[0]
-    out = model(x)
-    return {t: float((out[t].argmax(1) == task_labels(t, ds.y)).float().mean()) for t in tasks}
+    device = next(model.parameters()).device
+    correct = dict.fromkeys(tasks, 0)
+    n = 0
+    for raw in dm.iter_split(split):
+        batch = dm.prepare_batch(raw._replace(x=raw.x.to(device)), train=False)
+        out = model(batch.x)
+        y = batch.y.to(device)
+        for t in tasks:
+            correct[t] += int((out[t].argmax(1) == task_labels(t, y)).sum())
+        n += len(y)
+    return {t: correct[t] / max(1, n) for t in tasks}
 
 
 def taylor_channel_weights(
-    teacher: MultiTaskNet, k: int, tasks: Sequence[str], x: torch.Tensor, batch: int = 512
+    teacher: MultiTaskNet, k: int, tasks: Sequence[str], batches: Iterable[torch.Tensor]
 ) -> torch.Tensor:
     """Per-channel importance of block k's output for `tasks` (label-free: CE to the teacher's own
-    predictions), |t · ∂ℓ/∂t| averaged over samples and positions, normalised to mean 1."""
+    predictions), |t · ∂ℓ/∂t| averaged over samples and positions, normalised to mean 1.
+
+    `batches`: the (normalised) training inputs, batch by batch."""
     teacher.eval()
     total = None
-    for i in range(0, len(x), batch):
-        xb = x[i : i + batch]
+    for xb in batches:
         t = teacher.trunk(xb, k + 1).detach().requires_grad_(True)
         z = t
         for block in teacher.blocks[k + 1 :]:
@@ -192,109 +202,55 @@ def taylor_channel_weights(
 
 
 # --- the run -----------------------------------------------------------------------------------
-AMALGAMATION_KEYS = {
-    "tasks",
-    "teachers",
-    "student",
-    "block_epochs",
-    "head_epochs",
-    "finetune_epochs",
-    "temperature",
-    "lr",
-    "filter",
-}
-TEACHER_KEYS = {"tasks", "channels", "kernel_size", "fit"}
-
-
-def check_amalgamation_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    cfg = dict(cfg)
-    unknown = sorted(set(cfg) - AMALGAMATION_KEYS)
-    if unknown:
-        raise ConfigError(f"amalgamation has unknown key(s) {unknown}; valid: {choices(AMALGAMATION_KEYS)}")
-    tasks = check_tasks("amalgamation.tasks", cfg.get("tasks"))
-    teachers = cfg.get("teachers") or {}
-    if not isinstance(teachers, Mapping) or not teachers:
+def check_amalgamation_cfg(cfg: Mapping[str, Any] | None) -> AmalgamationSpec:
+    """`amalgamation.*` parsed, with the checks that span keys: task names, coverage, block counts."""
+    if not cfg:
+        raise ConfigError(
+            "runner=amalgamation needs an `amalgamation:` block (tasks, teachers, student); see experiment=ye2019"
+        )
+    a = parse(AmalgamationSpec, cfg, "amalgamation")
+    check_tasks("amalgamation.tasks", a.tasks)
+    if not a.teachers:
         raise ConfigError(
             "amalgamation.teachers must map teacher names to {tasks, channels, kernel_size, fit}"
         )
-    checked = {}
-    for name, t in teachers.items():
-        t = dict(t or {})
-        bad = sorted(set(t) - TEACHER_KEYS)
-        if bad:
-            raise ConfigError(
-                f"amalgamation.teachers.{name} has unknown key(s) {bad}; valid: {choices(TEACHER_KEYS)}"
-            )
-        fit = dict(t.get("fit") or {})
-        checked[name] = {
-            "tasks": check_tasks(f"amalgamation.teachers.{name}.tasks", t.get("tasks")),
-            "channels": [
-                as_int(f"amalgamation.teachers.{name}.channels", c, 1) for c in t.get("channels") or []
-            ],
-            "kernel_size": as_int(f"amalgamation.teachers.{name}.kernel_size", t.get("kernel_size", 5), 1),
-            "fit": {
-                "max_epochs": as_int(
-                    f"amalgamation.teachers.{name}.fit.max_epochs", fit.get("max_epochs", 30), 1
-                ),
-                "lr": as_float(
-                    f"amalgamation.teachers.{name}.fit.lr", fit.get("lr", 3e-3), 0.0, open_low=True
-                ),
-                "seed": as_seed(f"amalgamation.teachers.{name}.fit.seed", fit.get("seed", 0)),
-            },
-        }
-    held = {t for v in checked.values() for t in v["tasks"]}
-    orphan = [t for t in tasks if t not in held]
+    for name, t in a.teachers.items():
+        check_tasks(f"amalgamation.teachers.{name}.tasks", t.tasks)
+    held = {t for v in a.teachers.values() for t in v.tasks}
+    orphan = [t for t in a.tasks if t not in held]
     if orphan:
         raise ConfigError(
             f"amalgamation.tasks {orphan} are held by no teacher; the teachers hold {sorted(held)}"
         )
-    student = dict(cfg.get("student") or {})
-    s_channels = [as_int("amalgamation.student.channels", c, 1) for c in student.get("channels") or []]
-    depths = {n: len(v["channels"]) for n, v in checked.items()}
-    if not s_channels or any(d != len(s_channels) for d in depths.values()):
+    depths = {n: len(v.channels) for n, v in a.teachers.items()}
+    if not a.student.channels or any(d != len(a.student.channels) for d in depths.values()):
         raise ConfigError(
-            f"amalgamation.student.channels has {len(s_channels)} blocks; layer-wise amalgamation needs as many "
-            f"blocks as every teacher ({depths})"
+            f"amalgamation.student.channels has {len(a.student.channels)} blocks; layer-wise amalgamation needs "
+            f"as many blocks as every teacher ({depths})"
         )
-    filt = cfg.get("filter", "taylor")
-    if filt not in ("taylor", "none"):
-        raise ConfigError(f"amalgamation.filter={filt!r}; valid: none, taylor")
-    return {
-        "tasks": tasks,
-        "teachers": checked,
-        "student": {
-            "channels": s_channels,
-            "kernel_size": as_int("amalgamation.student.kernel_size", student.get("kernel_size", 5), 1),
-        },
-        "block_epochs": as_int("amalgamation.block_epochs", cfg.get("block_epochs", 10), 1),
-        "head_epochs": as_int("amalgamation.head_epochs", cfg.get("head_epochs", 10), 1),
-        "finetune_epochs": as_int("amalgamation.finetune_epochs", cfg.get("finetune_epochs", 0), 0),
-        "temperature": as_float("amalgamation.temperature", cfg.get("temperature", 4.0), 0.0, open_low=True),
-        "lr": as_float("amalgamation.lr", cfg.get("lr", 3e-3), 0.0, open_low=True),
-        "filter": filt,
-    }
+    return a
 
 
 def fit_or_load_teacher(
     name: str,
-    spec: Mapping[str, Any],
+    spec: MultiTaskTeacherSpec,
     dm: TensorDataModule,
     data_cfg: Mapping[str, Any],
     cache_dir: str | Path,
     accelerator: str,
 ) -> tuple[MultiTaskNet, Path]:
-    key = {"teacher": dict(spec), "data": data_identity(data_cfg)}
+    key = {"teacher": as_plain(spec), "data": data_identity(data_cfg)}
     path = keyed_path(Path(cache_dir) / "teachers" / f"{dm.name}-multitask", name, key)
 
     def fit() -> None:
         rng = torch.random.get_rng_state()
-        pl.seed_everything(spec["fit"]["seed"], verbose=False)
-        model = MultiTaskNet(dm.input_shape, spec["tasks"], spec["channels"], spec["kernel_size"])
+        pl.seed_everything(spec.fit.seed, verbose=False)
+        model = MultiTaskNet(dm.input_shape, spec.tasks, spec.channels, spec.kernel_size)
         t0 = time.perf_counter()
-        quiet_trainer(spec["fit"]["max_epochs"], accelerator).fit(
-            SupervisedMultiTask(model, spec["fit"]["lr"]), datamodule=dm
+        quiet_trainer(spec.fit.max_epochs, accelerator).fit(
+            SupervisedMultiTask(model, spec.fit.lr, spec.fit.weight_decay), datamodule=dm
         )
-        acc = task_accuracy(model, dm, spec["tasks"])
+        acc = task_accuracy(model, dm, spec.tasks)
         save_multitask(
             model, path, dm.input_shape, {"test_acc": acc, "fit_seconds": time.perf_counter() - t0}
         )
@@ -307,44 +263,46 @@ def fit_or_load_teacher(
 
 
 def run_amalgamation(
-    cfg: Any, dm: TensorDataModule, out: Path, data_cfg: Mapping[str, Any]
+    a: AmalgamationSpec, cfg: Any, dm: TensorDataModule, out: Path, data_cfg: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The whole method; returns the entries of results.json (student's and teachers' task accuracies)."""
-    a = check_amalgamation_cfg(cfg.amalgamation)
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
     teachers, paths = {}, {}
-    for name, spec in a["teachers"].items():
+    for name, spec in a.teachers.items():
         teachers[name], paths[name] = fit_or_load_teacher(
             name, spec, dm, data_cfg, cfg.paths.cache_dir, accelerator
         )
     # the teachers that hold a chosen task, and which of the chosen tasks each holds
-    relevant = {n: [t for t in a["tasks"] if t in a["teachers"][n]["tasks"]] for n in teachers}
+    relevant = {n: [t for t in a.tasks if t in a.teachers[n].tasks] for n in teachers}
     relevant = {n: ts for n, ts in relevant.items() if ts}
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    student = MultiTaskNet(dm.input_shape, a["tasks"], a["student"]["channels"], a["student"]["kernel_size"])
-    train = dm.splits["train"]
-    x_train = dm.prepare_batch((train.x, train.y), train=False)[0]
+    student = MultiTaskNet(dm.input_shape, a.tasks, a.student.channels, a.student.kernel_size)
+
+    def train_inputs() -> Iterable[torch.Tensor]:
+        for raw in dm.iter_split("train"):
+            yield dm.prepare_batch(raw, train=False).x
+
     t0 = time.perf_counter()
     for k in range(len(student.blocks)):
         weights = {
-            n: taylor_channel_weights(teachers[n], k, ts, x_train)
-            if a["filter"] == "taylor"
+            n: taylor_channel_weights(teachers[n], k, ts, train_inputs())
+            if a.filter == "taylor"
             else torch.ones(teachers[n].blocks[k][0].out_channels)
             for n, ts in relevant.items()
         }
-        stage = BlockStage(student, k, {n: teachers[n] for n in relevant}, weights, a["lr"])
-        quiet_trainer(a["block_epochs"], accelerator).fit(stage, datamodule=dm)
+        stage = BlockStage(student, k, {n: teachers[n] for n in relevant}, weights, a.lr)
+        quiet_trainer(a.block_epochs, accelerator).fit(stage, datamodule=dm)
         log.info("amalgamation: block %d of %d trained", k + 1, len(student.blocks))
-    sources = {t: [teachers[n] for n, ts in relevant.items() if t in ts] for t in a["tasks"]}
-    quiet_trainer(a["head_epochs"], accelerator).fit(
-        HeadStage(student, sources, a["temperature"], a["lr"]), datamodule=dm
+    sources = {t: [teachers[n] for n, ts in relevant.items() if t in ts] for t in a.tasks}
+    quiet_trainer(a.head_epochs, accelerator).fit(
+        HeadStage(student, sources, a.temperature, a.lr), datamodule=dm
     )
-    if a["finetune_epochs"]:
-        whole = HeadStage(student, sources, a["temperature"], a["lr"] / 3, whole=True)
-        quiet_trainer(a["finetune_epochs"], accelerator).fit(whole, datamodule=dm)
+    if a.finetune_epochs:
+        whole = HeadStage(student, sources, a.temperature, a.lr / 3, whole=True)
+        quiet_trainer(a.finetune_epochs, accelerator).fit(whole, datamodule=dm)
     fit_seconds = time.perf_counter() - t0
-    student_acc = task_accuracy(student, dm, a["tasks"])
-    teacher_acc = {n: task_accuracy(teachers[n], dm, a["teachers"][n]["tasks"]) for n in teachers}
+    student_acc = task_accuracy(student, dm, a.tasks)
+    teacher_acc = {n: task_accuracy(teachers[n], dm, a.teachers[n].tasks) for n in teachers}
     save_multitask(
         student, out / "student.pt", dm.input_shape, {"task_acc": student_acc, "seed": int(cfg.seed)}
     )
@@ -353,14 +311,27 @@ def run_amalgamation(
         "task_acc": student_acc,
         "teacher_task_acc": teacher_acc,
         "teacher_test_acc": {
-            f"{n}:{t}": acc for n, per in teacher_acc.items() for t, acc in per.items() if t in a["tasks"]
+            f"{n}:{t}": acc for n, per in teacher_acc.items() for t, acc in per.items() if t in a.tasks
         },
         "teacher_checkpoints": {n: str(p) for n, p in paths.items()},
         "fit_seconds": fit_seconds,
         "student_path": str(out / "student.pt"),
-        "tasks": a["tasks"],
-        "val_acc": sum(task_accuracy(student, dm, a["tasks"], "val").values()) / len(a["tasks"]),
+        "tasks": a.tasks,
+        "val_acc": sum(task_accuracy(student, dm, a.tasks, "val").values()) / len(a.tasks),
     }
+
+
+@register_runner("amalgamation", summary=lambda results: print_task_table(results))
+def run_amalgamation_job(ctx: RunContext) -> None:
+    """runner=amalgamation (experiment=ye2019): its own training loop, stage by stage; no labels used."""
+    from omegaconf import OmegaConf
+
+    a = check_amalgamation_cfg(OmegaConf.to_container(ctx.cfg.get("amalgamation"), resolve=True))
+    if ctx.cfg.get("dry_run"):
+        ctx.results["status"] = "dry_run"
+        return
+    data_cfg = OmegaConf.to_container(ctx.cfg.data, resolve=True)
+    ctx.results.update(run_amalgamation(a, ctx.cfg, ctx.dm, ctx.out, data_cfg))
 
 
 def print_task_table(results: Mapping[str, Any]) -> None:

@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.files import atomic_write
 
 JOB_CONFIG = "ddp_job"
 
@@ -59,11 +60,8 @@ def pin_ddp_children_to_job(cfg: DictConfig, out: Path) -> Path | None:
     if not HydraConfig.initialized() or not spawns_children(cfg.trainer):
         return None
     path = out / ".kd" / f"{JOB_CONFIG}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    OmegaConf.save(resolved, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: OmegaConf.save(resolved, tmp))
     sys.argv[1:] = ["--config-path", str(path.parent), "--config-name", JOB_CONFIG]
     hydra_cfg = HydraConfig.get()
     with read_write(hydra_cfg), open_dict(hydra_cfg):

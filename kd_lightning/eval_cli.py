@@ -27,7 +27,7 @@ RESOLVED = "config.resolved.yaml"
 
 def load_run(run_dir: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
     """(datamodule, student, teachers or None, results) of a finished kd-train run."""
-    from kd_lightning.pipeline import build_teacher_ensemble, instantiate_datamodule
+    from kd_lightning.build import build_teacher_ensemble, instantiate_datamodule
 
     for name in (RESOLVED, "student.pt", "results.json"):
         if not (run_dir / name).is_file():

@@ -8,7 +8,6 @@ therefore needs nothing from the checkpoint for the teachers: they are rebuilt f
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -16,13 +15,12 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from kd_lightning.errors import ConfigError, choices
+from kd_lightning.data.batch import Batch
 from kd_lightning.objective import Objective
+from kd_lightning.optim import OptimSetup
 from kd_lightning.taps import FeatureTaps
+from kd_lightning.teacher_cache import TeacherOutputCache
 from kd_lightning.teachers import TeacherEnsemble
-
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-SCHEDULERS = ("none", "cosine", "step")
 
 
 class DistillationModule(pl.LightningModule):
@@ -33,18 +31,21 @@ class DistillationModule(pl.LightningModule):
         teachers: TeacherEnsemble | None,
         student_taps: FeatureTaps,
         num_classes: int,
-        optim: Mapping[str, Any] | None = None,
+        optim: OptimSetup,
+        teacher_cache: TeacherOutputCache | None = None,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.student = student
         self.objective = objective
         object.__setattr__(self, "teachers", teachers)  # not a submodule: see the module docstring
-        object.__setattr__(self, "teacher_cache", None)  # a TeacherOutputCache, set by build_module
+        # teachers' outputs on the training set, read by sample index (None: teachers run on every batch)
+        object.__setattr__(self, "teacher_cache", teacher_cache)
         self.taps = student_taps
-        self.optim_cfg = dict(optim or {})
+        self.optim = optim
         self.num_classes = num_classes
         self.needs_teachers = teachers is not None and len(objective.terms) > 0
-        self.channels_last = False  # perf.channels_last: inputs in NHWC like the models
+        self.channels_last = channels_last  # perf.channels_last: inputs in NHWC like the models
         self._epoch_sums: dict[str, torch.Tensor] = {}
         self._epoch_count = 0
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -97,15 +98,15 @@ class DistillationModule(pl.LightningModule):
         return self.student(x)
 
     # --- steps -------------------------------------------------------------------------------
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch[0], batch[1]
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    def _input(self, batch: Batch) -> torch.Tensor:
+        x = batch.x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        x, y = self._input(batch), batch.y
         s_feats = self.taps(x)
-        index = batch[2] if len(batch) > 2 else None
-        slot = batch[3] if len(batch) > 3 else index  # (sample, view) under consistent teaching
-        t_feats = self.teacher_features(x, slot) if self.needs_teachers else None
-        loss, parts = self.objective(s_feats, t_feats, y, index=index, epoch=self.current_epoch)
+        t_feats = self.teacher_features(x, batch.cache_slot) if self.needs_teachers else None
+        loss, parts = self.objective(s_feats, t_feats, y, index=batch.index, epoch=self.current_epoch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.detach().item()}) at epoch {self.current_epoch}, step {self.global_step}: "
@@ -137,8 +138,8 @@ class DistillationModule(pl.LightningModule):
         if self.teacher_cache is not None and self.trainer.is_global_zero:
             self.teacher_cache.save()  # mode disk, once complete; a no-op otherwise
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch[0], batch[1]
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        x, y = self._input(batch), batch.y
         logits = self.student(x)
         self.val_acc(logits, y)
         self.log(
@@ -146,8 +147,8 @@ class DistillationModule(pl.LightningModule):
         )
         self.log("val/acc", self.val_acc, prog_bar=True)
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch[0], batch[1]
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        x, y = self._input(batch), batch.y
         logits = self.student(x)
         self.test_acc(logits, y)
         self.log("test/acc", self.test_acc)
@@ -164,26 +165,5 @@ class DistillationModule(pl.LightningModule):
 
     # --- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        cfg = dict(self.optim_cfg)
-        name = str(cfg.pop("name", "adam"))
-        if name not in OPTIMIZERS:
-            raise ConfigError(f"optim.name={name!r}; valid: {choices(OPTIMIZERS)}")
-        scheduler = str(cfg.pop("scheduler", "none"))
-        step_size = cfg.pop("step_size", 30)
-        gamma = cfg.pop("gamma", 0.1)
-        params = [p for p in self.parameters() if p.requires_grad]
-        try:
-            opt = OPTIMIZERS[name](params, **cfg)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"optim: {e} (optim={dict(self.optim_cfg)})") from None
-        if scheduler == "none":
-            return opt
-        if scheduler == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-                opt, T_max=max(1, self.trainer.max_epochs or 1)
-            )
-        elif scheduler == "step":
-            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(step_size), gamma=float(gamma))
-        else:
-            raise ConfigError(f"optim.scheduler={scheduler!r}; valid: {', '.join(SCHEDULERS)}")
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        params = [p for p in self.parameters() if p.requires_grad]  # student + adapters + loss heads
+        return self.optim.configure(params, int(self.trainer.estimated_stepping_batches))

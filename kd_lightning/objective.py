@@ -10,6 +10,7 @@ student feature to the teacher's shape and applies a distance. With several teac
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from numbers import Real
 from typing import Any
@@ -21,9 +22,8 @@ from torch import nn
 from kd_lightning.adapters import make_adapter
 from kd_lightning.errors import ConfigError, as_float, choices
 from kd_lightning.losses import create_loss, forward_extras, loss_class
+from kd_lightning.specs import TermSpec, parse
 
-COMBINE_MODES = ("per_teacher", "mean", "concat")
-TERM_KEYS = {"weight", "student_tap", "teacher_tap", "distance", "adapter", "combine"}
 Shape = tuple[int, ...]
 
 
@@ -40,30 +40,27 @@ class Term(nn.Module):
     def __init__(
         self,
         name: str,
-        spec: Mapping[str, Any],
+        spec: TermSpec | Mapping[str, Any],
         student_shape: Shape,
         teacher_shapes: Mapping[str, Shape],
         teacher_weights: Mapping[str, float],
         context: Mapping[str, Any] | None = None,
     ):
         super().__init__()
+        spec = parse(TermSpec, spec, f"distill.terms.{name}")
         self.name = name
-        self.weight = check_weight(f"distill.terms.{name}.weight", spec.get("weight", 1.0))
-        self.student_tap = str(spec.get("student_tap", "embed"))
-        self.teacher_tap = str(spec.get("teacher_tap", self.student_tap))
-        self.combine = str(spec.get("combine", "per_teacher"))
-        if self.combine not in COMBINE_MODES:
-            raise ConfigError(
-                f"distill.terms.{name}.combine={self.combine!r}; valid: {', '.join(COMBINE_MODES)}"
-            )
-        loss_kwargs = {k: v for k, v in spec.items() if k not in TERM_KEYS}
-        distance = str(spec.get("distance", "mse"))
+        self.weight = spec.weight
+        self.student_tap = spec.student_tap
+        self.teacher_tap = spec.tap
+        self.combine = spec.combine
+        loss_kwargs = dict(spec.options)
+        distance = spec.distance
         try:
             shape_free = bool(getattr(loss_class(distance), "shape_free", False))
         except ConfigError as e:
             raise ConfigError(f"distill.terms.{name}: {e}") from None
         self.teacher_weights = dict(teacher_weights)
-        kind = str(spec.get("adapter", "auto"))
+        kind = spec.adapter
         members = list(teacher_shapes)
         if self.combine == "per_teacher":
             targets = {m: teacher_shapes[m] for m in members}
@@ -85,7 +82,8 @@ class Term(nn.Module):
             try:
                 self.losses[k] = create_loss(distance, injected, **loss_kwargs)
             except ConfigError as e:
-                raise ConfigError(f"distill.terms.{name}: {e} (term keys: {choices(TERM_KEYS)})") from None
+                term_keys = [f for f in TermSpec.__dataclass_fields__ if f != "options"]
+                raise ConfigError(f"distill.terms.{name}: {e} (term keys: {choices(term_keys)})") from None
         self.extras = forward_extras(next(iter(self.losses.values()))) if len(self.losses) else ()
 
     def _combined_shape(self, shapes: Mapping[str, Shape]) -> Shape:
@@ -150,16 +148,11 @@ class Objective(nn.Module):
 
     @staticmethod
     def student_taps(distill_cfg: Mapping[str, Any]) -> list[str]:
-        return sorted({str(t.get("student_tap", "embed")) for t in active_terms(distill_cfg).values()})
+        return sorted({t.student_tap for t in active_terms(distill_cfg).values()})
 
     @staticmethod
     def teacher_taps(distill_cfg: Mapping[str, Any]) -> list[str]:
-        return sorted(
-            {
-                str(t.get("teacher_tap", t.get("student_tap", "embed")))
-                for t in active_terms(distill_cfg).values()
-            }
-        )
+        return sorted({t.tap for t in active_terms(distill_cfg).values()})
 
     def forward(
         self,
@@ -185,7 +178,7 @@ class Objective(nn.Module):
         return total, parts
 
 
-def active_terms(distill_cfg: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+def active_terms(distill_cfg: Mapping[str, Any]) -> dict[str, TermSpec]:
     """Terms of the config, minus those switched off with `null` (so `distill.terms.x=null` removes x)."""
     terms = distill_cfg.get("terms") or {}
     if not isinstance(terms, Mapping):
@@ -196,9 +189,7 @@ def active_terms(distill_cfg: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]
     for name, spec in terms.items():
         if spec is None:
             continue
-        if not isinstance(spec, Mapping):
-            raise ConfigError(f"distill.terms.{name} must be a mapping of settings, got {spec!r}")
-        out[str(name)] = spec
+        out[str(name)] = parse(TermSpec, spec, f"distill.terms.{name}")
     return out
 
 
@@ -219,10 +210,7 @@ def build_objective(
     if rho is not None:
         rho = as_float("distill.rho", rho, 0.0, 1.0)
         ce_weight = 1.0 - rho
-        terms_cfg = {
-            k: {**v, "weight": rho * check_weight(f"distill.terms.{k}.weight", v.get("weight", 1.0))}
-            for k, v in terms_cfg.items()
-        }
+        terms_cfg = {k: dataclasses.replace(v, weight=rho * v.weight) for k, v in terms_cfg.items()}
     if terms_cfg and not teacher_shapes:
         raise ConfigError(
             f"distill has terms {sorted(terms_cfg)} but there are no teachers; use distill=none for "
@@ -230,12 +218,11 @@ def build_objective(
         )
     terms = {}
     for name, spec in terms_cfg.items():
-        tap = str(spec.get("teacher_tap", spec.get("student_tap", "embed")))
-        shapes = {m: s[tap] for m, s in (teacher_shapes or {}).items()}
+        shapes = {m: s[spec.tap] for m, s in (teacher_shapes or {}).items()}
         terms[name] = Term(
             name,
             spec,
-            student_shapes[str(spec.get("student_tap", "embed"))],
+            student_shapes[spec.student_tap],
             shapes,
             teacher_weights or {},
             context,

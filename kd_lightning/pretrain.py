@@ -19,12 +19,13 @@ from typing import Any
 
 from kd_lightning.errors import ConfigError, choices
 from kd_lightning.fit_cache import fit_once, keyed_path
-from kd_lightning.teachers import check_fit_cfg, data_identity
+from kd_lightning.specs import FitSpec, as_plain, parse
+from kd_lightning.teachers import data_identity
 
 log = logging.getLogger(__name__)
 
 PRETRAINED_KEYS = {"checkpoint", "fit_if_missing", "data", "fit"}
-SourceFitFn = Callable[[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any], Path], None]
+SourceFitFn = Callable[[Mapping[str, Any], Mapping[str, Any], FitSpec, Path], None]
 
 
 def _torchvision_weights(name: str) -> list[str]:
@@ -37,8 +38,10 @@ def _torchvision_weights(name: str) -> list[str]:
         return []
 
 
-def pretrained_cache_path(cache_dir: str | Path, arch: Mapping[str, Any], p: Mapping[str, Any]) -> Path:
-    key = {"arch": arch, "fit": p.get("fit"), "data": data_identity(p["data"])}
+def pretrained_cache_path(
+    cache_dir: str | Path, arch: Mapping[str, Any], p: Mapping[str, Any], fit: FitSpec
+) -> Path:
+    key = {"arch": arch, "fit": as_plain(fit), "data": data_identity(p["data"])}
     return keyed_path(Path(cache_dir) / "pretrained", str(arch.get("name")), key)
 
 
@@ -70,10 +73,11 @@ def resolve_pretrained(
             f"{owner}.pretrained has unknown key(s) {unknown}; valid: {choices(PRETRAINED_KEYS)}"
         )
     arch = {k: v for k, v in spec.items() if k not in ("pretrained", "checkpoint", "taps")}
+    fit = parse(FitSpec, p.get("fit"), f"{owner}.pretrained.fit")
     if p.get("checkpoint"):
         path = Path(p["checkpoint"])
     elif isinstance(p.get("data"), Mapping) and p["data"].get("_target_"):
-        path = pretrained_cache_path(cache_dir, arch, p)
+        path = pretrained_cache_path(cache_dir, arch, p, fit)
     else:
         raise ConfigError(
             f"{owner}.pretrained needs a checkpoint path, or `data` (the source task's data config, with "
@@ -87,7 +91,6 @@ def resolve_pretrained(
             )
         if fit_fn is None:
             raise ConfigError(f"{owner}.pretrained: no checkpoint at {path} and no way to pre-train here")
-        fit = check_fit_cfg(f"{owner}.pretrained.fit", p.get("fit") or {})
         log.info("%s: pre-training on the source task → %s (unless a parallel job does)", owner, path)
         fit_once(path, lambda: fit_fn(arch, p["data"], fit, path))
     spec["pretrained"] = str(path)

@@ -1,4 +1,5 @@
-"""results.json: written atomically (temp file + rename), so a crash never leaves half a file."""
+"""results.json: the run's labels (group choices, teacher set, distance) and numbers, written atomically
+(temp file + rename), so a crash never leaves half a file."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from kd_lightning.files import atomic_write
 
 
 def _clean(value: Any) -> Any:
@@ -27,18 +30,57 @@ def _clean(value: Any) -> Any:
 
 
 def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(_clean(payload), f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            json.dump(_clean(payload), f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    return atomic_write(path, write)
 
 
 def read_results(path: str | Path) -> dict[str, Any]:
     with open(path) as f:
         return json.load(f)
+
+
+GROUPS = ("data", "student", "teachers", "distill", "trainer", "optim", "scheduler", "experiment")
+
+
+def group_choices(cfg: DictConfig) -> dict[str, Any]:
+    """The config-group choices of this run (from Hydra when available, else the configs' `name` keys)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        chosen = HydraConfig.get().runtime.choices
+        return {g: chosen.get(g) for g in GROUPS}
+    return {g: (cfg.get(g) or {}).get("name") if isinstance(cfg.get(g), DictConfig) else None for g in GROUPS}
+
+
+def teacher_set_label(cfg: DictConfig) -> str:
+    """`cnn_a+cnn_b`: the teachers this run uses, in pool order of `teachers.use` ("none" without any)."""
+    teachers = OmegaConf.to_container(cfg.teachers, resolve=True) if cfg.get("teachers") else {}
+    members = list(teachers.get("members") or {})
+    use = teachers.get("use")
+    used = members if use is None else ([use] if isinstance(use, str) else use)
+    return "+".join(str(u) for u in (used if isinstance(used, list) else []) if u in members) or "none"
+
+
+def distance_label(cfg: DictConfig) -> str:
+    from kd_lightning.objective import active_terms
+
+    terms = active_terms(OmegaConf.to_container(cfg.distill, resolve=True) or {})
+    return "+".join(sorted({t.distance for t in terms.values()})) or "none"
+
+
+def run_labels(cfg: DictConfig) -> dict[str, Any]:
+    """What results.json says a run is, before anything is checked: a broken key is reported by its owner
+    (the label reads "unknown"), never by the labelling."""
+    labels: dict[str, Any] = group_choices(cfg)
+    for key, fn in (("teacher_set", teacher_set_label), ("distance", distance_label)):
+        try:
+            labels[key] = fn(cfg)
+        except Exception:
+            labels[key] = "unknown"
+    return labels

@@ -17,18 +17,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-CACHE_MODES = ("none", "memory", "disk")
+
 Features = dict[str, dict[str, torch.Tensor]]
 
 
@@ -114,15 +113,7 @@ class TeacherOutputCache:
         """Write the complete cache (rank 0, mode disk); atomic, so readers never see half a file."""
         if self.path is None or not self.complete or self.path.is_file():
             return None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        torch.save({"key": self.key, "n": self.n, "tensors": self.tensors}, tmp)
-        os.replace(tmp, self.path)
+        payload = {"key": self.key, "n": self.n, "tensors": self.tensors}
+        atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
         log.info("teacher outputs saved to %s", self.path)
         return self.path
-
-
-def check_mode(mode: Any) -> str:
-    if mode not in CACHE_MODES:
-        raise ConfigError(f"teacher_cache.mode={mode!r}; valid: {', '.join(CACHE_MODES)}")
-    return str(mode)

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd_lightning.errors import ConfigError, as_float, as_int, as_seed, choices
+from kd_lightning.errors import ConfigError, choices
 from kd_lightning.fit_cache import fit_once, keyed_path
 from kd_lightning.models import create_model, load_weights
+from kd_lightning.specs import FitSpec, MemberSpec, as_plain, parse
 from kd_lightning.taps import FeatureTaps
 
 log = logging.getLogger(__name__)
@@ -99,27 +100,13 @@ def data_identity(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def teacher_cache_path(
-    cache_dir: str | Path, data_name: str, member: str, spec: Mapping[str, Any], data_cfg: Mapping[str, Any]
+    cache_dir: str | Path, data_name: str, member: str, spec: MemberSpec, data_cfg: Mapping[str, Any]
 ) -> Path:
-    key = {"arch": spec.get("arch"), "fit": spec.get("fit"), "data": data_identity(data_cfg)}
+    key = {"arch": spec.arch, "fit": as_plain(spec.fit), "data": data_identity(data_cfg)}
     return keyed_path(Path(cache_dir) / "teachers" / data_name, member, key)
 
 
-MEMBER_KEYS = {"arch", "checkpoint", "taps", "weight", "fit_if_missing", "fit"}
-
-
-def check_fit_cfg(key: str, fit_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The `fit:` block of a teacher (or the baseline): seed, epochs and optimiser numbers, checked."""
-    fit = dict(fit_cfg or {})
-    fit["seed"] = as_seed(f"{key}.seed", fit.get("seed", 0))
-    fit["max_epochs"] = as_int(f"{key}.max_epochs", fit.get("max_epochs", 20), 1)
-    for name in ("lr", "weight_decay"):
-        if name in fit:
-            fit[name] = as_float(f"{key}.{name}", fit[name], 0.0, open_low=name == "lr")
-    return fit
-
-
-FitFn = Callable[[str, Mapping[str, Any], Mapping[str, Any], Path], None]
+FitFn = Callable[[str, Mapping[str, Any], FitSpec, Path], None]
 
 
 def build_teachers(
@@ -152,29 +139,22 @@ def build_teachers(
     if not selected:
         return None
     # Check every selected member first, so that a typo in the second one fails before the first is fitted.
-    specs, paths, weights = {}, {}, {}
+    specs: dict[str, MemberSpec] = {}
+    paths, weights = {}, {}
     for name in selected:
-        spec = dict(members_cfg[name])
-        bad = sorted(set(spec) - MEMBER_KEYS)
-        if bad:
-            raise ConfigError(
-                f"teachers.members.{name} has unknown key(s) {bad}; valid: {choices(MEMBER_KEYS)}"
-            )
-        if not spec.get("arch") or "name" not in spec["arch"]:
-            raise ConfigError(f"teachers.members.{name}.arch.name is required (a model name)")
-        weights[name] = as_float(f"teachers.members.{name}.weight", spec.get("weight", 1.0), low=0.0)
-        spec["fit"] = check_fit_cfg(f"teachers.members.{name}.fit", spec.get("fit") or {})
-        ckpt = spec.get("checkpoint")
+        spec = specs[name] = parse(MemberSpec, members_cfg[name], f"teachers.members.{name}")
+        weights[name] = spec.weight
+        ckpt = spec.checkpoint
         path = Path(ckpt) if ckpt else teacher_cache_path(cache_dir, data_name, name, spec, data_cfg)
         if not path.is_file():
-            if not spec.get("fit_if_missing", False):
+            if not spec.fit_if_missing:
                 raise ConfigError(
                     f"teacher {name!r}: checkpoint file not found: {path}. Set "
                     f"teachers.members.{name}.checkpoint to an existing file, or fit_if_missing: true"
                 )
             if fit_fn is None:
                 raise ConfigError(f"teacher {name!r} has no checkpoint at {path} and no way to fit it here")
-        specs[name], paths[name] = spec, path
+        paths[name] = path
     if sum(weights.values()) <= 0:
         raise ConfigError(f"the teachers' weights {weights} sum to 0; give at least one a weight > 0")
 
@@ -185,10 +165,10 @@ def build_teachers(
             log.info(
                 "teacher %s: no checkpoint at %s, fitting it first (unless a parallel job does)", name, path
             )
-            fit_once(path, lambda n=name, s=spec, p=path: fit_fn(n, s["arch"], dict(s.get("fit") or {}), p))
-        model = create_model(dict(spec["arch"]), num_classes, input_shape)
+            fit_once(path, lambda n=name, s=spec, p=path: fit_fn(n, s.arch, s.fit, p))
+        model = create_model(dict(spec.arch), num_classes, input_shape)
         load_weights(model, path, owner=f"teacher {name!r}")
         members[name] = model
-        aliases[name] = dict(spec.get("taps") or {})
+        aliases[name] = dict(spec.taps)
         checkpoints[name] = str(path)
     return TeacherEnsemble(members, aliases, weights, checkpoints)

@@ -79,10 +79,10 @@ def test_taylor_filter_gives_no_weight_to_a_channel_the_chosen_task_ignores():
     last = t.blocks[-1](t.blocks[0](torch.zeros(1, 1, 16))).shape[-1]  # positions per channel
     with torch.no_grad():
         t.heads["parity"].weight[:, last : 2 * last] = 0  # channel 1 of the last block: not used for parity
-    w = taylor_channel_weights(t, 1, ["parity"], torch.randn(64, 1, 16))
+    w = taylor_channel_weights(t, 1, ["parity"], [torch.randn(64, 1, 16)])
     assert w.shape == (3,) and w.mean() == pytest.approx(1.0) and bool((w >= 0).all())
     assert w[1] == 0 and w[0] > 0 and w[2] > 0
-    w_digit = taylor_channel_weights(t, 1, ["digit"], torch.randn(64, 1, 16))
+    w_digit = taylor_channel_weights(t, 1, ["digit"], [torch.randn(64, 1, 16)])
     assert w_digit[1] > 0  # the other task does use it
 
 
@@ -111,13 +111,14 @@ def test_the_student_never_uses_labels(tmp_path):
     for shuffle in (False, True):
         dm = DigitsDataModule(batch_size=128)
         dm.setup()
-        spec = check_amalgamation_cfg(CFG)["teachers"]
+        a = check_amalgamation_cfg(CFG)
+        spec = a.teachers
         for name in spec:  # the teachers are fitted (with labels) before any shuffling, then cached
             fit_or_load_teacher(name, spec[name], dm, data_cfg, tmp_path, "cpu")
         if shuffle:
             y = dm.splits["train"].y
             dm.splits["train"].y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
-        results.append(run_amalgamation(cfg, dm, tmp_path / f"out{int(shuffle)}", data_cfg))
+        results.append(run_amalgamation(a, cfg, dm, tmp_path / f"out{int(shuffle)}", data_cfg))
     assert results[0]["task_acc"] == results[1]["task_acc"]
     assert set(results[0]["task_acc"]) == {"parity", "ge5"}
     assert set(results[0]["teacher_test_acc"]) == {"a:parity", "b:ge5"}

@@ -30,8 +30,9 @@ def test_digits_splits_are_disjoint_seeded_and_yield_indices():
     sizes = {k: len(v) for k, v in a.splits.items()}
     assert sum(sizes.values()) == 1797
     torch.testing.assert_close(a.splits["train"].x, b.splits["train"].x)
-    x, y, idx = next(iter(a.train_dataloader()))
-    assert x.shape == (64, 1, 8, 8) and y.shape == idx.shape == (64,)
+    batch = next(iter(a.train_dataloader()))
+    x, y, idx = batch.x, batch.y, batch.index
+    assert x.shape == (64, 1, 8, 8) and y.shape == idx.shape == (64,) and batch.slot is None
     torch.testing.assert_close(a.splits["train"].x[idx], x)
     c = DigitsDataModule(split_seed=4)
     c.setup()
@@ -41,7 +42,7 @@ def test_digits_splits_are_disjoint_seeded_and_yield_indices():
 def test_train_statistics_normalise_train_split():
     dm = DigitsDataModule()
     dm.setup()
-    x, _, _ = dm.prepare_batch(_all(dm.splits["train"]), train=False)
+    x = dm.prepare_batch(_all(dm.splits["train"]), train=False).x
     assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3
 
 
@@ -86,7 +87,7 @@ def test_cifar_reader_on_files_the_test_writes(tmp_path: Path, classes: int):
     assert len(dm.splits["train"]) + len(dm.splits["val"]) == n_train
     assert dm.input_shape == (3, 32, 32) and dm.num_classes == classes
     assert dm.splits["train"].x.dtype == torch.uint8
-    x, _, _ = dm.prepare_batch(next(iter(dm.train_dataloader())), train=True)
+    x = dm.prepare_batch(next(iter(dm.train_dataloader())), train=True).x
     assert x.dtype == torch.float32 and x.shape == (4, 3, 32, 32)
 
 
@@ -152,7 +153,7 @@ def test_imagefolder_on_png_files(tmp_path: Path):
     dm.setup()
     assert dm.class_names == ["cat", "dog", "owl"] and dm.num_classes == 3
     assert len(dm.splits["test"]) == 6 and len(dm.splits["train"]) + len(dm.splits["val"]) == 18
-    x, y, idx = dm.prepare_batch(next(iter(dm.train_dataloader())), train=True)
+    x, y, idx, _ = dm.prepare_batch(next(iter(dm.train_dataloader())), train=True)
     assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and y.shape == idx.shape == (4,)
     with pytest.raises(ConfigError, match="not a folder"):
         ImageFolderDataModule(root=str(tmp_path / "nope")).setup()
@@ -198,3 +199,92 @@ def test_class_subset_keeps_those_classes_relabelled_in_the_given_order():
         DigitsDataModule(class_subset=[1, 1])
     with pytest.raises(ConfigError, match="at least 2"):
         DigitsDataModule(class_subset=[3])
+
+
+def write_png_classes(root: Path, classes: list[str], per_class: int, size: int = 12, seed: int = 0) -> Path:
+    """A folder of class subfolders of small PNGs; each class has its own mean colour, so it can be learnt."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        base = np.array([(37 * k) % 256, (91 * k) % 256, (151 * k) % 256], dtype=np.float32)
+        for i in range(per_class):
+            img = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_imagefolder_class_subset_relabels_in_the_order_given(tmp_path: Path):
+    root = write_png_classes(tmp_path / "train", ["a", "b", "c", "d"], 5)
+    dm = ImageFolderDataModule(root=str(root), image_size=12, class_subset=[3, 1], val_fraction=0.2)
+    dm.setup()
+    assert dm.class_names == ["d", "b"] and dm.num_classes == 2
+    labels = torch.cat([dm.labels(s) for s in ("train", "val", "test")])
+    assert sorted(labels.tolist()) == [0] * 5 + [1] * 5  # only d (→ 0) and b (→ 1) remain
+    for split in ("train", "test"):  # labels() and the images read agree
+        assert torch.equal(torch.cat([b.y for b in dm.iter_split(split)]), dm.labels(split))
+    with pytest.raises(ConfigError, match=r"class_subset \[7\] do not occur"):
+        ImageFolderDataModule(root=str(root), class_subset=[0, 7]).setup()
+
+
+def test_imagefolder_consistent_teaching_views_give_slots(tmp_path: Path):
+    root = write_png_classes(tmp_path / "train", ["a", "b"], 8)
+    dm = ImageFolderDataModule(
+        root=str(root), image_size=12, batch_size=4, augment={"crop_padding": 2, "hflip": True, "views": 3}
+    )
+    dm.setup()
+    assert dm.view_params is not None and dm.view_params.shape == (dm.num_train, 3, 3)
+    assert dm.cache_slots == 3 * dm.num_train and not dm.fresh_views
+    batch = dm.prepare_batch(next(iter(dm.train_dataloader())), train=True)
+    assert batch.slot is not None and torch.equal(batch.slot // 3, batch.index)
+
+
+@pytest.mark.slow
+def test_imagefolder_runs_with_class_subset_views_cache_and_robustness(make_cfg, tmp_path: Path):
+    import json
+
+    from kd_lightning.models import load_model
+    from kd_lightning.runner import run
+
+    root = write_png_classes(tmp_path / "images", ["a", "b", "c", "d"], 10)
+    cfg = make_cfg(
+        "data=imagefolder",
+        f"data.root={root}",
+        "data.image_size=12",
+        "data.class_subset=[0,2,3]",
+        "+data.augment={crop_padding: 2, hflip: true, views: 2}",
+        "student=cnn",
+        "teachers.use=[cnn_s]",
+        "teachers.members.cnn_s.fit.max_epochs=1",
+        "distill=kd",
+        "evaluate=robustness",
+        "evaluate.corruptions=[gaussian_noise,blur]",
+        "evaluate.severities=[0,2]",
+        "trainer.max_epochs=2",
+    )
+    res = run(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert res["status"] == "ok" and set(res["metrics"]) == {"student", "cnn_s"}
+    assert load_model(out / "student.pt").state_dict()["fc.weight"].shape[0] == 3  # three classes kept
+    rows = json.loads((out / "evaluation.json").read_text())["robustness"]
+    assert {(r["corruption"], r["severity"]) for r in rows} == {
+        (c, s) for c in ("gaussian_noise", "blur") for s in (0, 2)
+    }
+
+
+@pytest.mark.slow
+def test_imagefolder_feeds_amalgamation(make_cfg, tmp_path: Path):
+    from kd_lightning.runner import run
+
+    root = write_png_classes(tmp_path / "digits", [str(d) for d in range(10)], 4)
+    tiny = [
+        "amalgamation.block_epochs=1",
+        "amalgamation.head_epochs=1",
+        "amalgamation.finetune_epochs=0",
+        "amalgamation.teachers.t_digit_parity.fit.max_epochs=1",
+        "amalgamation.teachers.t_ge5_mod3.fit.max_epochs=1",
+    ]
+    cfg = make_cfg("experiment=ye2019", "data=imagefolder", f"data.root={root}", "data.image_size=12", *tiny)
+    res = run(cfg)
+    assert res["status"] == "ok" and set(res["task_acc"]) == {"parity", "ge5"}

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kd_lightning.build import build_module, build_teacher_ensemble, instantiate_datamodule
 from kd_lightning.distributed import num_nodes_from_env, spawns_children, torchrun_argv
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import load_model
-from kd_lightning.pipeline import build_module, build_teacher_ensemble, instantiate_datamodule
 
 from .conftest import FAST, ROOT, run_cli
 
@@ -25,7 +25,7 @@ DDP = ["trainer=ddp_cpu", "trainer.devices=2"]
 EQUIV = [
     "data.train_subset=1024",
     "trainer.max_epochs=3",
-    "optim.scheduler=none",
+    "scheduler=none",
     "callbacks=none",
     "trainer.deterministic=true",
 ]

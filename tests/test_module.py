@@ -5,9 +5,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from kd_lightning.build import build_module, build_teacher_ensemble, instantiate_datamodule
 from kd_lightning.models import load_model
-from kd_lightning.pipeline import build_module, build_teacher_ensemble, instantiate_datamodule
-from kd_lightning.train import build_trainer, run
+from kd_lightning.runner import run
+from kd_lightning.trainers import build_trainer
 
 
 class ModeProbe(pl.Callback):
@@ -88,7 +89,7 @@ def test_run_writes_results_and_a_student_that_loads_alone(make_cfg):
     assert not any("teacher" in k or "adapter" in k for k in sd)
     dm = instantiate_datamodule(cfg.data)
     dm.setup("test")
-    x, y, _ = dm.prepare_batch(
+    x, y, _, _ = dm.prepare_batch(
         dm.splits["test"].__getitems__(list(range(len(dm.splits["test"])))), train=False
     )
     student.eval()

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.objective import Objective, Term, active_terms, build_objective
+from kd_lightning.specs import TermSpec
 
 
 def term(combine: str, shapes: dict, weights: dict | None = None, **spec) -> Term:
@@ -80,7 +81,7 @@ def test_terms_without_teachers_is_an_error():
 
 
 def test_null_term_is_switched_off_and_unknown_term_key_is_reported():
-    assert active_terms({"terms": {"a": None, "b": {"weight": 1}}}) == {"b": {"weight": 1}}
+    assert active_terms({"terms": {"a": None, "b": {"weight": 1}}}) == {"b": TermSpec(weight=1.0)}
     with pytest.raises(ConfigError, match="distill.terms.feat.*wieght"):
         term("per_teacher", {"a": (4,)}, wieght=3)
 

@@ -26,7 +26,7 @@ def test_fits_on_the_source_task_once_then_reuses_the_file(tmp_path):
     again = resolve_pretrained("student", spec, tmp_path, fit)
     assert first == again and Path(first["pretrained"]).is_file() and len(calls) == 1
     assert calls[0][0] == {"name": "cnn", "channels": [8]} and calls[0][1] == SOURCE
-    assert calls[0][2]["seed"] == 3 and calls[0][2]["max_epochs"] >= 1
+    assert calls[0][2].seed == 3 and calls[0][2].max_epochs >= 1
     other = {**spec, "pretrained": {**spec["pretrained"], "data": {**SOURCE, "class_subset": [5, 6]}}}
     assert resolve_pretrained("student", other, tmp_path, fit)["pretrained"] != first["pretrained"]
     assert len(calls) == 2  # another source task, another file
@@ -58,7 +58,7 @@ def test_a_run_given_torchvision_weights_as_pretrained_builds_with_those_weights
     """`student.pretrained=IMAGENET1K_V1` reaches torchvision as weights= (the download is intercepted)."""
     import torchvision
 
-    from kd_lightning.pipeline import resolve_pretrained_models
+    from kd_lightning.build import resolve_pretrained_models
 
     cfg = make_cfg("student=torchvision", "student.name=resnet18", "student.pretrained=IMAGENET1K_V1")
     resolve_pretrained_models(cfg)
@@ -71,8 +71,8 @@ def test_a_run_given_torchvision_weights_as_pretrained_builds_with_those_weights
         return real(name, weights=None, **kw)
 
     monkeypatch.setattr(torchvision.models, "get_model", fake_get_model)
+    from kd_lightning.build import model_spec
     from kd_lightning.models import create_model
-    from kd_lightning.pipeline import model_spec
 
     create_model(model_spec(cfg.student), 10, (1, 8, 8))
     assert seen == ["IMAGENET1K_V1"]

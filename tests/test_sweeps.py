@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 from kd_lightning.errors import ConfigError
 from kd_lightning.report import write_report
 from kd_lightning.resolvers import register_resolvers
+from kd_lightning.results import teacher_set_label
 from kd_lightning.sweeps import sweep_string, teacher_subsets
-from kd_lightning.train import teacher_set_label
 
 from .conftest import FAST, ROOT, compose_cfg, run_cli
 

@@ -6,8 +6,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from kd_lightning.build import build_module, build_teacher_ensemble, instantiate_datamodule
+from kd_lightning.data.batch import Batch
 from kd_lightning.models import load_model, save_model
-from kd_lightning.pipeline import build_module, build_teacher_ensemble, instantiate_datamodule
 from kd_lightning.teacher_cache import TeacherOutputCache, cache_key
 
 
@@ -19,7 +20,7 @@ class RecordLosses(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def _fit(make_cfg, *overrides: str, epochs: int = 2):
+def _fit(make_cfg, *overrides: str, epochs: int = 2, hook=None):
     cfg = make_cfg(*overrides, "callbacks=none")
     pl.seed_everything(0)
     dm = instantiate_datamodule(cfg.data)
@@ -40,13 +41,15 @@ def _fit(make_cfg, *overrides: str, epochs: int = 2):
         return forward(x)
 
     teachers.forward = counted
+    if hook is not None:
+        hook(module)
     trainer.fit(module, datamodule=dm)
     return rec.losses, calls["n"], module, len(dm.train_dataloader())
 
 
 def test_cached_and_live_teachers_give_the_same_losses(make_cfg):
-    live, live_calls, _, steps = _fit(make_cfg, "teacher_cache=none", "distill=[feature,kd]")
-    cached, cached_calls, module, _ = _fit(make_cfg, "teacher_cache=memory", "distill=[feature,kd]")
+    live, live_calls, _, steps = _fit(make_cfg, "teacher_cache.mode=none", "distill=[feature,kd]")
+    cached, cached_calls, module, _ = _fit(make_cfg, "teacher_cache.mode=memory", "distill=[feature,kd]")
     assert len(live) == len(cached) == 2 * steps
     assert torch.allclose(torch.tensor(live), torch.tensor(cached), rtol=1e-5, atol=1e-6)
     n = len(module.teacher_cache.filled)
@@ -55,10 +58,10 @@ def test_cached_and_live_teachers_give_the_same_losses(make_cfg):
 
 
 def test_disk_cache_is_reused_and_invalidated_by_a_new_teacher_checkpoint(make_cfg, cache_dir, tmp_path):
-    _, first_calls, module, steps = _fit(make_cfg, "teacher_cache=disk", epochs=1)
+    _, first_calls, module, steps = _fit(make_cfg, "teacher_cache.mode=disk", epochs=1)
     path = module.teacher_cache.path
     assert path is not None and path.is_file() and first_calls == len(module.teacher_cache.filled)
-    _, again_calls, again, _ = _fit(make_cfg, "teacher_cache=disk", epochs=1)
+    _, again_calls, again, _ = _fit(make_cfg, "teacher_cache.mode=disk", epochs=1)
     assert again_calls == 0 and again.teacher_cache.path == path  # read from disk, no teacher on train data
 
     # another checkpoint file for cnn_s (weights changed) → another key, the old file is not used
@@ -69,7 +72,7 @@ def test_disk_cache_is_reused_and_invalidated_by_a_new_teacher_checkpoint(make_c
     changed = tmp_path / "cnn_s_changed.pt"
     save_model(model, changed, {"name": "cnn", "channels": [16, 32]}, 10, (1, 8, 8))
     _, calls, other, _ = _fit(
-        make_cfg, "teacher_cache=disk", f"teachers.members.cnn_s.checkpoint={changed}", epochs=1
+        make_cfg, "teacher_cache.mode=disk", f"teachers.members.cnn_s.checkpoint={changed}", epochs=1
     )
     assert other.teacher_cache.path != path and calls == first_calls
 
@@ -126,7 +129,7 @@ def test_consistent_teaching_views_are_recorded_and_repeat(make_cfg):
     dm = instantiate_datamodule(cfg.data)
     dm.shuffle_seed = 0
     dm.setup("fit")
-    x, y, index = dm.splits["train"].__getitems__(list(range(16)))
+    x, y, index, _ = dm.splits["train"].__getitems__(list(range(16)))
     views = {e: dm.epoch_views(e)[:16] for e in range(6)}
     assert len({tuple(v.tolist()) for v in views.values()}) > 1  # the view shown changes with the epoch
 
@@ -137,7 +140,7 @@ def test_consistent_teaching_views_are_recorded_and_repeat(make_cfg):
     seen: dict[int, torch.Tensor] = {}
     for e in range(6):
         _T.current_epoch = e
-        xb, _, _, slot = dm.prepare_batch((x.clone(), y, index), train=True)
+        xb, _, _, slot = dm.prepare_batch(Batch(x.clone(), y, index), train=True)
         assert torch.equal(slot, index * 2 + views[e])
         for i, s in enumerate(slot.tolist()):
             if s in seen:
@@ -147,23 +150,50 @@ def test_consistent_teaching_views_are_recorded_and_repeat(make_cfg):
 
 
 def test_cached_and_live_agree_under_consistent_teaching(make_cfg):
-    live, live_calls, _, steps = _fit(make_cfg, "teacher_cache=none", *AUG_VIEWS, epochs=3)
-    cached, cached_calls, module, _ = _fit(make_cfg, "teacher_cache=memory", *AUG_VIEWS, epochs=3)
+    live, live_calls, _, steps = _fit(make_cfg, "teacher_cache.mode=none", *AUG_VIEWS, epochs=3)
+    cached, cached_calls, module, _ = _fit(make_cfg, "teacher_cache.mode=memory", *AUG_VIEWS, epochs=3)
     assert torch.allclose(torch.tensor(live), torch.tensor(cached), rtol=1e-5, atol=1e-6)
     slots = len(module.teacher_cache.filled)  # 2 views per sample
     assert live_calls == 3 * slots // 2  # every sample, every epoch
     assert cached_calls == int(module.teacher_cache.filled.sum()) < live_calls  # each (sample, view) once
 
 
+def _nhwc(t: torch.Tensor) -> bool:
+    """Stored channels-last (and not also plain-contiguous, as a tensor with one channel would be)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _convs(model: torch.nn.Module) -> list[torch.nn.Conv2d]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+
+
 @pytest.mark.slow
-def test_compile_and_channels_last_give_the_same_losses(make_cfg):
-    eager, *_ = _fit(make_cfg, "student=cnn", "teachers.use=[cnn_s]", epochs=1)
-    fast, *_ = _fit(
+def test_perf_switches_are_applied_to_student_and_teachers_and_keep_the_losses(make_cfg):
+    from torch._dynamo.utils import counters
+
+    base = ("student=cnn", "teachers.use=[cnn_s]", "teacher_cache.mode=none")
+    eager, _, plain, _ = _fit(make_cfg, *base, epochs=1)
+    assert _convs(plain.student) and not any(_nhwc(c.weight) for c in _convs(plain.student))
+    torch._dynamo.reset()
+    counters.clear()
+    seen = []  # is the input of the student's second conv (16 channels) NHWC? every training step
+    fast, _, module, _ = _fit(
         make_cfg,
-        "student=cnn",
-        "teachers.use=[cnn_s]",
+        *base,
         "perf.compile=true",
+        "perf.compile_backend=eager",  # dynamo traces as with inductor; no C++ build in the test
         "perf.channels_last=true",
         epochs=1,
+        hook=lambda m: next(
+            c for c in m.student.modules() if isinstance(c, torch.nn.Conv2d)
+        ).register_forward_pre_hook(
+            lambda _, inp: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last))
+        ),
     )
+    models = [module.student, *module.teachers.members.values()]
+    for m in models:  # weights in NHWC, forward compiled, for the student and every teacher
+        assert all(_nhwc(c.weight) for c in _convs(m))
+        assert hasattr(m.forward, "_torchdynamo_orig_callable"), type(m).__name__
+    assert counters["stats"]["unique_graphs"] >= len(models)  # dynamo really captured their graphs
+    assert seen and all(seen)  # inputs reach the student in NHWC as well
     assert torch.allclose(torch.tensor(eager), torch.tensor(fast), rtol=1e-3, atol=1e-4)

@@ -7,6 +7,7 @@ from torch import nn
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import create_model, save_model
+from kd_lightning.specs import MemberSpec, parse
 from kd_lightning.teachers import TeacherEnsemble, build_teachers, teacher_cache_path
 
 
@@ -69,7 +70,8 @@ def test_fit_if_missing_fits_once_then_reuses_the_cache(tmp_path: Path):
     # a different data config or fit setting gives a different cache key
     build_teachers(cfg, 3, (4,), "d", {"x": 2}, tmp_path, fit)
     assert calls == ["t", "t"]
-    other = teacher_cache_path(tmp_path, "d", "t", _member(fit={"max_epochs": 2}), {"x": 1})
+    other_fit = parse(MemberSpec, _member(fit_if_missing=True, fit={"max_epochs": 2}), "t")
+    other = teacher_cache_path(tmp_path, "d", "t", other_fit, {"x": 1})
     assert other != Path(ens.checkpoints["t"])
 
 

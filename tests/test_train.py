@@ -62,7 +62,10 @@ def test_label_free_training(make_cfg):
         (["distill.terms.feat.student_tap=layer9"], r"unknown tap 'layer9' for student.*features\.0"),
         (["distill.terms.feat.teacher_tap=head"], r"unknown tap 'head' for teacher 'cnn_"),
         (["distill.terms.feat.distance=msee"], r"unknown distance/loss 'msee'.*cosine"),
-        (["distill.terms.feat.weight=heavy"], r"weight must be a number, got 'heavy'"),
+        (
+            ["distill.terms.feat.weight=heavy"],
+            r"distill.terms.feat.weight must be a finite number, got 'heavy'",
+        ),
         (["distill.terms.feat.combine=sum"], r"combine='sum'; valid: per_teacher, mean, concat"),
         (["student.name=resnet9"], r"unknown model 'resnet9'"),
         (["data.batch_size=0"], r"data.batch_size must be an integer >= 1, got 0"),
@@ -73,7 +76,16 @@ def test_label_free_training(make_cfg):
         (["+data.bogus=1"], r"data has unknown key\(s\) \['bogus'\]"),
         (["teachers.use=[cnn_x]"], r"unknown teacher\(s\) \['cnn_x'\]"),
         (["teachers=none"], r"no teachers"),
-        (["optim.name=adagrad"], r"optim.name='adagrad'; valid: adam, adamw, sgd"),
+        (["+optim.name=adagrad"], r"optim.name is no longer a key: use optim=<adam\|adamw\|sgd>"),
+        (["+optim.scheduler=step"], r"optim.scheduler is no longer a key: use the scheduler group"),
+        (["+optim.momentum=0.9"], r"optim \(torch.optim.Adam\):.*momentum"),
+        (["scheduler=step", "+scheduler.step=3"], r"scheduler \(torch.optim.lr_scheduler.StepLR\):.*'step'"),
+        (["scheduler=cosine", "scheduler.interval=batch"], r"scheduler.interval='batch'; valid: epoch, step"),
+        (["teacher_cache.mode=ram"], r"teacher_cache.mode='ram'; valid: none, memory, disk"),
+        (["+teachers.members.cnn_s.colour=red"], r"teachers.members.cnn_s has unknown key\(s\) \['colour'\]"),
+        (["perf.compile=yes"], r"perf.compile must be true or false, got 'yes'"),
+        (["+amalgamation.tasks=[parity]"], r"amalgamation is set but runner=distill"),
+        (["runner=stagewise"], r"runner='stagewise'; valid: amalgamation, distill"),
     ],
 )
 def test_config_errors_before_training(make_cfg, overrides, pattern):
@@ -113,8 +125,27 @@ def test_cli_config_error_is_one_clear_message(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_cli_unknown_group_choice_lists_options(tmp_path, cache_dir):
     proc = run_cli("teachers=nope", cwd=ROOT, env=_cli_env(tmp_path, cache_dir))
-    assert proc.returncode != 0
+    assert proc.returncode == 2 and "Configuration error" in proc.stderr
     assert "teachers/nope" in proc.stderr and "digits_pair" in proc.stderr and "mnist1d_pool" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,names",
+    [
+        (["data=imagefolder"], ["data.root must be set", "data.root=<value>"]),  # a `???` value
+        (["KD_DEVICES_PER_NODE=4"], ["KD_DEVICES_PER_NODE"]),  # a key that does not exist
+        (["optim.momentum=0.9"], ["optim.momentum", "+optim.momentum=0.9"]),
+        (["-m", "seed=0,1", "student=nope"], ["student/nope", "mlp"]),  # a multirun's first job
+        (["trainer.max_epochs=${nope.x}"], ["nope.x"]),  # a broken interpolation
+    ],
+)
+def test_cli_every_configuration_error_is_one_line_exit_2_no_traceback(tmp_path, cache_dir, args, names):
+    proc = run_cli(*args, "dry_run=true", cwd=ROOT, env=_cli_env(tmp_path, cache_dir))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Configuration error: " in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for name in names:
+        assert name in proc.stderr, (name, proc.stderr)
 
 
 @pytest.mark.slow

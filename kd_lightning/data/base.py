@@ -1,14 +1,16 @@
-"""In-memory datamodule: whole batches by one tensor index, normalisation and augmentation on device.
+"""The datamodule base: splits, normalisation and augmentation on device, and the public reading API.
 
-Every batch is `(x, y, index)`; the index is the sample's position in its split, which the teacher
-cache keys on. Normalisation and augmentation run in `on_after_batch_transfer`, after the batch has
-reached the device, so student and teachers always see the same tensor.
+Every batch is a `Batch(x, y, index, slot)` (kd_lightning.data.batch). Normalisation and augmentation
+run in `on_after_batch_transfer`, after the batch has reached the device, so student and teachers always
+see the same tensor. Other parts of the framework (evaluation, amalgamation) read data only through the
+public methods `iter_split`, `labels`, `prepare_batch`, `input_shape`, `num_classes` and `num_train`, so a
+dataset read from disk supports them as an in-memory one does.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from kd_lightning.data.batch import Batch, collate_samples
 from kd_lightning.errors import ConfigError, as_float, as_int, as_seed
 
 
@@ -58,7 +61,7 @@ def _world() -> tuple[int, int]:
 
 
 class IndexedTensorDataset(Dataset):
-    """`(x[i], y[i], i)`; `__getitems__` returns a whole batch with one index operation."""
+    """`(x[i], y[i], i)`; `__getitems__` returns a whole Batch with one index operation."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
         if len(x) != len(y):
@@ -71,9 +74,13 @@ class IndexedTensorDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.x[i], self.y[i], torch.tensor(i)
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitems__(self, indices: list[int]) -> Batch:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return self.x[idx], self.y[idx], idx
+        return Batch(self.x[idx], self.y[idx], idx)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.y
 
 
 def batch_is_collated(batch: Any) -> Any:
@@ -198,24 +205,42 @@ class TensorDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
+        self.splits, self._num_classes = self.build_splits()
+        if self.normalize:
+            self.fit_normalization()
+        self._draw_views()
+
+    def fit_normalization(self) -> None:
+        """Per-channel statistics of the training split (datasets read from disk state theirs instead)."""
+        self.set_normalization(self._to_float(self.splits["train"].x))
+
+    def build_splits(self) -> tuple[dict[str, Dataset], int]:
+        """train / val / test datasets and the class count (in-memory: from `load()`)."""
         arrays = self.load()
         x_tr, y_tr = torch.as_tensor(arrays["x_train"]), torch.as_tensor(arrays["y_train"]).long()
         x_te, y_te = torch.as_tensor(arrays["x_test"]), torch.as_tensor(arrays["y_test"]).long()
         if self.class_subset is not None:
             (x_tr, y_tr), (x_te, y_te) = self._select_classes(x_tr, y_tr), self._select_classes(x_te, y_te)
-        self._num_classes = int(max(y_tr.max(), y_te.max()) + 1)
-        perm = torch.randperm(len(y_tr), generator=torch.Generator().manual_seed(self.split_seed))
-        n_val = max(1, int(round(self.val_fraction * len(y_tr))))
-        val_idx, tr_idx = perm[:n_val], perm[n_val:]
-        if self.train_subset is not None:
-            tr_idx = tr_idx[: int(self.train_subset)]
-        self.splits = {
+        num_classes = int(max(y_tr.max(), y_te.max()) + 1)
+        val_idx, tr_idx = self.split_train_val(len(y_tr))
+        splits = {
             "train": IndexedTensorDataset(x_tr[tr_idx], y_tr[tr_idx]),
             "val": IndexedTensorDataset(x_tr[val_idx], y_tr[val_idx]),
             "test": IndexedTensorDataset(x_te, y_te),
         }
-        if self.normalize:
-            self.set_normalization(self._to_float(self.splits["train"].x))
+        return splits, num_classes
+
+    def split_train_val(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(validation, training) positions among `n` labelled samples, from `split_seed`."""
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
+        n_val = max(1, int(round(self.val_fraction * n)))
+        val_idx, tr_idx = perm[:n_val], perm[n_val:]
+        if self.train_subset is not None:
+            tr_idx = tr_idx[: int(self.train_subset)]
+        return val_idx, tr_idx
+
+    def _draw_views(self) -> None:
+        """Consistent teaching: the crop/flip of each of the K recorded views of every training sample."""
         if self.views is not None:
             n = len(self.splits["train"])
             gen = torch.Generator().manual_seed(self.split_seed * 7919 + 1)
@@ -223,18 +248,23 @@ class TensorDataModule(pl.LightningDataModule):
                 n, self.views, 3
             )
 
-    def _select_classes(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        present = sorted(int(c) for c in y.unique())
-        wanted = self.class_subset
+    def class_lookup(self, present: list[int]) -> torch.Tensor:
+        """`data.class_subset` as a label map: old id → new id (0..k-1 in the order given), -1 to drop."""
+        wanted = self.class_subset or present
         absent = [c for c in wanted if c not in present]
         if absent:
             raise ConfigError(
-                f"data.class_subset {absent} do not occur in {self.name}; its classes: {present}"
+                f"data.class_subset {absent} do not occur in {self.name}; its classes: {sorted(present)}"
             )
-        keep = torch.isin(y, torch.tensor(wanted))
         lookup = torch.full((max(present) + 1,), -1, dtype=torch.long)
         lookup[torch.tensor(wanted)] = torch.arange(len(wanted))
-        return x[keep], lookup[y[keep]]
+        return lookup
+
+    def _select_classes(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lookup = self.class_lookup(sorted(int(c) for c in y.unique()))
+        new = lookup[y]
+        keep = new >= 0
+        return x[keep], new[keep]
 
     def set_normalization(self, train_x: torch.Tensor) -> None:
         """Per-channel mean/std of the training split (never of val/test)."""
@@ -245,6 +275,38 @@ class TensorDataModule(pl.LightningDataModule):
     @staticmethod
     def _to_float(x: torch.Tensor) -> torch.Tensor:
         return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+    @property
+    def num_train(self) -> int:
+        self._require_setup()
+        return len(self.splits["train"])
+
+    def labels(self, split: str) -> torch.Tensor:
+        """The class labels of a split, in order (no inputs are read)."""
+        self._require_setup()
+        return torch.as_tensor(self.splits[split].labels)
+
+    def iter_split(self, split: str, batch_size: int | None = None) -> Iterator[Batch]:
+        """The batches of a split in order, as loaded (on the CPU, not yet scaled or normalised)."""
+        self._require_setup()
+        ds = self.splits[split]
+        loader = DataLoader(
+            ds,
+            batch_size=batch_size or self.eval_batch_size,
+            collate_fn=self._collate(ds),
+            num_workers=self.num_workers,
+        )
+        yield from loader
+
+    def input_std(self, max_batches: int = 8) -> float:
+        """Standard deviation of the training inputs scaled to [0, 1] (up to `max_batches` eval batches):
+        the unit of the noise corruptions."""
+        xs = [self._to_float(b.x) for _, b in zip(range(max_batches), self.iter_split("train"), strict=False)]
+        return float(torch.cat([x.flatten() for x in xs]).std())
+
+    @staticmethod
+    def _collate(ds: Dataset) -> Callable[[Any], Batch]:
+        return batch_is_collated if isinstance(ds, IndexedTensorDataset) else collate_samples
 
     @property
     def augments_training(self) -> bool:
@@ -274,26 +336,25 @@ class TensorDataModule(pl.LightningDataModule):
             self._views_key = key
         return self._views
 
-    def prepare_batch(self, batch: Any, train: bool) -> Any:
+    def prepare_batch(self, batch: Batch, train: bool) -> Batch:
         """Scale, normalise and (when training) augment a batch that is already on its device."""
-        x, *rest = batch
-        x = self._to_float(x)
+        x = self._to_float(batch.x)
         if self.mean is not None:
             x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         if train and x.dim() == 4 and (self.crop_padding > 0 or self.hflip):
             if self.views is None:
                 x = random_crop_flip(x, self.crop_padding, self.hflip)
-            elif len(rest) >= 2:
-                # consistent teaching: this epoch's recorded view of each sample; the 4th element is the
-                # (sample, view) slot that the teacher-output cache keys on
-                index = rest[1].cpu()
+            elif batch.index is not None:
+                # consistent teaching: this epoch's recorded view of each sample; `slot` is the
+                # (sample, view) that the teacher-output cache keys on
+                index = batch.index.cpu()
                 epoch = self.trainer.current_epoch if self.trainer is not None else 0
                 view = self.epoch_views(epoch)[index]
                 x = crop_flip(x, self.crop_padding, self.view_params[index, view])
-                return (x, rest[0], rest[1], (index * self.views + view).to(rest[1].device))
-        return (x, *rest)
+                return batch._replace(x=x, slot=(index * self.views + view).to(batch.index.device))
+        return batch._replace(x=x)
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         training = self.trainer is not None and self.trainer.training
         return self.prepare_batch(batch, train=training)
 
@@ -305,7 +366,7 @@ class TensorDataModule(pl.LightningDataModule):
             ds,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             sampler=EpochSeededSampler(len(ds), seed, self._trainer_epoch, *_world()) if shuffle else None,
-            collate_fn=batch_is_collated if isinstance(ds, IndexedTensorDataset) else None,
+            collate_fn=self._collate(ds),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

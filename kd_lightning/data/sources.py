@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError, as_float, as_int, as_seed
+from kd_lightning.files import atomic_write
 
 
 class DigitsDataModule(TensorDataModule):
@@ -90,10 +90,7 @@ class MNIST1DDataModule(TensorDataModule):
             "x_test": d["x_test"].astype(np.float32)[:, None, :],
             "y_test": d["y_test"].astype(np.int64),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
         return arrays
 
 

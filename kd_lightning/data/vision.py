@@ -158,6 +158,8 @@ class MNISTDataModule(TensorDataModule):
 
 
 class _ImageFiles(Dataset):
+    """Images read lazily from disk, resized and centre-cropped to `image_size`, as uint8 (C, H, W)."""
+
     def __init__(self, samples: list[tuple[str, int]], image_size: int):
         from torchvision import transforms
 
@@ -168,6 +170,10 @@ class _ImageFiles(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.as_tensor([label for _, label in self.samples], dtype=torch.long)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         from PIL import Image
@@ -184,6 +190,9 @@ class ImageFolderDataModule(TensorDataModule):
     `root` holds the training classes; `test_root` (same class names) the test set, or else a
     `test_fraction` of `root` is held out. Images are resized to `image_size` and normalised with
     `mean`/`std` (ImageNet statistics by default, which pretrained torchvision weights expect).
+    Everything an in-memory dataset supports works here too: `class_subset` (class ids are the
+    positions of the sorted folder names), `augment` (crop/flip on device, `views` for consistent
+    teaching), evaluation under corruptions and amalgamation.
     """
 
     name = "imagefolder"
@@ -232,11 +241,13 @@ class ImageFolderDataModule(TensorDataModule):
             raise ConfigError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {root}")
         return samples, classes
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+    def _keep_classes(self, samples: list[tuple[str, int]], lookup: torch.Tensor) -> list[tuple[str, int]]:
+        return [(path, int(lookup[label])) for path, label in samples if lookup[label] >= 0]
+
+    def build_splits(self) -> tuple[dict[str, Dataset], int]:
         samples, classes = self._scan(self.root)
-        self.class_names = classes
+        lookup = self.class_lookup(list(range(len(classes))))
+        self.class_names = [classes[c] for c in (self.class_subset or range(len(classes)))]
         gen = torch.Generator().manual_seed(self.split_seed)
         order = [samples[i] for i in torch.randperm(len(samples), generator=gen).tolist()]
         if self.test_root is not None:
@@ -244,17 +255,16 @@ class ImageFolderDataModule(TensorDataModule):
         else:
             n_test = max(1, int(round(self.test_fraction * len(order))))
             test, order = order[:n_test], order[n_test:]
-        n_val = max(1, int(round(self.val_fraction * len(order))))
-        val, train = order[:n_val], order[n_val:]
-        if self.train_subset is not None:
-            train = train[: int(self.train_subset)]
-        self._num_classes = len(classes)
-        self.splits = {
-            "train": _ImageFiles(train, self.image_size),
-            "val": _ImageFiles(val, self.image_size),
+        order, test = self._keep_classes(order, lookup), self._keep_classes(test, lookup)
+        val_idx, tr_idx = self.split_train_val(len(order))
+        splits = {
+            "train": _ImageFiles([order[i] for i in tr_idx.tolist()], self.image_size),
+            "val": _ImageFiles([order[i] for i in val_idx.tolist()], self.image_size),
             "test": _ImageFiles(test, self.image_size),
         }
-        if self.normalize:
-            mean, std = self.mean_std
-            self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-            self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        return splits, len(self.class_names)
+
+    def fit_normalization(self) -> None:
+        mean, std = self.mean_std
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)

@@ -17,11 +17,6 @@ Predictor = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
 
 @torch.no_grad()
-def _logits(predict: Predictor, x: torch.Tensor, batch: int = 1024) -> dict[str, torch.Tensor]:
-    chunks = [predict(x[i : i + batch]) for i in range(0, len(x), batch)]
-    return {name: torch.cat([c[name].float().cpu() for c in chunks]) for name in chunks[0]}
-
-
 def evaluate_models(
     predict: Predictor,
     dm: TensorDataModule,
@@ -35,20 +30,27 @@ def evaluate_models(
     "robustness": [{model, corruption, severity, acc}]}` on the test split of `dm`.
 
     Corruptions act on the data as loaded (images scaled to [0, 1] and clipped there), then the
-    datamodule's own normalisation applies, as in training."""
+    datamodule's own normalisation applies, as in training. The test split is read batch by batch
+    through the datamodule's public API, so datasets on disk work as in-memory ones do."""
     check_corruptions(list(corruptions), list(severities))
     dm.setup("test")
-    test = dm.splits["test"]
-    raw = test.x
-    x = TensorDataModule._to_float(raw.clone())
-    y = test.y.cpu()
-    clip = raw.dtype == torch.uint8
-    scale = float(TensorDataModule._to_float(dm.splits["train"].x.clone()).std())
-
-    def run_all(inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return _logits(predict, dm.prepare_batch((inputs.to(device), y.to(device)), train=False)[0])
-
-    clean_logits = run_all(x)
+    y = dm.labels("test").cpu()
+    scale = dm.input_std()
+    settings = [(c, s) for c in corruptions for s in severities if s > 0]
+    logits: dict[tuple[str, int], dict[str, list[torch.Tensor]]] = {}
+    for i, raw in enumerate(dm.iter_split("test")):
+        clip = raw.x.dtype == torch.uint8
+        x = TensorDataModule._to_float(raw.x)
+        for c, s in [(None, 0), *settings]:
+            xc = x if c is None else corrupt(x, c, s, scale, seed * 100003 + i)
+            if clip and c is not None:
+                xc = xc.clamp(0, 1)
+            out = predict(dm.prepare_batch(raw._replace(x=xc.to(device)), train=False).x)
+            slot = logits.setdefault((c or "clean", s), {})
+            for name, v in out.items():
+                slot.setdefault(name, []).append(v.float().cpu())
+    merged = {k: {n: torch.cat(v) for n, v in per.items()} for k, per in logits.items()}
+    clean_logits = merged[("clean", 0)]
     out: dict[str, Any] = {"clean": {n: classification_metrics(v, y) for n, v in clean_logits.items()}}
     if reference is not None and reference in clean_logits:
         ref = clean_logits[reference].argmax(1)
@@ -58,11 +60,8 @@ def evaluate_models(
     rows = []
     for c in corruptions:
         for s in severities:
-            xc = corrupt(x, c, s, scale, seed)
-            if clip:
-                xc = xc.clamp(0, 1)
-            for name, logits in (clean_logits if s == 0 else run_all(xc)).items():
-                acc = float((logits.argmax(1) == y).float().mean())
+            for name, v in (clean_logits if s == 0 else merged[(c, s)]).items():
+                acc = float((v.argmax(1) == y).float().mean())
                 rows.append({"model": name, "corruption": c, "severity": int(s), "acc": acc})
     out["robustness"] = rows
     return out

@@ -12,36 +12,25 @@ import torch
 from torch import nn
 
 from kd_lightning.data.base import TensorDataModule
-from kd_lightning.errors import ConfigError, as_seed
+from kd_lightning.errors import ConfigError
 from kd_lightning.evaluation.corruptions import check_corruptions
 from kd_lightning.evaluation.robustness import Predictor, evaluate_models, plot_robustness, robustness_table
+from kd_lightning.specs import EvalSpec, parse
 from kd_lightning.teachers import TeacherEnsemble
 
-EVAL_KEYS = {"metrics", "corruptions", "severities", "seed"}
 
-
-def check_eval_cfg(cfg: Mapping[str, Any] | None, input_shape: tuple[int, ...]) -> dict[str, Any]:
+def check_eval_cfg(cfg: Mapping[str, Any] | None, input_shape: tuple[int, ...]) -> EvalSpec:
     """Validate `evaluate.*` before training (corruptions need signals or images)."""
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - EVAL_KEYS)
-    if unknown:
-        raise ConfigError(f"evaluate has unknown key(s) {unknown}; valid: {', '.join(sorted(EVAL_KEYS))}")
-    corruptions = list(cfg.get("corruptions") or [])
-    severities = list(cfg.get("severities") or [])
-    check_corruptions(corruptions, severities)
-    if corruptions and len(input_shape) not in (2, 3):
+    spec = parse(EvalSpec, cfg, "evaluate")
+    check_corruptions(spec.corruptions, spec.severities)
+    if spec.corruptions and len(input_shape) not in (2, 3):
         raise ConfigError(
             f"evaluate.corruptions need signals (C, L) or images (C, H, W); this dataset's inputs are "
             f"{tuple(input_shape)}: use evaluate=none or evaluate.corruptions=[]"
         )
-    if corruptions and not severities:
+    if spec.corruptions and not spec.severities:
         raise ConfigError("evaluate.corruptions is set but evaluate.severities is empty; e.g. [0,1,2,3,4,5]")
-    return {
-        "metrics": bool(cfg.get("metrics", False)) or bool(corruptions),
-        "corruptions": corruptions,
-        "severities": severities,
-        "seed": as_seed("evaluate.seed", cfg.get("seed", 0)),
-    }
+    return spec
 
 
 def predictor(student: nn.Module, teachers: TeacherEnsemble | None) -> Predictor:
@@ -64,7 +53,7 @@ def evaluate_and_write(
     student: nn.Module,
     teachers: TeacherEnsemble | None,
     dm: TensorDataModule,
-    eval_cfg: Mapping[str, Any],
+    eval_cfg: EvalSpec,
     out_dir: str | Path,
     device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
@@ -74,9 +63,9 @@ def evaluate_and_write(
     result = evaluate_models(
         predictor(student, teachers),
         dm,
-        eval_cfg.get("corruptions", ()),
-        eval_cfg.get("severities", ()),
-        int(eval_cfg.get("seed", 0)),
+        eval_cfg.corruptions,
+        eval_cfg.severities,
+        eval_cfg.seed,
         reference=reference,
         device=device,
     )

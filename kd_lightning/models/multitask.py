@@ -6,7 +6,6 @@ primitives and load with weights_only=True.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,8 @@ import torch
 from torch import nn
 
 from kd_lightning.errors import ConfigError, choices
-from kd_lightning.models import _safe_load
+from kd_lightning.files import atomic_write
+from kd_lightning.models.weights import safe_load
 
 TASKS: dict[str, tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = {
     "digit": (10, lambda y: y),
@@ -93,7 +93,6 @@ class MultiTaskNet(nn.Module):
 def save_multitask(
     model: MultiTaskNet, path: Path, input_shape: Sequence[int], meta: Mapping[str, Any]
 ) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FILE_FORMAT,
         "spec": model.spec,
@@ -101,14 +100,11 @@ def save_multitask(
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "meta": dict(meta),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_multitask(path: str | Path) -> MultiTaskNet:
-    obj = _safe_load(path)  # weights_only=True
+    obj = safe_load(path)  # weights_only=True
     if not (isinstance(obj, Mapping) and obj.get("format") == FILE_FORMAT):
         raise ConfigError(f"{path} is not a kd_lightning multi-task model file ({FILE_FORMAT})")
     spec = obj["spec"]

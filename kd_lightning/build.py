@@ -1,4 +1,4 @@
-"""Turn a composed config into the objects of one run (datamodule, teachers, student, module, trainer).
+"""Build the objects of one run from its config: datamodule, teachers, student and module.
 
 Everything here runs before training, so configuration errors surface before the first step.
 """
@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import inspect
 import logging
-import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
-import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
@@ -21,13 +19,16 @@ from torch import nn
 
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError, choices
-from kd_lightning.models import create_model, save_model
+from kd_lightning.fitting import fit_model
+from kd_lightning.models import create_model
 from kd_lightning.module import DistillationModule
 from kd_lightning.objective import Objective, build_objective
+from kd_lightning.optim import build_optim
 from kd_lightning.pretrain import resolve_pretrained
+from kd_lightning.specs import CacheSpec, FitSpec, PerfSpec, parse
 from kd_lightning.taps import FeatureTaps
-from kd_lightning.teacher_cache import TeacherOutputCache, cache_key, check_mode
-from kd_lightning.teachers import TeacherEnsemble, build_teachers, check_fit_cfg, data_identity
+from kd_lightning.teacher_cache import TeacherOutputCache, cache_key
+from kd_lightning.teachers import TeacherEnsemble, build_teachers, data_identity
 
 log = logging.getLogger(__name__)
 
@@ -74,68 +75,6 @@ def model_spec(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return dict(to_dict(cfg))
 
 
-def supervised_module(model: nn.Module, num_classes: int, optim: Mapping[str, Any]) -> DistillationModule:
-    return DistillationModule(model, Objective(1.0, {}), None, FeatureTaps(model, []), num_classes, optim)
-
-
-def quiet_trainer(max_epochs: int, accelerator: str = "cpu") -> pl.Trainer:
-    """One device, no logger, checkpoints, progress bar or validation: for fits inside a run."""
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        accelerator=accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-
-
-def fit_supervised(
-    spec: Mapping[str, Any],
-    dm: TensorDataModule,
-    fit_cfg: Mapping[str, Any],
-    accelerator: str = "cpu",
-    out_path: Path | None = None,
-    meta: Mapping[str, Any] | None = None,
-) -> tuple[nn.Module, float]:
-    """Train `spec` alone on `dm` with cross-entropy (teacher fitting and the student-alone baseline).
-
-    Returns the trained model and its test accuracy; writes a model file to `out_path` when given.
-    The global RNG state is restored afterwards, so fitting a teacher does not change the main run.
-    """
-    fit_cfg = check_fit_cfg("fit", fit_cfg)
-    seed, max_epochs = fit_cfg.pop("seed"), fit_cfg.pop("max_epochs")
-    optim = {"name": "adam", "lr": 1e-3, "scheduler": "cosine", **fit_cfg}
-    rng = torch.random.get_rng_state()
-    pl.seed_everything(seed, workers=True, verbose=False)
-    model = create_model(spec, dm.num_classes, dm.input_shape)
-    module = supervised_module(model, dm.num_classes, optim)
-    trainer = quiet_trainer(max_epochs, accelerator)
-    t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
-    acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test/acc"])
-    torch.random.set_rng_state(rng)
-    if out_path is not None:
-        save_model(
-            model,
-            out_path,
-            spec,
-            dm.num_classes,
-            dm.input_shape,
-            meta={
-                "test_acc": acc,
-                "fit_seconds": time.perf_counter() - t0,
-                "fit": dict(fit_cfg, seed=seed, max_epochs=max_epochs),
-                **(meta or {}),
-            },
-        )
-    model.eval()
-    return model, acc
-
-
 @torch.no_grad()
 def probe_shapes(model_taps: FeatureTaps, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
     """Per-sample shapes of every tap, from one dry batch run in eval mode (no BN statistics updated)."""
@@ -152,13 +91,11 @@ def resolve_pretrained_models(cfg: DictConfig) -> None:
     on the source task first where the file is missing; `cfg` is updated in place."""
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
 
-    def fit(
-        arch: Mapping[str, Any], data_cfg: Mapping[str, Any], fit_cfg: Mapping[str, Any], path: Path
-    ) -> None:
+    def fit(arch: Mapping[str, Any], data_cfg: Mapping[str, Any], fit_spec: FitSpec, path: Path) -> None:
         source = instantiate_datamodule(data_cfg)
         source.setup("fit")
-        _, acc = fit_supervised(
-            dict(arch), source, fit_cfg, accelerator, out_path=path, meta={"source": source.name}
+        _, acc = fit_model(
+            dict(arch), source, fit_spec, accelerator, out_path=path, meta={"source": source.name}
         )
         log.info(
             "pre-trained %s on %s: source test acc %.4f → %s", arch.get("name"), source.describe(), acc, path
@@ -183,24 +120,31 @@ def resolve_pretrained_models(cfg: DictConfig) -> None:
 
 
 def build_teacher_ensemble(cfg: DictConfig, dm: TensorDataModule, data_name: str) -> TeacherEnsemble | None:
-    teachers_cfg = to_dict(cfg.teachers) or {}
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
 
-    def fit(name: str, arch: Mapping[str, Any], fit_cfg: Mapping[str, Any], path: Path) -> None:
-        t0 = time.perf_counter()
-        _, acc = fit_supervised(dict(arch), dm, fit_cfg, accelerator, out_path=path, meta={"teacher": name})
-        log.info("fitted teacher %s: test acc %.4f in %.1fs → %s", name, acc, time.perf_counter() - t0, path)
+    def fit(name: str, arch: Mapping[str, Any], fit_spec: FitSpec, path: Path) -> None:
+        _, acc = fit_model(dict(arch), dm, fit_spec, accelerator, out_path=path, meta={"teacher": name})
+        log.info("fitted teacher %s: test acc %.4f → %s", name, acc, path)
 
     return build_teachers(
-        teachers_cfg, dm.num_classes, dm.input_shape, data_name, to_dict(cfg.data), cfg.paths.cache_dir, fit
+        to_dict(cfg.teachers) or {},
+        dm.num_classes,
+        dm.input_shape,
+        data_name,
+        to_dict(cfg.data),
+        cfg.paths.cache_dir,
+        fit,
     )
 
 
 def build_module(
     cfg: DictConfig, dm: TensorDataModule, teachers: TeacherEnsemble | None
 ) -> DistillationModule:
-    """Student + objective sized on one dry batch (adapters get their shapes here, before training)."""
+    """Student + objective sized on one dry batch (adapters get their shapes here, before training), the
+    optimiser and schedule, the teacher-output cache and the perf switches."""
     distill = to_dict(cfg.distill) or {}
+    optim = build_optim(to_dict(cfg.get("optim")), to_dict(cfg.get("scheduler")))
+    perf = parse(PerfSpec, to_dict(cfg.get("perf")), "perf")
     student_spec = model_spec(cfg.student)
     student = create_model(student_spec, dm.num_classes, dm.input_shape)
     student_aliases = dict(student_spec.get("taps") or {})
@@ -208,7 +152,7 @@ def build_module(
         student, Objective.student_taps(distill), aliases=student_aliases, owner="student"
     )
     batch = dm.prepare_batch(next(iter(dm.train_dataloader())), train=False)
-    x = batch[0][: min(8, len(batch[0]))]
+    x = batch.x[: min(8, len(batch.x))]
     student_shapes = probe_shapes(student_taps, x)
     _check_logits("student", student_shapes["logits"], dm.num_classes)
     teacher_shapes = None
@@ -218,51 +162,62 @@ def build_module(
         teacher_shapes = {m: {k: tuple(v.shape[1:]) for k, v in f.items()} for m, f in feats.items()}
         for m, shapes in teacher_shapes.items():
             _check_logits(f"teacher {m!r}", shapes["logits"], dm.num_classes)
-    context = {"num_samples": len(dm.splits["train"]), "num_classes": dm.num_classes}
+    context = {"num_samples": dm.num_train, "num_classes": dm.num_classes}
     objective = build_objective(
         distill, student_shapes, teacher_shapes, teachers.weights if teachers else None, context
     )
-    module = DistillationModule(
-        student, objective, teachers, student_taps, dm.num_classes, to_dict(cfg.optim)
-    )
+    cache = None
     if teachers is not None and objective.terms:
-        object.__setattr__(module, "teacher_cache", build_teacher_cache(cfg, dm, teachers, distill))
-    return module
+        cache_spec = check_cache_cfg(cfg.get("teacher_cache"))
+        cache = build_teacher_cache(cache_spec, cfg, dm, teachers, distill)
+    images = len(dm.input_shape) == 3
+    apply_perf(perf, [student, *(teachers.members.values() if teachers is not None else [])], images)
+    return DistillationModule(
+        student,
+        objective,
+        teachers,
+        student_taps,
+        dm.num_classes,
+        optim,
+        teacher_cache=cache,
+        channels_last=perf.channels_last and images,
+    )
 
 
-PERF_KEYS = {"compile", "channels_last"}
-
-
-def apply_perf(
-    perf: Mapping[str, Any], student: nn.Module, teachers: TeacherEnsemble | None, input_dims: int
-) -> None:
-    """`perf.channels_last` (image models) and `perf.compile` (torch.compile of every model's forward;
-    forward hooks, so taps, keep working). Applied after the dry batch that sized the adapters."""
-    perf = dict(perf)
-    unknown = sorted(set(perf) - PERF_KEYS)
-    if unknown:
-        raise ConfigError(f"perf has unknown key(s) {unknown}; valid: {choices(PERF_KEYS)}")
-    models = [student, *(teachers.members.values() if teachers is not None else [])]
-    if perf.get("channels_last") and input_dims == 3:
-        for m in models:
+def apply_perf(perf: PerfSpec, models: Iterable[nn.Module], images: bool) -> None:
+    """`perf.channels_last` (image models: weights and inputs in NHWC) and `perf.compile` (torch.compile of
+    every model's forward with `perf.compile_backend`; forward hooks, so taps, keep working). Applied after
+    the dry batch that sized the adapters."""
+    for m in models:
+        if perf.channels_last and images:
             m.to(memory_format=torch.channels_last)
-    if perf.get("compile"):
-        for m in models:
-            m.forward = torch.compile(m.forward)
+        if perf.compile:
+            m.forward = torch.compile(m.forward, backend=perf.compile_backend)
+
+
+def check_cache_cfg(value: Any) -> CacheSpec:
+    if isinstance(value, str):
+        raise ConfigError(
+            f"teacher_cache={value!r}: teacher_cache is a group of keys now; use teacher_cache.mode={value}"
+        )
+    return parse(CacheSpec, to_dict(value), "teacher_cache")
 
 
 def build_teacher_cache(
-    cfg: DictConfig, dm: TensorDataModule, teachers: TeacherEnsemble, distill: Mapping[str, Any]
+    spec: CacheSpec,
+    cfg: DictConfig,
+    dm: TensorDataModule,
+    teachers: TeacherEnsemble,
+    distill: Mapping[str, Any],
 ) -> TeacherOutputCache | None:
-    mode = check_mode(cfg.get("teacher_cache", "memory"))
-    if mode == "none":
+    if spec.mode == "none":
         return None
     if dm.fresh_views:
         log.info(
-            "teacher_cache=%s is off: data.augment draws a new view of every sample each step, so teacher "
+            "teacher_cache.mode=%s is off: data.augment draws a new view of every sample each step, so teacher "
             "outputs cannot be reused; teachers run live on every batch (set data.augment.views=K for "
             "consistent teaching with K recorded views per sample, which the cache can hold)",
-            mode,
+            spec.mode,
         )
         return None
     n = dm.cache_slots
@@ -276,7 +231,8 @@ def build_teacher_cache(
         taps,
         str(cfg.trainer.get("precision", "32")),
     )
-    path = Path(cfg.paths.cache_dir) / "teacher_outputs" / f"{dm.name}-{key}.pt" if mode == "disk" else None
+    disk = spec.mode == "disk"
+    path = Path(cfg.paths.cache_dir) / "teacher_outputs" / f"{dm.name}-{key}.pt" if disk else None
     return TeacherOutputCache(n, key, path)
 
 

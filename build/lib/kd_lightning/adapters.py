@@ -1,0 +1,74 @@
+"""Trainable projectors that map a student feature's shape onto a teacher feature's shape.
+
+Sized from the shapes seen on one dry batch: Linear for vectors, 1×1 conv (+ bilinear resize) for maps.
+They train with the student and are dropped from the exported student.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_lightning.errors import ConfigError
+
+ADAPTER_KINDS = ("auto", "none", "linear", "mlp")
+
+
+class Adapter(nn.Module):
+    """Map (N, *student_shape) → (N, *teacher_shape)."""
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], kind: str = "linear"):
+        super().__init__()
+        self.student_shape, self.teacher_shape = tuple(student_shape), tuple(teacher_shape)
+        s, t = self.student_shape, self.teacher_shape
+        self.spatial = len(s) >= 2 and len(t) >= 2 and len(s) == len(t)
+        if self.spatial:
+            conv = nn.Conv2d if len(s) == 3 else nn.Conv1d if len(s) == 2 else None
+            if conv is None:
+                raise ConfigError(f"no adapter maps feature maps of shape {s} to {t}: only 1-D and 2-D maps")
+            if kind == "mlp":
+                self.proj = nn.Sequential(conv(s[0], t[0], 1), nn.ReLU(inplace=True), conv(t[0], t[0], 1))
+            else:
+                self.proj = nn.Sequential(
+                    conv(s[0], t[0], 1, bias=False), (nn.BatchNorm2d if len(s) == 3 else nn.BatchNorm1d)(t[0])
+                )
+        else:
+            din, dout = _numel(s), _numel(t)
+            if kind == "mlp":
+                self.proj = nn.Sequential(nn.Linear(din, dout), nn.ReLU(inplace=True), nn.Linear(dout, dout))
+            else:
+                self.proj = nn.Linear(din, dout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spatial:
+            y = self.proj(x)
+            if y.shape[2:] != self.teacher_shape[1:]:
+                mode = "bilinear" if y.dim() == 4 else "linear"
+                y = F.interpolate(y, size=self.teacher_shape[1:], mode=mode, align_corners=False)
+            return y
+        return self.proj(x.flatten(1)).view(x.shape[0], *self.teacher_shape)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def make_adapter(
+    student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], kind: str = "auto"
+) -> nn.Module:
+    """`auto`: identity when shapes already match, else a projector; `none`: shapes must match."""
+    if kind not in ADAPTER_KINDS:
+        raise ConfigError(f"unknown adapter {kind!r}; valid: {', '.join(ADAPTER_KINDS)}")
+    same = tuple(student_shape) == tuple(teacher_shape)
+    if kind == "none" or (kind == "auto" and same):
+        if not same:
+            raise ConfigError(
+                f"adapter: none, but student feature {tuple(student_shape)} and teacher feature "
+                f"{tuple(teacher_shape)} differ; use adapter: auto"
+            )
+        return nn.Identity()
+    return Adapter(student_shape, teacher_shape, "mlp" if kind == "mlp" else "linear")

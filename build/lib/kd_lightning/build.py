@@ -1,0 +1,243 @@
+"""Build the objects of one run from its config: datamodule, teachers, student and module.
+
+Everything here runs before training, so configuration errors surface before the first step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from torch import nn
+
+from kd_lightning.data.base import TensorDataModule
+from kd_lightning.errors import ConfigError, choices
+from kd_lightning.fitting import fit_model
+from kd_lightning.models import create_model
+from kd_lightning.module import DistillationModule
+from kd_lightning.objective import Objective, build_objective
+from kd_lightning.optim import build_optim
+from kd_lightning.pretrain import resolve_pretrained
+from kd_lightning.specs import CacheSpec, FitSpec, PerfSpec, parse
+from kd_lightning.taps import FeatureTaps
+from kd_lightning.teacher_cache import TeacherOutputCache, cache_key
+from kd_lightning.teachers import TeacherEnsemble, build_teachers, data_identity
+
+log = logging.getLogger(__name__)
+
+
+def to_dict(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig | ListConfig) else cfg
+
+
+def instantiate(cfg: Any, where: str, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, with our own ConfigErrors unwrapped and other failures named by key."""
+    try:
+        return hydra.utils.instantiate(cfg, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise ConfigError(f"{where}: {e}".replace("\n", " ")) from None
+
+
+def instantiate_datamodule(data_cfg: Mapping[str, Any]) -> TensorDataModule:
+    """Instantiate `data._target_`, turning unknown keys into a ConfigError that lists the valid ones."""
+    data_cfg = dict(to_dict(data_cfg))
+    data_cfg.pop("name", None)
+    target = data_cfg.get("_target_")
+    if not target:
+        raise ConfigError("data._target_ is missing: pick a dataset with data=<name>")
+    cls = hydra.utils.get_class(target)
+    valid = set()
+    for klass in cls.__mro__:
+        if klass is object or not hasattr(klass, "__init__"):
+            continue
+        valid |= {p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "kwargs")}
+        if klass is TensorDataModule:
+            break
+    unknown = sorted(set(data_cfg) - valid - {"_target_"})
+    if unknown:
+        raise ConfigError(
+            f"data has unknown key(s) {unknown}; valid keys for {cls.__name__}: {choices(valid)}"
+        )
+    return instantiate(data_cfg, "data", _convert_="all")
+
+
+def model_spec(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A student/teacher arch config as a plain dict."""
+    return dict(to_dict(cfg))
+
+
+@torch.no_grad()
+def probe_shapes(model_taps: FeatureTaps, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes of every tap, from one dry batch run in eval mode (no BN statistics updated)."""
+    model = model_taps.model
+    was_training = model.training
+    model.eval()
+    feats = model_taps(x)
+    model.train(was_training)
+    return {k: tuple(v.shape[1:]) for k, v in feats.items()}
+
+
+def resolve_pretrained_models(cfg: DictConfig) -> None:
+    """Turn every `pretrained:` mapping (student and teacher members) into a checkpoint path, pre-training
+    on the source task first where the file is missing; `cfg` is updated in place."""
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+
+    def fit(arch: Mapping[str, Any], data_cfg: Mapping[str, Any], fit_spec: FitSpec, path: Path) -> None:
+        source = instantiate_datamodule(data_cfg)
+        source.setup("fit")
+        _, acc = fit_model(
+            dict(arch), source, fit_spec, accelerator, out_path=path, meta={"source": source.name}
+        )
+        log.info(
+            "pre-trained %s on %s: source test acc %.4f → %s", arch.get("name"), source.describe(), acc, path
+        )
+
+    student = to_dict(cfg.student) or {}
+    if isinstance(student.get("pretrained"), Mapping | str):
+        resolved = resolve_pretrained("student", student, cfg.paths.cache_dir, fit)
+        with open_dict(cfg):
+            cfg.student.pretrained = resolved["pretrained"]
+            if resolved.get("weights"):  # a torchvision weights name given as `pretrained`
+                cfg.student.weights = resolved["weights"]
+    members = (to_dict(cfg.teachers) or {}).get("members") or {}
+    for name, member in members.items():
+        arch = (member or {}).get("arch") or {}
+        if isinstance(arch, Mapping) and arch.get("pretrained") is not None:
+            resolved = resolve_pretrained(f"teachers.members.{name}.arch", arch, cfg.paths.cache_dir, fit)
+            with open_dict(cfg):
+                cfg.teachers.members[name].arch.pretrained = resolved["pretrained"]
+                if resolved.get("weights"):
+                    cfg.teachers.members[name].arch.weights = resolved["weights"]
+
+
+def build_teacher_ensemble(cfg: DictConfig, dm: TensorDataModule, data_name: str) -> TeacherEnsemble | None:
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+
+    def fit(name: str, arch: Mapping[str, Any], fit_spec: FitSpec, path: Path) -> None:
+        _, acc = fit_model(dict(arch), dm, fit_spec, accelerator, out_path=path, meta={"teacher": name})
+        log.info("fitted teacher %s: test acc %.4f → %s", name, acc, path)
+
+    return build_teachers(
+        to_dict(cfg.teachers) or {},
+        dm.num_classes,
+        dm.input_shape,
+        data_name,
+        to_dict(cfg.data),
+        cfg.paths.cache_dir,
+        fit,
+    )
+
+
+def build_module(
+    cfg: DictConfig, dm: TensorDataModule, teachers: TeacherEnsemble | None
+) -> DistillationModule:
+    """Student + objective sized on one dry batch (adapters get their shapes here, before training), the
+    optimiser and schedule, the teacher-output cache and the perf switches."""
+    distill = to_dict(cfg.distill) or {}
+    optim = build_optim(to_dict(cfg.get("optim")), to_dict(cfg.get("scheduler")))
+    perf = parse(PerfSpec, to_dict(cfg.get("perf")), "perf")
+    student_spec = model_spec(cfg.student)
+    student = create_model(student_spec, dm.num_classes, dm.input_shape)
+    student_aliases = dict(student_spec.get("taps") or {})
+    student_taps = FeatureTaps(
+        student, Objective.student_taps(distill), aliases=student_aliases, owner="student"
+    )
+    batch = dm.prepare_batch(next(iter(dm.train_dataloader())), train=False)
+    x = batch.x[: min(8, len(batch.x))]
+    student_shapes = probe_shapes(student_taps, x)
+    _check_logits("student", student_shapes["logits"], dm.num_classes)
+    teacher_shapes = None
+    if teachers is not None:
+        teachers.configure_taps(Objective.teacher_taps(distill))
+        feats = teachers(x)
+        teacher_shapes = {m: {k: tuple(v.shape[1:]) for k, v in f.items()} for m, f in feats.items()}
+        for m, shapes in teacher_shapes.items():
+            _check_logits(f"teacher {m!r}", shapes["logits"], dm.num_classes)
+    context = {"num_samples": dm.num_train, "num_classes": dm.num_classes}
+    objective = build_objective(
+        distill, student_shapes, teacher_shapes, teachers.weights if teachers else None, context
+    )
+    cache = None
+    if teachers is not None and objective.terms:
+        cache_spec = check_cache_cfg(cfg.get("teacher_cache"))
+        cache = build_teacher_cache(cache_spec, cfg, dm, teachers, distill)
+    images = len(dm.input_shape) == 3
+    apply_perf(perf, [student, *(teachers.members.values() if teachers is not None else [])], images)
+    return DistillationModule(
+        student,
+        objective,
+        teachers,
+        student_taps,
+        dm.num_classes,
+        optim,
+        teacher_cache=cache,
+        channels_last=perf.channels_last and images,
+    )
+
+
+def apply_perf(perf: PerfSpec, models: Iterable[nn.Module], images: bool) -> None:
+    """`perf.channels_last` (image models: weights and inputs in NHWC) and `perf.compile` (torch.compile of
+    every model's forward with `perf.compile_backend`; forward hooks, so taps, keep working). Applied after
+    the dry batch that sized the adapters."""
+    for m in models:
+        if perf.channels_last and images:
+            m.to(memory_format=torch.channels_last)
+        if perf.compile:
+            m.forward = torch.compile(m.forward, backend=perf.compile_backend)
+
+
+def check_cache_cfg(value: Any) -> CacheSpec:
+    if isinstance(value, str):
+        raise ConfigError(
+            f"teacher_cache={value!r}: teacher_cache is a group of keys now; use teacher_cache.mode={value}"
+        )
+    return parse(CacheSpec, to_dict(value), "teacher_cache")
+
+
+def build_teacher_cache(
+    spec: CacheSpec,
+    cfg: DictConfig,
+    dm: TensorDataModule,
+    teachers: TeacherEnsemble,
+    distill: Mapping[str, Any],
+) -> TeacherOutputCache | None:
+    if spec.mode == "none":
+        return None
+    if dm.fresh_views:
+        log.info(
+            "teacher_cache.mode=%s is off: data.augment draws a new view of every sample each step, so teacher "
+            "outputs cannot be reused; teachers run live on every batch (set data.augment.views=K for "
+            "consistent teaching with K recorded views per sample, which the cache can hold)",
+            spec.mode,
+        )
+        return None
+    n = dm.cache_slots
+    taps = {
+        m: [*Objective.teacher_taps(distill), *sorted(teachers.aliases[m].items())] for m in teachers.names
+    }
+    key = cache_key(
+        data_identity(to_dict(cfg.data)),
+        n,
+        teachers.checkpoints,
+        taps,
+        str(cfg.trainer.get("precision", "32")),
+    )
+    disk = spec.mode == "disk"
+    path = Path(cfg.paths.cache_dir) / "teacher_outputs" / f"{dm.name}-{key}.pt" if disk else None
+    return TeacherOutputCache(n, key, path)
+
+
+def _check_logits(owner: str, shape: tuple[int, ...], num_classes: int) -> None:
+    if shape != (num_classes,):
+        raise ConfigError(
+            f"{owner} outputs shape {shape} per sample but the dataset has {num_classes} classes"
+        )

@@ -1,0 +1,114 @@
+"""Where the configs are, and the checks that run before Hydra takes over.
+
+- `CONF_DIR`: the configs a wheel carries (`kd_lightning/conf`, package data), else the checkout's `conf/`
+  (editable installs and `python -m` from the source tree). `conf/` at the top of the repository is the
+  one place users read and edit; the build copies it into the package.
+- `check_config_dirs`: Hydra/OmegaConf report a file that is not valid YAML, or that holds a scalar
+  instead of a mapping, without naming the file; this names it, with the line.
+- `check_composition`: composes the command line's first job, so that an unknown group option, an
+  override of a key that does not exist or bad override syntax ends as a ConfigError (exit code 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import yaml
+
+from kd_lightning.errors import ConfigError
+
+
+def _find_conf_dir() -> Path:
+    packaged = Path(__file__).resolve().parent / "conf"
+    if (packaged / "train.yaml").is_file():
+        return packaged
+    return Path(__file__).resolve().parents[1] / "conf"
+
+
+CONF_DIR = _find_conf_dir()
+
+
+def check_config_file(path: Path) -> None:
+    """Raise ConfigError if `path` is not YAML holding a mapping (an empty file is allowed)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
+    try:
+        obj = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if obj is not None and not isinstance(obj, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of `key: value` lines, got a {type(obj).__name__} ({obj!r:.60})"
+        )
+
+
+def check_config_dirs(dirs: Iterable[str | Path]) -> None:
+    """Check every *.yaml / *.yml file under each existing directory."""
+    for d in dirs:
+        root = Path(d)
+        if not root.is_dir():
+            continue
+        for path in sorted([*root.rglob("*.yaml"), *root.rglob("*.yml")]):
+            check_config_file(path)
+
+
+def config_dirs_from_argv(argv: list[str], default: Path) -> list[Path]:
+    """The packaged conf dir plus any `--config-dir/-cd DIR` or `--config-path/-cp DIR` a user passes."""
+    dirs = [default]
+    for i, arg in enumerate(argv):
+        for flag in ("--config-dir", "-cd", "--config-path", "-cp"):
+            if arg == flag and i + 1 < len(argv):
+                dirs.append(Path(argv[i + 1]))
+            elif arg.startswith(flag + "="):
+                dirs.append(Path(arg.split("=", 1)[1]))
+    return dirs
+
+
+def _first_job(overrides: list[str]) -> list[str] | None:
+    """The overrides of a multirun's first job (each sweep replaced by its first value); None when a sweep
+    cannot be listed (a sweeper's interval): the check is then left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    first = []
+    for o in parsed:
+        if not o.is_sweep_override():
+            first.append(o.input_line)
+            continue
+        try:
+            value = next(iter(o.sweep_string_iterator()))
+        except Exception:
+            return None
+        first.append(f"{o.get_key_element()}={value}")
+    return first
+
+
+def check_composition(argv: list[str], conf_dir: Path) -> None:
+    """Compose the first job of `kd-train ARGV` with Hydra's compose API; raise ConfigError if it fails."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:
+        return  # Hydra prints its own usage message
+    if args.config_path or args.config_dir or args.config_name or args.help or args.hydra_help:
+        return  # another config tree (DDP children, user folders): Hydra reports on it
+    try:
+        overrides = _first_job(list(args.overrides))
+        if overrides is None:
+            return
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            compose("train", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        text = str(e).split("Config search path")[0]  # Hydra's own message, without the search path
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        raise ConfigError(" ".join(lines[:2]) + (" " + ", ".join(lines[2:]) if lines[2:] else "")) from None

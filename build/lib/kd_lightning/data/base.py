@@ -1,0 +1,394 @@
+"""The datamodule base: splits, normalisation and augmentation on device, and the public reading API.
+
+Every batch is a `Batch(x, y, index, slot)` (kd_lightning.data.batch). Normalisation and augmentation
+run in `on_after_batch_transfer`, after the batch has reached the device, so student and teachers always
+see the same tensor. Other parts of the framework (evaluation, amalgamation) read data only through the
+public methods `iter_split`, `labels`, `prepare_batch`, `input_shape`, `num_classes` and `num_train`, so a
+dataset read from disk supports them as an in-memory one does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from kd_lightning.data.batch import Batch, collate_samples
+from kd_lightning.errors import ConfigError, as_float, as_int, as_seed
+
+
+class EpochSeededSampler(DistributedSampler):
+    """A shuffle that depends only on (seed, epoch), sharded over DDP ranks.
+
+    A resumed run sees exactly the batches it would have seen. Under DDP rank r takes every
+    world_size-th index of the *same* permutation (padded to equal length, as DistributedSampler
+    does), so N ranks × batch b step through the same global batches as 1 process × batch N·b.
+    Being a DistributedSampler, Lightning uses it as it is instead of wrapping it in a second shuffle.
+    The epoch comes from `epoch_source` (the trainer's epoch) when given, else from `set_epoch`.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        epoch_source: Callable[[], int | None] | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.n, self.epoch_source = n, epoch_source
+
+    def current_epoch(self) -> int:
+        epoch = self.epoch_source() if self.epoch_source is not None else None
+        return self.epoch if epoch is None else int(epoch)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100003 + self.current_epoch())
+        perm = torch.randperm(self.n, generator=gen).tolist()
+        perm += perm[: self.total_size - self.n]
+        return iter(perm[self.rank : self.total_size : self.num_replicas])
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+class IndexedTensorDataset(Dataset):
+    """`(x[i], y[i], i)`; `__getitems__` returns a whole Batch with one index operation."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        if len(x) != len(y):
+            raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i], torch.tensor(i)
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return Batch(self.x[idx], self.y[idx], idx)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.y
+
+
+def batch_is_collated(batch: Any) -> Any:
+    """Collate function for datasets whose `__getitems__` already returns a batch."""
+    return batch
+
+
+def crop_flip_params(
+    n: int, padding: int, hflip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(n, 3) int64: crop offsets (y, x) in [0, 2·padding] and a flip bit, drawn uniformly."""
+    oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    flip = (torch.rand(n, generator=generator) < 0.5).long() if hflip else torch.zeros(n, dtype=torch.long)
+    return torch.stack([oy, ox, flip], 1)
+
+
+def crop_flip(x: torch.Tensor, padding: int, params: torch.Tensor) -> torch.Tensor:
+    """Crop (zero padding) and flip each image of a batch (N, C, H, W) as `params` say; no Python loop."""
+    n, _, h, w = x.shape
+    dev = x.device
+    params = params.to(dev)
+    if padding > 0:
+        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        rows = (params[:, 0, None] + torch.arange(h, device=dev))[:, :, None]  # N,H,1
+        cols = (params[:, 1, None] + torch.arange(w, device=dev))[:, None, :]  # N,1,W
+        x = padded[torch.arange(n, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    x = torch.where(params[:, 2, None, None, None].bool(), x.flip(3), x)
+    return x.contiguous()
+
+
+def random_crop_flip(
+    x: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Batched random crop (zero padding) and horizontal flip of an image batch (N, C, H, W)."""
+    return crop_flip(x, padding, crop_flip_params(len(x), padding, hflip, generator))
+
+
+class TensorDataModule(pl.LightningDataModule):
+    """Base for datasets that fit in memory. Subclasses implement `load()`.
+
+    `load()` returns train and test arrays; a validation split is carved from train with `split_seed`
+    (independent of the run seed, so every run of a sweep sees the same splits).
+    """
+
+    name = "tensor"
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        train_subset: int | None = None,
+        normalize: bool = True,
+        augment: dict | None = None,
+        num_workers: int = 0,
+        class_subset: list[int] | None = None,
+    ):
+        super().__init__()
+        self.batch_size = as_int("data.batch_size", batch_size, 1)
+        self.eval_batch_size = as_int("data.eval_batch_size", eval_batch_size or max(self.batch_size, 256), 1)
+        self.val_fraction = as_float(
+            "data.val_fraction", val_fraction, 0.0, 1.0, open_low=True, open_high=True
+        )
+        self.split_seed = as_seed("data.split_seed", split_seed)
+        self.train_subset = None if train_subset is None else as_int("data.train_subset", train_subset, 1)
+        self.normalize = bool(normalize)
+        if augment is not None and not isinstance(augment, dict):
+            raise ConfigError(
+                f"data.augment must be a mapping like {{crop_padding: 4, hflip: true}} or null, got {augment!r}"
+            )
+        self.augment = dict(augment or {})
+        unknown = sorted(set(self.augment) - {"crop_padding", "hflip", "views"})
+        if unknown:
+            raise ConfigError(f"data.augment has unknown key(s) {unknown}; valid: crop_padding, hflip, views")
+        self.crop_padding = as_int("data.augment.crop_padding", self.augment.get("crop_padding", 0), 0)
+        self.hflip = bool(self.augment.get("hflip", False))
+        views = self.augment.get("views")
+        # consistent teaching: a fixed number of recorded views per sample (None: a fresh view every step)
+        self.views = None if views is None else as_int("data.augment.views", views, 1)
+        self.view_params: torch.Tensor | None = None  # (n_train, views, 3), drawn once at setup
+        self.num_workers = as_int("data.num_workers", num_workers, 0)
+        # a task made of some classes only, relabelled 0..k-1 in the order given (transfer-learning pairs)
+        if class_subset is not None and (isinstance(class_subset, str | int) or len(class_subset) < 2):
+            raise ConfigError(
+                f"data.class_subset must be null or a list of at least 2 class ids, got {class_subset!r}"
+            )
+        self.class_subset = (
+            None
+            if class_subset is None
+            else [as_int("data.class_subset entries", c, 0) for c in class_subset]
+        )
+        if self.class_subset is not None and len(set(self.class_subset)) != len(self.class_subset):
+            raise ConfigError(f"data.class_subset has repeated ids: {self.class_subset}")
+        self.shuffle_seed: int | None = None  # set by the run (its seed); else torch's initial seed
+        self.splits: dict[str, Dataset] = {}
+        self.mean: torch.Tensor | None = None
+        self.std: torch.Tensor | None = None
+
+    # --- to implement -------------------------------------------------------------------
+    def load(self) -> dict[str, np.ndarray]:
+        """Return {'x_train', 'y_train', 'x_test', 'y_test'}; x as (N, C, ...) float32 or uint8."""
+        raise NotImplementedError
+
+    # --- shapes ---------------------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        self._require_setup()
+        return tuple(self.splits["train"][0][0].shape)
+
+    @property
+    def num_classes(self) -> int:
+        self._require_setup()
+        return self._num_classes
+
+    def _require_setup(self) -> None:
+        if not self.splits:
+            self.setup("fit")
+
+    # --- Lightning hooks ------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        self.splits, self._num_classes = self.build_splits()
+        if self.normalize:
+            self.fit_normalization()
+        self._draw_views()
+
+    def fit_normalization(self) -> None:
+        """Per-channel statistics of the training split (datasets read from disk state theirs instead)."""
+        self.set_normalization(self._to_float(self.splits["train"].x))
+
+    def build_splits(self) -> tuple[dict[str, Dataset], int]:
+        """train / val / test datasets and the class count (in-memory: from `load()`)."""
+        arrays = self.load()
+        x_tr, y_tr = torch.as_tensor(arrays["x_train"]), torch.as_tensor(arrays["y_train"]).long()
+        x_te, y_te = torch.as_tensor(arrays["x_test"]), torch.as_tensor(arrays["y_test"]).long()
+        if self.class_subset is not None:
+            (x_tr, y_tr), (x_te, y_te) = self._select_classes(x_tr, y_tr), self._select_classes(x_te, y_te)
+        num_classes = int(max(y_tr.max(), y_te.max()) + 1)
+        val_idx, tr_idx = self.split_train_val(len(y_tr))
+        splits = {
+            "train": IndexedTensorDataset(x_tr[tr_idx], y_tr[tr_idx]),
+            "val": IndexedTensorDataset(x_tr[val_idx], y_tr[val_idx]),
+            "test": IndexedTensorDataset(x_te, y_te),
+        }
+        return splits, num_classes
+
+    def split_train_val(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(validation, training) positions among `n` labelled samples, from `split_seed`."""
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
+        n_val = max(1, int(round(self.val_fraction * n)))
+        val_idx, tr_idx = perm[:n_val], perm[n_val:]
+        if self.train_subset is not None:
+            tr_idx = tr_idx[: int(self.train_subset)]
+        return val_idx, tr_idx
+
+    def _draw_views(self) -> None:
+        """Consistent teaching: the crop/flip of each of the K recorded views of every training sample."""
+        if self.views is not None:
+            n = len(self.splits["train"])
+            gen = torch.Generator().manual_seed(self.split_seed * 7919 + 1)
+            self.view_params = crop_flip_params(n * self.views, self.crop_padding, self.hflip, gen).view(
+                n, self.views, 3
+            )
+
+    def class_lookup(self, present: list[int]) -> torch.Tensor:
+        """`data.class_subset` as a label map: old id → new id (0..k-1 in the order given), -1 to drop."""
+        wanted = self.class_subset or present
+        absent = [c for c in wanted if c not in present]
+        if absent:
+            raise ConfigError(
+                f"data.class_subset {absent} do not occur in {self.name}; its classes: {sorted(present)}"
+            )
+        lookup = torch.full((max(present) + 1,), -1, dtype=torch.long)
+        lookup[torch.tensor(wanted)] = torch.arange(len(wanted))
+        return lookup
+
+    def _select_classes(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lookup = self.class_lookup(sorted(int(c) for c in y.unique()))
+        new = lookup[y]
+        keep = new >= 0
+        return x[keep], new[keep]
+
+    def set_normalization(self, train_x: torch.Tensor) -> None:
+        """Per-channel mean/std of the training split (never of val/test)."""
+        dims = [0] + list(range(2, train_x.dim()))
+        self.mean = train_x.mean(dim=dims).view(1, -1, *[1] * (train_x.dim() - 2))
+        self.std = train_x.std(dim=dims).clamp_min(1e-6).view_as(self.mean)
+
+    @staticmethod
+    def _to_float(x: torch.Tensor) -> torch.Tensor:
+        return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+    @property
+    def num_train(self) -> int:
+        self._require_setup()
+        return len(self.splits["train"])
+
+    def labels(self, split: str) -> torch.Tensor:
+        """The class labels of a split, in order (no inputs are read)."""
+        self._require_setup()
+        return torch.as_tensor(self.splits[split].labels)
+
+    def iter_split(self, split: str, batch_size: int | None = None) -> Iterator[Batch]:
+        """The batches of a split in order, as loaded (on the CPU, not yet scaled or normalised)."""
+        self._require_setup()
+        ds = self.splits[split]
+        loader = DataLoader(
+            ds,
+            batch_size=batch_size or self.eval_batch_size,
+            collate_fn=self._collate(ds),
+            num_workers=self.num_workers,
+        )
+        yield from loader
+
+    def input_std(self, max_batches: int = 8) -> float:
+        """Standard deviation of the training inputs scaled to [0, 1] (up to `max_batches` eval batches):
+        the unit of the noise corruptions."""
+        xs = [self._to_float(b.x) for _, b in zip(range(max_batches), self.iter_split("train"), strict=False)]
+        return float(torch.cat([x.flatten() for x in xs]).std())
+
+    @staticmethod
+    def _collate(ds: Dataset) -> Callable[[Any], Batch]:
+        return batch_is_collated if isinstance(ds, IndexedTensorDataset) else collate_samples
+
+    @property
+    def augments_training(self) -> bool:
+        """Whether training batches are augmented at all (images only)."""
+        return len(self.input_shape) == 3 and (self.crop_padding > 0 or self.hflip)
+
+    @property
+    def fresh_views(self) -> bool:
+        """A new random view every step: teacher outputs cannot be reused (no `augment.views`)."""
+        return self.augments_training and self.views is None
+
+    @property
+    def cache_slots(self) -> int:
+        """Rows a teacher-output cache needs: one per training sample, or per (sample, view)."""
+        n = len(self.splits["train"])
+        return n * self.views if self.augments_training and self.views else n
+
+    def epoch_views(self, epoch: int) -> torch.Tensor:
+        """Which recorded view each training sample shows in `epoch` (depends on the run seed and epoch).
+
+        Drawn once per epoch, not per batch."""
+        seed = self.shuffle_seed if self.shuffle_seed is not None else self.split_seed
+        key = (seed, epoch)
+        if getattr(self, "_views_key", None) != key:
+            gen = torch.Generator().manual_seed(seed * 104729 + epoch)
+            self._views = torch.randint(0, self.views or 1, (len(self.splits["train"]),), generator=gen)
+            self._views_key = key
+        return self._views
+
+    def prepare_batch(self, batch: Batch, train: bool) -> Batch:
+        """Scale, normalise and (when training) augment a batch that is already on its device."""
+        x = self._to_float(batch.x)
+        if self.mean is not None:
+            x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if train and x.dim() == 4 and (self.crop_padding > 0 or self.hflip):
+            if self.views is None:
+                x = random_crop_flip(x, self.crop_padding, self.hflip)
+            elif batch.index is not None:
+                # consistent teaching: this epoch's recorded view of each sample; `slot` is the
+                # (sample, view) that the teacher-output cache keys on
+                index = batch.index.cpu()
+                epoch = self.trainer.current_epoch if self.trainer is not None else 0
+                view = self.epoch_views(epoch)[index]
+                x = crop_flip(x, self.crop_padding, self.view_params[index, view])
+                return batch._replace(x=x, slot=(index * self.views + view).to(batch.index.device))
+        return batch._replace(x=x)
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        training = self.trainer is not None and self.trainer.training
+        return self.prepare_batch(batch, train=training)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self._require_setup()
+        ds = self.splits[split]
+        seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed() % (2**31)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            sampler=EpochSeededSampler(len(ds), seed, self._trainer_epoch, *_world()) if shuffle else None,
+            collate_fn=self._collate(ds),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _trainer_epoch(self) -> int | None:
+        trainer = getattr(self, "trainer", None)
+        return None if trainer is None else trainer.current_epoch
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def describe(self) -> str:
+        self._require_setup()
+        sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
+        return f"{self.name}: input {self.input_shape}, {self.num_classes} classes, {sizes}"
+
+    def steps_per_epoch(self) -> int:
+        self._require_setup()
+        return math.ceil(len(self.splits["train"]) / self.batch_size)

@@ -1,0 +1,270 @@
+"""Image datasets on disk: CIFAR-10/100 and (Fashion-)MNIST readers, and any ImageFolder.
+
+The readers parse the standard files themselves (no checksum test, so they also read fixtures that
+tests write); torchvision is used only to download, and only when `download=true` is asked for.
+CIFAR's python batches are pickles: they are read with an unpickler that accepts numpy arrays only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from kd_lightning.data.base import TensorDataModule
+from kd_lightning.errors import ConfigError, as_float, as_int
+
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),
+}
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _NUMPY_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}: CIFAR batches hold only arrays")
+
+
+def read_cifar_batch(path: Path) -> dict:
+    """One CIFAR python batch → {'data': uint8 (N, 3072), 'labels' or 'fine_labels': list}."""
+    with open(path, "rb") as f:
+        try:
+            raw = _ArraysOnlyUnpickler(f, encoding="bytes").load()
+        except pickle.UnpicklingError as e:
+            raise ConfigError(f"{path} is not a CIFAR batch file: {e}") from None
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+
+
+class CIFARDataModule(TensorDataModule):
+    """CIFAR-10 / CIFAR-100 from the python-version batches under `root`."""
+
+    _LAYOUT = {
+        10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+        100: ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+    }
+
+    def __init__(self, root: str = "data", classes: int = 10, download: bool = False, **kwargs):
+        kwargs.setdefault("augment", {"crop_padding": 4, "hflip": True})
+        super().__init__(**kwargs)
+        if isinstance(classes, bool) or classes not in self._LAYOUT:
+            raise ConfigError(f"data.classes must be 10 or 100 for CIFAR, got {classes}")
+        self.root, self.classes, self.download = Path(root), int(classes), bool(download)
+        self.name = f"cifar{classes}"
+
+    def prepare_data(self) -> None:
+        folder = self.root / self._LAYOUT[self.classes][0]
+        if folder.is_dir() or not self.download:
+            return
+        import torchvision
+
+        ds = torchvision.datasets.CIFAR10 if self.classes == 10 else torchvision.datasets.CIFAR100
+        ds(str(self.root), train=True, download=True)
+
+    def load(self) -> dict[str, np.ndarray]:
+        folder_name, train_files, test_files, label_key = self._LAYOUT[self.classes]
+        folder = self.root / folder_name
+        missing = [f for f in train_files + test_files if not (folder / f).is_file()]
+        if missing:
+            raise ConfigError(
+                f"CIFAR-{self.classes} files not found: {folder} lacks {missing}. Pass data.download=true to "
+                f"fetch them (~170 MB), or set data.root to the folder that holds {folder_name}/"
+            )
+
+        def read(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+            batches = [read_cifar_batch(folder / f) for f in files]
+            x = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(
+                -1, 3, 32, 32
+            )
+            y = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+            return x, y
+
+        x_tr, y_tr = read(train_files)
+        x_te, y_te = read(test_files)
+        return {"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), optionally gzip-compressed."""
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ConfigError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ConfigError(f"{path} is truncated: header says {dims.tolist()}, found {data.size} bytes")
+    return data.reshape(dims).copy()
+
+
+class MNISTDataModule(TensorDataModule):
+    """MNIST or Fashion-MNIST from the IDX files in `root/<MNIST|FashionMNIST>/raw` (torchvision's layout)."""
+
+    _FILES = {
+        "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    }
+
+    def __init__(self, root: str = "data", variant: str = "mnist", download: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        folders = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+        if variant not in folders:
+            raise ConfigError(f"data.variant must be one of {sorted(folders)}, got {variant!r}")
+        self.root, self.variant, self.download = Path(root), variant, bool(download)
+        self.folder = self.root / folders[variant] / "raw"
+        self.name = variant
+
+    def _find(self, stem: str) -> Path | None:
+        for candidate in (self.folder / stem, self.folder / f"{stem}.gz"):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def prepare_data(self) -> None:
+        if not self.download or all(self._find(s) for pair in self._FILES.values() for s in pair):
+            return
+        import torchvision
+
+        ds = torchvision.datasets.MNIST if self.variant == "mnist" else torchvision.datasets.FashionMNIST
+        ds(str(self.root), train=True, download=True)
+
+    def load(self) -> dict[str, np.ndarray]:
+        out = {}
+        for split, (images, labels) in self._FILES.items():
+            paths = [self._find(images), self._find(labels)]
+            if None in paths:
+                raise ConfigError(
+                    f"{self.variant} files not found in {self.folder} (need {images} and {labels}, optionally .gz). "
+                    "Pass data.download=true to fetch them, or set data.root to the folder that holds "
+                    f"{self.folder.parent.name}/raw/"
+                )
+            out[f"x_{split}"] = read_idx(paths[0])[:, None, :, :]
+            out[f"y_{split}"] = read_idx(paths[1]).astype(np.int64)
+        return out
+
+
+class _ImageFiles(Dataset):
+    """Images read lazily from disk, resized and centre-cropped to `image_size`, as uint8 (C, H, W)."""
+
+    def __init__(self, samples: list[tuple[str, int]], image_size: int):
+        from torchvision import transforms
+
+        self.samples = samples
+        self.transform = transforms.Compose(
+            [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()]
+        )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.as_tensor([label for _, label in self.samples], dtype=torch.long)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        from PIL import Image
+
+        path, label = self.samples[i]
+        with open(path, "rb") as f:
+            img = Image.open(io.BytesIO(f.read())).convert("RGB")
+        return self.transform(img), label, i
+
+
+class ImageFolderDataModule(TensorDataModule):
+    """Any folder of class subfolders (torchvision ImageFolder layout), read lazily from disk.
+
+    `root` holds the training classes; `test_root` (same class names) the test set, or else a
+    `test_fraction` of `root` is held out. Images are resized to `image_size` and normalised with
+    `mean`/`std` (ImageNet statistics by default, which pretrained torchvision weights expect).
+    Everything an in-memory dataset supports works here too: `class_subset` (class ids are the
+    positions of the sorted folder names), `augment` (crop/flip on device, `views` for consistent
+    teaching), evaluation under corruptions and amalgamation.
+    """
+
+    name = "imagefolder"
+
+    def __init__(
+        self,
+        root: str,
+        test_root: str | None = None,
+        test_fraction: float = 0.2,
+        image_size: int = 32,
+        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+        std: tuple[float, ...] = (0.229, 0.224, 0.225),
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        self.test_root = Path(test_root) if test_root else None
+        self.test_fraction = as_float(
+            "data.test_fraction", test_fraction, 0.0, 1.0, open_low=True, open_high=True
+        )
+        self.image_size = as_int("data.image_size", image_size, 1)
+        self.mean_std = (tuple(mean), tuple(std))
+
+    def _scan(self, root: Path, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
+        if not root.is_dir():
+            raise ConfigError(f"data.root {root} is not a folder; expected one subfolder of images per class")
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        classes = classes or found
+        if not classes:
+            raise ConfigError(f"{root} has no class subfolders; expected {root}/<class>/<image>.png")
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ConfigError(
+                f"{root} has classes {unknown} that the training folder lacks; valid: {classes}"
+            )
+        samples = [
+            (str(p), i)
+            for i, c in enumerate(classes)
+            if (root / c).is_dir()
+            for p in sorted((root / c).rglob("*"))
+            if p.suffix.lower() in IMG_EXTENSIONS
+        ]
+        if not samples:
+            raise ConfigError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {root}")
+        return samples, classes
+
+    def _keep_classes(self, samples: list[tuple[str, int]], lookup: torch.Tensor) -> list[tuple[str, int]]:
+        return [(path, int(lookup[label])) for path, label in samples if lookup[label] >= 0]
+
+    def build_splits(self) -> tuple[dict[str, Dataset], int]:
+        samples, classes = self._scan(self.root)
+        lookup = self.class_lookup(list(range(len(classes))))
+        self.class_names = [classes[c] for c in (self.class_subset or range(len(classes)))]
+        gen = torch.Generator().manual_seed(self.split_seed)
+        order = [samples[i] for i in torch.randperm(len(samples), generator=gen).tolist()]
+        if self.test_root is not None:
+            test, _ = self._scan(self.test_root, classes)
+        else:
+            n_test = max(1, int(round(self.test_fraction * len(order))))
+            test, order = order[:n_test], order[n_test:]
+        order, test = self._keep_classes(order, lookup), self._keep_classes(test, lookup)
+        val_idx, tr_idx = self.split_train_val(len(order))
+        splits = {
+            "train": _ImageFiles([order[i] for i in tr_idx.tolist()], self.image_size),
+            "val": _ImageFiles([order[i] for i in val_idx.tolist()], self.image_size),
+            "test": _ImageFiles(test, self.image_size),
+        }
+        return splits, len(self.class_names)
+
+    def fit_normalization(self) -> None:
+        mean, std = self.mean_std
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)

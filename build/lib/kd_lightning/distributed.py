@@ -1,0 +1,122 @@
+"""What DDP needs from us beyond Lightning's Trainer: one run folder per job, and the node count.
+
+Lightning's `ddp` strategy starts ranks 1..N-1 by re-running the command line. Under a Hydra
+*multirun* that command line is the whole sweep, and Hydra's run dir is not the job's folder, so the
+children would start new sweeps in new folders. Before fitting, rank 0 therefore writes this job's fully
+resolved config to `<job>/.kd/ddp_job.yaml` and points the command line (and Hydra's run dir) at it:
+every child runs exactly this job, in this job's folder, and writes nothing of Hydra's there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.files import atomic_write
+
+JOB_CONFIG = "ddp_job"
+
+# Variables set by launchers that start every rank themselves (Lightning then spawns nothing).
+_EXTERNAL_LAUNCH = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def num_nodes_from_env() -> int:
+    """KD_NUM_NODES, else SLURM's node count, else torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE, else 1."""
+    env = os.environ
+    if env.get("KD_NUM_NODES"):
+        return int(env["KD_NUM_NODES"])
+    for key in ("SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
+        if env.get(key):
+            return int(env[key])
+    if env.get("WORLD_SIZE") and env.get("LOCAL_WORLD_SIZE"):
+        return max(1, int(env["WORLD_SIZE"]) // int(env["LOCAL_WORLD_SIZE"]))
+    return 1
+
+
+def spawns_children(trainer_cfg: DictConfig) -> bool:
+    """True when Lightning will re-run the command line to start more ranks on this node."""
+    strategy = str(trainer_cfg.get("strategy", "auto"))
+    if "ddp" not in strategy or "spawn" in strategy or "fork" in strategy:
+        return False
+    if any(k in os.environ for k in _EXTERNAL_LAUNCH) or "SLURM_NTASKS" in os.environ:
+        return False
+    devices = trainer_cfg.get("devices", 1)
+    return (
+        str(devices) in ("-1", "auto")
+        or (str(devices).isdigit() and int(devices) > 1)
+        or (not isinstance(devices, int | str))
+    )
+
+
+def pin_ddp_children_to_job(cfg: DictConfig, out: Path) -> Path | None:
+    """Rank 0, before `trainer.fit`: make the ranks Lightning re-launches run exactly this job."""
+    if not HydraConfig.initialized() or not spawns_children(cfg.trainer):
+        return None
+    path = out / ".kd" / f"{JOB_CONFIG}.yaml"
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    atomic_write(path, lambda tmp: OmegaConf.save(resolved, tmp))
+    sys.argv[1:] = ["--config-path", str(path.parent), "--config-name", JOB_CONFIG]
+    hydra_cfg = HydraConfig.get()
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = str(out)  # Lightning appends hydra.run.dir=<this> to the children's command
+    return path
+
+
+def leave_process_group() -> None:
+    """After a multi-process fit: drop the process group so later single-process work never syncs."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank has finished fitting
+        dist.destroy_process_group()
+
+
+_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK")
+
+
+@contextmanager
+def job_scope() -> Iterator[None]:
+    """One job's DDP state does not leak into the next job of a multirun in the same process.
+
+    Lightning leaves LOCAL_RANK/WORLD_SIZE/MASTER_PORT in os.environ and the process group alive after
+    launching ranks; the next job would then believe its ranks were started externally and wait forever.
+    """
+    import torch.distributed as dist
+
+    before = {k: os.environ.get(k) for k in _DDP_ENV}
+    had_group = dist.is_available() and dist.is_initialized()
+    argv = list(sys.argv)
+    try:
+        yield
+    finally:
+        if not had_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        sys.argv[:] = argv
+
+
+def torchrun_argv(argv: list[str], env: Mapping[str, str] = os.environ) -> list[str]:
+    """Under torchrun every rank runs `kd-train`: they must share one run folder, and only rank 0 writes
+    Hydra's files there. Returns the extra overrides for this rank; raises ConfigError when the folder
+    would differ between ranks (Hydra's default folder name is a timestamp)."""
+    if "TORCHELASTIC_RUN_ID" not in env or int(env.get("WORLD_SIZE", "1")) <= 1:
+        return []
+    multirun = "-m" in argv or "--multirun" in argv
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if not any(a.startswith(key + "=") for a in argv):
+        raise ConfigError(
+            f"under torchrun every rank must write to the same folder: pass {key}=<a folder all nodes can reach>"
+        )
+    rank = env.get("RANK", "0")
+    return [] if rank == "0" else ["hydra.output_subdir=null", f"hydra.job.name=train_rank{rank}"]

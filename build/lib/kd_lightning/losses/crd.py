@@ -1,0 +1,105 @@
+"""CRD, Contrastive Representation Distillation (Tian, Krishnan & Isola, ICLR 2020).
+
+Both sides are embedded (linear heads, L2-normalised, `feat_dim`); a memory bank per side holds an
+embedding for every training sample, updated with momentum. For each sample its other-side embedding
+is the positive and `nce_k` bank entries drawn uniformly are the negatives; with
+h = exp(v_a · v_b / τ) / Z (Z estimated once, on the first batch, as mean(h) · N) the NCE loss is
+  −log[h⁺ / (h⁺ + K/N)] − Σ_negatives log[(K/N) / (h⁻ + K/N)],
+summed over both directions (student anchor vs teacher bank, teacher anchor vs student bank) and
+averaged over the batch. Needs the sample index of each batch element (kd_lightning batches carry it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_lightning.errors import ConfigError, as_float, as_int
+from kd_lightning.losses.registry import register_loss
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+@register_loss("crd")
+class CRD(nn.Module):
+    shape_free = True
+    full_bank_ratio = 32  # score the whole bank when N <= ratio · (K + 1)
+
+    def __init__(
+        self,
+        student_shape: tuple[int, ...],
+        teacher_shape: tuple[int, ...],
+        num_samples: int,
+        feat_dim: int = 128,
+        nce_k: int = 4096,
+        nce_t: float = 0.07,
+        momentum: float = 0.5,
+    ):
+        super().__init__()
+        self.n = as_int("crd num_samples", num_samples, 2)
+        self.feat_dim = as_int("crd feat_dim", feat_dim, 1)
+        self.k = min(as_int("crd nce_k", nce_k, 1), self.n - 1)
+        self.tau = as_float("crd nce_t", nce_t, 0.0, open_low=True)
+        self.momentum = as_float("crd momentum", momentum, 0.0, 1.0)
+        self.embed_s = nn.Linear(_numel(student_shape), self.feat_dim)
+        self.embed_t = nn.Linear(_numel(teacher_shape), self.feat_dim)
+        stdv = 1.0 / math.sqrt(self.feat_dim / 3)
+        self.register_buffer("memory_s", torch.rand(self.n, self.feat_dim).mul_(2 * stdv).add_(-stdv))
+        self.register_buffer("memory_t", torch.rand(self.n, self.feat_dim).mul_(2 * stdv).add_(-stdv))
+        self.register_buffer("z_s", torch.tensor(-1.0))
+        self.register_buffer("z_t", torch.tensor(-1.0))
+
+    def draw_negatives(self, index: torch.Tensor) -> torch.Tensor:
+        """(B, K) indices drawn uniformly from the bank (the sample itself may be drawn, as in the paper)."""
+        return torch.randint(0, self.n, (len(index), self.k), device=index.device)
+
+    def _nce(self, h: torch.Tensor) -> torch.Tensor:
+        """h: (B, 1 + K), column 0 the positive; the NCE loss averaged over the batch."""
+        noise = self.k / self.n
+        log_pos = (h[:, 0] / (h[:, 0] + noise)).log()
+        log_neg = (noise / (h[:, 1:] + noise)).log()
+        return -(log_pos.sum() + log_neg.sum()) / len(h)
+
+    def _scores(
+        self, anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, z: torch.Tensor
+    ) -> torch.Tensor:
+        if self.n <= self.full_bank_ratio * idx.shape[1]:
+            # scoring the whole bank in one matmul and picking the drawn columns beats gathering
+            # (B, K+1, d) rows unless the bank is much larger than the negatives (memory-bound gather)
+            scores = torch.gather(anchor @ bank.detach().T, 1, idx)
+        else:
+            scores = torch.bmm(bank[idx].detach(), anchor.unsqueeze(2)).squeeze(2)
+        h = torch.exp(scores / self.tau)
+        if z.item() < 0:  # the normalising constant, estimated once
+            z.fill_(float(h.mean().detach() * self.n))
+        return h / z
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if index is None:
+            raise ConfigError("crd needs each sample's index in the batch: (x, y, index) batches")
+        if int(index.max()) >= self.n:
+            raise ConfigError(
+                f"crd got sample index {int(index.max())} but its memory holds {self.n} samples"
+            )
+        vs = F.normalize(self.embed_s(s.flatten(1).float()), dim=1)
+        vt = F.normalize(self.embed_t(t.flatten(1).float()), dim=1)
+        idx = torch.cat([index.view(-1, 1), self.draw_negatives(index)], 1)
+        loss = self._nce(self._scores(vs, self.memory_t, idx, self.z_s)) + self._nce(
+            self._scores(vt, self.memory_s, idx, self.z_t)
+        )
+        if self.training:
+            with torch.no_grad():
+                for name, v in (("memory_s", vs), ("memory_t", vt)):
+                    bank = getattr(self, name)
+                    mixed = F.normalize(bank[index] * self.momentum + v.detach() * (1 - self.momentum), dim=1)
+                    if self.n <= self.full_bank_ratio * idx.shape[1]:
+                        # the whole bank was saved for backward: update a copy (small banks only)
+                        setattr(self, name, bank.index_copy(0, index, mixed))
+                    else:
+                        bank[index] = mixed
+        return loss

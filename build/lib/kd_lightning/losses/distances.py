@@ -1,0 +1,77 @@
+"""Distances between a (adapted) student feature and a teacher target of the same shape.
+
+Each returns a scalar averaged over the batch. Reductions follow the usual definitions:
+mse/l1/smooth_l1 average over every element; cosine is 1 − cos over the flattened feature;
+kl is KL(softmax(t/T) ‖ softmax(s/T)) · T² per sample (Hinton et al. 2015); soft_mse regresses the
+student's raw outputs onto the teacher's probabilities softmax(t/T) (least-squares soft labels).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses.registry import register_loss
+
+
+@register_loss("mse")
+class MSE(nn.Module):
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(s, t)
+
+
+@register_loss("l1")
+class L1(nn.Module):
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.l1_loss(s, t)
+
+
+@register_loss("smooth_l1")
+class SmoothL1(nn.Module):
+    def __init__(self, beta: float = 1.0):
+        super().__init__()
+        if beta <= 0:
+            raise ConfigError(f"smooth_l1 beta must be positive, got {beta}")
+        self.beta = float(beta)
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.smooth_l1_loss(s, t, beta=self.beta)
+
+
+@register_loss("cosine")
+class Cosine(nn.Module):
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (1.0 - F.cosine_similarity(s.flatten(1).float(), t.flatten(1).float(), dim=1, eps=1e-8)).mean()
+
+
+@register_loss("kl", "kd")
+class KL(nn.Module):
+    """Hinton KD when applied to logits; computed in fp32 under mixed precision."""
+
+    def __init__(self, temperature: float = 4.0):
+        super().__init__()
+        if temperature <= 0:
+            raise ConfigError(f"kl temperature must be positive, got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        T = self.temperature
+        log_p_s = F.log_softmax(s.flatten(1).float() / T, dim=1)
+        log_p_t = F.log_softmax(t.flatten(1).float() / T, dim=1)
+        return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
+
+
+@register_loss("soft_mse")
+class SoftMSE(nn.Module):
+    """Squared error between student outputs and teacher probabilities: the kernel-regime KD of Rahbar et al."""
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        if temperature <= 0:
+            raise ConfigError(f"soft_mse temperature must be positive, got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(s.float(), F.softmax(t.float() / self.temperature, dim=-1))

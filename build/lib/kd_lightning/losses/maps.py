@@ -1,0 +1,77 @@
+"""Methods on feature maps (B, C, H, W) or (B, C, L). Channel counts may differ between student and
+teacher (`shape_free`); a student map of another spatial size is resized to the teacher's first.
+
+- AT, Attention Transfer (Zagoruyko & Komodakis, ICLR 2017): Q = Σ_c |A_c|^p flattened and
+  L2-normalised per sample. `mode: code` (the authors' released code and RepDistiller) is the mean
+  of (Q̂_S − Q̂_T)² over batch and positions, used with weight β = 1000; `mode: paper` is the
+  batch mean of ‖Q̂_S − Q̂_T‖₂ (eq. 2 without β/2).
+- NST, Neuron Selectivity Transfer (Huang & Wang, 2017): each channel's spatial response, L2-normalised,
+  is a sample; the loss is the squared MMD between the student's and the teacher's channel samples with
+  the polynomial kernel k(x, y) = (xᵀy + c)^d (paper: d = 2, c = 0), averaged over the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_lightning.errors import ConfigError, as_float, as_int
+from kd_lightning.losses.registry import register_loss
+
+
+def _check_map(x: torch.Tensor, method: str) -> None:
+    if x.dim() not in (3, 4):
+        raise ConfigError(
+            f"{method} needs feature maps (B, C, L) or (B, C, H, W), got a tensor of shape {tuple(x.shape)}; "
+            "tap a convolutional layer (e.g. student_tap=map, teacher_tap=map)"
+        )
+
+
+def match_size(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The student map resized (bilinear / linear) to the teacher map's spatial size."""
+    if s.shape[2:] == t.shape[2:]:
+        return s
+    mode = "bilinear" if s.dim() == 4 else "linear"
+    return F.interpolate(s, size=t.shape[2:], mode=mode, align_corners=False)
+
+
+@register_loss("at")
+class AttentionTransfer(nn.Module):
+    shape_free = True
+
+    def __init__(self, p: float = 2.0, mode: str = "code"):
+        super().__init__()
+        self.p = as_float("at p", p, 0.0, open_low=True)
+        if mode not in ("code", "paper"):
+            raise ConfigError(f"at mode={mode!r}; valid: code, paper")
+        self.mode = mode
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.float().abs().pow(self.p).sum(1).flatten(1), dim=1)
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        _check_map(s, "at"), _check_map(t, "at")
+        qs, qt = self.attention(match_size(s.float(), t)), self.attention(t)
+        if self.mode == "code":
+            return (qs - qt).pow(2).mean()
+        return (qs - qt).norm(p=2, dim=1).mean()
+
+
+@register_loss("nst")
+class NeuronSelectivityTransfer(nn.Module):
+    shape_free = True
+
+    def __init__(self, degree: int = 2, c: float = 0.0):
+        super().__init__()
+        self.degree = as_int("nst degree", degree, 1)
+        self.c = as_float("nst c", c, 0.0)
+
+    def _k(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a @ b.transpose(1, 2) + self.c).pow(self.degree).mean((1, 2))
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        _check_map(s, "nst"), _check_map(t, "nst")
+        fs = F.normalize(match_size(s.float(), t).flatten(2), dim=2)  # (B, C_s, HW)
+        ft = F.normalize(t.float().flatten(2), dim=2)
+        return (self._k(ft, ft) + self._k(fs, fs) - 2 * self._k(fs, ft)).mean()

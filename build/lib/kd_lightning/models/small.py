@@ -1,0 +1,176 @@
+"""Small networks for the CPU-scale defaults: MLP, 2-D CNN, 1-D CNN, wide two-layer net.
+
+Every model exposes `features` (the embedding before the head) and `fc` (the classifier), so the
+default `embed` tap (input of the last Linear) is the penultimate representation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kd_lightning.errors import ConfigError, as_float, as_int
+from kd_lightning.models.registry import register_model
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+def _activation(name: str) -> nn.Module:
+    if not isinstance(name, str) or name not in _ACTIVATIONS:
+        raise ConfigError(f"unknown activation {name!r}; valid: {', '.join(sorted(_ACTIVATIONS))}")
+    return _ACTIVATIONS[name]()
+
+
+def _positive(name: str, values: list[int] | tuple[int, ...]) -> list[int]:
+    if isinstance(values, int | float | str) or not values:
+        raise ConfigError(f"{name} must be a non-empty list of positive sizes, got {values!r}")
+    return [as_int(f"{name} entries", v, 1) for v in values]
+
+
+class Classifier(nn.Module):
+    """`features` → `fc`; `forward_features` and `forward_head` split the two (timm-style)."""
+
+    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int):
+        super().__init__()
+        if num_classes <= 0:
+            raise ConfigError(f"num_classes must be positive, got {num_classes}")
+        self.features = features
+        self.fc = nn.Linear(feature_dim, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+@register_model
+def mlp(
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    hidden: list[int] = (100, 100),
+    activation: str = "relu",
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Fully connected net on the flattened input."""
+    hidden = _positive("hidden", hidden)
+    dropout = as_float("dropout", dropout, 0.0, 1.0, open_high=True)
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for h in hidden:
+        layers += [nn.Linear(width, h), _activation(activation)]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    return Classifier(nn.Sequential(*layers), width, num_classes)
+
+
+class NTKLinear(nn.Linear):
+    """Linear layer in the NTK parametrisation: N(0, 1) weights, output scaled by 1/sqrt(fan_in).
+
+    Gradient descent then has a width-independent step size, and a very wide net stays in the kernel
+    regime (Jacot et al. 2018; the setting Rahbar et al. 2020 analyse)."""
+
+    zero_init = False  # set on an instance: start at 0 (the network's output is 0 everywhere at init)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight) if self.zero_init else nn.init.normal_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight) / math.sqrt(self.in_features) + (
+            self.bias if self.bias is not None else 0.0
+        )
+
+
+@register_model
+def wide2(
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    width: int = 4096,
+    activation: str = "relu",
+    parametrization: str = "standard",
+    zero_output: bool = False,
+) -> nn.Module:
+    """Two-layer network of one (very) wide hidden layer: the kernel-regime student of Rahbar et al.
+
+    `parametrization: ntk` uses NTKLinear layers (one learning rate for every width); `zero_output`
+    starts the output layer at zero, so the random function at initialisation adds nothing to the
+    predictions (the kernel predictor is then the plain kernel regression of the targets)."""
+    width = as_int("width", width, 1)
+    if parametrization == "standard":
+        return mlp(num_classes, input_shape, hidden=[width], activation=activation)
+    if parametrization != "ntk":
+        raise ConfigError(f"wide2 parametrization={parametrization!r}; valid: ntk, standard")
+    hidden = nn.Sequential(nn.Flatten(), NTKLinear(math.prod(input_shape), width), _activation(activation))
+    model = Classifier(hidden, width, num_classes)
+    model.fc = NTKLinear(width, num_classes)
+    if zero_output:
+        model.fc.zero_init = True
+        model.fc.reset_parameters()
+    return model
+
+
+def _conv_block(
+    conv: type[nn.Module], bn: type[nn.Module], cin: int, cout: int, k: int, stride: int
+) -> list[nn.Module]:
+    return [conv(cin, cout, k, stride=stride, padding=k // 2, bias=False), bn(cout), nn.ReLU(inplace=True)]
+
+
+@register_model
+def cnn(
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    channels: list[int] = (32, 64),
+    kernel_size: int = 3,
+    pool: bool = True,
+) -> nn.Module:
+    """Conv-BN-ReLU blocks (2×2 max-pool between blocks while the map is large enough), global average pool."""
+    if len(input_shape) != 3:
+        raise ConfigError(
+            f"cnn needs image inputs (C, H, W), got input_shape={tuple(input_shape)}; use cnn1d or mlp"
+        )
+    channels = _positive("channels", channels)
+    kernel_size = as_int("kernel_size", kernel_size, 1)
+    layers: list[nn.Module] = []
+    cin, size = input_shape[0], min(input_shape[1:])
+    for i, c in enumerate(channels):
+        layers += _conv_block(nn.Conv2d, nn.BatchNorm2d, cin, c, kernel_size, 1)
+        if pool and i < len(channels) - 1 and size >= 4:
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+        cin = c
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return Classifier(nn.Sequential(*layers), cin, num_classes)
+
+
+@register_model
+def cnn1d(
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    channels: list[int] = (32, 32, 32),
+    kernel_size: int = 5,
+    stride: int = 2,
+) -> nn.Module:
+    """Strided 1-D convolutions then a flattened map (keeps position, which MNIST-1D needs)."""
+    if len(input_shape) != 2:
+        raise ConfigError(f"cnn1d needs 1-D signals (C, L), got input_shape={tuple(input_shape)}")
+    channels = _positive("channels", channels)
+    kernel_size, stride = as_int("kernel_size", kernel_size, 1), as_int("stride", stride, 1)
+    layers: list[nn.Module] = []
+    cin = input_shape[0]
+    for c in channels:
+        layers += _conv_block(nn.Conv1d, nn.BatchNorm1d, cin, c, kernel_size, stride)
+        cin = c
+    layers.append(nn.Flatten())
+    body = nn.Sequential(*layers)
+    with torch.no_grad():
+        dim = body.eval()(torch.zeros(1, *input_shape)).shape[1]
+    body.train()
+    return Classifier(body, dim, num_classes)

@@ -1,0 +1,72 @@
+"""torchvision classifiers as students and teachers: head resized to the class count, stem to the input.
+
+`small_input: true` swaps a ResNet's 7×7/2 stem and max-pool for a 3×3/1 conv (32×32 images keep
+their resolution, as CIFAR ResNets do); a first conv whose channel count differs from the data's is
+rebuilt (pretrained filters averaged over RGB for one-channel inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kd_lightning.errors import ConfigError
+
+
+def torchvision_names() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The classifier head: the last nn.Linear in module order."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"{type(model).__name__} has no nn.Linear classifier head to resize")
+    return linears[-1]
+
+
+def torchvision_model(
+    name: str,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    weights: str | None,
+    small_input: bool,
+    kwargs: dict,
+) -> nn.Module:
+    import torchvision
+
+    if weights:
+        # Pretrained weights carry their own head size; replace the head afterwards.
+        model = torchvision.models.get_model(name, weights=weights, **kwargs)
+        head_name, head = last_linear(model)
+        if head.out_features != num_classes:
+            replace_module(model, head_name, nn.Linear(head.in_features, num_classes))
+    else:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if convs and len(input_shape) == 3:
+        conv_name, conv = convs[0]
+        cin = input_shape[0]
+        stem_small = small_input and hasattr(model, "maxpool")
+        if conv.in_channels != cin or stem_small:
+            k, s, p = ((3, 3), 1, 1) if stem_small else (conv.kernel_size, conv.stride, conv.padding)
+            new = nn.Conv2d(cin, conv.out_channels, k, s, p, bias=conv.bias is not None)
+            if weights and not stem_small:
+                with torch.no_grad():  # keep pretrained filters: average over the RGB channels
+                    new.weight.copy_(conv.weight.mean(1, keepdim=True).expand_as(new.weight))
+            replace_module(model, conv_name, new)
+        if stem_small:
+            model.maxpool = nn.Identity()
+    if small_input and not hasattr(model, "maxpool"):
+        raise ConfigError(
+            f"small_input=true is supported for ResNet-style torchvision models only, not {name!r}"
+        )
+    return model

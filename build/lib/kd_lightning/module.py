@@ -1,0 +1,169 @@
+"""DistillationModule: student + frozen TeacherEnsemble + Objective, as a LightningModule.
+
+The teachers are deliberately *not* registered as a submodule: Lightning's per-epoch `.train()`,
+the optimizer, DDP's gradient sync, `sync_batchnorm` and the checkpoint's state_dict never see them.
+`_apply` is extended so `.to(device)` / dtype casts still move them with the module. Resuming
+therefore needs nothing from the checkpoint for the teachers: they are rebuilt from their own files.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from kd_lightning.data.batch import Batch
+from kd_lightning.objective import Objective
+from kd_lightning.optim import OptimSetup
+from kd_lightning.taps import FeatureTaps
+from kd_lightning.teacher_cache import TeacherOutputCache
+from kd_lightning.teachers import TeacherEnsemble
+
+
+class DistillationModule(pl.LightningModule):
+    def __init__(
+        self,
+        student: nn.Module,
+        objective: Objective,
+        teachers: TeacherEnsemble | None,
+        student_taps: FeatureTaps,
+        num_classes: int,
+        optim: OptimSetup,
+        teacher_cache: TeacherOutputCache | None = None,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        self.student = student
+        self.objective = objective
+        object.__setattr__(self, "teachers", teachers)  # not a submodule: see the module docstring
+        # teachers' outputs on the training set, read by sample index (None: teachers run on every batch)
+        object.__setattr__(self, "teacher_cache", teacher_cache)
+        self.taps = student_taps
+        self.optim = optim
+        self.num_classes = num_classes
+        self.needs_teachers = teachers is not None and len(objective.terms) > 0
+        self.channels_last = channels_last  # perf.channels_last: inputs in NHWC like the models
+        self._epoch_sums: dict[str, torch.Tensor] = {}
+        self._epoch_count = 0
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        if teachers is not None:
+            self.teacher_test_acc = nn.ModuleDict(
+                {n: MulticlassAccuracy(num_classes, average="micro") for n in [*teachers.names, "ensemble"]}
+            )
+            self.test_agreement = MulticlassAccuracy(num_classes, average="micro")
+
+    def teacher_features(
+        self, x: torch.Tensor, index: torch.Tensor | None
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """From the teacher-output cache where it holds the samples; the teachers run on the rest only."""
+        cache = self.teacher_cache
+        if cache is None or index is None:
+            return self.teachers(x)
+        missing = cache.missing(index)
+        if bool(missing.all()):
+            feats = self.teachers(x)
+            cache.put(index, feats)
+            return feats
+        if bool(missing.any()):
+            rows = missing.to(x.device)
+            cache.put(index[rows], self.teachers(x[rows]))
+        return cache.get(index, x.device)
+
+    def on_fit_start(self) -> None:
+        """Under DDP every rank must hold the same frozen teachers: compare their fingerprints once."""
+        if self.teachers is None or self.trainer.world_size == 1:
+            return
+        mine = self.teachers.fingerprint().to(self.device)
+        every = self.all_gather(mine)  # (world_size, n_teachers, 2)
+        if not torch.allclose(every, mine.expand_as(every), rtol=1e-9, atol=0.0):
+            raise RuntimeError(
+                f"the teachers differ between ranks (fingerprints {every.tolist()}); every rank must load the "
+                f"same teacher files ({self.teachers.checkpoints}): put paths.cache_dir on a shared filesystem "
+                "or give each teacher an explicit checkpoint"
+            )
+
+    # --- teachers travel with the module without being part of it ---------------------------
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.teachers is not None:
+            self.teachers._apply(fn, *args, **kwargs)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+    # --- steps -------------------------------------------------------------------------------
+    def _input(self, batch: Batch) -> torch.Tensor:
+        x = batch.x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        x, y = self._input(batch), batch.y
+        s_feats = self.taps(x)
+        t_feats = self.teacher_features(x, batch.cache_slot) if self.needs_teachers else None
+        loss, parts = self.objective(s_feats, t_feats, y, index=batch.index, epoch=self.current_epoch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.detach().item()}) at epoch {self.current_epoch}, step {self.global_step}: "
+                f"parts { ({k: float(v.detach()) for k, v in parts.items()}) }. Lower optim.lr or the term weights; "
+                "the last good checkpoint is kept"
+            )
+        self.train_acc.update(s_feats["logits"].detach(), y)
+        # Epoch means are summed here and logged once per epoch: a `self.log` call costs about a
+        # millisecond, as much as a whole step of a small student.
+        n = len(y)
+        for name, value in (("loss", loss), *parts.items()):
+            acc = self._epoch_sums.get(name)
+            self._epoch_sums[name] = value.detach() * n if acc is None else acc + value.detach() * n
+        self._epoch_count += n
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log(
+                "train/loss_step", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n
+            )
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_sums, self._epoch_count = {}, 0
+
+    def on_train_epoch_end(self) -> None:
+        for name, total in self._epoch_sums.items():
+            self.log(f"train/{name}", total / max(1, self._epoch_count), on_epoch=True, sync_dist=True)
+        self.log("train/acc", self.train_acc.compute(), on_epoch=True, sync_dist=True)
+        self.train_acc.reset()
+        if self.teacher_cache is not None and self.trainer.is_global_zero:
+            self.teacher_cache.save()  # mode disk, once complete; a no-op otherwise
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        x, y = self._input(batch), batch.y
+        logits = self.student(x)
+        self.val_acc(logits, y)
+        self.log(
+            "val/ce", torch.nn.functional.cross_entropy(logits.float(), y), sync_dist=True, batch_size=len(y)
+        )
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        x, y = self._input(batch), batch.y
+        logits = self.student(x)
+        self.test_acc(logits, y)
+        self.log("test/acc", self.test_acc)
+        if self.teachers is not None:
+            feats = self.teachers(x)
+            for name in self.teachers.names:
+                self.teacher_test_acc[name](feats[name]["logits"], y)
+                self.log(f"test/teacher/{name}/acc", self.teacher_test_acc[name])
+            ens = self.teachers.combined_logits(feats)
+            self.teacher_test_acc["ensemble"](ens, y)
+            self.log("test/teacher/ensemble/acc", self.teacher_test_acc["ensemble"])
+            self.test_agreement(logits.argmax(1), ens.argmax(1))
+            self.log("test/agreement", self.test_agreement)
+
+    # --- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]  # student + adapters + loss heads
+        return self.optim.configure(params, int(self.trainer.estimated_stepping_batches))

@@ -1,0 +1,230 @@
+"""The distillation objective: w_ce · CE(student, y) + Σ_i w_i · term_i(student taps, teacher taps).
+
+A term reads one student tap and one teacher tap (the same role in every teacher), adapts the
+student feature to the teacher's shape and applies a distance. With several teachers (Landro et al.
+2021) the term combines them in one of three ways:
+- `concat`: the teachers' features concatenated along channels; one adapter maps the student to it.
+- `mean`: the weighted mean of the teachers' features (shapes must match); one adapter.
+- `per_teacher`: one adapter and one distance per teacher, summed with the teachers' weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from numbers import Real
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_lightning.adapters import make_adapter
+from kd_lightning.errors import ConfigError, as_float, choices
+from kd_lightning.losses import create_loss, forward_extras, loss_class
+from kd_lightning.specs import TermSpec, parse
+
+Shape = tuple[int, ...]
+
+
+def check_weight(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    value = float(value)
+    if value < 0 or value != value:
+        raise ConfigError(f"{where} must be a non-negative number, got {value}")
+    return value
+
+
+class Term(nn.Module):
+    def __init__(
+        self,
+        name: str,
+        spec: TermSpec | Mapping[str, Any],
+        student_shape: Shape,
+        teacher_shapes: Mapping[str, Shape],
+        teacher_weights: Mapping[str, float],
+        context: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        spec = parse(TermSpec, spec, f"distill.terms.{name}")
+        self.name = name
+        self.weight = spec.weight
+        self.student_tap = spec.student_tap
+        self.teacher_tap = spec.tap
+        self.combine = spec.combine
+        loss_kwargs = dict(spec.options)
+        distance = spec.distance
+        try:
+            shape_free = bool(getattr(loss_class(distance), "shape_free", False))
+        except ConfigError as e:
+            raise ConfigError(f"distill.terms.{name}: {e}") from None
+        self.teacher_weights = dict(teacher_weights)
+        kind = spec.adapter
+        members = list(teacher_shapes)
+        if self.combine == "per_teacher":
+            targets = {m: teacher_shapes[m] for m in members}
+        else:
+            targets = {"combined": self._combined_shape(teacher_shapes)}
+        self.adapters = nn.ModuleDict(
+            {
+                k: nn.Identity()
+                if shape_free and kind in ("auto", "none")
+                else make_adapter(student_shape, t, kind)
+                for k, t in targets.items()
+            }
+        )
+        # One loss per target: methods with state (VID variances, CRD heads and memories) keep it per teacher.
+        self.losses = nn.ModuleDict()
+        for k, t in targets.items():
+            adapted = student_shape if isinstance(self.adapters[k], nn.Identity) else tuple(t)
+            injected = {"student_shape": tuple(adapted), "teacher_shape": tuple(t), **dict(context or {})}
+            try:
+                self.losses[k] = create_loss(distance, injected, **loss_kwargs)
+            except ConfigError as e:
+                term_keys = [f for f in TermSpec.__dataclass_fields__ if f != "options"]
+                raise ConfigError(f"distill.terms.{name}: {e} (term keys: {choices(term_keys)})") from None
+        self.extras = forward_extras(next(iter(self.losses.values()))) if len(self.losses) else ()
+
+    def _combined_shape(self, shapes: Mapping[str, Shape]) -> Shape:
+        distinct = set(shapes.values())
+        if self.combine == "mean":
+            if len(distinct) > 1:
+                raise ConfigError(
+                    f"distill.terms.{self.name}: combine=mean needs teacher features of one shape, got "
+                    f"{dict(shapes)}; use combine=concat or combine=per_teacher"
+                )
+            return next(iter(distinct))
+        first = next(iter(shapes.values()))
+        if all(len(s) == 1 for s in shapes.values()):
+            return (sum(s[0] for s in shapes.values()),)
+        if any(s[1:] != first[1:] for s in shapes.values()):
+            raise ConfigError(
+                f"distill.terms.{self.name}: combine=concat needs feature maps of one spatial size, got "
+                f"{dict(shapes)}; use combine=per_teacher"
+            )
+        return (sum(s[0] for s in shapes.values()), *first[1:])
+
+    def forward(
+        self,
+        student: torch.Tensor,
+        teachers: Mapping[str, torch.Tensor],
+        ctx: Mapping[str, Any] | None = None,
+    ) -> torch.Tensor:
+        kw = {k: (ctx or {}).get(k) for k in self.extras}
+        if self.combine == "per_teacher":
+            return sum(
+                self.teacher_weights[m] * self.losses[m](self.adapters[m](student), t, **kw)
+                for m, t in teachers.items()
+            )
+        if self.combine == "mean":
+            target = sum(self.teacher_weights[m] * t for m, t in teachers.items())
+        else:
+            ts = list(teachers.values())
+            target = torch.cat([t.flatten(1) for t in ts], 1) if ts[0].dim() == 2 else torch.cat(ts, 1)
+        return self.losses["combined"](self.adapters["combined"](student), target, **kw)
+
+
+LABEL_LOSSES = ("ce", "mse")
+
+
+class Objective(nn.Module):
+    """Weighted sum of a label loss and distillation terms; owns the adapters.
+
+    The label loss is cross-entropy, or `mse` between the logits and the one-hot labels (the least-squares
+    setting of the kernel-regime analyses, Rahbar et al. 2020)."""
+
+    def __init__(self, ce_weight: float, terms: Mapping[str, Term], label_loss: str = "ce"):
+        super().__init__()
+        self.ce_weight = check_weight("distill.ce_weight", ce_weight)
+        if label_loss not in LABEL_LOSSES:
+            raise ConfigError(f"distill.label_loss={label_loss!r}; valid: {', '.join(LABEL_LOSSES)}")
+        self.label_loss = label_loss
+        self.terms = nn.ModuleDict(dict(terms))
+        if self.ce_weight == 0 and not self.terms:
+            raise ConfigError(
+                "distill.ce_weight is 0 and there are no distillation terms: nothing to train on"
+            )
+
+    @staticmethod
+    def student_taps(distill_cfg: Mapping[str, Any]) -> list[str]:
+        return sorted({t.student_tap for t in active_terms(distill_cfg).values()})
+
+    @staticmethod
+    def teacher_taps(distill_cfg: Mapping[str, Any]) -> list[str]:
+        return sorted({t.tap for t in active_terms(distill_cfg).values()})
+
+    def forward(
+        self,
+        student: Mapping[str, torch.Tensor],
+        teachers: Mapping[str, Mapping[str, torch.Tensor]] | None,
+        y: torch.Tensor,
+        index: torch.Tensor | None = None,
+        epoch: int = 0,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        parts: dict[str, torch.Tensor] = {}
+        total = student["logits"].new_zeros((), dtype=torch.float32)
+        if self.ce_weight > 0:
+            logits = student["logits"].float()
+            if self.label_loss == "ce":
+                label = parts["ce"] = F.cross_entropy(logits, y)
+            else:
+                label = parts["label_mse"] = F.mse_loss(logits, F.one_hot(y, logits.shape[1]).float())
+            total = total + self.ce_weight * label
+        for name, term in self.terms.items():
+            t_feats = {m: feats[term.teacher_tap] for m, feats in teachers.items()}
+            parts[name] = term(student[term.student_tap], t_feats, {"y": y, "index": index, "epoch": epoch})
+            total = total + term.weight * parts[name]
+        return total, parts
+
+
+def active_terms(distill_cfg: Mapping[str, Any]) -> dict[str, TermSpec]:
+    """Terms of the config, minus those switched off with `null` (so `distill.terms.x=null` removes x)."""
+    terms = distill_cfg.get("terms") or {}
+    if not isinstance(terms, Mapping):
+        raise ConfigError(
+            f"distill.terms must be a mapping of term name → settings, got {type(terms).__name__}"
+        )
+    out = {}
+    for name, spec in terms.items():
+        if spec is None:
+            continue
+        out[str(name)] = parse(TermSpec, spec, f"distill.terms.{name}")
+    return out
+
+
+def build_objective(
+    distill_cfg: Mapping[str, Any],
+    student_shapes: Mapping[str, Shape],
+    teacher_shapes: Mapping[str, Mapping[str, Shape]] | None,
+    teacher_weights: Mapping[str, float] | None,
+    context: Mapping[str, Any] | None = None,
+) -> Objective:
+    """`context` holds what some methods need from the data: `num_samples` (train size), `num_classes`.
+
+    `distill.rho` (optional, in [0, 1]) mixes the two sides: the label loss gets weight 1 − ρ and every
+    term's weight is multiplied by ρ (ρ = 1: teachers only, ρ = 0: labels only)."""
+    terms_cfg = active_terms(distill_cfg)
+    ce_weight = distill_cfg.get("ce_weight", 1.0)
+    rho = distill_cfg.get("rho")
+    if rho is not None:
+        rho = as_float("distill.rho", rho, 0.0, 1.0)
+        ce_weight = 1.0 - rho
+        terms_cfg = {k: dataclasses.replace(v, weight=rho * v.weight) for k, v in terms_cfg.items()}
+    if terms_cfg and not teacher_shapes:
+        raise ConfigError(
+            f"distill has terms {sorted(terms_cfg)} but there are no teachers; use distill=none for "
+            "training without teachers, or choose a teachers= set"
+        )
+    terms = {}
+    for name, spec in terms_cfg.items():
+        shapes = {m: s[spec.tap] for m, s in (teacher_shapes or {}).items()}
+        terms[name] = Term(
+            name,
+            spec,
+            student_shapes[spec.student_tap],
+            shapes,
+            teacher_weights or {},
+            context,
+        )
+    return Objective(ce_weight, terms, str(distill_cfg.get("label_loss", "ce")))

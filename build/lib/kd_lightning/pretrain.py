@@ -1,0 +1,97 @@
+"""`pretrained:` in a student or teacher arch: start from weights learnt on a source task.
+
+Forms (Thapa 2022, transfer learning):
+- a path: a kd_lightning model file, a Lightning checkpoint or a state_dict;
+- for a torchvision architecture, the name of its published weights (`IMAGENET1K_V1`, `DEFAULT`): the
+  same as `weights:` (downloaded once by torchvision, the only network use, and only when asked for);
+- a mapping `{checkpoint, fit_if_missing, data, fit}`: when `checkpoint` is null or missing and
+  `fit_if_missing` is true, the model is first trained on the source task `data` (a full data config)
+  and cached under `paths.cache_dir/pretrained/`, keyed by arch, fit and source data.
+A classifier head of another class count is re-initialised (see `models.load_pretrained`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from kd_lightning.errors import ConfigError, choices
+from kd_lightning.fit_cache import fit_once, keyed_path
+from kd_lightning.specs import FitSpec, as_plain, parse
+from kd_lightning.teachers import data_identity
+
+log = logging.getLogger(__name__)
+
+PRETRAINED_KEYS = {"checkpoint", "fit_if_missing", "data", "fit"}
+SourceFitFn = Callable[[Mapping[str, Any], Mapping[str, Any], FitSpec, Path], None]
+
+
+def _torchvision_weights(name: str) -> list[str]:
+    """Names of the published weights of a torchvision architecture ([] for other models)."""
+    import torchvision
+
+    try:
+        return ["DEFAULT", *(w.name for w in torchvision.models.get_model_weights(name))]
+    except (ValueError, KeyError):
+        return []
+
+
+def pretrained_cache_path(
+    cache_dir: str | Path, arch: Mapping[str, Any], p: Mapping[str, Any], fit: FitSpec
+) -> Path:
+    key = {"arch": arch, "fit": as_plain(fit), "data": data_identity(p["data"])}
+    return keyed_path(Path(cache_dir) / "pretrained", str(arch.get("name")), key)
+
+
+def resolve_pretrained(
+    owner: str, spec: Mapping[str, Any], cache_dir: str | Path, fit_fn: SourceFitFn | None
+) -> dict[str, Any]:
+    """`spec` with `pretrained` as a checkpoint path (fitted on the source task first when needed)."""
+    spec = dict(spec)
+    p = spec.get("pretrained")
+    if p is None:
+        return spec
+    if isinstance(p, str):
+        if Path(p).is_file():
+            return spec
+        weights = _torchvision_weights(str(spec.get("name")))
+        if weights and p in weights:
+            spec["weights"], spec["pretrained"] = p, None
+            return spec
+        hint = f"; or torchvision weights of {spec.get('name')!r}: {', '.join(weights)}" if weights else ""
+        raise ConfigError(f"{owner}.pretrained: checkpoint file not found: {p}{hint}")
+    if not isinstance(p, Mapping):
+        raise ConfigError(
+            f"{owner}.pretrained must be null, a checkpoint path or a mapping with keys "
+            f"{choices(PRETRAINED_KEYS)}, got {p!r}"
+        )
+    unknown = sorted(set(p) - PRETRAINED_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{owner}.pretrained has unknown key(s) {unknown}; valid: {choices(PRETRAINED_KEYS)}"
+        )
+    arch = {k: v for k, v in spec.items() if k not in ("pretrained", "checkpoint", "taps")}
+    fit = parse(FitSpec, p.get("fit"), f"{owner}.pretrained.fit")
+    if p.get("checkpoint"):
+        path = Path(p["checkpoint"])
+    elif isinstance(p.get("data"), Mapping) and p["data"].get("_target_"):
+        path = pretrained_cache_path(cache_dir, arch, p, fit)
+    else:
+        raise ConfigError(
+            f"{owner}.pretrained needs a checkpoint path, or `data` (the source task's data config, with "
+            "_target_) and fit_if_missing: true to pre-train on it"
+        )
+    if not path.is_file():
+        if not p.get("fit_if_missing", False) or not isinstance(p.get("data"), Mapping):
+            raise ConfigError(
+                f"{owner}.pretrained.checkpoint not found: {path}; give an existing file, or set "
+                f"{owner}.pretrained.fit_if_missing: true with {owner}.pretrained.data (the source task)"
+            )
+        if fit_fn is None:
+            raise ConfigError(f"{owner}.pretrained: no checkpoint at {path} and no way to pre-train here")
+        log.info("%s: pre-training on the source task → %s (unless a parallel job does)", owner, path)
+        fit_once(path, lambda: fit_fn(arch, p["data"], fit, path))
+    spec["pretrained"] = str(path)
+    return spec

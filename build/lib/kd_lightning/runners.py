@@ -1,0 +1,60 @@
+"""The registry of runners: how a run trains once its data is ready (`runner: distill` by default).
+
+A method that needs its own training loop (Ye et al.'s layer-wise amalgamation) registers a runner
+here instead of adding a branch to the generic one:
+
+    @register_runner("amalgamation", summary=print_task_table)
+    def run_amalgamation_job(ctx: RunContext) -> None: ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from kd_lightning.errors import ConfigError, choices
+
+
+@dataclass
+class RunContext:
+    """What every runner gets: the config, the prepared datamodule, the run folder and the results so far."""
+
+    cfg: DictConfig
+    dm: Any  # TensorDataModule, set up
+    out: Path
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def accelerator(self) -> str:
+        return str(self.cfg.trainer.get("accelerator", "cpu"))
+
+
+@dataclass(frozen=True)
+class Runner:
+    run: Callable[[RunContext], None]  # fills ctx.results (status "ok" is set by the caller)
+    summary: Callable[[Mapping[str, Any]], None] | None = None
+
+
+_RUNNERS: dict[str, Runner] = {}
+
+
+def register_runner(
+    name: str, summary: Callable[[Mapping[str, Any]], None] | None = None
+) -> Callable[[Callable[[RunContext], None]], Callable[[RunContext], None]]:
+    def deco(fn: Callable[[RunContext], None]) -> Callable[[RunContext], None]:
+        if name in _RUNNERS:
+            raise ValueError(f"runner {name!r} is registered twice")
+        _RUNNERS[name] = Runner(fn, summary)
+        return fn
+
+    return deco
+
+
+def get_runner(name: Any) -> Runner:
+    if name not in _RUNNERS:
+        raise ConfigError(f"runner={name!r}; valid: {choices(_RUNNERS)}")
+    return _RUNNERS[name]

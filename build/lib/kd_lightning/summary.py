@@ -1,0 +1,45 @@
+"""The readable end-of-run table (rich), from the same dict that goes into results.json."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _pct(v: Any) -> str:
+    return "—" if v is None else f"{100 * float(v):.2f}%"
+
+
+def print_summary(results: Mapping[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    title = f"kd_lightning · data={results.get('data')} student={results.get('student')} teachers={results.get('teachers')} distill={results.get('distill')} seed={results.get('seed')}"
+    table = Table(title=title, title_justify="left")
+    table.add_column("model")
+    table.add_column("role")
+    table.add_column("test acc", justify="right")
+    for name, acc in (results.get("teacher_test_acc") or {}).items():
+        table.add_row(name, "teacher", _pct(acc))
+    if (
+        results.get("teacher_ensemble_test_acc") is not None
+        and len(results.get("teacher_test_acc") or {}) > 1
+    ):
+        table.add_row("ensemble", "teachers' mean logits", _pct(results["teacher_ensemble_test_acc"]))
+    if results.get("baseline_test_acc") is not None:
+        table.add_row(
+            str(results.get("student")), "student alone (baseline)", _pct(results["baseline_test_acc"])
+        )
+    role = "student + teachers" if results.get("teacher_test_acc") else "student"
+    table.add_row(str(results.get("student")), role, _pct(results.get("test_acc")), style="bold")
+    console.print(table)
+    extra = [f"val acc {_pct(results.get('val_acc'))}", f"fit {results.get('fit_seconds', 0):.1f}s"]
+    if results.get("teacher_agreement") is not None:
+        extra.append(f"student/teacher agreement {_pct(results['teacher_agreement'])}")
+    if results.get("baseline_test_acc") is not None and results.get("test_acc") is not None:
+        extra.append(
+            f"gain over baseline {100 * (results['test_acc'] - results['baseline_test_acc']):+.2f} pts"
+        )
+    console.print(" · ".join(extra))
+    console.print(f"results: {results.get('output_dir')}/results.json")

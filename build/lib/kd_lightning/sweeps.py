@@ -1,0 +1,38 @@
+"""Sweeps over teacher combinations: an OmegaConf resolver that spells every subset of the pool in
+Hydra's own sweep syntax, so the basic sweeper (or any launcher) expands it into jobs.
+
+    kd-train -m experiment=landro2021 sweep=teacher_subsets seed=0,1
+    # conf/sweep/teacher_subsets.yaml sets hydra.sweeper.params."teachers.use" to
+    # ${kd_subsets:${teachers.members}}  →  "[cnn_a],[cnn_b],[cnn_c],[cnn_a,cnn_b],...,[cnn_a,cnn_b,cnn_c]"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import combinations
+from typing import Any
+
+from kd_lightning.errors import ConfigError
+
+
+def teacher_subsets(pool: Iterable[str], min_size: int = 1, max_size: int | None = None) -> list[list[str]]:
+    """Every subset of `pool` with min_size..max_size members, smallest first, in pool order."""
+    names = list(pool)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"the teacher pool names a teacher twice: {names}")
+    hi = len(names) if max_size is None else min(max_size, len(names))
+    if not names or min_size < 1 or min_size > hi:
+        raise ConfigError(f"no teacher subsets of size {min_size}..{hi} in the pool {names}")
+    return [list(c) for k in range(min_size, hi + 1) for c in combinations(names, k)]
+
+
+def sweep_string(subsets: Iterable[Iterable[str]]) -> str:
+    """Hydra's choice-sweep syntax over lists: `[a],[b],[a,b]`."""
+    return ",".join("[" + ",".join(s) + "]" for s in subsets)
+
+
+def resolve_subsets(members: Any, min_size: Any = 1, max_size: Any = None) -> str:
+    pool = list(members.keys()) if hasattr(members, "keys") else list(members or [])
+    return sweep_string(
+        teacher_subsets(pool, int(min_size), None if max_size in (None, "") else int(max_size))
+    )

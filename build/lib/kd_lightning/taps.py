@@ -1,0 +1,139 @@
+"""Read intermediate features of any nn.Module by module name, with forward hooks (torchdistill-style).
+
+A tap spec is one of:
+- `logits` (or `output`): the model's output;
+- `embed`: the input of the model's last nn.Linear, i.e. the penultimate embedding, for any classifier;
+- `map`: the last feature map before global pooling (the input of the last adaptive/average pooling,
+  or of the last nn.Flatten that follows other layers), for any CNN — what AT, NST and FitNet read;
+- `<module name>`: that module's output, e.g. `layer3`, `features.7`;
+- `<module name>:input`: that module's (first) input.
+Aliases (a dict alias → spec, from the model's `taps` config) let terms name one role, say `embed`,
+across teachers of different architectures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from kd_lightning.errors import ConfigError, choices
+
+OUTPUT = "logits"
+_OUTPUT_NAMES = {"logits", "output"}
+
+
+def _last_linear_name(model: nn.Module) -> str | None:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return names[-1] if names else None
+
+
+_POOLS = (
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AvgPool2d,
+)
+
+
+def _last_map_name(model: nn.Module) -> str | None:
+    named = [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
+    pools = [n for n, m in named if isinstance(m, _POOLS)]
+    if pools:
+        return pools[-1]
+    flats = [i for i, (_, m) in enumerate(named) if isinstance(m, nn.Flatten) and i > 0]
+    return named[flats[-1]][0] if flats else None
+
+
+def resolve_tap(
+    model: nn.Module, tap: str, aliases: Mapping[str, str] | None = None, owner: str = "model"
+) -> str:
+    """Turn a tap name or alias into a concrete spec ('logits', 'name' or 'name:input'), or fail clearly."""
+    spec = (aliases or {}).get(tap, tap)
+    if spec in _OUTPUT_NAMES:
+        return OUTPUT
+    if spec == "map":
+        last = _last_map_name(model)
+        if last is None:
+            raise ConfigError(
+                f"tap 'map' needs a CNN with a pooling or flatten layer after its convolutions in {owner}; "
+                "name a module instead"
+            )
+        return f"{last}:input"
+    if spec == "embed":
+        last = _last_linear_name(model)
+        if last is None:
+            raise ConfigError(f"tap 'embed' needs an nn.Linear head in {owner}; name a module instead")
+        return f"{last}:input"
+    name, _, where = spec.partition(":")
+    modules = dict(model.named_modules())
+    if name not in modules or name == "" or where not in ("", "input", "output"):
+        valid = ["logits", "embed", "map", *(aliases or {})] + [n for n in modules if n]
+        raise ConfigError(
+            f"unknown tap {tap!r} for {owner} ({type(model).__name__}); valid taps: {choices(valid, 60)}"
+        )
+    return name if where in ("", "output") else f"{name}:input"
+
+
+class FeatureTaps:
+    """Forward hooks that record the named features of one model during its forward pass.
+
+    `taps` maps the key under which a feature is returned to its spec; call `taps(x)` to get
+    `{key: tensor}` (the output is included under `logits` whether asked for or not).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        taps: Mapping[str, str] | Iterable[str],
+        aliases: Mapping[str, str] | None = None,
+        owner: str = "model",
+    ):
+        self.model = model
+        keys = list(taps) if not isinstance(taps, Mapping) else list(taps.items())
+        pairs = [(k, k) for k in keys] if not isinstance(taps, Mapping) else keys
+        self.specs = {key: resolve_tap(model, spec, aliases, owner) for key, spec in pairs}
+        self._store: dict[str, torch.Tensor] = {}
+        self._handles = []
+        by_module: dict[tuple[str, bool], list[str]] = {}
+        for key, spec in self.specs.items():
+            if spec == OUTPUT:
+                continue
+            name, _, where = spec.partition(":")
+            by_module.setdefault((name, where == "input"), []).append(key)
+        for (name, is_input), keys_ in by_module.items():
+            module = model.get_submodule(name)
+            if is_input:
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook(keys_)))
+            else:
+                self._handles.append(module.register_forward_hook(self._hook(keys_)))
+
+    def _hook(self, keys: list[str]):
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            for k in keys:
+                self._store[k] = output
+
+        return hook
+
+    def _pre_hook(self, keys: list[str]):
+        def hook(_module: nn.Module, inputs: Any) -> None:
+            for k in keys:
+                self._store[k] = inputs[0]
+
+        return hook
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._store = {}
+        out = self.model(x)
+        feats = self._store
+        self._store = {}
+        feats[OUTPUT] = out
+        return feats
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

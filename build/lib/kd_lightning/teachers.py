@@ -1,0 +1,174 @@
+"""TeacherEnsemble: frozen members (eval always, no gradients), forwarded under inference mode.
+
+Members are built from config: `{arch, checkpoint, taps, weight, fit_if_missing, fit}`. A member
+whose checkpoint is missing can be fitted first (supervised, on the same data) and cached on disk,
+keyed by a hash of its architecture, its fit settings and the data, so a changed config never reuses
+a stale teacher.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kd_lightning.errors import ConfigError, choices
+from kd_lightning.fit_cache import fit_once, keyed_path
+from kd_lightning.models import create_model, load_weights
+from kd_lightning.specs import FitSpec, MemberSpec, as_plain, parse
+from kd_lightning.taps import FeatureTaps
+
+log = logging.getLogger(__name__)
+
+Features = dict[str, torch.Tensor]
+
+
+class TeacherEnsemble(nn.Module):
+    """Frozen teachers. `forward(x)` returns `{member: {tap: tensor}}`, tensors usable as loss targets."""
+
+    def __init__(
+        self,
+        members: Mapping[str, nn.Module],
+        aliases: Mapping[str, Mapping[str, str]] | None = None,
+        weights: Mapping[str, float] | None = None,
+        checkpoints: Mapping[str, str] | None = None,
+    ):
+        super().__init__()
+        if not members:
+            raise ConfigError("a teacher ensemble needs at least one member")
+        self.members = nn.ModuleDict(dict(members))
+        self.aliases = {n: dict((aliases or {}).get(n, {})) for n in self.members}
+        w = {n: float((weights or {}).get(n, 1.0)) for n in self.members}
+        total = sum(w.values())
+        if total <= 0 or any(v < 0 for v in w.values()):
+            raise ConfigError(f"teacher weights must be non-negative and not all zero, got {w}")
+        self.weights = {n: v / total for n, v in w.items()}
+        self.checkpoints = dict(checkpoints or {})
+        self._taps: dict[str, FeatureTaps] = {}
+        self.requires_grad_(False)
+        super().train(False)
+        self.configure_taps([])
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.members)
+
+    @torch.no_grad()
+    def fingerprint(self) -> torch.Tensor:
+        """Per-teacher sum and sum of squares of all weights and buffers (float64): equal weights, equal print."""
+        rows = []
+        for name in self.names:
+            tensors = [*self.members[name].parameters(), *self.members[name].buffers()]
+            flat = [t.detach().double().flatten() for t in tensors if t.is_floating_point()]
+            cat = torch.cat(flat) if flat else torch.zeros(1, dtype=torch.float64)
+            rows.append(torch.stack([cat.sum(), cat.square().sum()]))
+        return torch.stack(rows)
+
+    def train(self, mode: bool = True) -> TeacherEnsemble:
+        """Teachers stay in eval mode whatever the caller asks (Lightning calls .train() every epoch)."""
+        return super().train(False)
+
+    def configure_taps(self, taps: Iterable[str]) -> None:
+        """Hook the features every member must return (the output is always returned as `logits`)."""
+        for t in self._taps.values():
+            t.remove()
+        taps = sorted(set(taps))
+        self._taps = {
+            name: FeatureTaps(m, taps, aliases=self.aliases[name], owner=f"teacher {name!r}")
+            for name, m in self.members.items()
+        }
+
+    def forward(self, x: torch.Tensor) -> dict[str, Features]:
+        with torch.inference_mode():
+            out = {name: taps(x) for name, taps in self._taps.items()}
+        # Inference tensors cannot be saved for backward; a clone outside inference mode can.
+        return {name: {k: v.clone() for k, v in feats.items()} for name, feats in out.items()}
+
+    def combined_logits(self, feats: Mapping[str, Features]) -> torch.Tensor:
+        """Weighted mean of the members' logits (weights normalised to sum to one)."""
+        return sum(self.weights[n] * feats[n]["logits"].float() for n in self.members)
+
+
+def data_identity(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a data config that decides which samples a teacher is fitted on."""
+    ignore = {"batch_size", "eval_batch_size", "num_workers", "download", "root", "cache_dir"}
+    return {k: v for k, v in data_cfg.items() if k not in ignore}
+
+
+def teacher_cache_path(
+    cache_dir: str | Path, data_name: str, member: str, spec: MemberSpec, data_cfg: Mapping[str, Any]
+) -> Path:
+    key = {"arch": spec.arch, "fit": as_plain(spec.fit), "data": data_identity(data_cfg)}
+    return keyed_path(Path(cache_dir) / "teachers" / data_name, member, key)
+
+
+FitFn = Callable[[str, Mapping[str, Any], FitSpec, Path], None]
+
+
+def build_teachers(
+    teachers_cfg: Mapping[str, Any],
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    data_name: str,
+    data_cfg: Mapping[str, Any],
+    cache_dir: str | Path,
+    fit_fn: FitFn | None = None,
+) -> TeacherEnsemble | None:
+    """Build the ensemble from `teachers.members` (restricted to `teachers.use`), fitting missing members."""
+    members_cfg: Mapping[str, Any] = teachers_cfg.get("members") or {}
+    if not members_cfg:
+        return None  # teachers=none, whatever an experiment's `use` says
+    use = teachers_cfg.get("use")
+    if use is None:
+        selected = list(members_cfg)
+    else:
+        selected = [use] if isinstance(use, str) else use
+        if not isinstance(selected, list | tuple) or not all(isinstance(u, str) for u in selected):
+            raise ConfigError(
+                f"teachers.use must be null or a list of teacher names from {choices(members_cfg)}, got {use!r}"
+            )
+        unknown = [u for u in selected if u not in members_cfg]
+        if unknown:
+            raise ConfigError(
+                f"teachers.use names unknown teacher(s) {unknown}; the pool has: {choices(members_cfg)}"
+            )
+    if not selected:
+        return None
+    # Check every selected member first, so that a typo in the second one fails before the first is fitted.
+    specs: dict[str, MemberSpec] = {}
+    paths, weights = {}, {}
+    for name in selected:
+        spec = specs[name] = parse(MemberSpec, members_cfg[name], f"teachers.members.{name}")
+        weights[name] = spec.weight
+        ckpt = spec.checkpoint
+        path = Path(ckpt) if ckpt else teacher_cache_path(cache_dir, data_name, name, spec, data_cfg)
+        if not path.is_file():
+            if not spec.fit_if_missing:
+                raise ConfigError(
+                    f"teacher {name!r}: checkpoint file not found: {path}. Set "
+                    f"teachers.members.{name}.checkpoint to an existing file, or fit_if_missing: true"
+                )
+            if fit_fn is None:
+                raise ConfigError(f"teacher {name!r} has no checkpoint at {path} and no way to fit it here")
+        paths[name] = path
+    if sum(weights.values()) <= 0:
+        raise ConfigError(f"the teachers' weights {weights} sum to 0; give at least one a weight > 0")
+
+    members, aliases, checkpoints = {}, {}, {}
+    for name, spec in specs.items():
+        path = paths[name]
+        if not path.is_file():
+            log.info(
+                "teacher %s: no checkpoint at %s, fitting it first (unless a parallel job does)", name, path
+            )
+            fit_once(path, lambda n=name, s=spec, p=path: fit_fn(n, s.arch, s.fit, p))
+        model = create_model(dict(spec.arch), num_classes, input_shape)
+        load_weights(model, path, owner=f"teacher {name!r}")
+        members[name] = model
+        aliases[name] = dict(spec.taps)
+        checkpoints[name] = str(path)
+    return TeacherEnsemble(members, aliases, weights, checkpoints)

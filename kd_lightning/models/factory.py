@@ -1,0 +1,56 @@
+"""create_model: a model by name, from our registry first, then any torchvision classifier (timm's factory)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from kd_lightning.errors import ConfigError, choices
+from kd_lightning.models.registry import call_model_fn, get_model_fn, list_models
+from kd_lightning.models.torchvision_adapter import torchvision_model, torchvision_names
+from kd_lightning.models.weights import load_pretrained, load_weights
+
+# Keys of a model spec that are not arguments of the architecture function.
+SPEC_KEYS = {"name", "checkpoint", "weights", "small_input", "taps", "pretrained"}
+
+
+def create_model(spec: Mapping[str, Any], num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """Build `spec.name` (registry or torchvision) and load `spec.checkpoint` when given."""
+    spec = dict(spec)
+    name = spec.get("name")
+    if not name or not isinstance(name, str):
+        raise ConfigError(
+            f"a model spec needs a 'name' (a string), got {name!r}; registered models: {choices(list_models())}"
+        )
+    kwargs = {k: v for k, v in spec.items() if k not in SPEC_KEYS}
+    fn = get_model_fn(name)
+    if fn is not None:
+        if spec.get("weights"):
+            raise ConfigError(f"model {name!r} has no torchvision weights; use 'checkpoint: <file>' instead")
+        model = call_model_fn(name, fn, num_classes, input_shape, kwargs)
+    elif name in torchvision_names():
+        model = torchvision_model(
+            name, num_classes, input_shape, spec.get("weights"), bool(spec.get("small_input", False)), kwargs
+        )
+    else:
+        raise ConfigError(
+            f"unknown model {name!r}; registered: {choices(list_models())}; "
+            "or any torchvision classifier name (torchvision.models.list_models())"
+        )
+    if spec.get("pretrained"):
+        load_pretrained(model, _pretrained_path(spec["pretrained"], name))
+    if spec.get("checkpoint"):
+        load_weights(model, spec["checkpoint"])
+    return model
+
+
+def _pretrained_path(value: Any, name: str) -> str:
+    if isinstance(value, str | os.PathLike):
+        return str(value)
+    raise ConfigError(
+        f"model {name!r}: pretrained must be a checkpoint path here, got {value!r} (a pretrained mapping "
+        "{checkpoint, fit_if_missing, data, fit} is resolved by kd-train before the model is built)"
+    )

@@ -1,0 +1,318 @@
+"""One run, in stages: config → data → (runner: teachers → module → fit → test → report and export).
+
+`run(cfg)` owns what every run shares: the typed top-level settings, the output folder, resume=auto,
+results.json (written also on failure) and the summary. What happens once the data is ready is the
+runner's (`runner: distill` here; `runner: amalgamation` in kd_lightning.amalgamation). Each stage
+returns a typed object, so a stage can be tested, replaced or reused alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from kd_lightning import amalgamation  # noqa: F401  (registers runner=amalgamation)
+from kd_lightning.build import (
+    build_module,
+    build_teacher_ensemble,
+    instantiate_datamodule,
+    model_spec,
+    resolve_pretrained_models,
+    to_dict,
+)
+from kd_lightning.data.base import TensorDataModule
+from kd_lightning.distributed import leave_process_group, pin_ddp_children_to_job
+from kd_lightning.errors import ConfigError, as_int
+from kd_lightning.evaluation import robustness_summary
+from kd_lightning.evaluation.run_eval import check_eval_cfg, evaluate_and_write
+from kd_lightning.fitting import fit_supervised
+from kd_lightning.models import save_model
+from kd_lightning.module import DistillationModule
+from kd_lightning.results import read_results, run_labels, write_json_atomic
+from kd_lightning.runners import RunContext, get_runner, register_runner
+from kd_lightning.specs import EvalSpec, parse, seed_field
+from kd_lightning.summary import print_summary
+from kd_lightning.teachers import TeacherEnsemble
+from kd_lightning.trainers import build_trainer, evaluation_trainer, finish_loggers
+
+log = logging.getLogger("kd_lightning")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The top-level keys of conf/train.yaml that no group owns."""
+
+    seed: int = seed_field()
+    runner: str = "distill"
+    baseline: bool = False
+    dry_run: bool = False
+    print_summary: bool = True
+    print_config: bool = False
+    resume: str | None = None
+
+    def check(self, where: str) -> None:
+        r = self.resume
+        if r not in (None, "auto") and not Path(r).is_file():
+            raise ConfigError(f"resume must be null, 'auto' or an existing checkpoint file, got {r!r}")
+
+
+def check_config(cfg: DictConfig) -> RunSettings:
+    """Stage 0: every value set and every interpolation resolvable, the top-level keys typed."""
+    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    try:
+        missing = sorted(OmegaConf.missing_keys(plain))
+        if not missing:
+            OmegaConf.to_container(plain, resolve=True)
+    except OmegaConfBaseException as e:  # an interpolation that does not resolve
+        raise ConfigError(f"{e.full_key}: {str(e).splitlines()[0]}") from None
+    if missing:
+        raise ConfigError(
+            f"{missing[0]} must be set: it has no default (add {missing[0]}=<value> to the command line)"
+            + (f"; also unset: {', '.join(missing[1:])}" if len(missing) > 1 else "")
+        )
+    names = {f.name for f in fields(RunSettings)}
+    settings = parse(RunSettings, {k: cfg.get(k) for k in names if k in cfg}, "config")
+    as_int("trainer.max_epochs", cfg.trainer.get("max_epochs"), 1)
+    return settings
+
+
+def stage_data(cfg: DictConfig, seed: int) -> TensorDataModule:
+    """Stage 1: the datamodule, set up (splits, normalisation); its shuffles follow the run's seed."""
+    dm = instantiate_datamodule(cfg.data)
+    dm.shuffle_seed = seed
+    dm.prepare_data()
+    dm.setup("fit")
+    log.info("data %s", dm.describe())
+    return dm
+
+
+def write_resolved_config(cfg: DictConfig, out: Path) -> None:
+    """config.resolved.yaml: the run's config with every interpolation resolved (kd-eval rebuilds from it)."""
+    if _is_rank_zero():
+        plain = {k: v for k, v in cfg.items() if k != "hydra"}  # present when composed by the API
+        text = OmegaConf.to_yaml(
+            OmegaConf.create(OmegaConf.to_container(OmegaConf.create(plain), resolve=True))
+        )
+        (out / "config.resolved.yaml").write_text(text)
+
+
+def resume_path(cfg: DictConfig, out: Path) -> str | None:
+    """resume=auto: the run folder's last.ckpt when there is one (a fresh start otherwise)."""
+    resume = cfg.get("resume")
+    if resume == "auto":
+        last = out / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    return resume
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """One experiment; returns the results dict that it also writes to results.json.
+
+    With resume=auto a finished run (results.json with status ok) is not repeated, and an interrupted
+    one continues from its last checkpoint: re-launching a sweep only redoes what is missing.
+    """
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = out / "results.json"
+    if cfg.get("resume") == "auto" and previous.is_file():
+        done = read_results(previous)
+        if done.get("status") == "ok":
+            log.info("resume=auto: %s already finished, not repeating it", out)
+            return done
+    results: dict[str, Any] = {
+        "status": "running",
+        "seed": cfg.get("seed"),
+        **run_labels(cfg),
+        "output_dir": str(out),
+    }
+    runner = None
+    try:
+        settings = check_config(cfg)
+        runner = get_runner(settings.runner)
+        pl.seed_everything(settings.seed, workers=True)
+        dm = stage_data(cfg, settings.seed)
+        resolve_pretrained_models(cfg)
+        write_resolved_config(cfg, out)
+        runner.run(RunContext(cfg, dm, out, results))
+        if results["status"] == "running":
+            results["status"] = "ok"
+    except ConfigError as e:
+        results.update(status="config_error", error=str(e))
+        raise
+    except BaseException as e:
+        results.update(status="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if _is_rank_zero():
+            write_json_atomic(out / "results.json", results)
+    if cfg.get("print_summary", True) and _is_rank_zero() and runner is not None and runner.summary:
+        runner.summary(results)
+    return results
+
+
+# --- runner=distill: the generic one ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Built:
+    """Stages 2-3: everything checked and built, nothing trained yet."""
+
+    teachers: TeacherEnsemble | None
+    module: DistillationModule
+    trainer: pl.Trainer
+    evaluation: EvalSpec
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """Stage 4: the fit's outcome."""
+
+    val_acc: float | None
+    best_checkpoint: str | None
+    fit_seconds: float
+    resumed_from: str | None
+    tests_here: bool  # False on DDP ranks other than 0: they are done after fitting
+
+
+@dataclass(frozen=True)
+class Tested:
+    """Stage 5: test accuracies of the student, each teacher and the teachers' ensemble."""
+
+    test_acc: float
+    teacher_test_acc: dict[str, float]
+    teacher_ensemble_test_acc: float | None
+    teacher_agreement: float | None
+
+
+def stage_build(ctx: RunContext) -> Built:
+    cfg, dm = ctx.cfg, ctx.dm
+    if cfg.get("amalgamation"):
+        raise ConfigError(
+            "amalgamation is set but runner=distill: add runner=amalgamation (experiment=ye2019 does)"
+        )
+    teachers = build_teacher_ensemble(cfg, dm, str(ctx.results.get("data") or dm.name))
+    pl.seed_everything(int(cfg.seed), workers=True)
+    module = build_module(cfg, dm, teachers)
+    evaluation = check_eval_cfg(to_dict(cfg.get("evaluate")), dm.input_shape)
+    return Built(teachers, module, build_trainer(cfg), evaluation)
+
+
+def stage_fit(ctx: RunContext, built: Built) -> Fitted:
+    trainer = built.trainer
+    ckpt = resume_path(ctx.cfg, ctx.out)
+    pin_ddp_children_to_job(ctx.cfg, ctx.out)
+    t0 = time.perf_counter()
+    trainer.fit(built.module, datamodule=ctx.dm, ckpt_path=ckpt)
+    seconds = time.perf_counter() - t0
+    if trainer.interrupted:
+        raise KeyboardInterrupt("training was interrupted")
+    cb = trainer.checkpoint_callback
+    best = cb.best_model_path if cb is not None else ""
+    val = (
+        float(cb.best_model_score) if best and cb.best_model_score is not None else _last(trainer, "val/acc")
+    )
+    tests_here = True
+    if trainer.world_size > 1:
+        # Rank 0 tests alone (each test sample once) and writes; the other ranks are done. The group
+        # goes, so that torchmetrics does not wait for ranks that have left.
+        leave_process_group()
+        tests_here = trainer.is_global_zero
+    return Fitted(val, best or None, seconds, ckpt, tests_here)
+
+
+def stage_test(ctx: RunContext, built: Built, fitted: Fitted) -> Tested:
+    module, teachers = built.module, built.teachers
+    test = evaluation_trainer(built.trainer).test(
+        module, datamodule=ctx.dm, ckpt_path=fitted.best_checkpoint, verbose=False
+    )[0]
+    if teachers is None:
+        return Tested(float(test["test/acc"]), {}, None, None)
+    return Tested(
+        float(test["test/acc"]),
+        {n: float(test[f"test/teacher/{n}/acc"]) for n in teachers.names},
+        float(test["test/teacher/ensemble/acc"]),
+        float(test["test/agreement"]),
+    )
+
+
+def stage_report(ctx: RunContext, built: Built, tested: Tested) -> dict[str, Any]:
+    """Stage 6: evaluation beyond accuracy, the student-alone baseline, the exported student."""
+    cfg, dm, out = ctx.cfg, ctx.dm, ctx.out
+    results: dict[str, Any] = {}
+    if built.evaluation.active:
+        result = evaluate_and_write(
+            built.module.student, built.teachers, dm, built.evaluation, out, device=built.module.device
+        )
+        summary = robustness_summary(result["robustness"])
+        results.update(
+            metrics=result["clean"],
+            agreement=result.get("agreement", {}),
+            robustness={m: s["mean"] for m, s in summary.items()},
+        )
+    if cfg.get("baseline"):
+        _, results["baseline_test_acc"] = fit_supervised(
+            model_spec(cfg.student),
+            dm,
+            int(cfg.seed),
+            int(cfg.trainer.max_epochs),
+            built.module.optim,
+            ctx.accelerator,
+        )
+    results["student_path"] = str(
+        save_model(
+            built.module.student,
+            out / "student.pt",
+            model_spec(cfg.student),
+            dm.num_classes,
+            dm.input_shape,
+            meta={"test_acc": tested.test_acc, "seed": int(cfg.seed)},
+        )
+    )
+    return results
+
+
+@register_runner("distill", summary=print_summary)
+def run_distillation(ctx: RunContext) -> None:
+    """Student + frozen teachers + objective, fitted by the configured Lightning Trainer."""
+    built = stage_build(ctx)
+    ctx.results["teacher_checkpoints"] = built.teachers.checkpoints if built.teachers else {}
+    if ctx.cfg.get("dry_run"):
+        ctx.results["status"] = "dry_run"
+        return
+    try:
+        fitted = stage_fit(ctx, built)
+        ctx.results.update(
+            resumed_from=fitted.resumed_from, fit_seconds=fitted.fit_seconds, val_acc=fitted.val_acc
+        )
+        if not fitted.tests_here:
+            return
+        tested = stage_test(ctx, built, fitted)
+    finally:
+        finish_loggers(built.trainer)
+    ctx.results.update(
+        test_acc=tested.test_acc,
+        best_checkpoint=fitted.best_checkpoint,
+        teacher_test_acc=tested.teacher_test_acc,
+    )
+    if built.teachers is not None:
+        ctx.results.update(
+            teacher_ensemble_test_acc=tested.teacher_ensemble_test_acc,
+            teacher_agreement=tested.teacher_agreement,
+        )
+    ctx.results.update(stage_report(ctx, built, tested))
+
+
+def _last(trainer: pl.Trainer, key: str) -> float | None:
+    v = trainer.callback_metrics.get(key)
+    return float(v) if v is not None else None
+
+
+def _is_rank_zero() -> bool:
+    from pytorch_lightning.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0

@@ -1,0 +1,257 @@
+"""Typed configuration: one dataclass per concept, parsed once at the start of a run.
+
+`parse(Spec, mapping, "where")` checks a config mapping against the dataclass: unknown keys are a
+ConfigError listing the valid ones, each value is converted and range-checked from its field's type
+and metadata, and a missing key takes the field's default (stated here, once). Specs that accept free
+keys (a loss's own options) name a field to collect them in `__extra__`.
+
+Why not Hydra structured configs: our groups are plain YAML that users edit, several specs live deep
+inside free-form mappings (`teachers.members.<name>`, `distill.terms.<name>`), and the messages must name
+the exact key with its valid choices; a 150-line parser keeps both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, get_args, get_origin
+
+from kd_lightning.errors import ConfigError, as_float, as_int, choices
+
+T = TypeVar("T")
+
+
+# --- field helpers ------------------------------------------------------------------------------
+def num(
+    default: Any = dataclasses.MISSING,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> Any:
+    """A number field with bounds."""
+    meta = {"low": low, "high": high, "open_low": open_low, "open_high": open_high}
+    return field(default=default, metadata=meta)
+
+
+def one_of(default: Any, *valid: str) -> Any:
+    """A string field with a fixed set of choices."""
+    return field(default=default, metadata={"choices": tuple(valid)})
+
+
+def seed_field(default: int = 0) -> Any:
+    return num(default, 0, 2**32 - 1)
+
+
+def mapping(**kw: Any) -> Any:
+    return field(default_factory=dict, **kw)
+
+
+def items(**kw: Any) -> Any:
+    return field(default_factory=list, **kw)
+
+
+# --- the parser ---------------------------------------------------------------------------------
+def parse(cls: type[T], value: Any, where: str) -> T:
+    """`value` (a mapping, or None for all defaults) as a `cls` instance; ConfigError names the key."""
+    if isinstance(value, cls):
+        return value
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a mapping of settings, got {value!r}")
+    hints = typing.get_type_hints(cls)
+    specs = [f for f in dataclasses.fields(cls) if f.init]
+    names = {f.name for f in specs}
+    extra_field = getattr(cls, "__extra__", None)
+    unknown = sorted(str(k) for k in value if k not in names or k == extra_field)
+    kwargs: dict[str, Any] = {}
+    if unknown and extra_field is None:
+        raise ConfigError(f"{where} has unknown key(s) {unknown}; valid: {choices(names)}")
+    if extra_field is not None:
+        kwargs[extra_field] = {k: value[k] for k in unknown}
+    for f in specs:
+        if f.name == extra_field:
+            continue
+        if f.name in value:
+            kwargs[f.name] = _convert(hints[f.name], value[f.name], f"{where}.{f.name}", f.metadata)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}.{f.name} is required")
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check(where)
+    return obj
+
+
+def _convert(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return _convert(rest[0], value, key, meta)
+        for a in rest:  # e.g. str | Mapping: the first that accepts the value
+            try:
+                return _convert(a, value, key, meta)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} has an unexpected value {value!r}")
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return parse(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        lo, hi = meta.get("low"), meta.get("high")
+        return as_int(key, value, None if lo is None else int(lo), None if hi is None else int(hi))
+    if tp is float:
+        return as_float(
+            key,
+            value,
+            meta.get("low"),
+            meta.get("high"),
+            meta.get("open_low", False),
+            meta.get("open_high", False),
+        )
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        valid = meta.get("choices")
+        if valid and value not in valid:
+            raise ConfigError(f"{key}={value!r}; valid: {', '.join(valid)}")
+        return value
+    if origin in (list, tuple) or tp in (list, tuple):
+        if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_convert(inner, v, f"{key}[{i}]", meta) for i, v in enumerate(value)]
+    if origin in (dict, Mapping) or tp in (dict, Mapping) or origin is typing.Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        inner = args[1] if len(args) == 2 else Any
+        return {str(k): _convert(inner, v, f"{key}.{k}", {}) for k, v in value.items()}
+    return value
+
+
+def as_plain(spec: Any) -> Any:
+    """A spec as plain dicts/lists (for cache keys, results and logs)."""
+    return dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else spec
+
+
+# --- the specs --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FitSpec:
+    """Supervised fit of a teacher, a source-task model or the student-alone baseline (Adam + cosine)."""
+
+    seed: int = seed_field()
+    max_epochs: int = num(20, 1)
+    lr: float = num(1e-3, 0.0, open_low=True)
+    weight_decay: float = num(0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One teacher of `teachers.members`."""
+
+    arch: dict[str, Any]
+    checkpoint: str | None = None
+    taps: dict[str, str] = mapping()
+    weight: float = num(1.0, 0.0)
+    fit_if_missing: bool = False
+    fit: FitSpec = field(default_factory=FitSpec)
+
+    def check(self, where: str) -> None:
+        if not isinstance(self.arch.get("name"), str) or not self.arch.get("name"):
+            raise ConfigError(f"{where}.arch.name is required (a model name)")
+
+
+COMBINE_MODES = ("per_teacher", "mean", "concat")
+
+
+@dataclass(frozen=True)
+class TermSpec:
+    """One distillation term; keys it does not know are the distance's own options (`options`)."""
+
+    __extra__ = "options"
+    weight: float = num(1.0, 0.0)
+    student_tap: str = "embed"
+    teacher_tap: str | None = None  # default: the student's tap (resolved in `tap`)
+    distance: str = "mse"
+    adapter: str = "auto"
+    combine: str = one_of("per_teacher", *COMBINE_MODES)
+    options: dict[str, Any] = mapping()
+
+    @property
+    def tap(self) -> str:
+        """The teacher tap this term reads."""
+        return self.teacher_tap if self.teacher_tap is not None else self.student_tap
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """`evaluate.*`: metrics beyond accuracy and robustness under corrupted inputs."""
+
+    metrics: bool = False
+    corruptions: list[str] = items()
+    severities: list[int] = items()
+    seed: int = seed_field()
+
+    @property
+    def active(self) -> bool:
+        return self.metrics or bool(self.corruptions)
+
+
+@dataclass(frozen=True)
+class PerfSpec:
+    """`perf.*`: torch.compile of every model's forward and the channels-last memory format."""
+
+    compile: bool = False
+    compile_backend: str = "inductor"
+    channels_last: bool = False
+
+
+CACHE_MODES = ("none", "memory", "disk")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """`teacher_cache.*`: where the teachers' outputs on the training set are kept."""
+
+    mode: str = one_of("memory", *CACHE_MODES)
+
+
+@dataclass(frozen=True)
+class MultiTaskTeacherSpec:
+    tasks: list[str]
+    channels: list[int] = field(default_factory=list, metadata={"low": 1})
+    kernel_size: int = num(5, 1)
+    fit: FitSpec = field(default_factory=FitSpec)
+
+
+@dataclass(frozen=True)
+class AmalgamationStudentSpec:
+    channels: list[int] = field(default_factory=list, metadata={"low": 1})
+    kernel_size: int = num(5, 1)
+
+
+@dataclass(frozen=True)
+class AmalgamationSpec:
+    """`amalgamation.*` (runner=amalgamation, Ye et al. 2019)."""
+
+    tasks: list[str]
+    teachers: dict[str, MultiTaskTeacherSpec]
+    student: AmalgamationStudentSpec = field(default_factory=AmalgamationStudentSpec)
+    block_epochs: int = num(10, 1)
+    head_epochs: int = num(10, 1)
+    finetune_epochs: int = num(0, 0)
+    temperature: float = num(4.0, 0.0, open_low=True)
+    lr: float = num(3e-3, 0.0, open_low=True)
+    filter: str = one_of("taylor", "taylor", "none")
