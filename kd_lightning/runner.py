@@ -32,7 +32,7 @@ from kd_lightning.distributed import leave_process_group, pin_ddp_children_to_jo
 from kd_lightning.errors import ConfigError, as_int
 from kd_lightning.evaluation import robustness_summary
 from kd_lightning.evaluation.run_eval import check_eval_cfg, evaluate_and_write
-from kd_lightning.fitting import fit_supervised
+from kd_lightning.fitting import fit_accelerator, fit_supervised
 from kd_lightning.models import save_model
 from kd_lightning.module import DistillationModule
 from kd_lightning.results import read_results, run_labels, write_json_atomic
@@ -261,7 +261,7 @@ def stage_report(ctx: RunContext, built: Built, tested: Tested) -> dict[str, Any
             int(cfg.seed),
             int(cfg.trainer.max_epochs),
             built.module.optim,
-            ctx.accelerator,
+            fit_accelerator(cfg),
         )
     results["student_path"] = str(
         save_model(

@@ -125,3 +125,20 @@ def test_the_student_never_uses_labels(tmp_path):
     s0, s1 = (load_multitask(tmp_path / f"out{i}" / "student.pt").state_dict() for i in (0, 1))
     for k, v in s0.items():
         torch.testing.assert_close(s1[k], v)
+
+
+@pytest.mark.parametrize(
+    "override,named",
+    [("baseline=true", "baseline=true"), ("evaluate=robustness", "evaluate"), ("perf.compile=true", "perf")],
+)
+def test_settings_the_amalgamation_runner_would_ignore_are_refused(make_cfg, override, named):
+    from kd_lightning.runner import run
+
+    with pytest.raises(ConfigError, match=f"runner=amalgamation does not use .*{named}"):
+        run(make_cfg("experiment=ye2019", "dry_run=true", override, fast=False))
+
+
+def test_amalgamation_dry_run_builds_nothing(make_cfg):
+    from kd_lightning.runner import run
+
+    assert run(make_cfg("experiment=ye2019", "dry_run=true", fast=False))["status"] == "dry_run"

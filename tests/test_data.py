@@ -253,7 +253,7 @@ def test_imagefolder_runs_with_class_subset_views_cache_and_robustness(make_cfg,
         f"data.root={root}",
         "data.image_size=12",
         "data.class_subset=[0,2,3]",
-        "+data.augment={crop_padding: 2, hflip: true, views: 2}",
+        "data.augment={crop_padding: 2, hflip: true, views: 2}",
         "student=cnn",
         "teachers.use=[cnn_s]",
         "teachers.members.cnn_s.fit.max_epochs=1",
@@ -285,6 +285,8 @@ def test_imagefolder_feeds_amalgamation(make_cfg, tmp_path: Path):
         "amalgamation.teachers.t_digit_parity.fit.max_epochs=1",
         "amalgamation.teachers.t_ge5_mod3.fit.max_epochs=1",
     ]
-    cfg = make_cfg("experiment=ye2019", "data=imagefolder", f"data.root={root}", "data.image_size=12", *tiny)
+    cfg = make_cfg(
+        "experiment=ye2019", "data=imagefolder", f"data.root={root}", "data.image_size=12", *tiny, fast=False
+    )
     res = run(cfg)
     assert res["status"] == "ok" and set(res["task_acc"]) == {"parity", "ge5"}
