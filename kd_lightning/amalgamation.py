@@ -321,7 +321,21 @@ def run_amalgamation(
     }
 
 
-@register_runner("amalgamation", summary=lambda results: print_task_table(results))
+def print_task_table(results: Mapping[str, Any]) -> None:
+    """Student vs each teacher on every chosen task (test accuracy, %)."""
+    tasks = results.get("tasks") or []
+    teachers = results.get("teacher_task_acc") or {}
+    print("\n| model | " + " | ".join(tasks) + " |\n|---|" + "---|" * len(tasks))
+    print(
+        "| student (no labels) | " + " | ".join(f"{100 * results['task_acc'][t]:.2f}" for t in tasks) + " |"
+    )
+    for n, per in teachers.items():
+        print(
+            f"| teacher {n} | " + " | ".join(f"{100 * per[t]:.2f}" if t in per else "—" for t in tasks) + " |"
+        )
+
+
+@register_runner("amalgamation", summary=print_task_table)
 def run_amalgamation_job(ctx: RunContext) -> None:
     """runner=amalgamation (experiment=ye2019): its own training loop, stage by stage; no labels used."""
     from omegaconf import OmegaConf
@@ -351,17 +365,3 @@ def run_amalgamation_job(ctx: RunContext) -> None:
         return
     data_cfg = OmegaConf.to_container(ctx.cfg.data, resolve=True)
     ctx.results.update(run_amalgamation(a, ctx.cfg, ctx.dm, ctx.out, data_cfg))
-
-
-def print_task_table(results: Mapping[str, Any]) -> None:
-    """Student vs each teacher on every chosen task (test accuracy, %)."""
-    tasks = results.get("tasks") or []
-    teachers = results.get("teacher_task_acc") or {}
-    print("\n| model | " + " | ".join(tasks) + " |\n|---|" + "---|" * len(tasks))
-    print(
-        "| student (no labels) | " + " | ".join(f"{100 * results['task_acc'][t]:.2f}" for t in tasks) + " |"
-    )
-    for n, per in teachers.items():
-        print(
-            f"| teacher {n} | " + " | ".join(f"{100 * per[t]:.2f}" if t in per else "—" for t in tasks) + " |"
-        )

@@ -188,11 +188,19 @@ def apply_perf(perf: PerfSpec, models: Iterable[nn.Module], images: bool) -> Non
     """`perf.channels_last` (image models: weights and inputs in NHWC) and `perf.compile` (torch.compile of
     every model's forward with `perf.compile_backend`; forward hooks, so taps, keep working). Applied after
     the dry batch that sized the adapters."""
+    models = list(models)
     for m in models:
         if perf.channels_last and images:
             m.to(memory_format=torch.channels_last)
         if perf.compile:
             m.forward = torch.compile(m.forward, backend=perf.compile_backend)
+    applied = [f"torch.compile ({perf.compile_backend})"] * perf.compile + ["channels_last"] * (
+        perf.channels_last and images
+    )
+    if applied:
+        log.info("perf: %s on the student and %d teacher(s)", " + ".join(applied), len(models) - 1)
+    elif perf.channels_last:
+        log.info("perf.channels_last is for image models; these inputs are not images, left as they are")
 
 
 def check_cache_cfg(value: Any) -> CacheSpec:

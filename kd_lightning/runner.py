@@ -152,8 +152,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finally:
         if _is_rank_zero():
             write_json_atomic(out / "results.json", results)
-    if cfg.get("print_summary", True) and _is_rank_zero() and runner is not None and runner.summary:
-        runner.summary(results)
+    if cfg.get("print_summary", True) and _is_rank_zero() and runner is not None:
+        if results["status"] == "dry_run":
+            print(f"dry run: data, teachers, model and trainer built and checked; nothing trained ({out})")
+        elif runner.summary is not None:
+            runner.summary(results)
     return results
 
 

@@ -82,6 +82,7 @@ def test_label_free_training(make_cfg):
         (["scheduler=step", "+scheduler.step=3"], r"scheduler \(torch.optim.lr_scheduler.StepLR\):.*'step'"),
         (["scheduler=cosine", "scheduler.interval=batch"], r"scheduler.interval='batch'; valid: epoch, step"),
         (["teacher_cache.mode=ram"], r"teacher_cache.mode='ram'; valid: none, memory, disk"),
+        (["teacher_cache=disk"], r"teacher_cache is a group of keys now; use teacher_cache.mode=disk"),
         (["+teachers.members.cnn_s.colour=red"], r"teachers.members.cnn_s has unknown key\(s\) \['colour'\]"),
         (["perf.compile=yes"], r"perf.compile must be true or false, got 'yes'"),
         (["+amalgamation.tasks=[parity]"], r"amalgamation is set but runner=distill"),

@@ -31,7 +31,7 @@ from torch import nn
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError
 from kd_lightning.fit_cache import fit_once, keyed_path
-from kd_lightning.fitting import quiet_trainer
+from kd_lightning.fitting import fit_accelerator, quiet_trainer
 from kd_lightning.models.multitask import (
     MultiTaskNet,
     check_tasks,
@@ -266,7 +266,7 @@ def run_amalgamation(
     a: AmalgamationSpec, cfg: Any, dm: TensorDataModule, out: Path, data_cfg: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The whole method; returns the entries of results.json (student's and teachers' task accuracies)."""
-    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    accelerator = fit_accelerator(cfg)
     teachers, paths = {}, {}
     for name, spec in a.teachers.items():
         teachers[name], paths[name] = fit_or_load_teacher(
@@ -321,19 +321,6 @@ def run_amalgamation(
     }
 
 
-@register_runner("amalgamation", summary=lambda results: print_task_table(results))
-def run_amalgamation_job(ctx: RunContext) -> None:
-    """runner=amalgamation (experiment=ye2019): its own training loop, stage by stage; no labels used."""
-    from omegaconf import OmegaConf
-
-    a = check_amalgamation_cfg(OmegaConf.to_container(ctx.cfg.get("amalgamation"), resolve=True))
-    if ctx.cfg.get("dry_run"):
-        ctx.results["status"] = "dry_run"
-        return
-    data_cfg = OmegaConf.to_container(ctx.cfg.data, resolve=True)
-    ctx.results.update(run_amalgamation(a, ctx.cfg, ctx.dm, ctx.out, data_cfg))
-
-
 def print_task_table(results: Mapping[str, Any]) -> None:
     """Student vs each teacher on every chosen task (test accuracy, %)."""
     tasks = results.get("tasks") or []
@@ -346,3 +333,35 @@ def print_task_table(results: Mapping[str, Any]) -> None:
         print(
             f"| teacher {n} | " + " | ".join(f"{100 * per[t]:.2f}" if t in per else "—" for t in tasks) + " |"
         )
+
+
+@register_runner("amalgamation", summary=print_task_table)
+def run_amalgamation_job(ctx: RunContext) -> None:
+    """runner=amalgamation (experiment=ye2019): its own training loop, stage by stage; no labels used."""
+    from omegaconf import OmegaConf
+
+    cfg = ctx.cfg
+    a = check_amalgamation_cfg(OmegaConf.to_container(cfg.get("amalgamation"), resolve=True))
+
+    def plain(key: str) -> dict[str, Any]:
+        node = cfg.get(key)
+        return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+    evaluate, perf = plain("evaluate"), plain("perf")
+    unused = {  # settings of the generic runner that this one would silently ignore
+        "baseline=true": cfg.get("baseline") is True,
+        "evaluate.metrics/corruptions": bool(evaluate.get("metrics") or evaluate.get("corruptions")),
+        "perf.compile/channels_last": bool(perf.get("compile") or perf.get("channels_last")),
+        "teachers.members": bool(plain("teachers").get("members")),
+        "distill.terms": bool(plain("distill").get("terms")),
+    }
+    if any(unused.values()):
+        raise ConfigError(
+            f"runner=amalgamation does not use {', '.join(k for k, v in unused.items() if v)}: its teachers, "
+            "student and schedule are amalgamation.*; drop those settings (or use runner=distill)"
+        )
+    if cfg.get("dry_run"):
+        ctx.results["status"] = "dry_run"
+        return
+    data_cfg = OmegaConf.to_container(ctx.cfg.data, resolve=True)
+    ctx.results.update(run_amalgamation(a, ctx.cfg, ctx.dm, ctx.out, data_cfg))

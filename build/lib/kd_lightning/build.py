@@ -19,7 +19,7 @@ from torch import nn
 
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError, choices
-from kd_lightning.fitting import fit_model
+from kd_lightning.fitting import fit_accelerator, fit_model
 from kd_lightning.models import create_model
 from kd_lightning.module import DistillationModule
 from kd_lightning.objective import Objective, build_objective
@@ -89,7 +89,7 @@ def probe_shapes(model_taps: FeatureTaps, x: torch.Tensor) -> dict[str, tuple[in
 def resolve_pretrained_models(cfg: DictConfig) -> None:
     """Turn every `pretrained:` mapping (student and teacher members) into a checkpoint path, pre-training
     on the source task first where the file is missing; `cfg` is updated in place."""
-    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    accelerator = fit_accelerator(cfg)
 
     def fit(arch: Mapping[str, Any], data_cfg: Mapping[str, Any], fit_spec: FitSpec, path: Path) -> None:
         source = instantiate_datamodule(data_cfg)
@@ -120,7 +120,7 @@ def resolve_pretrained_models(cfg: DictConfig) -> None:
 
 
 def build_teacher_ensemble(cfg: DictConfig, dm: TensorDataModule, data_name: str) -> TeacherEnsemble | None:
-    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    accelerator = fit_accelerator(cfg)
 
     def fit(name: str, arch: Mapping[str, Any], fit_spec: FitSpec, path: Path) -> None:
         _, acc = fit_model(dict(arch), dm, fit_spec, accelerator, out_path=path, meta={"teacher": name})
@@ -188,11 +188,19 @@ def apply_perf(perf: PerfSpec, models: Iterable[nn.Module], images: bool) -> Non
     """`perf.channels_last` (image models: weights and inputs in NHWC) and `perf.compile` (torch.compile of
     every model's forward with `perf.compile_backend`; forward hooks, so taps, keep working). Applied after
     the dry batch that sized the adapters."""
+    models = list(models)
     for m in models:
         if perf.channels_last and images:
             m.to(memory_format=torch.channels_last)
         if perf.compile:
             m.forward = torch.compile(m.forward, backend=perf.compile_backend)
+    applied = [f"torch.compile ({perf.compile_backend})"] * perf.compile + ["channels_last"] * (
+        perf.channels_last and images
+    )
+    if applied:
+        log.info("perf: %s on the student and %d teacher(s)", " + ".join(applied), len(models) - 1)
+    elif perf.channels_last:
+        log.info("perf.channels_last is for image models; these inputs are not images, left as they are")
 
 
 def check_cache_cfg(value: Any) -> CacheSpec:

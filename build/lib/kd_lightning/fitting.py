@@ -21,6 +21,11 @@ from kd_lightning.specs import FitSpec, as_plain
 from kd_lightning.taps import FeatureTaps
 
 
+def fit_accelerator(cfg: Any) -> str:
+    """Fits inside a run (teachers, source tasks, baseline) use the run's accelerator, on one device."""
+    return str(cfg.trainer.get("accelerator", "cpu"))
+
+
 def supervised_module(model: nn.Module, num_classes: int, optim: OptimSetup) -> DistillationModule:
     """The model alone, trained with cross-entropy (a DistillationModule without teachers or terms)."""
     return DistillationModule(model, Objective(1.0, {}), None, FeatureTaps(model, []), num_classes, optim)

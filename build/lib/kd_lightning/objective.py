@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning.adapters import make_adapter
-from kd_lightning.errors import ConfigError, as_float, choices
+from kd_lightning.errors import ConfigError, choices
 from kd_lightning.losses import create_loss, forward_extras, loss_class
-from kd_lightning.specs import TermSpec, parse
+from kd_lightning.specs import LABEL_LOSSES, DistillSpec, TermSpec, parse
 
 Shape = tuple[int, ...]
 
@@ -125,9 +125,6 @@ class Term(nn.Module):
         return self.losses["combined"](self.adapters["combined"](student), target, **kw)
 
 
-LABEL_LOSSES = ("ce", "mse")
-
-
 class Objective(nn.Module):
     """Weighted sum of a label loss and distillation terms; owns the adapters.
 
@@ -137,7 +134,7 @@ class Objective(nn.Module):
     def __init__(self, ce_weight: float, terms: Mapping[str, Term], label_loss: str = "ce"):
         super().__init__()
         self.ce_weight = check_weight("distill.ce_weight", ce_weight)
-        if label_loss not in LABEL_LOSSES:
+        if label_loss not in LABEL_LOSSES:  # also checked by DistillSpec; Objective is public
             raise ConfigError(f"distill.label_loss={label_loss!r}; valid: {', '.join(LABEL_LOSSES)}")
         self.label_loss = label_loss
         self.terms = nn.ModuleDict(dict(terms))
@@ -204,11 +201,10 @@ def build_objective(
 
     `distill.rho` (optional, in [0, 1]) mixes the two sides: the label loss gets weight 1 − ρ and every
     term's weight is multiplied by ρ (ρ = 1: teachers only, ρ = 0: labels only)."""
+    d = parse(DistillSpec, distill_cfg, "distill")
     terms_cfg = active_terms(distill_cfg)
-    ce_weight = distill_cfg.get("ce_weight", 1.0)
-    rho = distill_cfg.get("rho")
+    ce_weight, rho = d.ce_weight, d.rho
     if rho is not None:
-        rho = as_float("distill.rho", rho, 0.0, 1.0)
         ce_weight = 1.0 - rho
         terms_cfg = {k: dataclasses.replace(v, weight=rho * v.weight) for k, v in terms_cfg.items()}
     if terms_cfg and not teacher_shapes:
@@ -227,4 +223,4 @@ def build_objective(
             teacher_weights or {},
             context,
         )
-    return Objective(ce_weight, terms, str(distill_cfg.get("label_loss", "ce")))
+    return Objective(ce_weight, terms, d.label_loss)

@@ -12,19 +12,19 @@ A classifier head of another class count is re-initialised (see `models.load_pre
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kd_lightning.errors import ConfigError, choices
+from kd_lightning.errors import ConfigError
 from kd_lightning.fit_cache import fit_once, keyed_path
-from kd_lightning.specs import FitSpec, as_plain, parse
+from kd_lightning.specs import FitSpec, PretrainedSpec, as_plain, parse
 from kd_lightning.teachers import data_identity
 
 log = logging.getLogger(__name__)
 
-PRETRAINED_KEYS = {"checkpoint", "fit_if_missing", "data", "fit"}
 SourceFitFn = Callable[[Mapping[str, Any], Mapping[str, Any], FitSpec, Path], None]
 
 
@@ -39,9 +39,9 @@ def _torchvision_weights(name: str) -> list[str]:
 
 
 def pretrained_cache_path(
-    cache_dir: str | Path, arch: Mapping[str, Any], p: Mapping[str, Any], fit: FitSpec
+    cache_dir: str | Path, arch: Mapping[str, Any], data: Mapping[str, Any], fit: FitSpec
 ) -> Path:
-    key = {"arch": arch, "fit": as_plain(fit), "data": data_identity(p["data"])}
+    key = {"arch": arch, "fit": as_plain(fit), "data": data_identity(data)}
     return keyed_path(Path(cache_dir) / "pretrained", str(arch.get("name")), key)
 
 
@@ -63,28 +63,23 @@ def resolve_pretrained(
         hint = f"; or torchvision weights of {spec.get('name')!r}: {', '.join(weights)}" if weights else ""
         raise ConfigError(f"{owner}.pretrained: checkpoint file not found: {p}{hint}")
     if not isinstance(p, Mapping):
+        keys = ", ".join(f.name for f in dataclasses.fields(PretrainedSpec))
         raise ConfigError(
-            f"{owner}.pretrained must be null, a checkpoint path or a mapping with keys "
-            f"{choices(PRETRAINED_KEYS)}, got {p!r}"
+            f"{owner}.pretrained must be null, a checkpoint path or a mapping with keys {keys}, got {p!r}"
         )
-    unknown = sorted(set(p) - PRETRAINED_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"{owner}.pretrained has unknown key(s) {unknown}; valid: {choices(PRETRAINED_KEYS)}"
-        )
+    ps = parse(PretrainedSpec, p, f"{owner}.pretrained")
     arch = {k: v for k, v in spec.items() if k not in ("pretrained", "checkpoint", "taps")}
-    fit = parse(FitSpec, p.get("fit"), f"{owner}.pretrained.fit")
-    if p.get("checkpoint"):
-        path = Path(p["checkpoint"])
-    elif isinstance(p.get("data"), Mapping) and p["data"].get("_target_"):
-        path = pretrained_cache_path(cache_dir, arch, p, fit)
+    if ps.checkpoint:
+        path = Path(ps.checkpoint)
+    elif ps.data is not None and ps.data.get("_target_"):
+        path = pretrained_cache_path(cache_dir, arch, ps.data, ps.fit)
     else:
         raise ConfigError(
             f"{owner}.pretrained needs a checkpoint path, or `data` (the source task's data config, with "
             "_target_) and fit_if_missing: true to pre-train on it"
         )
     if not path.is_file():
-        if not p.get("fit_if_missing", False) or not isinstance(p.get("data"), Mapping):
+        if not ps.fit_if_missing or ps.data is None:
             raise ConfigError(
                 f"{owner}.pretrained.checkpoint not found: {path}; give an existing file, or set "
                 f"{owner}.pretrained.fit_if_missing: true with {owner}.pretrained.data (the source task)"
@@ -92,6 +87,6 @@ def resolve_pretrained(
         if fit_fn is None:
             raise ConfigError(f"{owner}.pretrained: no checkpoint at {path} and no way to pre-train here")
         log.info("%s: pre-training on the source task → %s (unless a parallel job does)", owner, path)
-        fit_once(path, lambda: fit_fn(arch, p["data"], fit, path))
+        fit_once(path, lambda: fit_fn(arch, ps.data, ps.fit, path))
     spec["pretrained"] = str(path)
     return spec

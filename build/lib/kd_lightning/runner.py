@@ -32,7 +32,7 @@ from kd_lightning.distributed import leave_process_group, pin_ddp_children_to_jo
 from kd_lightning.errors import ConfigError, as_int
 from kd_lightning.evaluation import robustness_summary
 from kd_lightning.evaluation.run_eval import check_eval_cfg, evaluate_and_write
-from kd_lightning.fitting import fit_supervised
+from kd_lightning.fitting import fit_accelerator, fit_supervised
 from kd_lightning.models import save_model
 from kd_lightning.module import DistillationModule
 from kd_lightning.results import read_results, run_labels, write_json_atomic
@@ -40,7 +40,7 @@ from kd_lightning.runners import RunContext, get_runner, register_runner
 from kd_lightning.specs import EvalSpec, parse, seed_field
 from kd_lightning.summary import print_summary
 from kd_lightning.teachers import TeacherEnsemble
-from kd_lightning.trainers import build_trainer, evaluation_trainer
+from kd_lightning.trainers import build_trainer, evaluation_trainer, finish_loggers
 
 log = logging.getLogger("kd_lightning")
 
@@ -152,8 +152,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finally:
         if _is_rank_zero():
             write_json_atomic(out / "results.json", results)
-    if cfg.get("print_summary", True) and _is_rank_zero() and runner is not None and runner.summary:
-        runner.summary(results)
+    if cfg.get("print_summary", True) and _is_rank_zero() and runner is not None:
+        if results["status"] == "dry_run":
+            print(f"dry run: data, teachers, model and trainer built and checked; nothing trained ({out})")
+        elif runner.summary is not None:
+            runner.summary(results)
     return results
 
 
@@ -261,7 +264,7 @@ def stage_report(ctx: RunContext, built: Built, tested: Tested) -> dict[str, Any
             int(cfg.seed),
             int(cfg.trainer.max_epochs),
             built.module.optim,
-            ctx.accelerator,
+            fit_accelerator(cfg),
         )
     results["student_path"] = str(
         save_model(
@@ -284,13 +287,16 @@ def run_distillation(ctx: RunContext) -> None:
     if ctx.cfg.get("dry_run"):
         ctx.results["status"] = "dry_run"
         return
-    fitted = stage_fit(ctx, built)
-    ctx.results.update(
-        resumed_from=fitted.resumed_from, fit_seconds=fitted.fit_seconds, val_acc=fitted.val_acc
-    )
-    if not fitted.tests_here:
-        return
-    tested = stage_test(ctx, built, fitted)
+    try:
+        fitted = stage_fit(ctx, built)
+        ctx.results.update(
+            resumed_from=fitted.resumed_from, fit_seconds=fitted.fit_seconds, val_acc=fitted.val_acc
+        )
+        if not fitted.tests_here:
+            return
+        tested = stage_test(ctx, built, fitted)
+    finally:
+        finish_loggers(built.trainer)
     ctx.results.update(
         test_acc=tested.test_acc,
         best_checkpoint=fitted.best_checkpoint,

@@ -28,10 +28,6 @@ class RunContext:
     out: Path
     results: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def accelerator(self) -> str:
-        return str(self.cfg.trainer.get("accelerator", "cpu"))
-
 
 @dataclass(frozen=True)
 class Runner:

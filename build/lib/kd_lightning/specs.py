@@ -158,6 +158,39 @@ class FitSpec:
 
 
 @dataclass(frozen=True)
+class PretrainedSpec:
+    """`pretrained:` as a mapping: a checkpoint, or a source task to pre-train on once (and cache)."""
+
+    checkpoint: str | None = None
+    fit_if_missing: bool = False
+    data: dict[str, Any] | None = None  # the source task's data config (with _target_)
+    fit: FitSpec = field(default_factory=FitSpec)
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """`data.augment`: random crop (zero padding) and horizontal flip, for images; `views` for consistent
+    teaching (K recorded views per sample instead of a fresh one each step)."""
+
+    crop_padding: int = num(0, 0)
+    hflip: bool = False
+    views: int | None = num(None, 1)
+
+
+LABEL_LOSSES = ("ce", "mse")
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """`distill`: the label loss and its weight, the optional ρ mixture, and the terms (TermSpec each)."""
+
+    ce_weight: float = num(1.0, 0.0)
+    rho: float | None = num(None, 0.0, 1.0)
+    label_loss: str = one_of("ce", *LABEL_LOSSES)
+    terms: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class MemberSpec:
     """One teacher of `teachers.members`."""
 

@@ -42,3 +42,13 @@ def evaluation_trainer(trainer: pl.Trainer) -> pl.Trainer:
         enable_checkpointing=False,
         default_root_dir=trainer.default_root_dir,
     )
+
+
+def finish_loggers(trainer: pl.Trainer) -> None:
+    """End each logger's run with the job. Lightning leaves a W&B run open, and the next job of a multirun
+    in the same process would then log into it; MLflow and the file loggers are closed by Lightning."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()

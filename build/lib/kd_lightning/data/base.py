@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from kd_lightning.data.batch import Batch, collate_samples
 from kd_lightning.errors import ConfigError, as_float, as_int, as_seed
+from kd_lightning.specs import AugmentSpec, parse
 
 
 class EpochSeededSampler(DistributedSampler):
@@ -149,19 +150,10 @@ class TensorDataModule(pl.LightningDataModule):
         self.split_seed = as_seed("data.split_seed", split_seed)
         self.train_subset = None if train_subset is None else as_int("data.train_subset", train_subset, 1)
         self.normalize = bool(normalize)
-        if augment is not None and not isinstance(augment, dict):
-            raise ConfigError(
-                f"data.augment must be a mapping like {{crop_padding: 4, hflip: true}} or null, got {augment!r}"
-            )
-        self.augment = dict(augment or {})
-        unknown = sorted(set(self.augment) - {"crop_padding", "hflip", "views"})
-        if unknown:
-            raise ConfigError(f"data.augment has unknown key(s) {unknown}; valid: crop_padding, hflip, views")
-        self.crop_padding = as_int("data.augment.crop_padding", self.augment.get("crop_padding", 0), 0)
-        self.hflip = bool(self.augment.get("hflip", False))
-        views = self.augment.get("views")
+        aug = parse(AugmentSpec, augment, "data.augment")
+        self.crop_padding, self.hflip = aug.crop_padding, aug.hflip
         # consistent teaching: a fixed number of recorded views per sample (None: a fresh view every step)
-        self.views = None if views is None else as_int("data.augment.views", views, 1)
+        self.views = aug.views
         self.view_params: torch.Tensor | None = None  # (n_train, views, 3), drawn once at setup
         self.num_workers = as_int("data.num_workers", num_workers, 0)
         # a task made of some classes only, relabelled 0..k-1 in the order given (transfer-learning pairs)
