@@ -26,8 +26,9 @@ from kd_lightning.objective import Objective, build_objective
 from kd_lightning.optim import build_optim
 from kd_lightning.pretrain import resolve_pretrained
 from kd_lightning.specs import CacheSpec, FitSpec, PerfSpec, parse
+from kd_lightning.store import TapStore, file_digest, store_key
 from kd_lightning.taps import FeatureTaps
-from kd_lightning.teacher_cache import TeacherOutputCache, cache_key
+from kd_lightning.teacher_cache import TeacherOutputs
 from kd_lightning.teachers import TeacherEnsemble, build_teachers, data_identity
 
 log = logging.getLogger(__name__)
@@ -166,10 +167,10 @@ def build_module(
     objective = build_objective(
         distill, student_shapes, teacher_shapes, teachers.weights if teachers else None, context
     )
-    cache = None
+    outputs = None
     if teachers is not None and objective.terms:
         cache_spec = check_cache_cfg(cfg.get("teacher_cache"))
-        cache = build_teacher_cache(cache_spec, cfg, dm, teachers, distill)
+        outputs = build_teacher_outputs(cache_spec, cfg, dm, teachers, distill, teacher_shapes)
     images = len(dm.input_shape) == 3
     apply_perf(perf, [student, *(teachers.members.values() if teachers is not None else [])], images)
     return DistillationModule(
@@ -179,7 +180,7 @@ def build_module(
         student_taps,
         dm.num_classes,
         optim,
-        teacher_cache=cache,
+        teacher_outputs=outputs,
         channels_last=perf.channels_last and images,
     )
 
@@ -211,37 +212,49 @@ def check_cache_cfg(value: Any) -> CacheSpec:
     return parse(CacheSpec, to_dict(value), "teacher_cache")
 
 
-def build_teacher_cache(
+def build_teacher_outputs(
     spec: CacheSpec,
     cfg: DictConfig,
     dm: TensorDataModule,
     teachers: TeacherEnsemble,
     distill: Mapping[str, Any],
-) -> TeacherOutputCache | None:
+    shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
+) -> TeacherOutputs | None:
+    """One store per (teacher, tap the terms read); filled at the start of the fit, shared by every job that
+    needs the same teacher's outputs on the same data (see kd_lightning.store)."""
     if spec.mode == "none":
         return None
     if dm.fresh_views:
         log.info(
             "teacher_cache.mode=%s is off: data.augment draws a new view of every sample each step, so teacher "
             "outputs cannot be reused; teachers run live on every batch (set data.augment.views=K for "
-            "consistent teaching with K recorded views per sample, which the cache can hold)",
+            "consistent teaching with K recorded views per sample, which the store can hold)",
             spec.mode,
         )
         return None
-    n = dm.cache_slots
-    taps = {
-        m: [*Objective.teacher_taps(distill), *sorted(teachers.aliases[m].items())] for m in teachers.names
-    }
-    key = cache_key(
-        data_identity(to_dict(cfg.data)),
-        n,
-        teachers.checkpoints,
-        taps,
-        str(cfg.trainer.get("precision", "32")),
+    out = Path(cfg.paths.output_dir)
+    folder = (
+        Path(spec.dir or Path(cfg.paths.cache_dir) / "teacher_outputs") / dm.name
+        if spec.mode == "disk"
+        else None
     )
-    disk = spec.mode == "disk"
-    path = Path(cfg.paths.cache_dir) / "teacher_outputs" / f"{dm.name}-{key}.pt" if disk else None
-    return TeacherOutputCache(n, key, path)
+    identity = data_identity(to_dict(cfg.data))
+    precision = str(cfg.trainer.get("precision", "32"))
+    stores = {}
+    for m in teachers.names:
+        digest = file_digest(teachers.checkpoints[m])
+        stores[m] = {
+            tap: TapStore(
+                store_key(
+                    identity, dm.cache_slots, digest, tap, teachers.tap_module(m, tap), spec.dtype, precision
+                ),
+                shapes[m][tap],
+                folder,
+                label=f"{m}-{tap}",
+            )
+            for tap in Objective.teacher_taps(distill)
+        }
+    return TeacherOutputs(stores, scratch=out / ".kd" / "teacher_outputs")
 
 
 def _check_logits(owner: str, shape: tuple[int, ...], num_classes: int) -> None:

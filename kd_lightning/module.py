@@ -19,7 +19,7 @@ from kd_lightning.data.batch import Batch
 from kd_lightning.objective import Objective
 from kd_lightning.optim import OptimSetup
 from kd_lightning.taps import FeatureTaps
-from kd_lightning.teacher_cache import TeacherOutputCache
+from kd_lightning.teacher_cache import Ranks, TeacherOutputs
 from kd_lightning.teachers import TeacherEnsemble
 
 
@@ -32,15 +32,17 @@ class DistillationModule(pl.LightningModule):
         student_taps: FeatureTaps,
         num_classes: int,
         optim: OptimSetup,
-        teacher_cache: TeacherOutputCache | None = None,
+        teacher_outputs: TeacherOutputs | None = None,
         channels_last: bool = False,
     ):
         super().__init__()
         self.student = student
         self.objective = objective
         object.__setattr__(self, "teachers", teachers)  # not a submodule: see the module docstring
-        # teachers' outputs on the training set, read by sample index (None: teachers run on every batch)
-        object.__setattr__(self, "teacher_cache", teacher_cache)
+        # teachers' outputs on the training set, read by slot (None: teachers run on every batch)
+        object.__setattr__(self, "teacher_outputs", teacher_outputs)
+        self.live_teacher_samples = 0  # training samples the teachers ran on during the steps
+        self.teacher_forward_by_rank: list[int] = []  # set at the end of the fit
         self.taps = student_taps
         self.optim = optim
         self.num_classes = num_classes
@@ -58,24 +60,50 @@ class DistillationModule(pl.LightningModule):
             self.test_agreement = MulticlassAccuracy(num_classes, average="micro")
 
     def teacher_features(
-        self, x: torch.Tensor, index: torch.Tensor | None
+        self, x: torch.Tensor, slots: torch.Tensor | None
     ) -> dict[str, dict[str, torch.Tensor]]:
-        """From the teacher-output cache where it holds the samples; the teachers run on the rest only."""
-        cache = self.teacher_cache
-        if cache is None or index is None:
-            return self.teachers(x)
-        missing = cache.missing(index)
-        if bool(missing.all()):
-            feats = self.teachers(x)
-            cache.put(index, feats)
-            return feats
-        if bool(missing.any()):
-            rows = missing.to(x.device)
-            cache.put(index[rows], self.teachers(x[rows]))
-        return cache.get(index, x.device)
+        """From the teacher-output stores once they are complete (one gather per store); live otherwise."""
+        outputs = self.teacher_outputs
+        if outputs is not None and slots is not None and outputs.complete:
+            return outputs.get(slots, x.device)
+        self.live_teacher_samples += len(x) * len(self.teachers.names)  # per teacher, as the stores count
+        return self.teachers(x)
+
+    def fill_teacher_outputs(self) -> None:
+        """The precompute stage: every rank fills its share of the missing rows, then all read the stores."""
+        outputs, trainer = self.teacher_outputs, self.trainer
+        ranks = Ranks(trainer.global_rank, trainer.world_size, trainer.strategy.barrier)
+        if ranks.world > 1:
+            outputs.share_between_ranks()
+        dm = trainer.datamodule
+
+        def run_teacher(x: torch.Tensor, member: str) -> dict[str, torch.Tensor]:
+            return self.teachers(x, names=[member])[member]
+
+        with trainer.precision_plugin.forward_context():  # the same autocast as the training steps
+            outputs.fill(
+                run_teacher, lambda slots: dm.slot_inputs(slots, self.device), ranks, dm.eval_batch_size
+            )
+
+    def on_fit_end(self) -> None:
+        """Teacher forward passes on training data, per rank (precompute and live), for results.json."""
+        mine = self.live_teacher_samples + (self.teacher_outputs.computed if self.teacher_outputs else 0)
+        counts = torch.tensor([mine], device=self.device)
+        if self.trainer.world_size > 1:
+            counts = self.all_gather(counts).flatten()
+            self.trainer.strategy.barrier()
+            if self.trainer.is_global_zero and self.teacher_outputs is not None:
+                self.teacher_outputs.remove_scratch()
+        self.teacher_forward_by_rank = [int(c) for c in counts.cpu()]
 
     def on_fit_start(self) -> None:
-        """Under DDP every rank must hold the same frozen teachers: compare their fingerprints once."""
+        """Under DDP every rank must hold the same frozen teachers: compare their fingerprints once; then
+        fill the teacher-output stores (all ranks, sharded)."""
+        self.check_teachers_agree()
+        if self.teacher_outputs is not None:
+            self.fill_teacher_outputs()
+
+    def check_teachers_agree(self) -> None:
         if self.teachers is None or self.trainer.world_size == 1:
             return
         mine = self.teachers.fingerprint().to(self.device)
@@ -135,8 +163,6 @@ class DistillationModule(pl.LightningModule):
             self.log(f"train/{name}", total / max(1, self._epoch_count), on_epoch=True, sync_dist=True)
         self.log("train/acc", self.train_acc.compute(), on_epoch=True, sync_dist=True)
         self.train_acc.reset()
-        if self.teacher_cache is not None and self.trainer.is_global_zero:
-            self.teacher_cache.save()  # mode disk, once complete; a no-op otherwise
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         x, y = self._input(batch), batch.y

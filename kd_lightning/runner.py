@@ -180,6 +180,8 @@ class Fitted:
     fit_seconds: float
     resumed_from: str | None
     tests_here: bool  # False on DDP ranks other than 0: they are done after fitting
+    teacher_forward_by_rank: list[int]  # training samples the teachers ran on, per rank (precompute + live)
+    store_files: list[str]
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,9 @@ def stage_fit(ctx: RunContext, built: Built) -> Fitted:
         # goes, so that torchmetrics does not wait for ranks that have left.
         leave_process_group()
         tests_here = trainer.is_global_zero
-    return Fitted(val, best or None, seconds, ckpt, tests_here)
+    outputs = built.module.teacher_outputs
+    files = outputs.files() if outputs is not None else []
+    return Fitted(val, best or None, seconds, ckpt, tests_here, built.module.teacher_forward_by_rank, files)
 
 
 def stage_test(ctx: RunContext, built: Built, fitted: Fitted) -> Tested:
@@ -290,7 +294,13 @@ def run_distillation(ctx: RunContext) -> None:
     try:
         fitted = stage_fit(ctx, built)
         ctx.results.update(
-            resumed_from=fitted.resumed_from, fit_seconds=fitted.fit_seconds, val_acc=fitted.val_acc
+            resumed_from=fitted.resumed_from,
+            fit_seconds=fitted.fit_seconds,
+            val_acc=fitted.val_acc,
+            train_samples=ctx.dm.num_train,
+            teacher_forward_samples=sum(fitted.teacher_forward_by_rank),
+            teacher_forward_samples_by_rank=fitted.teacher_forward_by_rank,
+            teacher_store_files=fitted.store_files,
         )
         if not fitted.tests_here:
             return

@@ -254,11 +254,16 @@ class PerfSpec:
 CACHE_MODES = ("none", "memory", "disk")
 
 
+STORE_DTYPES = ("float32", "float16", "bfloat16")
+
+
 @dataclass(frozen=True)
 class CacheSpec:
-    """`teacher_cache.*`: where the teachers' outputs on the training set are kept."""
+    """`teacher_cache.*`: where the teachers' outputs on the training set are kept (kd_lightning.store)."""
 
     mode: str = one_of("memory", *CACHE_MODES)
+    dir: str | None = None  # disk stores; None: <paths.cache_dir>/teacher_outputs
+    dtype: str = one_of("float32", *STORE_DTYPES)
 
 
 @dataclass(frozen=True)

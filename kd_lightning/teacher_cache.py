@@ -1,119 +1,116 @@
-"""Teacher-output cache: the frozen teachers' tap outputs for every training sample, computed once.
+"""The teacher outputs a run reads: one TapStore per (teacher, tap), filled before the fit, read by slot.
 
-Teachers never change, so without augmentation their outputs for a sample are the same every epoch.
-The cache fills during the first epoch (live teachers, outputs stored by sample index) and is read
-afterwards. `mode: disk` also saves the complete cache under `<cache_dir>/teacher_outputs/<key>.pt` and
-memory-maps it in later runs (sweeps over seeds, distances, weights or students with the same teachers
-then never run a teacher on the training set again).
-
-The key covers everything the outputs depend on: the data identity (dataset, split seed, subset,
-normalisation, sample count), each teacher's checkpoint *bytes* (SHA-1), the taps read, and the
-trainer's precision; change any of them and the old file is simply not used. With augmentation the
-cached outputs would belong to other views of the samples: the cache is switched off and the log says so.
+`fill` is the precompute stage. It runs at the start of the fit on every rank: rank 0 takes the stores'
+file locks (a parallel job of a sweep that is filling the same teacher's store makes it wait, and then
+finds the store complete), every rank computes its 1/W share of the rows still missing, a barrier, rank 0
+marks the stores complete. From then on no rank runs a teacher on training data: `get` is one gather
+per store file. Samples the teachers were run on are counted (`teacher_forward_samples` in results.json).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
+from filelock import FileLock
 
-from kd_lightning.files import atomic_write
+from kd_lightning.store import TapStore
 
 log = logging.getLogger(__name__)
-
 
 Features = dict[str, dict[str, torch.Tensor]]
 
 
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+@dataclass
+class Ranks:
+    """How the ranks of a fit talk to each other (a single process by default)."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = lambda: None
 
 
-def cache_key(
-    data_identity: Mapping[str, Any],
-    num_samples: int,
-    checkpoints: Mapping[str, str],
-    taps: Mapping[str, list[str]],
-    precision: str,
-) -> str:
-    payload = {
-        "data": data_identity,
-        "n": num_samples,
-        "teachers": {m: file_digest(p) for m, p in sorted(checkpoints.items())},
-        "taps": {m: sorted(t) for m, t in sorted(taps.items())},
-        "precision": str(precision),
-        "format": 1,
-    }
-    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+class TeacherOutputs:
+    """`stores[member][tap]`; `complete` once every store is; `get(slots)` → {member: {tap: tensor}}."""
 
+    def __init__(self, stores: Mapping[str, Mapping[str, TapStore]], scratch: Path | None = None):
+        self.stores = {m: dict(taps) for m, taps in stores.items()}
+        self.scratch = scratch  # where RAM stores move to when several ranks must share them
+        self.computed = 0  # samples this process ran a teacher on to fill the stores
 
-class TeacherOutputCache:
-    """`get(index)` → the teachers' features for those samples, or None if any is missing; `put` stores.
-
-    A batch with some samples missing runs the teachers on those samples only (teachers are in eval
-    mode, so a sample's outputs do not depend on the rest of its batch)."""
-
-    def __init__(self, num_samples: int, key: str, path: Path | None = None):
-        self.n, self.key, self.path = int(num_samples), key, path
-        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
-        self.filled = torch.zeros(self.n, dtype=torch.bool)
-        self.hits = self.misses = 0
-        if path is not None and path.is_file():
-            self._load(path)
+    def all(self) -> list[TapStore]:
+        return [s for taps in self.stores.values() for s in taps.values()]
 
     @property
     def complete(self) -> bool:
-        return bool(self.filled.all())
+        return all(s.complete for s in self.all())
 
-    def _load(self, path: Path) -> None:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if not isinstance(obj, dict) or obj.get("key") != self.key or int(obj.get("n", -1)) != self.n:
-            log.warning("teacher cache %s does not match this run; ignoring it", path)
-            return
-        self.tensors = obj["tensors"]
-        self.filled[:] = True
-        log.info("teacher outputs read from %s (%d samples)", path, self.n)
+    def files(self) -> list[str]:
+        return sorted(f for s in self.all() for f in s.files())
 
-    def missing(self, index: torch.Tensor) -> torch.Tensor:
-        """Bool mask on the CPU: which of these samples the cache does not hold yet."""
-        return ~self.filled[index.cpu()]
+    def get(self, slots: torch.Tensor, device: torch.device | str) -> Features:
+        return {m: {tap: s.read(slots, device) for tap, s in taps.items()} for m, taps in self.stores.items()}
 
-    def get(self, index: torch.Tensor, device: torch.device) -> Features | None:
-        idx = index.cpu()
-        if not self.tensors or not bool(self.filled[idx].all()):
-            self.misses += 1
-            return None
-        self.hits += 1
-        return {
-            m: {tap: t[idx].to(device, non_blocking=True) for tap, t in taps.items()}
-            for m, taps in self.tensors.items()
-        }
+    def share_between_ranks(self) -> None:
+        """Under DDP, RAM stores become files in the run folder (`scratch`) that every rank maps."""
+        for taps in self.stores.values():
+            for tap, s in taps.items():
+                if s.path is None:
+                    taps[tap] = TapStore(s.key, s.shape[1:], self.scratch, s.label)
 
-    def put(self, index: torch.Tensor, feats: Features) -> None:
-        idx = index.cpu()
-        for m, taps in feats.items():
-            store = self.tensors.setdefault(m, {})
-            for tap, v in taps.items():
-                if tap not in store:
-                    store[tap] = torch.empty((self.n, *v.shape[1:]), dtype=v.dtype)
-                store[tap][idx] = v.detach().to("cpu")
-        self.filled[idx] = True
+    def remove_scratch(self) -> None:
+        for s in self.all():
+            if s.folder is not None and self.scratch is not None and s.folder == self.scratch:
+                s.remove()
 
-    def save(self) -> Path | None:
-        """Write the complete cache (rank 0, mode disk); atomic, so readers never see half a file."""
-        if self.path is None or not self.complete or self.path.is_file():
-            return None
-        payload = {"key": self.key, "n": self.n, "tensors": self.tensors}
-        atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
-        log.info("teacher outputs saved to %s", self.path)
-        return self.path
+    @torch.no_grad()
+    def fill(
+        self,
+        run_teacher: Callable[[torch.Tensor, str], Mapping[str, torch.Tensor]],
+        slot_inputs: Callable[[torch.Tensor], torch.Tensor],
+        ranks: Ranks | None = None,
+        batch_size: int = 512,
+    ) -> int:
+        """Compute the missing rows of every incomplete store, sharded over the ranks; returns the samples
+        this rank ran a teacher on. `run_teacher(x, member)` → {tap: outputs}; `slot_inputs(slots)` → the
+        inputs those training slots show (normalised, in their recorded view)."""
+        ranks = ranks or Ranks()
+        with ExitStack() as locks:
+            if ranks.rank == 0:
+                for s in sorted(
+                    (s for s in self.all() if s.lock_path is not None), key=lambda s: str(s.path)
+                ):
+                    s.refresh()
+                    if not s.complete:
+                        locks.enter_context(FileLock(str(s.lock_path)))  # another job may be filling it
+            ranks.barrier()
+            for s in self.all():
+                s.refresh()
+            done = 0
+            for member, taps in self.stores.items():
+                todo = {tap: s for tap, s in taps.items() if not s.complete}
+                if not todo:
+                    continue
+                missing = torch.unique(torch.cat([s.missing_slots() for s in todo.values()]))
+                mine = missing[ranks.rank :: ranks.world]
+                for chunk in mine.split(batch_size):
+                    outputs = run_teacher(slot_inputs(chunk), member)
+                    for tap, s in todo.items():
+                        s.write(chunk, outputs[tap])
+                    done += len(chunk)
+            ranks.barrier()
+            if ranks.rank == 0:
+                for s in self.all():
+                    if not s.complete:
+                        s.mark_complete()
+        ranks.barrier()
+        for s in self.all():
+            s.refresh()
+        self.computed += done
+        if done:
+            log.info("teacher outputs: computed %d samples on rank %d of %d", done, ranks.rank, ranks.world)
+        return done

@@ -82,9 +82,15 @@ class TeacherEnsemble(nn.Module):
             for name, m in self.members.items()
         }
 
-    def forward(self, x: torch.Tensor) -> dict[str, Features]:
+    def tap_module(self, member: str, tap: str) -> str:
+        """The module a member's tap reads (`fc:input`, `logits`, ...), after its aliases."""
+        return self._taps[member].specs[tap]
+
+    def forward(self, x: torch.Tensor, names: Iterable[str] | None = None) -> dict[str, Features]:
+        """`{member: {tap: tensor}}` for every member, or for `names` only."""
+        chosen = self._taps if names is None else {n: self._taps[n] for n in names}
         with torch.inference_mode():
-            out = {name: taps(x) for name, taps in self._taps.items()}
+            out = {name: taps(x) for name, taps in chosen.items()}
         # Inference tensors cannot be saved for backward; a clone outside inference mode can.
         return {name: {k: v.clone() for k, v in feats.items()} for name, feats in out.items()}
 

@@ -197,3 +197,38 @@ def test_ddp_2x_b_matches_1x_2b(tmp_path, cache_dir):
     assert diff < 1e-4, f"weights differ by {diff}"
     ra, rb = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert abs(ra["test_acc"] - rb["test_acc"]) <= 0.005, (ra["test_acc"], rb["test_acc"])
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ddp_precompute_shards_the_store_once_and_a_second_run_runs_no_teacher(tmp_path, cache_dir):
+    """Each rank fills about half the rows, then nobody runs a teacher on training data; the student equals
+    a live-teacher run of the same seed (DDP-equivalence tolerance); a second run runs no teacher at all."""
+    stores = tmp_path / "stores"
+    base = [*FAST, *EQUIV, *DDP, "data.batch_size=32"]
+    runs = {}
+    for name, cache in (("live", "none"), ("first", "disk"), ("second", "disk")):
+        proc = run_cli(
+            *base,
+            f"teacher_cache.mode={cache}",
+            f"teacher_cache.dir={stores}",
+            f"hydra.run.dir={tmp_path / name}",
+            cwd=ROOT,
+            env=_env(tmp_path, cache_dir),
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text())
+    n = runs["first"]["train_samples"]
+    first = runs["first"]["teacher_forward_samples_by_rank"]
+    assert len(first) == 2 and sum(first) == 2 * n  # two teachers, every sample once, no live pass after
+    assert abs(first[0] - first[1]) <= 2  # each rank its half
+    assert runs["live"]["teacher_forward_samples"] == 3 * 2 * n  # three epochs live, for comparison
+    assert runs["second"]["teacher_forward_samples_by_rank"] == [0, 0]
+    files = runs["first"]["teacher_store_files"]
+    assert len(files) == 2 and files == runs["second"]["teacher_store_files"]
+    assert all(Path(f).is_file() for f in files) and len(list(stores.rglob("*.bin"))) == 2  # written once
+    live, stored = (load_model(tmp_path / d / "student.pt") for d in ("live", "first"))
+    diff = max(
+        (p - q).abs().max().item() for p, q in zip(live.parameters(), stored.parameters(), strict=True)
+    )
+    assert diff < 1e-4, f"weights differ by {diff}"

@@ -129,3 +129,38 @@ def test_launcher_configs_compose_with_the_fields_users_set(tmp_path, cache_dir,
         assert {"partition", "nodes", "tasks_per_node", "gpus_per_node", "timeout_min"} <= set(lc)
     else:
         assert "JoblibLauncher" in lc._target_ and int(lc.n_jobs) >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_subset_sweep_runs_each_teacher_once(tmp_path, cache_dir, parallel):
+    """sweep=teacher_subsets over 3 teachers with disk stores: the 7 jobs together ran each teacher once on
+    the training set (teacher_forward_samples summed = 3 × train_samples), also with 2 jobs at a time."""
+    sweep = tmp_path / "sweep"
+    launcher = ["hydra/launcher=local", f"hydra.launcher.n_jobs={parallel}"] if parallel > 1 else []
+    proc = run_cli(
+        "experiment=landro2021",
+        "sweep=teacher_subsets",
+        "data.num_samples=1000",
+        "trainer.max_epochs=1",
+        "teachers.members.cnn_a.fit.max_epochs=1",
+        "teachers.members.cnn_b.fit.max_epochs=1",
+        "teachers.members.cnn_c.fit.max_epochs=1",
+        "distill.terms.feat.combine=per_teacher",
+        "teacher_cache.mode=disk",
+        f"teacher_cache.dir={tmp_path / 'stores'}",
+        "logger=none",
+        "callbacks=none",
+        "trainer.enable_progress_bar=false",
+        "print_summary=false",
+        f"hydra.sweep.dir={sweep}",
+        *launcher,
+        cwd=ROOT,
+        env={"KD_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rs = [json.loads(p.read_text()) for p in sweep.rglob("results.json")]
+    assert len(rs) == 7 and all(r["status"] == "ok" for r in rs)
+    n = rs[0]["train_samples"]
+    assert sum(r["teacher_forward_samples"] for r in rs) == 3 * n

@@ -1,6 +1,9 @@
-"""Teacher-output cache: the same losses as live teachers, keyed so that any change invalidates it."""
+"""Teacher-output stores: the same losses as live teachers, one store per teacher and tap, keyed so that
+any change invalidates it and nothing else does, filled once and completed after a kill."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -9,7 +12,8 @@ import torch
 from kd_lightning.build import build_module, build_teacher_ensemble, instantiate_datamodule
 from kd_lightning.data.batch import Batch
 from kd_lightning.models import load_model, save_model
-from kd_lightning.teacher_cache import TeacherOutputCache, cache_key
+from kd_lightning.store import TapStore, store_key
+from kd_lightning.teacher_cache import Ranks, TeacherOutputs
 
 
 class RecordLosses(pl.Callback):
@@ -36,9 +40,9 @@ def _fit(make_cfg, *overrides: str, epochs: int = 2, hook=None):
     calls = {"n": 0}
     forward = teachers.forward
 
-    def counted(x):
-        calls["n"] += len(x)  # samples the teachers ran on
-        return forward(x)
+    def counted(x, names=None):
+        calls["n"] += len(x) * (len(names) if names is not None else len(teachers.names))  # per teacher
+        return forward(x, names)
 
     teachers.forward = counted
     if hook is not None:
@@ -47,24 +51,28 @@ def _fit(make_cfg, *overrides: str, epochs: int = 2, hook=None):
     return rec.losses, calls["n"], module, len(dm.train_dataloader())
 
 
-def test_cached_and_live_teachers_give_the_same_losses(make_cfg):
+def test_stored_and_live_teachers_give_the_same_losses(make_cfg):
     live, live_calls, _, steps = _fit(make_cfg, "teacher_cache.mode=none", "distill=[feature,kd]")
     cached, cached_calls, module, _ = _fit(make_cfg, "teacher_cache.mode=memory", "distill=[feature,kd]")
     assert len(live) == len(cached) == 2 * steps
     assert torch.allclose(torch.tensor(live), torch.tensor(cached), rtol=1e-5, atol=1e-6)
-    n = len(module.teacher_cache.filled)
-    assert live_calls == 2 * n and cached_calls == n  # each sample once: the second epoch ran no teacher
-    assert module.teacher_cache.complete and module.teacher_cache.hits == steps
+    n = module.teacher_outputs.all()[0].shape[0]
+    assert live_calls == 2 * 2 * n  # two epochs, two teachers, every sample
+    assert cached_calls == 2 * n and module.live_teacher_samples == 0  # each teacher once, before the fit
+    assert module.teacher_forward_by_rank == [2 * n]
+    assert {tuple(sorted(t)) for t in module.teacher_outputs.stores.values()} == {("embed", "logits")}
 
 
-def test_disk_cache_is_reused_and_invalidated_by_a_new_teacher_checkpoint(make_cfg, cache_dir, tmp_path):
-    _, first_calls, module, steps = _fit(make_cfg, "teacher_cache.mode=disk", epochs=1)
-    path = module.teacher_cache.path
-    assert path is not None and path.is_file() and first_calls == len(module.teacher_cache.filled)
-    _, again_calls, again, _ = _fit(make_cfg, "teacher_cache.mode=disk", epochs=1)
-    assert again_calls == 0 and again.teacher_cache.path == path  # read from disk, no teacher on train data
+def test_disk_stores_are_per_teacher_reused_and_invalidated_by_a_new_checkpoint(make_cfg, tmp_path):
+    store_dir = f"teacher_cache.dir={tmp_path / 'stores'}"
+    _, first_calls, module, _ = _fit(make_cfg, "teacher_cache.mode=disk", store_dir, epochs=1)
+    files = module.teacher_outputs.files()
+    n = module.teacher_outputs.all()[0].shape[0]
+    assert len(files) == 2 and all(Path(f).is_file() for f in files) and first_calls == 2 * n
+    _, again_calls, again, _ = _fit(make_cfg, "teacher_cache.mode=disk", store_dir, epochs=1)
+    assert again_calls == 0 and again.teacher_outputs.files() == files  # read from disk, no teacher run
 
-    # another checkpoint file for cnn_s (weights changed) → another key, the old file is not used
+    # another checkpoint for cnn_s (weights changed): its store is rebuilt, cnn_l's is reused
     src = module.teachers.checkpoints["cnn_s"]
     model = load_model(src)
     with torch.no_grad():
@@ -72,41 +80,112 @@ def test_disk_cache_is_reused_and_invalidated_by_a_new_teacher_checkpoint(make_c
     changed = tmp_path / "cnn_s_changed.pt"
     save_model(model, changed, {"name": "cnn", "channels": [16, 32]}, 10, (1, 8, 8))
     _, calls, other, _ = _fit(
-        make_cfg, "teacher_cache.mode=disk", f"teachers.members.cnn_s.checkpoint={changed}", epochs=1
+        make_cfg,
+        "teacher_cache.mode=disk",
+        store_dir,
+        f"teachers.members.cnn_s.checkpoint={changed}",
+        epochs=1,
     )
-    assert other.teacher_cache.path != path and calls == first_calls
+    assert calls == n  # cnn_s only
+    assert len(set(other.teacher_outputs.files()) & set(files)) == 1
 
 
-def test_key_changes_with_every_input(tmp_path):
-    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
-    a.write_bytes(b"one")
-    b.write_bytes(b"two")
+def test_store_key_changes_with_what_the_outputs_depend_on_and_nothing_else():
     base = dict(
         data_identity={"x": 1},
-        num_samples=10,
-        checkpoints={"t": str(a)},
-        taps={"t": ["embed"]},
+        slots=10,
+        checkpoint_digest="abc",
+        tap="embed",
+        module="fc:input",
+        dtype="float32",
         precision="32-true",
     )
-    key = cache_key(**base)
-    assert key == cache_key(**base)
+    key = store_key(**base)
+    assert key == store_key(**base)
     for change in (
         {"data_identity": {"x": 2}},
-        {"num_samples": 11},
-        {"checkpoints": {"t": str(b)}},
-        {"taps": {"t": ["logits"]}},
+        {"slots": 11},
+        {"checkpoint_digest": "abd"},
+        {"tap": "logits"},
+        {"module": "features.3"},
+        {"dtype": "float16"},
         {"precision": "bf16-mixed"},
     ):
-        assert cache_key(**{**base, **change}) != key, change
+        assert store_key(**{**base, **change}) != key, change
 
 
-def test_partial_batches_fall_back_to_live():
-    cache = TeacherOutputCache(4, "k")
-    feats = {"t": {"embed": torch.arange(6.0).view(2, 3)}}
-    cache.put(torch.tensor([0, 2]), feats)
-    assert cache.get(torch.tensor([0, 1]), torch.device("cpu")) is None
-    got = cache.get(torch.tensor([2, 0]), torch.device("cpu"))
-    assert torch.equal(got["t"]["embed"], torch.tensor([[3.0, 4, 5], [0, 1, 2]]))
+def _key(slots: int = 6) -> dict:
+    return store_key({"d": 1}, slots, "abc", "embed", "fc:input", "float32", "32-true")
+
+
+def test_a_store_killed_half_way_is_completed_and_equals_an_uninterrupted_one(tmp_path):
+    values = torch.randn(6, 3)
+    runs = {"n": 0}
+
+    def run_teacher(x, member):
+        runs["n"] += len(x)
+        return {"embed": values[x.long().flatten()]}
+
+    def outputs(folder):
+        return TeacherOutputs({"t": {"embed": TapStore(_key(), (3,), folder, "t-embed")}})
+
+    whole = outputs(tmp_path / "a")
+    whole.fill(run_teacher, lambda slots: slots.float().view(-1, 1), batch_size=4)
+    assert whole.complete and runs["n"] == 6
+
+    killed = outputs(tmp_path / "b").stores["t"]["embed"]  # a writer that died after 3 rows
+    killed.write(torch.tensor([0, 1, 2]), values[:3])
+    del killed
+    runs["n"] = 0
+    again = outputs(tmp_path / "b")
+    assert not again.complete  # never read as complete
+    again.fill(run_teacher, lambda slots: slots.float().view(-1, 1), batch_size=4)
+    assert runs["n"] == 3 and again.complete  # only the missing rows
+    torch.testing.assert_close(again.get(torch.arange(6), "cpu")["t"]["embed"], values)
+    torch.testing.assert_close(whole.get(torch.arange(6), "cpu")["t"]["embed"], values)
+
+
+def test_a_corrupt_or_mismatched_store_is_reported_and_rebuilt(tmp_path, caplog):
+    import logging
+
+    store = TapStore(_key(), (3,), tmp_path, "t-embed")
+    store.write(torch.arange(6), torch.ones(6, 3))
+    store.mark_complete()
+    store.meta_path.write_text("{not json")
+    caplog.set_level(logging.WARNING)
+    again = TapStore(_key(), (3,), tmp_path, "t-embed")
+    assert not again.complete and "unreadable" in caplog.text and len(again.missing_slots()) == 6
+    again.write(torch.arange(6), torch.ones(6, 3))
+    again.mark_complete()
+    again.path.write_bytes(b"short")  # truncated rows file
+    caplog.clear()
+    third = TapStore(_key(), (3,), tmp_path, "t-embed")
+    assert not third.complete and "does not match its key or size" in caplog.text
+
+
+def test_float16_and_bfloat16_storage_round_trip_within_their_precision(tmp_path):
+    x = torch.randn(6, 4) * 10
+    for dtype, rel in (("float16", 1e-3), ("bfloat16", 8e-3)):
+        key = store_key({"d": 1}, 6, "abc", "embed", "fc:input", dtype, "32-true")
+        s = TapStore(key, (4,), tmp_path, f"t-{dtype}")
+        s.write(torch.arange(6), x)
+        got = s.read(torch.arange(6), "cpu")
+        assert got.dtype == torch.float32 and s.rows.dtype == getattr(torch, dtype)
+        assert s.path.stat().st_size == 6 * 4 * s.rows.element_size()
+        torch.testing.assert_close(got, x, rtol=rel, atol=0.0)
+
+
+def test_ranks_split_the_missing_rows():
+    store = TapStore(_key(8), (1,), None, "t-embed")
+    outs = TeacherOutputs({"t": {"embed": store}})
+    seen = []
+
+    def run_teacher(x, member):
+        seen.append(x.flatten().long().tolist())
+        return {"embed": x}
+
+    outs.fill(run_teacher, lambda slots: slots.float().view(-1, 1), Ranks(rank=1, world=2), batch_size=8)
+    assert seen == [[1, 3, 5, 7]]  # rank 1 of 2: every second missing row
 
 
 def test_augmentation_turns_the_cache_off(make_cfg, caplog):
@@ -118,7 +197,7 @@ def test_augmentation_turns_the_cache_off(make_cfg, caplog):
     dm.prepare_data()
     dm.setup("fit")
     module = build_module(cfg, dm, build_teacher_ensemble(cfg, dm, "digits"))
-    assert module.teacher_cache is None and "teachers run live" in caplog.text
+    assert module.teacher_outputs is None and "teachers run live" in caplog.text
 
 
 AUG_VIEWS = ["student=cnn", "+data.augment={crop_padding: 1, hflip: true, views: 2}", "distill=[feature,kd]"]
@@ -153,9 +232,9 @@ def test_cached_and_live_agree_under_consistent_teaching(make_cfg):
     live, live_calls, _, steps = _fit(make_cfg, "teacher_cache.mode=none", *AUG_VIEWS, epochs=3)
     cached, cached_calls, module, _ = _fit(make_cfg, "teacher_cache.mode=memory", *AUG_VIEWS, epochs=3)
     assert torch.allclose(torch.tensor(live), torch.tensor(cached), rtol=1e-5, atol=1e-6)
-    slots = len(module.teacher_cache.filled)  # 2 views per sample
-    assert live_calls == 3 * slots // 2  # every sample, every epoch
-    assert cached_calls == int(module.teacher_cache.filled.sum()) < live_calls  # each (sample, view) once
+    slots = module.teacher_outputs.all()[0].shape[0]  # 2 views per sample
+    assert live_calls == 3 * (slots // 2) * 2  # every sample, every epoch, two teachers
+    assert cached_calls == 2 * slots < live_calls  # each (sample, view) once per teacher
 
 
 def _nhwc(t: torch.Tensor) -> bool:
@@ -197,3 +276,21 @@ def test_perf_switches_are_applied_to_student_and_teachers_and_keep_the_losses(m
     assert counters["stats"]["unique_graphs"] >= len(models)  # dynamo really captured their graphs
     assert seen and all(seen)  # inputs reach the student in NHWC as well
     assert torch.allclose(torch.tensor(eager), torch.tensor(fast), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_kd_cache_fills_the_stores_and_the_run_after_it_runs_no_teacher(tmp_path, cache_dir):
+    import json
+
+    from .conftest import FAST, ROOT, run_cli
+
+    env = {"KD_CACHE_DIR": str(cache_dir), "KD_OUTPUT_ROOT": str(tmp_path / "out")}
+    stores = [f"teacher_cache.dir={tmp_path / 'stores'}", "teacher_cache.mode=disk"]
+    filled = run_cli(*FAST, *stores, cwd=ROOT, env=env, module="kd_lightning.cache_cli")
+    assert filled.returncode == 0, filled.stderr[-3000:]
+    assert "teacher passes computed" in filled.stdout and len(list((tmp_path / "stores").rglob("*.bin"))) == 2
+    run = run_cli(*FAST, *stores, f"hydra.run.dir={tmp_path / 'run'}", cwd=ROOT, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["teacher_forward_samples"] == 0
+    wrong = run_cli(*FAST, cwd=ROOT, env=env, module="kd_lightning.cache_cli")  # mode memory
+    assert wrong.returncode == 2 and "set teacher_cache.mode=disk" in wrong.stderr

@@ -290,6 +290,24 @@ class TensorDataModule(pl.LightningDataModule):
         )
         yield from loader
 
+    def slot_inputs(self, slots: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """What the teachers see for these training slots (`Batch.cache_slot`): the samples normalised and,
+        under consistent teaching, in their recorded view; for the teacher-output precompute."""
+        self._require_setup()
+        slots = slots.cpu()
+        views = self.views if self.augments_training and self.views else None
+        samples = slots // views if views else slots
+        ds = self.splits["train"]
+        items = samples.tolist()
+        if isinstance(ds, IndexedTensorDataset):
+            raw = ds.__getitems__(items)
+        else:
+            raw = collate_samples([ds[i] for i in items])
+        x = self.prepare_batch(raw._replace(x=raw.x.to(device)), train=False).x
+        if views:
+            x = crop_flip(x, self.crop_padding, self.view_params[samples, slots % views])
+        return x
+
     def input_std(self, max_batches: int = 8) -> float:
         """Standard deviation of the training inputs scaled to [0, 1] (up to `max_batches` eval batches):
         the unit of the noise corruptions."""

@@ -1,0 +1,88 @@
+"""kd-cache: fill the teacher-output stores a config needs, once, before a job array runs.
+
+    kd-cache experiment=landro2021 teacher_cache.mode=disk                    # every teacher of the pool
+    kd-cache -m experiment=landro2021 teacher_cache.mode=disk 'teachers.use=[cnn_a],[cnn_b]'
+
+It builds what kd-train builds up to the fit (data, teachers, the student's taps and the objective, which
+decide which taps are stored), then runs the precompute stage in this process; nothing is trained. The
+jobs that follow find complete stores and run no teacher on the training set.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from kd_lightning.build import build_module, build_teacher_ensemble, resolve_pretrained_models, to_dict
+from kd_lightning.config_files import CONF_DIR, check_composition
+from kd_lightning.errors import ConfigError
+from kd_lightning.resolvers import register_resolvers
+from kd_lightning.runner import check_config, stage_data
+
+register_resolvers()
+
+
+def precision_context(precision: str, device: torch.device) -> Any:
+    """The autocast the training steps run under (the stores' key holds the precision)."""
+    if "mixed" not in precision:
+        return nullcontext()
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    return MixedPrecision(precision, "cuda" if device.type == "cuda" else "cpu").forward_context()
+
+
+def fill_stores(cfg: DictConfig) -> dict[str, Any]:
+    """Build the run's teacher outputs and fill them; returns {files, computed}."""
+    settings = check_config(cfg)
+    if (to_dict(cfg.get("teacher_cache")) or {}).get("mode") != "disk":
+        raise ConfigError("kd-cache fills files that later runs read: set teacher_cache.mode=disk")
+    dm = stage_data(cfg, settings.seed)
+    resolve_pretrained_models(cfg)
+    teachers = build_teacher_ensemble(cfg, dm, dm.name)
+    module = build_module(cfg, dm, teachers)
+    outputs = module.teacher_outputs
+    if outputs is None:
+        raise ConfigError(
+            "this config stores no teacher outputs (no teachers, no distillation terms, or data.augment draws "
+            "a fresh view every step: set data.augment.views=K)"
+        )
+    gpu = str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    teachers.to(device)
+    with precision_context(str(cfg.trainer.get("precision", "32")), device):
+        computed = outputs.fill(
+            lambda x, m: teachers(x, names=[m])[m],
+            lambda slots: dm.slot_inputs(slots, device),
+            batch_size=dm.eval_batch_size,
+        )
+    return {"files": outputs.files(), "computed": computed}
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    try:
+        done = fill_stores(cfg)
+    except ConfigError as e:
+        print(f"\nConfiguration error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"teacher outputs: {done['computed']} teacher passes computed; stores:")
+    for f in done["files"]:
+        print(f"  {f}")
+
+
+def main() -> None:
+    try:
+        check_composition(sys.argv[1:], CONF_DIR)
+    except ConfigError as e:
+        print(f"\nConfiguration error: {e}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Teacher-output store: what a frozen teacher outputs for every training slot, computed once per teacher.
+
+One store holds the outputs of ONE teacher for ONE tap (under consistent teaching, for every recorded
+view): rows indexed by the training slot (`Batch.cache_slot`). Its key is what the outputs depend on:
+the data identity, the slot count, the teacher checkpoint's bytes (SHA-1), the tap (and the module it
+names), the storage dtype and the trainer's precision. The teacher set, the student, the seed, the
+distance and the method are not in it, so every job of a sweep over teacher subsets, seeds or methods
+reuses the outputs of each teacher it shares with another job.
+
+`teacher_cache.mode`:
+- `memory`: one process — rows in RAM for this run; under DDP the store lives in the run folder
+  (`<output_dir>/.kd/teacher_outputs`, removed after the fit) so that the ranks share it;
+- `disk`: files under `teacher_cache.dir`, memory-mapped (`torch.from_file(shared=True)`): the ranks of a
+  node share the page cache, and later runs read them without running the teacher.
+
+Integrity. Next to `<name>.bin` (the rows) sit `<name>.filled` (one byte per row, set after the row is
+written) and `<name>.json` (the key, shape, dtype and `complete`). A store whose job was killed keeps its
+filled rows and is completed by the next run; one whose meta does not match its key or size is
+reported in one line and rebuilt; writers take `<name>.lock`, so parallel jobs never compute the same
+rows twice (the others wait, then read).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kd_lightning.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FORMAT = "kd_lightning.teacher_store/1"
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def store_key(
+    data_identity: Mapping[str, Any],
+    slots: int,
+    checkpoint_digest: str,
+    tap: str,
+    module: str,
+    dtype: str,
+    precision: str,
+) -> dict[str, Any]:
+    """Everything one teacher's outputs for one tap depend on (and nothing they do not)."""
+    return {
+        "format": FORMAT,
+        "data": dict(data_identity),
+        "slots": int(slots),
+        "teacher": checkpoint_digest,
+        "tap": tap,
+        "module": module,
+        "dtype": dtype,
+        "precision": str(precision),
+    }
+
+
+def key_digest(key: Mapping[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class TapStore:
+    """The outputs of one teacher for one tap: `rows[slot]`, a filled flag per slot, in RAM or in a file."""
+
+    def __init__(self, key: Mapping[str, Any], shape: tuple[int, ...], folder: Path | None, label: str):
+        self.key, self.label = dict(key), label
+        self.shape = (int(key["slots"]), *shape)
+        self.dtype = DTYPES[key["dtype"]]
+        self.folder = folder
+        name = f"{label}-{key_digest(key)}"
+        self.path = folder / f"{name}.bin" if folder else None
+        self.meta_path = folder / f"{name}.json" if folder else None
+        self.filled_path = folder / f"{name}.filled" if folder else None
+        self.lock_path = folder / f"{name}.lock" if folder else None
+        self._open()
+
+    # --- files -----------------------------------------------------------------------------------
+    def _numel(self) -> int:
+        return math.prod(self.shape)
+
+    def _open(self) -> None:
+        if self.path is None:
+            self.rows = torch.empty(self.shape, dtype=self.dtype)
+            self.filled = torch.zeros(self.shape[0], dtype=torch.uint8)
+            self._complete = False
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta = self._read_meta()
+        expected = self._numel() * self.dtype.itemsize
+        if meta is not None and (
+            meta.get("key") != self.key
+            or list(meta.get("shape", [])) != list(self.shape)
+            or not self.path.is_file()
+            or self.path.stat().st_size != expected
+            or not self.filled_path.is_file()
+            or self.filled_path.stat().st_size != self.shape[0]
+        ):
+            log.warning("teacher store %s does not match its key or size; rebuilding it", self.path)
+            meta = None
+        if meta is None:
+            for p in (self.path, self.filled_path):
+                p.unlink(missing_ok=True)
+        self.rows = torch.from_file(str(self.path), shared=True, size=self._numel(), dtype=self.dtype).view(
+            self.shape
+        )
+        self.filled = torch.from_file(
+            str(self.filled_path), shared=True, size=self.shape[0], dtype=torch.uint8
+        )
+        if meta is None:
+            self._write_meta(complete=False)
+        self._complete = bool(meta and meta.get("complete"))
+
+    def _read_meta(self) -> dict[str, Any] | None:
+        if not self.meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(self.meta_path.read_text())
+        except (OSError, ValueError):
+            log.warning("teacher store meta %s is unreadable; rebuilding the store", self.meta_path)
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def _write_meta(self, complete: bool) -> None:
+        meta = {"key": self.key, "shape": list(self.shape), "dtype": self.key["dtype"], "complete": complete}
+        atomic_write(self.meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1, sort_keys=True)))
+
+    def refresh(self) -> None:
+        """Re-read the completion flag (another process may have finished the store)."""
+        if self.meta_path is not None:
+            meta = self._read_meta()
+            self._complete = bool(meta and meta.get("complete") and meta.get("key") == self.key)
+
+    # --- rows ----------------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return self._complete
+
+    def missing_slots(self) -> torch.Tensor:
+        """Slots not written yet (int64, ascending)."""
+        if self._complete:
+            return torch.zeros(0, dtype=torch.long)
+        return (self.filled == 0).nonzero().flatten()
+
+    def write(self, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """Rows first, then their filled flags: a kill in between leaves the rows to be recomputed."""
+        idx = slots.cpu()
+        self.rows[idx] = values.detach().to("cpu", self.dtype)
+        self.filled[idx] = 1
+
+    def mark_complete(self) -> None:
+        if not bool((self.filled == 1).all()):
+            raise RuntimeError(
+                f"teacher store {self.path or self.label} is not filled; cannot mark it complete"
+            )
+        if self.meta_path is not None:
+            self._write_meta(complete=True)
+        self._complete = True
+
+    def read(self, slots: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        """One gather for the batch, moved to the device as float32."""
+        return self.rows[slots.cpu()].to(device, non_blocking=True).float()
+
+    def files(self) -> list[str]:
+        return [str(self.path)] if self.path is not None else []
+
+    def remove(self) -> None:
+        for p in (self.path, self.filled_path, self.meta_path, self.lock_path):
+            if p is not None:
+                p.unlink(missing_ok=True)
