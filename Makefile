@@ -34,9 +34,10 @@ format: $(STAMP)
 bench-accuracy: $(STAMP)  ## gallo2020 and landro2021 vs the student alone, 3 seeds, mean ± std
 	$(PY) bench/accuracy.py $(ARGS)
 
-bench: $(STAMP)  ## throughput: student alone, KD live / cached, hand-written loop, torchdistill (samples/s, ratios)
+bench: $(STAMP)  ## throughput (student, KD live / stored, hand loop, torchdistill) and store scale (sweep, DDP, memory); median [min-max] of 5 reps
 	$(PY) -c "import torchdistill" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) bench/throughput.py $(ARGS)
+	$(PY) bench/scale.py
 
 bench-papers: $(STAMP)  ## rahbar2020, thapa2022, ye2019, landro2021 reproductions, 3 seeds, tables + PNG plots
 	$(PY) bench/papers.py $(ARGS)

@@ -11,14 +11,17 @@ Measured per workload (steady state, the first `--warmup` steps of each run skip
 is the time from one step's start to the next one's, data fetch, logging and optimiser included):
   (a) student alone        kd_lightning, teachers=none
   (b) KD, live teachers    kd_lightning, teacher_cache.mode=none
-  (c) KD, cache warm       kd_lightning, teacher_cache.mode=memory, second epoch
+  (c) KD, stores filled    kd_lightning, teacher_cache.mode=memory (the precompute stage runs before the
+                           first step and is not timed: it is the teachers' one pass over the data)
   (d) hand-written loop    the same computation as (b) in plain PyTorch
   (e) torchdistill         DistillationBox with KDLoss, the teachers' ensemble as its teacher
   and, timed apart, the teachers' forward pass alone (for live_over_sum).
-Prints each figure and the ratios (times, lower is better) as name=value lines; `ours_over_torchdistill`
-compares live teachers step for step, `ours_cached_over_torchdistill` kd_lightning's default
-(teacher_cache.mode=memory) from the second epoch on.
-Usage: python bench/throughput.py [--workloads cifar,mnist1d] [--samples 256] [--batch 32] [--warmup 3]
+Each of (a)-(e) is one run of `--steps` timed steps; a repetition runs them all in turn, and `--reps`
+repetitions are interleaved, so a slow spell of this shared machine hits every configuration alike.
+Every figure is printed as `name=median [min–max]` over the repetitions (ratios are formed within a
+repetition). Ratios are times, lower is better; `ours_over_torchdistill` compares live teachers step
+for step, `ours_cached_over_torchdistill` kd_lightning's default (stores filled before the fit).
+Usage: python bench/throughput.py [--workloads cifar,mnist1d] [--steps 30] [--reps 5] [--batch 32]
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ from kd_lightning.data.base import TensorDataModule  # noqa: E402
 from kd_lightning.models import create_model  # noqa: E402
 from kd_lightning.module import DistillationModule  # noqa: E402
 from kd_lightning.objective import Objective, build_objective  # noqa: E402
+from kd_lightning.optim import build_optim  # noqa: E402
+from kd_lightning.store import TapStore, store_key  # noqa: E402
 from kd_lightning.taps import FeatureTaps  # noqa: E402
-from kd_lightning.teacher_cache import TeacherOutputCache  # noqa: E402
+from kd_lightning.teacher_cache import TeacherOutputs  # noqa: E402
 from kd_lightning.teachers import TeacherEnsemble  # noqa: E402
 
 T, ALPHA, LR = 4.0, 0.9, 1e-3
@@ -131,19 +136,25 @@ def build(work: dict, dm: TensorDataModule, with_teachers: bool, cache: bool):
     shapes = {"logits": (work["classes"],)}
     t_shapes = {m: {"logits": (work["classes"],)} for m in teachers.names} if teachers else None
     objective = build_objective(distill, shapes, t_shapes, teachers.weights if teachers else None)
-    module = DistillationModule(
-        student, objective, teachers, taps, work["classes"], {"name": "adam", "lr": LR}
-    )
+    outputs = None
     if cache:
-        object.__setattr__(module, "teacher_cache", TeacherOutputCache(len(dm.splits["train"]), "bench"))
+        n = dm.num_train
+        key = lambda m: store_key({"bench": m}, n, m, "logits", "logits", "float32", "32-true")  # noqa: E731
+        outputs = TeacherOutputs(
+            {m: {"logits": TapStore(key(m), (work["classes"],), None, f"{m}-logits")} for m in teachers.names}
+        )
+    optim = build_optim({"_target_": "torch.optim.Adam", "_partial_": True, "lr": LR}, None)
+    module = DistillationModule(
+        student, objective, teachers, taps, work["classes"], optim, teacher_outputs=outputs
+    )
     return module, teachers
 
 
-def time_ours(work, dm, with_teachers: bool, cache: bool, epochs: int, warmup: int) -> float:
+def time_ours(work, dm, with_teachers: bool, cache: bool, warmup: int) -> float:
     module, _ = build(work, dm, with_teachers, cache)
-    timer = StepTimer(warmup, from_epoch=epochs - 1)
+    timer = StepTimer(warmup)
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer],
     )  # fmt: skip
     trainer.fit(module, datamodule=dm)
@@ -243,42 +254,65 @@ def time_torchdistill(work, dm, warmup: int) -> float | None:
     return statistics.median(times)
 
 
+def spread(values: list[float]) -> str:
+    """`median [min–max]` of one figure over the repetitions."""
+    return f"{statistics.median(values):.3f} [{min(values):.3f}–{max(values):.3f}]"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workloads", default="cifar,mnist1d")
-    p.add_argument("--samples", type=int, default=256, help="training samples (cifar); mnist1d uses 8x")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per run (at least 30)")
+    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions (at least 5)")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=3)
     a = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning_fabric").setLevel(logging.ERROR)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {a.reps} repetitions of {a.steps} steps"
+    )
     for name in a.workloads.split(","):
         work = WORKLOADS[name]
-        n = a.samples if name == "cifar" else 8 * a.samples
-        dm = RandomData(n, work["shape"], work["classes"], a.batch if name == "cifar" else 4 * a.batch)
+        b = a.batch if name == "cifar" else 4 * a.batch
+        n = (a.steps + a.warmup + 2) * b  # one epoch = the timed steps, after the warm-up
+        dm = RandomData(n, work["shape"], work["classes"], b)
         dm.setup("fit")
-        b = dm.batch_size
-        t = {
-            "student": time_ours(work, dm, False, False, 1, a.warmup),
-            "live": time_ours(work, dm, True, False, 1, a.warmup),
-            "cached": time_ours(work, dm, True, True, 2, a.warmup),
-            "hand": time_hand(work, dm, a.warmup),
-            "teacher_forward": time_teacher_forward(work, dm, a.warmup),
-            "torchdistill": time_torchdistill(work, dm, a.warmup),
+        runs: dict[str, list[float]] = {}
+        for _ in range(a.reps):
+            for key, fn, args in (
+                ("student", time_ours, (False, False)),
+                ("live", time_ours, (True, False)),
+                ("cached", time_ours, (True, True)),
+                ("hand", time_hand, ()),
+                ("teacher_forward", time_teacher_forward, ()),
+                ("torchdistill", time_torchdistill, ()),
+            ):
+                t = fn(work, dm, *args, a.warmup)
+                if t is not None:
+                    runs.setdefault(key, []).append(t)
+        print(f"\n[{name}] {dm.num_train} samples, batch {b}; samples/s per step, median [min–max]:")
+        for k, ts in runs.items():
+            print(f"  {k:16s} {spread([b / t for t in ts]):>28s} samples/s")
+        ratios = {
+            "cached_over_student": ("cached", "student"),
+            "live_over_sum": ("live", None),
+            "framework_over_hand": ("live", "hand"),
+            "ours_over_torchdistill": ("live", "torchdistill"),
+            "ours_cached_over_torchdistill": ("cached", "torchdistill"),
         }
-        print(f"\n[{name}] {len(dm.splits['train'])} samples, batch {b}; samples/s (median step):")
-        for k, v in t.items():
-            if v is not None:
-                print(f"  {k:16s} {b / v:10.1f} samples/s   {1000 * v:8.2f} ms/step")
-        print(f"{name}.cached_over_student={t['cached'] / t['student']:.3f}")
-        print(f"{name}.live_over_sum={t['live'] / (t['student'] + t['teacher_forward']):.3f}")
-        print(f"{name}.framework_over_hand={t['live'] / t['hand']:.3f}")
-        if t["torchdistill"] is not None:
-            print(f"{name}.ours_over_torchdistill={t['live'] / t['torchdistill']:.3f}")
-            # kd_lightning's default (teacher_cache.mode=memory) from the second epoch on, same job
-            print(f"{name}.ours_cached_over_torchdistill={t['cached'] / t['torchdistill']:.3f}")
+        for label, (num, den) in ratios.items():
+            if den is not None and den not in runs:
+                continue
+            if den is None:
+                vals = [
+                    lv / (s + f)
+                    for lv, s, f in zip(runs["live"], runs["student"], runs["teacher_forward"], strict=True)
+                ]
+            else:
+                vals = [x / y for x, y in zip(runs[num], runs[den], strict=True)]
+            print(f"{name}.{label}={spread(vals)}")
 
 
 if __name__ == "__main__":
