@@ -26,7 +26,7 @@ from kd_lightning.objective import Objective, build_objective
 from kd_lightning.optim import build_optim
 from kd_lightning.pretrain import resolve_pretrained
 from kd_lightning.specs import CacheSpec, FitSpec, PerfSpec, parse
-from kd_lightning.store import TapStore, file_digest, store_key
+from kd_lightning.store import TapStore, TopKLogitsStore, file_digest, store_key
 from kd_lightning.taps import FeatureTaps
 from kd_lightning.teacher_cache import TeacherOutputs
 from kd_lightning.teachers import TeacherEnsemble, build_teachers, data_identity
@@ -240,20 +240,28 @@ def build_teacher_outputs(
     )
     identity = data_identity(to_dict(cfg.data))
     precision = str(cfg.trainer.get("precision", "32"))
-    stores = {}
+    k = spec.logits_topk
+    stores: dict[str, dict[str, TapStore | TopKLogitsStore]] = {}
     for m in teachers.names:
         digest = file_digest(teachers.checkpoints[m])
-        stores[m] = {
-            tap: TapStore(
-                store_key(
-                    identity, dm.cache_slots, digest, tap, teachers.tap_module(m, tap), spec.dtype, precision
-                ),
-                shapes[m][tap],
-                folder,
-                label=f"{m}-{tap}",
-            )
-            for tap in Objective.teacher_taps(distill)
-        }
+        stores[m] = {}
+        for tap in Objective.teacher_taps(distill):
+            module = teachers.tap_module(m, tap)
+            key = store_key(identity, dm.cache_slots, digest, tap, module, spec.dtype, precision)
+            if k is None:
+                stores[m][tap] = TapStore(key, shapes[m][tap], folder, label=f"{m}-{tap}")
+                continue
+            if module != "logits":
+                raise ConfigError(
+                    f"teacher_cache.logits_topk={k} keeps logits only, but a distill term reads teacher tap "
+                    f"{tap!r} ({module}); set teacher_cache.logits_topk=null or keep only logit terms"
+                )
+            if k >= dm.num_classes:
+                raise ConfigError(
+                    f"teacher_cache.logits_topk={k} must be smaller than the class count ({dm.num_classes}); "
+                    "or null to keep every logit"
+                )
+            stores[m][tap] = TopKLogitsStore(key, dm.num_classes, k, folder, label=f"{m}-{tap}")
     return TeacherOutputs(stores, scratch=out / ".kd" / "teacher_outputs")
 
 

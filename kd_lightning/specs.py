@@ -264,6 +264,7 @@ class CacheSpec:
     mode: str = one_of("memory", *CACHE_MODES)
     dir: str | None = None  # disk stores; None: <paths.cache_dir>/teacher_outputs
     dtype: str = one_of("float32", *STORE_DTYPES)
+    logits_topk: int | None = num(None, 1)  # keep the K largest logits per sample (+ their classes)
 
 
 @dataclass(frozen=True)

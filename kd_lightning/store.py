@@ -36,7 +36,13 @@ from kd_lightning.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int16": torch.int16,  # class indices of top-K logits
+    "int32": torch.int32,
+}
 FORMAT = "kd_lightning.teacher_store/1"
 
 
@@ -172,13 +178,108 @@ class TapStore:
         self._complete = True
 
     def read(self, slots: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-        """One gather for the batch, moved to the device as float32."""
+        """One gather for the batch, moved to the device as float32 (the losses compute in float32)."""
         return self.rows[slots.cpu()].to(device, non_blocking=True).float()
 
     def files(self) -> list[str]:
         return [str(self.path)] if self.path is not None else []
 
+    def moved(self, folder: Path) -> TapStore:
+        """The same (empty) store as files in `folder` (RAM stores shared by DDP ranks)."""
+        return TapStore(self.key, self.shape[1:], folder, self.label)
+
     def remove(self) -> None:
         for p in (self.path, self.filled_path, self.meta_path, self.lock_path):
             if p is not None:
                 p.unlink(missing_ok=True)
+
+
+class TopKLogitsStore:
+    """Compact logits: the K largest logits of each slot, their class indices and the log-sum-exp of all
+    of them (Shen & Xing's FKD keeps the top-K soft labels the same way). `read` rebuilds full logits: the
+    K kept as they were, every other class at one value chosen so that, at temperature 1, the distribution
+    is exact on the K classes and spreads the remaining probability mass evenly over the others. At
+    another temperature the tail's shape is lost; the error this adds to each loss is measured in
+    docs/STORE.md and bounded by tests/test_teacher_cache.py. Same interface as TapStore."""
+
+    def __init__(self, key: Mapping[str, Any], classes: int, k: int, folder: Path | None, label: str):
+        self.classes, self.k, self.base_key = int(classes), int(k), dict(key)
+        index_dtype = "int16" if self.classes < 2**15 else "int32"
+        self.values = TapStore(
+            {**key, "topk": self.k, "part": "values"}, (self.k,), folder, f"{label}-top{k}"
+        )
+        self.indices = TapStore(
+            {**key, "topk": self.k, "part": "indices", "dtype": index_dtype},
+            (self.k,),
+            folder,
+            f"{label}-top{k}i",
+        )
+        self.lse = TapStore(
+            {**key, "topk": self.k, "part": "lse", "dtype": "float32"}, (1,), folder, f"{label}-lse"
+        )
+        self.parts = (self.values, self.indices, self.lse)
+        self.key, self.label, self.folder = self.values.key, label, folder
+        self.shape = (self.values.shape[0], self.classes)
+        self.path, self.lock_path = self.values.path, self.values.lock_path
+
+    @property
+    def complete(self) -> bool:
+        return all(p.complete for p in self.parts)
+
+    def refresh(self) -> None:
+        for p in self.parts:
+            p.refresh()
+
+    def missing_slots(self) -> torch.Tensor:
+        return torch.unique(torch.cat([p.missing_slots() for p in self.parts]))
+
+    def write(self, slots: torch.Tensor, logits: torch.Tensor) -> None:
+        logits = logits.detach().float()
+        top = logits.topk(self.k, dim=1)
+        self.values.write(slots, top.values)
+        self.indices.write(slots, top.indices)
+        self.lse.write(slots, torch.logsumexp(logits, 1, keepdim=True))
+
+    def mark_complete(self) -> None:
+        for p in self.parts:
+            p.mark_complete()
+
+    def read(self, slots: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        return rebuild_logits(
+            self.values.read(slots, device),
+            self.indices.rows[slots.cpu()].to(device).long(),
+            self.lse.read(slots, device),
+            self.classes,
+        )
+
+    def files(self) -> list[str]:
+        return [f for p in self.parts for f in p.files()]
+
+    def moved(self, folder: Path) -> TopKLogitsStore:
+        return TopKLogitsStore(self.base_key, self.classes, self.k, folder, self.label)
+
+    def remove(self) -> None:
+        for p in self.parts:
+            p.remove()
+
+
+def rebuild_logits(
+    values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, classes: int
+) -> torch.Tensor:
+    """Full logits from the top-K (values, indices) and the log-sum-exp of all logits (see TopKLogitsStore)."""
+    k = values.shape[1]
+    kept = torch.exp(values - lse).sum(1, keepdim=True)  # probability of the K classes at temperature 1
+    rest = (1.0 - kept).clamp_min(1e-12) / max(1, classes - k)
+    filler = torch.log(rest) + lse
+    out = filler.expand(len(values), classes).clone()
+    return out.scatter(1, indices, values)
+
+
+def stored_as(t: torch.Tensor, dtype: str = "float32", topk: int | None = None) -> torch.Tensor:
+    """What a store gives back for outputs `t` (a batch; logits when `topk` is set), as float32: the error
+    a compact store adds to a loss is the loss of this minus the loss of `t`."""
+    t = t.detach().float()
+    if topk is not None:
+        top = t.topk(topk, dim=1)
+        return rebuild_logits(top.values, top.indices, torch.logsumexp(t, 1, keepdim=True), t.shape[1])
+    return t.to(DTYPES[dtype]).float()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from kd_lightning.store import TapStore
+from kd_lightning.store import TapStore, TopKLogitsStore
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,14 @@ class Ranks:
 class TeacherOutputs:
     """`stores[member][tap]`; `complete` once every store is; `get(slots)` → {member: {tap: tensor}}."""
 
-    def __init__(self, stores: Mapping[str, Mapping[str, TapStore]], scratch: Path | None = None):
+    def __init__(
+        self, stores: Mapping[str, Mapping[str, TapStore | TopKLogitsStore]], scratch: Path | None = None
+    ):
         self.stores = {m: dict(taps) for m, taps in stores.items()}
         self.scratch = scratch  # where RAM stores move to when several ranks must share them
         self.computed = 0  # samples this process ran a teacher on to fill the stores
 
-    def all(self) -> list[TapStore]:
+    def all(self) -> list[TapStore | TopKLogitsStore]:
         return [s for taps in self.stores.values() for s in taps.values()]
 
     @property
@@ -60,7 +62,7 @@ class TeacherOutputs:
         for taps in self.stores.values():
             for tap, s in taps.items():
                 if s.path is None:
-                    taps[tap] = TapStore(s.key, s.shape[1:], self.scratch, s.label)
+                    taps[tap] = s.moved(self.scratch)
 
     def remove_scratch(self) -> None:
         for s in self.all():

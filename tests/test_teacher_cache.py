@@ -294,3 +294,71 @@ def test_kd_cache_fills_the_stores_and_the_run_after_it_runs_no_teacher(tmp_path
     assert json.loads((tmp_path / "run" / "results.json").read_text())["teacher_forward_samples"] == 0
     wrong = run_cli(*FAST, cwd=ROOT, env=env, module="kd_lightning.cache_cli")  # mode memory
     assert wrong.returncode == 2 and "set teacher_cache.mode=disk" in wrong.stderr
+
+
+# The bounds docs/STORE.md states, on fitted teachers' outputs (digits; the weaker teacher as the student).
+BOUNDS = {"float16": 1e-3, "bfloat16": 5e-3}
+
+
+def test_compact_stores_change_each_loss_within_the_documented_bounds(make_cfg):
+    from kd_lightning.losses import create_loss
+    from kd_lightning.store import stored_as
+
+    cfg = make_cfg()
+    dm = instantiate_datamodule(cfg.data)
+    dm.setup("fit")
+    teachers = build_teacher_ensemble(cfg, dm, "digits")
+    teachers.configure_taps(["embed"])
+    batch = dm.prepare_batch(next(dm.iter_split("train", batch_size=256)), train=False)
+    x, y = batch.x, batch.y  # one batch of 256 (RKD's angle term is cubic in the batch size)
+    feats = teachers(x)
+    t, s = feats["cnn_l"], feats["cnn_s"]
+    proj = torch.randn(s["embed"].shape[1], t["embed"].shape[1], generator=torch.Generator().manual_seed(0))
+    s_embed = s["embed"] @ proj / s["embed"].shape[1] ** 0.5
+    shape = {"student_shape": tuple(t["embed"].shape[1:]), "teacher_shape": tuple(t["embed"].shape[1:])}
+
+    def change(fn, student, teacher, stored, *args):
+        exact = float(fn(student, teacher, *args))
+        return abs(float(fn(student, stored, *args)) - exact) / exact
+
+    for dtype, bound in BOUNDS.items():
+        for name, kw in (("kl", {"temperature": 4.0}), ("dkd", {"warmup": 0}), ("soft_mse", {})):
+            args = (y,) if name == "dkd" else ()
+            fn = create_loss(name, {}, **kw)
+            assert change(fn, s["logits"], t["logits"], stored_as(t["logits"], dtype), *args) < bound, (
+                name,
+                dtype,
+            )
+        for name in ("mse", "cosine", "sp", "rkd", "pkt", "cc"):
+            fn = create_loss(name, shape)
+            assert change(fn, s_embed, t["embed"], stored_as(t["embed"], dtype)) < bound, (name, dtype)
+    # top-K keeps the K largest logits: exact at T = 1 up to the tail's shape, coarser at higher T
+    kd1, kd4 = create_loss("kl", {}, temperature=1.0), create_loss("kl", {}, temperature=4.0)
+    assert change(kd1, s["logits"], t["logits"], stored_as(t["logits"], topk=5)) < 1e-2
+    assert change(kd4, s["logits"], t["logits"], stored_as(t["logits"], topk=5)) < 0.15
+    rebuilt = stored_as(t["logits"], topk=3)
+    top = t["logits"].topk(3, dim=1)
+    torch.testing.assert_close(rebuilt.gather(1, top.indices), top.values)  # the K kept exactly
+    p, q = t["logits"].softmax(1), rebuilt.softmax(1)  # at T = 1: the K probabilities exact, the rest even
+    torch.testing.assert_close(q.gather(1, top.indices), p.gather(1, top.indices), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(q.sum(1), torch.ones(len(q)))
+
+
+def test_topk_store_round_trip_and_refuses_feature_taps(make_cfg, tmp_path):
+    from kd_lightning.errors import ConfigError
+    from kd_lightning.runner import run
+    from kd_lightning.store import TopKLogitsStore, stored_as
+
+    logits = torch.randn(6, 10) * 3
+    store = TopKLogitsStore(_key(), 10, 3, tmp_path, "t-logits")
+    store.write(torch.arange(6), logits)
+    store.mark_complete()
+    again = TopKLogitsStore(_key(), 10, 3, tmp_path, "t-logits")
+    assert again.complete and len(again.files()) == 3
+    torch.testing.assert_close(again.read(torch.arange(6), "cpu"), stored_as(logits, topk=3))
+    assert again.indices.rows.dtype == torch.int16
+    with pytest.raises(ConfigError, match="logits_topk=3 keeps logits only.*'embed'"):
+        run(make_cfg("teacher_cache.logits_topk=3", "dry_run=true"))
+    with pytest.raises(ConfigError, match="must be smaller than the class count"):
+        run(make_cfg("distill=kd", "teacher_cache.logits_topk=10", "dry_run=true"))
+    assert run(make_cfg("distill=kd", "teacher_cache.logits_topk=3"))["status"] == "ok"
