@@ -297,7 +297,7 @@ def test_kd_cache_fills_the_stores_and_the_run_after_it_runs_no_teacher(tmp_path
 
 
 # The bounds docs/STORE.md states, on fitted teachers' outputs (digits; the weaker teacher as the student).
-BOUNDS = {"float16": 1e-3, "bfloat16": 5e-3}
+BOUNDS = {"float16": 2e-3, "bfloat16": 1e-2}
 
 
 def test_compact_stores_change_each_loss_within_the_documented_bounds(make_cfg):
@@ -362,3 +362,64 @@ def test_topk_store_round_trip_and_refuses_feature_taps(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="must be smaller than the class count"):
         run(make_cfg("distill=kd", "teacher_cache.logits_topk=10", "dry_run=true"))
     assert run(make_cfg("distill=kd", "teacher_cache.logits_topk=3"))["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_sigkill_during_the_precompute_then_a_rerun_completes_the_same_store(tmp_path, cache_dir):
+    """kd-cache is killed (SIGKILL) half-way through filling a store; the rerun computes only the missing
+    rows, and the store equals one filled without interruption."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import ROOT
+
+    args = [
+        "data=synthetic",
+        "data.num_train=40000",
+        "data.num_test=100",
+        "+data.eval_batch_size=32",
+        "teachers=synthetic_mlp",
+        "teachers.members.mlp64.fit.max_epochs=1",
+        "distill=kd",
+        "teacher_cache.mode=disk",
+        "trainer.enable_progress_bar=false",
+    ]
+    env = {**os.environ, "KD_CACHE_DIR": str(cache_dir), "KD_OUTPUT_ROOT": str(tmp_path / "out")}
+
+    def kd_cache(folder, **kw):
+        cmd = [sys.executable, "-m", "kd_lightning.cache_cli", *args, f"teacher_cache.dir={folder}"]
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+    whole = kd_cache(tmp_path / "whole")
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
+    [reference] = list((tmp_path / "whole").rglob("*.bin"))
+
+    victim = kd_cache(tmp_path / "killed")
+    deadline, filled = time.time() + 600, 0.0
+    while time.time() < deadline and victim.poll() is None:
+        flags = list((tmp_path / "killed").rglob("*.filled"))
+        if flags:
+            data = flags[0].read_bytes()
+            filled = sum(data) / max(1, len(data))
+            if 0.05 < filled < 0.8:
+                victim.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    assert victim.wait(timeout=60) == -signal.SIGKILL, f"not killed mid-way (filled {filled:.2f})"
+    [meta] = list((tmp_path / "killed").rglob("*.json"))
+    assert '"complete": false' in meta.read_text()  # never read as complete
+
+    rerun = kd_cache(tmp_path / "killed")
+    out, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err[-3000:]
+    computed = int(re.search(r"(\d+) teacher passes computed", out.decode()).group(1))
+    n = len(reference.with_suffix(".filled").read_bytes())
+    assert 0 < computed < n  # only the rows the killed run had not written
+    [completed] = list((tmp_path / "killed").rglob("*.bin"))
+    a = torch.from_file(str(reference), size=reference.stat().st_size // 4, dtype=torch.float32)
+    b = torch.from_file(str(completed), size=completed.stat().st_size // 4, dtype=torch.float32)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
