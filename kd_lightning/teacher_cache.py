@@ -43,13 +43,14 @@ class TeacherOutputs:
         self.stores = {m: dict(taps) for m, taps in stores.items()}
         self.scratch = scratch  # where RAM stores move to when several ranks must share them
         self.computed = 0  # samples this process ran a teacher on to fill the stores
+        self._complete = all(s.complete for s in self.all())  # read on every training step
 
     def all(self) -> list[TapStore | TopKLogitsStore]:
         return [s for taps in self.stores.values() for s in taps.values()]
 
     @property
     def complete(self) -> bool:
-        return all(s.complete for s in self.all())
+        return self._complete
 
     def files(self) -> list[str]:
         return sorted(f for s in self.all() for f in s.files())
@@ -63,6 +64,7 @@ class TeacherOutputs:
             for tap, s in taps.items():
                 if s.path is None:
                     taps[tap] = s.moved(self.scratch)
+        self._complete = all(s.complete for s in self.all())
 
     def remove_scratch(self) -> None:
         for s in self.all():
@@ -112,6 +114,7 @@ class TeacherOutputs:
         ranks.barrier()
         for s in self.all():
             s.refresh()
+        self._complete = all(s.complete for s in self.all())
         self.computed += done
         if done:
             log.info("teacher outputs: computed %d samples on rank %d of %d", done, ranks.rank, ranks.world)

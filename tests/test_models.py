@@ -67,6 +67,20 @@ def test_plain_state_dict_and_spec_checkpoint(tmp_path: Path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
 
 
+def test_released_checkpoint_wrapper_model_key_loads(tmp_path: Path):
+    """RepDistiller and mdistiller release {'epoch', 'model': state_dict, 'best_acc', 'optimizer'}."""
+    spec = {"name": "mlp", "hidden": [6]}
+    model = create_model(spec, 3, (4,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    released = {"epoch": 240, "model": model.state_dict(), "best_acc": 73.5, "optimizer": opt.state_dict()}
+    torch.save(released, tmp_path / "ckpt_epoch_240.pth")
+    other = create_model(spec, 3, (4,))
+    load_weights(other, tmp_path / "ckpt_epoch_240.pth")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+
+
 def test_checkpoint_for_another_architecture_is_named(tmp_path: Path):
     spec = {"name": "mlp", "hidden": [6]}
     path = save_model(create_model(spec, 3, (4,)), tmp_path / "m.pt", spec, 3, (4,))
