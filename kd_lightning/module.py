@@ -75,6 +75,7 @@ class DistillationModule(pl.LightningModule):
         ranks = Ranks(trainer.global_rank, trainer.world_size, trainer.strategy.barrier)
         if ranks.world > 1:
             outputs.share_between_ranks()
+            ranks.barrier()  # every rank has opened the shared files before rank 0 locks them to fill
         dm = trainer.datamodule
 
         def run_teacher(x: torch.Tensor, member: str) -> dict[str, torch.Tensor]:

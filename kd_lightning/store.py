@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 from kd_lightning.files import atomic_write
 
@@ -106,6 +107,12 @@ class TapStore:
             self._complete = False
             return
         self.folder.mkdir(parents=True, exist_ok=True)
+        # Under the store's lock: the ranks of a DDP job (and parallel jobs) open a store at the same time,
+        # and exactly one of them may create (or rebuild) its files; the others then map the same files.
+        with FileLock(str(self.lock_path)):
+            self._open_files()
+
+    def _open_files(self) -> None:
         meta = self._read_meta()
         expected = self._numel() * self.dtype.itemsize
         if meta is not None and (
