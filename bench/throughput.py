@@ -280,7 +280,8 @@ def main() -> None:
         dm = RandomData(n, work["shape"], work["classes"], b)
         dm.setup("fit")
         runs: dict[str, list[float]] = {}
-        for _ in range(a.reps):
+        for rep in range(a.reps):
+            print(f"  [{name}] repetition {rep + 1}/{a.reps}", file=sys.stderr, flush=True)
             for key, fn, args in (
                 ("student", time_ours, (False, False)),
                 ("live", time_ours, (True, False)),
