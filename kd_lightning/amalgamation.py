@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_lightning.build import to_dict
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError
 from kd_lightning.fit_cache import fit_once, keyed_path
@@ -338,14 +339,12 @@ def print_task_table(results: Mapping[str, Any]) -> None:
 @register_runner("amalgamation", summary=print_task_table)
 def run_amalgamation_job(ctx: RunContext) -> None:
     """runner=amalgamation (experiment=ye2019): its own training loop, stage by stage; no labels used."""
-    from omegaconf import OmegaConf
 
     cfg = ctx.cfg
-    a = check_amalgamation_cfg(OmegaConf.to_container(cfg.get("amalgamation"), resolve=True))
+    a = check_amalgamation_cfg(to_dict(cfg.get("amalgamation")))
 
     def plain(key: str) -> dict[str, Any]:
-        node = cfg.get(key)
-        return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+        return to_dict(cfg.get(key)) or {}
 
     evaluate, perf = plain("evaluate"), plain("perf")
     unused = {  # settings of the generic runner that this one would silently ignore
@@ -363,5 +362,5 @@ def run_amalgamation_job(ctx: RunContext) -> None:
     if cfg.get("dry_run"):
         ctx.results["status"] = "dry_run"
         return
-    data_cfg = OmegaConf.to_container(ctx.cfg.data, resolve=True)
+    data_cfg = to_dict(ctx.cfg.data)
     ctx.results.update(run_amalgamation(a, ctx.cfg, ctx.dm, ctx.out, data_cfg))
