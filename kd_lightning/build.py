@@ -135,6 +135,7 @@ def build_teacher_ensemble(cfg: DictConfig, dm: TensorDataModule, data_name: str
         to_dict(cfg.data),
         cfg.paths.cache_dir,
         fit,
+        dry_run=bool(cfg.get("dry_run")),
     )
 
 

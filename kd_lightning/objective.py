@@ -54,7 +54,7 @@ class Term(nn.Module):
         self.teacher_tap = spec.tap
         self.combine = spec.combine
         loss_kwargs = dict(spec.options)
-        distance = spec.distance
+        distance = self.distance = spec.distance
         try:
             shape_free = bool(getattr(loss_class(distance), "shape_free", False))
         except ConfigError as e:

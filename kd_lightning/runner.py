@@ -9,6 +9,7 @@ returns a typed object, so a stage can be tested, replaced or reused alone.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -36,11 +37,19 @@ from kd_lightning.fitting import fit_accelerator, fit_supervised
 from kd_lightning.models import save_model
 from kd_lightning.module import DistillationModule
 from kd_lightning.results import read_results, run_labels, write_json_atomic
+from kd_lightning.resume import (
+    check_resume,
+    interruption,
+    newest_checkpoint,
+    raise_on_sigterm,
+    resume_command,
+    resume_mode,
+)
 from kd_lightning.runners import RunContext, get_runner, register_runner
-from kd_lightning.specs import EvalSpec, parse, seed_field
+from kd_lightning.specs import EvalSpec, items, parse, seed_field
 from kd_lightning.summary import print_summary
 from kd_lightning.teachers import TeacherEnsemble
-from kd_lightning.trainers import build_trainer, evaluation_trainer, finish_loggers
+from kd_lightning.trainers import build_trainer, evaluation_trainer, finish_loggers, keep_metrics_until
 
 log = logging.getLogger("kd_lightning")
 
@@ -56,6 +65,7 @@ class RunSettings:
     print_summary: bool = True
     print_config: bool = False
     resume: str | None = None
+    resume_accept: list[str] = items()
 
     def check(self, where: str) -> None:
         r = self.resume
@@ -78,7 +88,9 @@ def check_config(cfg: DictConfig) -> RunSettings:
             + (f"; also unset: {', '.join(missing[1:])}" if len(missing) > 1 else "")
         )
     names = {f.name for f in fields(RunSettings)}
-    settings = parse(RunSettings, {k: cfg.get(k) for k in names if k in cfg}, "config")
+    top = {k: cfg.get(k) for k in names if k in cfg}
+    top = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in top.items()}
+    settings = parse(RunSettings, top, "config")
     as_int("trainer.max_epochs", cfg.trainer.get("max_epochs"), 1)
     return settings
 
@@ -104,27 +116,40 @@ def write_resolved_config(cfg: DictConfig, out: Path) -> None:
 
 
 def resume_path(cfg: DictConfig, out: Path) -> str | None:
-    """resume=auto: the run folder's last.ckpt when there is one (a fresh start otherwise)."""
-    resume = cfg.get("resume")
+    """resume=auto: the run folder's newest checkpoint when there is one (a fresh start otherwise)."""
+    resume = resume_mode(cfg)
     if resume == "auto":
-        last = out / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        last = newest_checkpoint(out)
+        return str(last) if last is not None else None
     return resume
+
+
+def checkpoint_epoch(path: str) -> int:
+    """The epoch a Lightning checkpoint was saved in (memory-mapped: the weights are not read)."""
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One experiment; returns the results dict that it also writes to results.json.
 
     With resume=auto a finished run (results.json with status ok) is not repeated, and an interrupted
-    one continues from its last checkpoint: re-launching a sweep only redoes what is missing.
+    one continues from its last checkpoint: re-launching a sweep only redoes what is missing. A config
+    that changed what the run computes is refused first (kd_lightning.resume), before anything is written.
     """
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     previous = out / "results.json"
-    if cfg.get("resume") == "auto" and previous.is_file():
-        done = read_results(previous)
-        if done.get("status") == "ok":
-            log.info("resume=auto: %s already finished, not repeating it", out)
+    accepted: list[str] = []
+    if resume_mode(cfg) == "auto":
+        accepted = check_resume(cfg, out)
+        if accepted:
+            log.info("resume=auto: continuing %s with accepted changes: %s", out, "; ".join(accepted))
+        done = read_results(previous) if previous.is_file() else {}
+        # Only rank 0 decides: the other ranks of a DDP run exist only when rank 0 goes on.
+        if done.get("status") == "ok" and not accepted and _is_rank_zero():
+            log.info("resume=auto: %s already finished with this config, not repeating it", out)
             return done
     results: dict[str, Any] = {
         "status": "running",
@@ -132,7 +157,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **run_labels(cfg),
         "output_dir": str(out),
     }
+    if accepted:
+        results["resume_accepted"] = accepted
     runner = None
+    previous_sigterm = raise_on_sigterm()
     try:
         settings = check_config(cfg)
         runner = get_runner(settings.runner)
@@ -147,14 +175,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results.update(status="config_error", error=str(e))
         raise
     except BaseException as e:
-        results.update(status="failed", error=f"{type(e).__name__}: {e}")
-        raise
+        stop = interruption(e)
+        if stop is None:
+            results.update(status="failed", error=f"{type(e).__name__}: {e}")
+            raise
+        last = newest_checkpoint(out)
+        results.update(
+            status="interrupted",
+            error=f"interrupted by {stop}",
+            last_checkpoint=str(last) if last else None,
+            resume_command=resume_command(out),
+        )
+        raise stop from None
     finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         if _is_rank_zero():
             write_json_atomic(out / "results.json", results)
     if cfg.get("print_summary", True) and _is_rank_zero() and runner is not None:
         if results["status"] == "dry_run":
-            print(f"dry run: data, teachers, model and trainer built and checked; nothing trained ({out})")
+            print(results.get("dry_run_summary") or f"dry run: built and checked; nothing trained ({out})")
         elif runner.summary is not None:
             runner.summary(results)
     return results
@@ -211,8 +251,16 @@ def stage_fit(ctx: RunContext, built: Built) -> Fitted:
     trainer = built.trainer
     ckpt = resume_path(ctx.cfg, ctx.out)
     pin_ddp_children_to_job(ctx.cfg, ctx.out)
+    if ckpt is not None:
+        keep_metrics_until(trainer, checkpoint_epoch(ckpt))
     t0 = time.perf_counter()
-    trainer.fit(built.module, datamodule=ctx.dm, ckpt_path=ckpt)
+    # During the fit SIGTERM is Lightning's: it stops at the end of the batch (all ranks) and raises.
+    ours = signal.signal(signal.SIGTERM, signal.SIG_DFL) if threading_main() else None
+    try:
+        trainer.fit(built.module, datamodule=ctx.dm, ckpt_path=ckpt)
+    finally:
+        if ours is not None:
+            signal.signal(signal.SIGTERM, ours)
     seconds = time.perf_counter() - t0
     if trainer.interrupted:
         raise KeyboardInterrupt("training was interrupted")
@@ -289,7 +337,7 @@ def run_distillation(ctx: RunContext) -> None:
     built = stage_build(ctx)
     ctx.results["teacher_checkpoints"] = built.teachers.checkpoints if built.teachers else {}
     if ctx.cfg.get("dry_run"):
-        ctx.results["status"] = "dry_run"
+        ctx.results.update(status="dry_run", dry_run_summary=dry_run_summary(ctx, built))
         return
     try:
         fitted = stage_fit(ctx, built)
@@ -318,6 +366,40 @@ def run_distillation(ctx: RunContext) -> None:
             teacher_agreement=tested.teacher_agreement,
         )
     ctx.results.update(stage_report(ctx, built, tested))
+
+
+def dry_run_summary(ctx: RunContext, built: Built) -> str:
+    """One paragraph: what a real run of this config would train, on what, with which teachers."""
+    cfg, module, trainer = ctx.cfg, built.module, built.trainer
+    n_params = sum(p.numel() for p in module.student.parameters())
+    n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    student = model_spec(cfg.student).get("name")
+    if built.teachers is None:
+        teachers = "no teachers (the student learns from its labels alone)"
+    else:
+        parts = []
+        for name in built.teachers.names:
+            how = "not fitted yet: a real run fits it first" if name in built.teachers.unfitted else "loaded"
+            parts.append(f"{name} ({built.teachers.checkpoints[name]}, {how})")
+        teachers = f"{len(parts)} frozen teacher(s): " + "; ".join(parts)
+    terms = ", ".join(f"{n} ({t.distance} on {t.student_tap})" for n, t in module.objective.terms.items())
+    outputs = module.teacher_outputs
+    store = f"; teacher outputs stored ({cfg.teacher_cache.mode})" if outputs is not None else ""
+    return (
+        f"dry run, nothing trained: data {ctx.dm.describe()}; student {student} with {n_params:,} "
+        f"parameters ({n_trainable:,} trainable with the adapters); {teachers}; objective "
+        f"CE×{module.objective.ce_weight:g}"
+        + (f" + {terms}" if terms else "")
+        + store
+        + f"; {int(cfg.trainer.max_epochs)} epochs on {trainer.num_devices} {trainer.strategy.root_device.type}"
+        f" device(s), precision {trainer.precision}; output {ctx.out}."
+    )
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _last(trainer: pl.Trainer, key: str) -> float | None:

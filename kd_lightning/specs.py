@@ -194,7 +194,8 @@ class DistillSpec:
 class MemberSpec:
     """One teacher of `teachers.members`."""
 
-    arch: dict[str, Any]
+    # null: read from the checkpoint when it is a self-describing kd_lightning model file (student.pt)
+    arch: dict[str, Any] | None = None
     checkpoint: str | None = None
     taps: dict[str, str] = mapping()
     weight: float = num(1.0, 0.0)
@@ -202,7 +203,13 @@ class MemberSpec:
     fit: FitSpec = field(default_factory=FitSpec)
 
     def check(self, where: str) -> None:
-        if not isinstance(self.arch.get("name"), str) or not self.arch.get("name"):
+        if self.arch is None:
+            if not self.checkpoint:
+                raise ConfigError(
+                    f"{where}.arch is required when {where}.checkpoint is null (a model to fit: "
+                    "arch: {name: <model>, ...})"
+                )
+        elif not isinstance(self.arch.get("name"), str) or not self.arch.get("name"):
             raise ConfigError(f"{where}.arch.name is required (a model name)")
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from kd_lightning.errors import ConfigError, choices
 from kd_lightning.fit_cache import fit_once, keyed_path
 from kd_lightning.models import create_model, load_weights
+from kd_lightning.models.weights import safe_load
 from kd_lightning.specs import FitSpec, MemberSpec, as_plain, parse
 from kd_lightning.taps import FeatureTaps
 
@@ -48,6 +49,7 @@ class TeacherEnsemble(nn.Module):
             raise ConfigError(f"teacher weights must be non-negative and not all zero, got {w}")
         self.weights = {n: v / total for n, v in w.items()}
         self.checkpoints = dict(checkpoints or {})
+        self.unfitted: list[str] = []  # dry_run: members that a real run would fit first (fresh weights here)
         self._taps: dict[str, FeatureTaps] = {}
         self.requires_grad_(False)
         super().train(False)
@@ -123,8 +125,14 @@ def build_teachers(
     data_cfg: Mapping[str, Any],
     cache_dir: str | Path,
     fit_fn: FitFn | None = None,
+    dry_run: bool = False,
 ) -> TeacherEnsemble | None:
-    """Build the ensemble from `teachers.members` (restricted to `teachers.use`), fitting missing members."""
+    """Build the ensemble from `teachers.members` (restricted to `teachers.use`), fitting missing members.
+
+    Only a member with `checkpoint: null` is ever fitted, and only into the cache: an explicit checkpoint
+    path that does not exist is a configuration error (a typo must not train and write a new teacher).
+    With `dry_run` nothing is fitted: a member that would be is built with fresh weights (shapes only)
+    and listed in the ensemble's `unfitted`."""
     members_cfg: Mapping[str, Any] = teachers_cfg.get("members") or {}
     if not members_cfg:
         return None  # teachers=none, whatever an experiment's `use` says
@@ -146,35 +154,62 @@ def build_teachers(
         return None
     # Check every selected member first, so that a typo in the second one fails before the first is fitted.
     specs: dict[str, MemberSpec] = {}
-    paths, weights = {}, {}
+    paths, weights, archs = {}, {}, {}
     for name in selected:
-        spec = specs[name] = parse(MemberSpec, members_cfg[name], f"teachers.members.{name}")
+        where = f"teachers.members.{name}"
+        spec = specs[name] = parse(MemberSpec, members_cfg[name], where)
         weights[name] = spec.weight
-        ckpt = spec.checkpoint
-        path = Path(ckpt) if ckpt else teacher_cache_path(cache_dir, data_name, name, spec, data_cfg)
-        if not path.is_file():
-            if not spec.fit_if_missing:
+        if spec.checkpoint:
+            path = Path(spec.checkpoint)
+            if not path.is_file():
                 raise ConfigError(
-                    f"teacher {name!r}: checkpoint file not found: {path}. Set "
-                    f"teachers.members.{name}.checkpoint to an existing file, or fit_if_missing: true"
+                    f"{where}.checkpoint: no file at {path}. Point it at an existing checkpoint, or set "
+                    f"{where}.checkpoint=null to fit this teacher into the cache under {Path(cache_dir) / 'teachers'}"
                 )
-            if fit_fn is None:
+            archs[name] = spec.arch if spec.arch is not None else arch_from_file(path, where)
+        else:
+            path = teacher_cache_path(cache_dir, data_name, name, spec, data_cfg)
+            archs[name] = spec.arch
+            if not path.is_file() and not spec.fit_if_missing:
+                raise ConfigError(
+                    f"teacher {name!r} is not fitted yet (no cached checkpoint at {path}) and {where}.fit_if_missing "
+                    f"is false: set {where}.checkpoint to a weights file, or {where}.fit_if_missing=true"
+                )
+            if not path.is_file() and fit_fn is None and not dry_run:
                 raise ConfigError(f"teacher {name!r} has no checkpoint at {path} and no way to fit it here")
         paths[name] = path
     if sum(weights.values()) <= 0:
         raise ConfigError(f"the teachers' weights {weights} sum to 0; give at least one a weight > 0")
 
-    members, aliases, checkpoints = {}, {}, {}
+    members, aliases, checkpoints, unfitted = {}, {}, {}, []
     for name, spec in specs.items():
-        path = paths[name]
-        if not path.is_file():
-            log.info(
-                "teacher %s: no checkpoint at %s, fitting it first (unless a parallel job does)", name, path
-            )
-            fit_once(path, lambda n=name, s=spec, p=path: fit_fn(n, s.arch, s.fit, p))
-        model = create_model(dict(spec.arch), num_classes, input_shape)
-        load_weights(model, path, owner=f"teacher {name!r}")
+        path, arch = paths[name], archs[name]
+        model = create_model(dict(arch), num_classes, input_shape)
+        if not path.is_file() and dry_run:
+            unfitted.append(name)
+        else:
+            if not path.is_file():
+                log.info(
+                    "teacher %s: not fitted yet, fitting it into %s (unless a parallel job does)", name, path
+                )
+                fit_once(path, lambda n=name, s=spec, p=path: fit_fn(n, s.arch, s.fit, p))
+            load_weights(model, path, owner=f"teacher {name!r}", arch=arch)
         members[name] = model
         aliases[name] = dict(spec.taps)
         checkpoints[name] = str(path)
-    return TeacherEnsemble(members, aliases, weights, checkpoints)
+    ensemble = TeacherEnsemble(members, aliases, weights, checkpoints)
+    ensemble.unfitted = unfitted
+    return ensemble
+
+
+def arch_from_file(path: Path, where: str) -> dict[str, Any]:
+    """The architecture recorded in a self-describing kd_lightning model file (a run's student.pt)."""
+    obj = safe_load(path)
+    arch = obj.get("arch") if isinstance(obj, Mapping) else None
+    if not isinstance(arch, Mapping) or not arch.get("name"):
+        raise ConfigError(
+            f"{where}.arch is required: {path} does not record its architecture (only kd_lightning model "
+            "files such as a run's student.pt do); set arch: {name: <model>, ...}"
+        )
+    log.info("%s: architecture read from %s: %s", where, path, dict(arch))
+    return {k: v for k, v in arch.items() if k not in ("weights", "pretrained")}

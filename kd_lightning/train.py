@@ -9,6 +9,7 @@ one line naming the key and what would be valid, exit code 2, no traceback.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,6 +20,7 @@ from kd_lightning.config_files import CONF_DIR, check_composition, check_config_
 from kd_lightning.distributed import job_scope, torchrun_argv
 from kd_lightning.errors import ConfigError
 from kd_lightning.resolvers import register_resolvers
+from kd_lightning.resume import RunInterrupted, resume_command
 from kd_lightning.runner import run
 
 register_resolvers()
@@ -38,6 +40,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra marks this job failed and goes on with the others
         config_error_exit(e)
+    except RunInterrupted as e:  # the whole command stops, also a multirun
+        print(
+            f"\nInterrupted ({e}); results.json says status interrupted. Resume with:\n  {resume_command(Path(cfg.paths.output_dir))}",
+            file=sys.stderr,
+        )
+        sys.exit(e.exit_code)
 
 
 def config_error_exit(e: ConfigError) -> None:

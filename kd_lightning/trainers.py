@@ -3,11 +3,15 @@ multi-process fit, a one-device trainer for the test."""
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ProgressBar
+from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from kd_lightning.build import instantiate
 
@@ -52,3 +56,44 @@ def finish_loggers(trainer: pl.Trainer) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger.experiment.finish()
+
+
+class CSVLogger(LightningCSVLogger):
+    """Lightning's CSVLogger, except that a resumed run keeps the rows of the epochs it does not redo.
+
+    Lightning's deletes metrics.csv whenever its folder exists, and kd_lightning resumes a run in its own
+    folder: the metrics of every epoch before the interruption would be lost. `resume_epoch` (set by the
+    runner when it resumes from a checkpoint saved at the end of that epoch) keeps the rows up to it and
+    drops the rows of the partial epoch that is redone."""
+
+    resume_epoch: int | None = None
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is not None:
+            return self._experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        rows, header = [], []
+        if self.resume_epoch is not None and path.is_file():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                header = list(reader.fieldnames or [])
+                rows = [
+                    r for r in reader if not r.get("epoch") or int(float(r["epoch"])) <= self.resume_epoch
+                ]
+        writer = super().experiment  # deletes metrics.csv
+        if header:
+            with open(path, "w", newline="") as f:
+                out = csv.DictWriter(f, fieldnames=header)
+                out.writeheader()
+                out.writerows(rows)
+            writer.metrics_keys = header
+        return writer
+
+
+def keep_metrics_until(trainer: pl.Trainer, epoch: int) -> None:
+    """Resuming from a checkpoint saved at the end of `epoch`: the file loggers keep the earlier rows."""
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            logger.resume_epoch = epoch

@@ -79,10 +79,13 @@ def extract_state_dict(obj: Any, path: str | os.PathLike) -> dict[str, torch.Ten
     )
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, owner: str = "model") -> dict[str, Any]:
+def load_weights(
+    model: nn.Module, path: str | os.PathLike, owner: str = "model", arch: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Strictly load weights from our model file, a Lightning checkpoint or a plain state_dict.
 
-    A head of the wrong size is reported as a class-count mismatch, naming both counts.
+    A head of the wrong size is reported as a class-count mismatch, naming both counts. `arch`, the
+    configured architecture, is shown next to the file's own in a mismatch error.
     """
     obj = safe_load(path)
     sd = extract_state_dict(obj, path)
@@ -99,12 +102,24 @@ def load_weights(model: nn.Module, path: str | os.PathLike, owner: str = "model"
     unexpected = [k for k in sd if k not in own]
     mismatched = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or mismatched:
-        arch = obj.get("arch") if isinstance(obj, Mapping) else None
-        made_for = f" (it was made for {arch.get('name')!r})" if isinstance(arch, Mapping) else ""
-        raise ConfigError(
-            f"checkpoint {path} does not fit {type(model).__name__}{made_for}: "
-            f"missing keys {missing[:4]}, unexpected keys {unexpected[:4]}, shape mismatches {mismatched[:4]}"
+        file_arch = obj.get("arch") if isinstance(obj, Mapping) else None
+        archs = ""
+        if isinstance(file_arch, Mapping):
+            archs = f": the file was made for arch {dict(file_arch)}"
+            if arch is not None:
+                archs += f", the config asks for arch {dict(arch)}"
+        elif arch is not None:
+            archs = f" (config arch {dict(arch)})"
+        detail = "; ".join(
+            f"{label} {keys[:4]}"
+            for label, keys in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", mismatched),
+            )
+            if keys
         )
+        raise ConfigError(f"{owner}: checkpoint {path} does not fit {type(model).__name__}{archs} ({detail})")
     model.load_state_dict(sd, strict=True)
     return dict(obj) if isinstance(obj, Mapping) else {}
 
