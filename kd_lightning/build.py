@@ -171,7 +171,8 @@ def build_module(
     outputs = None
     if teachers is not None and objective.terms:
         cache_spec = check_cache_cfg(cfg.get("teacher_cache"))
-        outputs = build_teacher_outputs(cache_spec, cfg, dm, teachers, distill, teacher_shapes)
+        if not teachers.unfitted:  # a dry run's unfitted teachers have no checkpoint to key a store by
+            outputs = build_teacher_outputs(cache_spec, cfg, dm, teachers, distill, teacher_shapes)
     images = len(dm.input_shape) == 3
     apply_perf(perf, [student, *(teachers.members.values() if teachers is not None else [])], images)
     return DistillationModule(

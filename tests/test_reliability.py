@@ -1,5 +1,6 @@
 """Nothing already written is lost: resume after SIGKILL, non-finite losses, failed sweep jobs."""
 
+import csv
 import json
 import math
 import os
@@ -17,7 +18,14 @@ from kd_lightning.train import run
 from .conftest import FAST, ROOT
 
 # Deterministic KD job whose epochs take long enough (small batches) to be killed mid-epoch.
-JOB = [*FAST, "data.batch_size=8", "trainer.max_epochs=4", "trainer.deterministic=true", "seed=3"]
+JOB = [
+    *FAST,
+    "data.batch_size=8",
+    "trainer.max_epochs=4",
+    "trainer.deterministic=true",
+    "seed=3",
+    "logger=csv",
+]
 
 
 def _launch(run_dir: Path, cache_dir: Path, *extra: str) -> subprocess.Popen:
@@ -33,14 +41,21 @@ def _student_weights(ckpt: Path) -> dict:
     return {k: v for k, v in sd.items() if k.startswith("student.")}
 
 
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_sigkill_mid_epoch_then_resume_auto_matches_uninterrupted_run(tmp_path, cache_dir):
-    reference = _launch(tmp_path / "reference", cache_dir)
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, cache_dir) -> Path:
+    """The job of the interruption tests, never interrupted."""
+    folder = tmp_path_factory.mktemp("reference")
+    reference = _launch(folder, cache_dir)
     out, _ = reference.communicate(timeout=600)
     assert reference.returncode == 0, out[-3000:]
-    ref = json.loads((tmp_path / "reference" / "results.json").read_text())
+    return folder
 
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_killed_mid_epoch_then_resume_auto_matches_uninterrupted_run(tmp_path, cache_dir, reference_run, sig):
+    ref = json.loads((reference_run / "results.json").read_text())
     run_dir = tmp_path / "killed"
     last = run_dir / "checkpoints" / "last.ckpt"
     proc = _launch(run_dir, cache_dir)
@@ -50,14 +65,20 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_uninterrupted_run(tmp_path, 
     assert last.is_file(), "no checkpoint was written before the deadline"
     time.sleep(0.5)  # well into the next epoch
     assert proc.poll() is None, "the run finished before it could be killed; make the job longer"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
     killed_epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
     assert killed_epoch < 3
-    assert (
-        not (run_dir / "results.json").is_file()
-        or json.loads((run_dir / "results.json").read_text())["status"] != "ok"
-    )
+    if sig == signal.SIGTERM:  # a signal the run can handle: recorded as an interruption, not a failure
+        assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+        res = json.loads((run_dir / "results.json").read_text())
+        assert res["status"] == "interrupted" and res["last_checkpoint"] == str(last)
+        assert res["resume_command"].endswith(f"resume=auto hydra.run.dir={run_dir}") and "Resume with" in out
+    else:
+        assert (
+            not (run_dir / "results.json").is_file()
+            or json.loads((run_dir / "results.json").read_text())["status"] != "ok"
+        )
 
     resumed = _launch(run_dir, cache_dir, "resume=auto")
     out, _ = resumed.communicate(timeout=600)
@@ -67,9 +88,13 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_uninterrupted_run(tmp_path, 
     # Same final metrics and weights as the run that was never interrupted (CPU, deterministic mode).
     assert res["test_acc"] == pytest.approx(ref["test_acc"], abs=1e-6)
     assert res["val_acc"] == pytest.approx(ref["val_acc"], abs=1e-6)
-    a, b = _student_weights(tmp_path / "reference" / "checkpoints" / "last.ckpt"), _student_weights(last)
+    a, b = _student_weights(reference_run / "checkpoints" / "last.ckpt"), _student_weights(last)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    # The metrics log keeps every epoch once (those before the interruption included).
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    val_epochs = [int(r["epoch"]) for r in rows if r.get("val/acc")]
+    assert val_epochs == [0, 1, 2, 3]
 
     # A finished run is not repeated by resume=auto.
     again = _launch(run_dir, cache_dir, "resume=auto")

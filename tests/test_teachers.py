@@ -49,10 +49,50 @@ def _member(**kw):
     return {"arch": {"name": "mlp", "hidden": [8]}, "fit_if_missing": False, "fit": {"max_epochs": 1}, **kw}
 
 
-def test_missing_checkpoint_names_the_file_and_the_fix(tmp_path: Path):
-    cfg = {"members": {"t": _member(checkpoint=str(tmp_path / "nope.pt"))}}
-    with pytest.raises(ConfigError, match=r"teacher 't'.*nope\.pt.*fit_if_missing"):
-        build_teachers(cfg, 3, (4,), "d", {}, tmp_path)
+@pytest.mark.parametrize("fit_if_missing", [False, True])
+def test_a_checkpoint_path_that_does_not_exist_is_an_error_never_a_fit(tmp_path: Path, fit_if_missing):
+    """A typo in `checkpoint:` must not train a new teacher and write it at the typo."""
+    calls = []
+    typo = tmp_path / "nope.pt"
+    cfg = {"members": {"t": _member(checkpoint=str(typo), fit_if_missing=fit_if_missing)}}
+    with pytest.raises(
+        ConfigError, match=r"teachers\.members\.t\.checkpoint: no file at .*nope\.pt.*checkpoint=null"
+    ):
+        build_teachers(cfg, 3, (4,), "d", {}, tmp_path, lambda *a: calls.append(a))
+    assert calls == [] and not typo.exists()
+
+
+def test_dry_run_fits_no_teacher(tmp_path: Path):
+    calls = []
+    cfg = {"members": {"t": _member(fit_if_missing=True)}}
+    ens = build_teachers(cfg, 3, (4,), "d", {}, tmp_path, lambda *a: calls.append(a), dry_run=True)
+    assert calls == [] and ens.unfitted == ["t"] and not Path(ens.checkpoints["t"]).exists()
+    assert ens(torch.randn(2, 4))["t"]["logits"].shape == (2, 3)  # built, for the shape checks
+
+
+def test_a_self_describing_teacher_file_supplies_its_arch(tmp_path: Path):
+    arch = {"name": "mlp", "hidden": [8]}
+    model = create_model(arch, 3, (4,))
+    path = save_model(model, tmp_path / "student.pt", arch, 3, (4,))
+    member = {"checkpoint": str(path)}  # no arch
+    ens = build_teachers({"members": {"t": member}}, 3, (4,), "d", {}, tmp_path)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(ens(x)["t"]["logits"], model.eval()(x))
+    # a mismatch shows the file's arch next to the config's
+    wrong = {"checkpoint": str(path), "arch": {"name": "mlp", "hidden": [16]}}
+    with pytest.raises(
+        ConfigError,
+        match=r"made for arch \{'name': 'mlp', 'hidden': \[8\].*config asks for arch \{'name': 'mlp', 'hidden': \[16\]",
+    ):
+        build_teachers({"members": {"t": wrong}}, 3, (4,), "d", {}, tmp_path)
+    # a plain state_dict does not say its arch
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(
+        ConfigError, match=r"teachers\.members\.t\.arch is required: .*plain\.pt does not record"
+    ):
+        build_teachers(
+            {"members": {"t": {"checkpoint": str(tmp_path / "plain.pt")}}}, 3, (4,), "d", {}, tmp_path
+        )
 
 
 def test_fit_if_missing_fits_once_then_reuses_the_cache(tmp_path: Path):

@@ -1,0 +1,72 @@
+"""resume=auto against a changed config, SLURM requeues, and what dry_run builds (kd_lightning.resume)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.resume import newest_checkpoint, resume_mode
+from kd_lightning.train import run
+
+from .conftest import FAST, compose_cfg
+
+
+def test_resume_refuses_a_changed_config_and_accepts_named_keys(make_cfg):
+    done = run(make_cfg())
+    out = Path(done["output_dir"])
+    before = (out / "results.json").read_bytes()
+    # The user forgot to repeat trainer.max_epochs (FAST sets 2): not "ok, finished", an error naming it.
+    with pytest.raises(ConfigError, match=r"trainer\.max_epochs: 2 \(run\) → 3 \(now\).*resume_accept=\["):
+        run(make_cfg("resume=auto", "trainer.max_epochs=3"))
+    with pytest.raises(ConfigError, match=r"distill\.terms\.feat: .*distill\.terms\.kd: None \(run\)"):
+        run(make_cfg("resume=auto", "distill=kd"))
+    assert (out / "results.json").read_bytes() == before  # nothing already written is lost
+    # The same config: a finished run is not repeated.
+    assert run(make_cfg("resume=auto"))["fit_seconds"] == done["fit_seconds"]
+    # Accepted: the finished run continues to the new max_epochs instead of being skipped.
+    res = run(make_cfg("resume=auto", "trainer.max_epochs=3", "resume_accept=[trainer.max_epochs,scheduler]"))
+    assert res["status"] == "ok" and res["resumed_from"].endswith("last.ckpt")
+    assert res["resume_accepted"] == ["scheduler.T_max: 2 → 3", "trainer.max_epochs: 2 → 3"]
+    import torch
+
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["epoch"] == 2
+
+
+def test_a_slurm_requeued_job_resumes_by_itself(make_cfg, tmp_path, monkeypatch):
+    cfg = make_cfg()
+    assert resume_mode(cfg) is None
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert resume_mode(cfg) == "auto"
+    assert resume_mode(make_cfg("resume=null")) == "auto"
+    # The newest of last.ckpt and Lightning's SLURM requeue checkpoint is the one resumed from.
+    (tmp_path / "checkpoints").mkdir()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"x")
+    assert newest_checkpoint(tmp_path) == last
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    hpc.write_bytes(b"x")
+    os.utime(last, (1, 1))
+    assert newest_checkpoint(tmp_path) == hpc
+
+
+def test_dry_run_trains_nothing_and_says_what_it_built(tmp_path, capsys):
+    cache = tmp_path / "fresh_cache"  # no fitted teacher in it
+    cfg = compose_cfg([*FAST, "dry_run=true", "print_summary=true"], tmp_path / "run", cache)
+    res = run(cfg)
+    assert res["status"] == "dry_run"
+    assert not (cache / "teachers").exists() or not any((cache / "teachers").rglob("*.pt"))
+    printed = capsys.readouterr().out
+    assert printed.strip() == res["dry_run_summary"]
+    for part in (
+        "dry run, nothing trained",
+        "digits",
+        "student mlp with",
+        "cnn_s (",
+        "not fitted yet",
+        "feat (mse on embed)",
+        "2 epochs",
+    ):
+        assert part in printed, part
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "dry_run"
