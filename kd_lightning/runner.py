@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -92,7 +93,23 @@ def check_config(cfg: DictConfig) -> RunSettings:
     top = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in top.items()}
     settings = parse(RunSettings, top, "config")
     as_int("trainer.max_epochs", cfg.trainer.get("max_epochs"), 1)
+    check_accelerator(cfg)
     return settings
+
+
+def check_accelerator(cfg: DictConfig) -> None:
+    """A GPU trainer on a machine without one fails here, in one line, not in Lightning's device setup."""
+    import torch
+
+    accelerator = str(cfg.trainer.get("accelerator", "auto")).lower()
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        choice = HydraConfig.get().runtime.choices.get("trainer") if HydraConfig.initialized() else None
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}"
+            + (f" (trainer={choice})" if choice else "")
+            + " but this machine has no CUDA GPU (torch.cuda.is_available() is False). Use trainer=auto or "
+            "trainer=cpu on one process, trainer=ddp_cpu for several, or KD_ACCELERATOR=cpu with trainer=multinode"
+        )
 
 
 def stage_data(cfg: DictConfig, seed: int) -> TensorDataModule:
