@@ -139,12 +139,23 @@ def build_teacher_ensemble(cfg: DictConfig, dm: TensorDataModule, data_name: str
     )
 
 
+def no_teacher_point(cfg: DictConfig) -> bool:
+    """`teachers.use=[]` (an empty subset, e.g. sweep=teacher_subsets with sweep_include_none=true): the
+    same job without any teacher. Its distill terms are dropped, the label loss gets weight 1."""
+    teachers = cfg.get("teachers") or {}
+    use = teachers.get("use") if hasattr(teachers, "get") else None
+    return use is not None and not isinstance(use, str) and len(use) == 0 and bool(teachers.get("members"))
+
+
 def build_module(
     cfg: DictConfig, dm: TensorDataModule, teachers: TeacherEnsemble | None
 ) -> DistillationModule:
     """Student + objective sized on one dry batch (adapters get their shapes here, before training), the
     optimiser and schedule, the teacher-output cache and the perf switches."""
     distill = to_dict(cfg.distill) or {}
+    if teachers is None and no_teacher_point(cfg):
+        log.info("teachers.use=[]: no teacher, the student learns from its labels alone (CE, weight 1)")
+        distill = {"ce_weight": 1.0, "terms": {}}
     optim = build_optim(to_dict(cfg.get("optim")), to_dict(cfg.get("scheduler")))
     perf = parse(PerfSpec, to_dict(cfg.get("perf")), "perf")
     student_spec = model_spec(cfg.student)

@@ -34,6 +34,8 @@ def collect(root: str | Path) -> pd.DataFrame:
         for name, acc in (r.get("teacher_test_acc") or {}).items():
             row[f"teacher_acc/{name}"] = acc
         rows.append(row)
+        if r.get("status") == "ok" and r.get("baseline_test_acc") is not None:
+            rows.append(baseline_row(row, r["baseline_test_acc"]))
     # A job killed before it could write anything (OOM, node lost) still left Hydra's .hydra/ folder.
     for hydra_dir in sorted(Path(root).rglob(".hydra")):
         job = hydra_dir.parent
@@ -42,7 +44,35 @@ def collect(root: str | Path) -> pd.DataFrame:
             rows.append(
                 {"status": "missing", "error": f"no results.json; overrides {overrides}", "run_dir": str(job)}
             )
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if "baseline_of" in df:  # the jobs of a sweep share one student-alone baseline per (data, student, seed)
+        key = [k for k in ("data", "student", "seed", "trainer", "optim", "scheduler") if k in df]
+        base = df["baseline_of"].notna()
+        df = pd.concat([df[~base], df[base].drop_duplicates(subset=key)], ignore_index=True)
+    return df
+
+
+BASELINE = "none (student alone)"
+
+
+def baseline_row(row: dict, acc: float) -> dict:
+    """The student-alone run that `baseline=true` trained beside a KD run (same seed, optimiser, epochs)."""
+    keep = ("status", "seed", "data", "student", "trainer", "optim", "scheduler", "experiment")
+    return {
+        **{k: row[k] for k in keep if k in row},
+        "teacher_set": BASELINE,
+        "distill": "none",
+        "distance": "none",
+        "n_teachers": 0,
+        "test_acc": acc,
+        "baseline_of": row["run_dir"],
+        "run_dir": row["run_dir"] + " (baseline)",
+    }
+
+
+def is_control(label: object) -> bool:
+    """A row without teachers: the baseline, or a no-teacher point of a subset sweep."""
+    return str(label) in ("none", BASELINE)
 
 
 def _fmt(mean: float, std: float) -> str:
@@ -52,47 +82,73 @@ def _fmt(mean: float, std: float) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
+def _half_width(std: float, n: int, level: float = 0.95) -> float:
+    """Half-width of the t confidence interval of a mean of n runs (inf when n < 2: nothing to claim)."""
+    if n < 2:
+        return math.inf
+    from scipy.stats import t  # scipy comes with scikit-learn
+
+    return float(t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n))
+
+
 def summarize(df: pd.DataFrame, keys: Sequence[str] = GROUP_KEYS, metric: str = "test_acc") -> pd.DataFrame:
-    """Mean ± std of `metric` over seeds for each group; `best` marks the highest mean."""
+    """Mean ± std of `metric` over seeds for each group, its 95 % confidence interval (t, over runs), and
+    `verdict`: "best" only when the top row's interval clears every other row's; otherwise the rows whose
+    intervals overlap the top row's are all "tied" (with n = 1 nothing can be claimed: all tied)."""
     keys = [k for k in keys if k in df.columns]
     ok = df[df.get("status") == "ok"] if "status" in df else df
+    ok = ok[ok[metric].notna()] if metric in ok else ok.iloc[0:0]
     failed = df[df.get("status") != "ok"] if "status" in df else df.iloc[0:0]
     if ok.empty:
-        table = pd.DataFrame(columns=[*keys, "mean", "std", "n", "failed", "best"])
+        return pd.DataFrame(columns=[*keys, "mean", "std", "n", "ci95", "failed", "verdict", "best"])
+    g = ok.groupby(keys, dropna=False)[metric]
+    table = g.agg(["mean", "std", "count"]).reset_index().rename(columns={"count": "n"})
+    table["std"] = table["std"].fillna(0.0)
+    table["ci95"] = [_half_width(sd, int(n)) for sd, n in zip(table["std"], table["n"], strict=True)]
+    nf = (
+        failed.groupby(keys, dropna=False).size()
+        if not failed.empty and set(keys) <= set(failed.columns)
+        else None
+    )
+    table["failed"] = [
+        int(nf.get(tuple(r[k] for k in keys) if len(keys) > 1 else r[keys[0]], 0)) if nf is not None else 0
+        for _, r in table.iterrows()
+    ]
+    table = table.sort_values("mean", ascending=False).reset_index(drop=True)
+    top_lo = table["mean"][0] - table["ci95"][0]
+    overlaps = [i > 0 and table["mean"][i] + table["ci95"][i] >= top_lo for i in range(len(table))]
+    if len(table) == 1:
+        verdicts = [""]
+    elif any(overlaps):
+        verdicts = ["tied" if i == 0 or overlaps[i] else "" for i in range(len(table))]
     else:
-        g = ok.groupby(keys, dropna=False)[metric]
-        table = g.agg(["mean", "std", "count"]).reset_index().rename(columns={"count": "n"})
-        table["std"] = table["std"].fillna(0.0)
-        nf = (
-            failed.groupby(keys, dropna=False).size()
-            if not failed.empty and set(keys) <= set(failed.columns)
-            else None
-        )
-        table["failed"] = [
-            int(nf.get(tuple(r[k] for k in keys) if len(keys) > 1 else r[keys[0]], 0))
-            if nf is not None
-            else 0
-            for _, r in table.iterrows()
-        ]
-        table["best"] = table["mean"] == table["mean"].max()
-        table = table.sort_values("mean", ascending=False).reset_index(drop=True)
+        verdicts = ["best"] + [""] * (len(table) - 1)
+    table["verdict"] = verdicts
+    table["best"] = table["verdict"] == "best"
     return table
 
 
 def to_markdown(table: pd.DataFrame, metric: str = "test_acc") -> str:
-    keys = [c for c in table.columns if c not in ("mean", "std", "n", "failed", "best")]
-    head = [*keys, f"{metric} (%) mean ± std", "n", "failed"]
+    keys = [c for c in table.columns if c not in ("mean", "std", "n", "ci95", "failed", "verdict", "best")]
+    head = [*keys, f"{metric} (%) mean ± std", "95% CI ±", "n", "failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         cell = _fmt(r["mean"], r["std"])
-        if r["best"]:
+        if r["verdict"] == "best":
             cell = f"**{cell}** (best)"
+        elif r["verdict"] == "tied":
+            cell = f"{cell} (tied)"
+        ci = "—" if math.isinf(r["ci95"]) else f"{100 * r['ci95']:.2f}"
         lines.append(
             "| "
-            + " | ".join([*(str(r[k]) for k in keys), cell, str(int(r["n"])), str(int(r["failed"]))])
+            + " | ".join([*(str(r[k]) for k in keys), cell, ci, str(int(r["n"])), str(int(r["failed"]))])
             + " |"
         )
-    return "\n".join(lines)
+    note = (
+        "\n\nbest = its 95 % confidence interval (t over runs) lies above every other row's; tied = the "
+        "intervals overlap the top row's, so no winner can be claimed from these runs."
+    )
+    return "\n".join(lines) + note
 
 
 def plot(df: pd.DataFrame, table: pd.DataFrame, out: Path, metric: str = "test_acc") -> list[Path]:
@@ -110,13 +166,17 @@ def plot(df: pd.DataFrame, table: pd.DataFrame, out: Path, metric: str = "test_a
         if k in table.columns and table[k].nunique() > 1
     ] or ["teacher_set"]
     labels = [" / ".join(str(r[k]) for k in label_keys) for _, r in table.iterrows()]
-    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(table) + 2), 4))
-    ax.bar(range(len(table)), 100 * table["mean"], yerr=100 * table["std"], capsize=4, color="tab:blue")
+    control = [is_control(r.get("teacher_set")) for _, r in table.iterrows()]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(table) + 2), 4.5))
+    colors = ["tab:gray" if c else "tab:blue" for c in control]
+    ax.bar(range(len(table)), 100 * table["mean"], yerr=100 * table["std"], capsize=4, color=colors)
+    for i, c in enumerate(control):  # the student alone, as a reference line across the chart
+        if c:
+            ax.axhline(100 * table["mean"][i], color="tab:gray", linestyle="--", linewidth=1)
     ax.set_xticks(range(len(table)), labels, rotation=45, ha="right")
     ax.set_ylabel(f"student {metric} (%)")
-    lo = 100 * (table["mean"] - table["std"]).min()
-    ax.set_ylim(max(0, lo - 5), min(100, 100 * (table["mean"] + table["std"]).max() + 2))
-    ax.set_title("student accuracy per teacher set (mean ± std over seeds)")
+    ax.set_ylim(0, 100)  # honest axis: bars start at 0
+    ax.set_title(_wrap("student accuracy (mean ± std over runs); gray = no teacher", fig), fontsize=10)
     fig.tight_layout()
     paths.append(out / "accuracy_by_teacher_set.png")
     fig.savefig(paths[-1], dpi=120)
@@ -128,13 +188,20 @@ def plot(df: pd.DataFrame, table: pd.DataFrame, out: Path, metric: str = "test_a
         ax.errorbar(g["n_teachers"], 100 * g["mean"], yerr=100 * g["std"], marker="o", capsize=4)
         ax.set_xlabel("number of teachers")
         ax.set_ylabel(f"student {metric} (%)")
-        ax.set_xticks(sorted(g["n_teachers"].unique()))
-        ax.set_title("accuracy vs number of teachers")
+        ax.set_xticks(sorted(g["n_teachers"].unique()))  # 0 = the student alone, when the runs hold it
+        ax.set_title(_wrap("accuracy vs number of teachers", fig), fontsize=10)
         fig.tight_layout()
         paths.append(out / "accuracy_vs_n_teachers.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths
+
+
+def _wrap(title: str, fig) -> str:
+    """A title broken into lines that fit the figure's width (about 7 characters per inch at 10 pt)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, max(20, int(fig.get_figwidth() * 7))))
 
 
 def write_report(

@@ -68,8 +68,11 @@ def teacher_set_label(cfg: DictConfig) -> str:
 
 
 def distance_label(cfg: DictConfig) -> str:
+    from kd_lightning.build import no_teacher_point
     from kd_lightning.objective import active_terms
 
+    if no_teacher_point(cfg):
+        return "none"
     terms = active_terms(OmegaConf.to_container(cfg.distill, resolve=True) or {})
     return "+".join(sorted({t.distance for t in terms.values()})) or "none"
 

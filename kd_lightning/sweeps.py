@@ -31,8 +31,11 @@ def sweep_string(subsets: Iterable[Iterable[str]]) -> str:
     return ",".join("[" + ",".join(s) + "]" for s in subsets)
 
 
-def resolve_subsets(members: Any, min_size: Any = 1, max_size: Any = None) -> str:
+def resolve_subsets(members: Any, min_size: Any = 1, max_size: Any = None, include_none: Any = False) -> str:
+    """`include_none`: also the empty subset `[]`, the job's student trained without any teacher (the
+    control every teacher set is compared with)."""
     pool = list(members.keys()) if hasattr(members, "keys") else list(members or [])
-    return sweep_string(
-        teacher_subsets(pool, int(min_size), None if max_size in (None, "") else int(max_size))
-    )
+    subsets = teacher_subsets(pool, int(min_size), None if max_size in (None, "") else int(max_size))
+    if str(include_none).lower() in ("true", "1"):
+        subsets = [[], *subsets]
+    return sweep_string(subsets)

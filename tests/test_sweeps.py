@@ -36,6 +36,24 @@ def test_sweep_config_expands_the_chosen_pool(tmp_path, cache_dir):
     subsets = params["teachers.use"].split("],[")
     assert len(subsets) == 7 and params["teachers.use"].endswith("[cnn_a,cnn_b,cnn_c]")
     assert cfg.hydra.mode.name == "MULTIRUN"
+    cfg = compose_cfg(
+        ["experiment=landro2021", "sweep=teacher_subsets", "sweep_include_none=true"], tmp_path, cache_dir
+    )
+    assert OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)["teachers.use"].startswith(
+        "[],[cnn_a],"
+    )
+
+
+def test_the_no_teacher_point_trains_the_student_alone(tmp_path, cache_dir):
+    """teachers.use=[] (sweep_include_none=true): the job's distill terms go, CE with weight 1 stays."""
+    from kd_lightning.train import run
+
+    cfg = compose_cfg(
+        ["experiment=landro2021", "teachers.use=[]", "dry_run=true", "logger=none"], tmp_path, cache_dir
+    )
+    res = run(cfg)
+    assert res["status"] == "dry_run" and res["teacher_set"] == "none" and res["distance"] == "none"
+    assert "no teachers" in res["dry_run_summary"] and "objective CE×1;" in res["dry_run_summary"]
 
 
 @pytest.mark.parametrize(
@@ -84,7 +102,7 @@ def test_parallel_teacher_subset_sweep_report_and_notebook(tmp_path, cache_dir):
         assert (sweep / name).stat().st_size > 0, name
 
     cli = run_cli(str(sweep), "--out", str(tmp_path / "rep"), cwd=ROOT, module="kd_lightning.report")
-    assert cli.returncode == 0 and "cnn_s+cnn_l" in cli.stdout and "(best)" in cli.stdout
+    assert cli.returncode == 0 and "cnn_s+cnn_l" in cli.stdout and "(tied)" in cli.stdout  # n = 1: no winner
 
     nbformat = pytest.importorskip("nbformat")
     from nbclient import NotebookClient

@@ -1,0 +1,76 @@
+"""kd-report answers "do teachers help?": baseline rows, a winner only when its interval clears, honest plots."""
+
+import json
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+
+from kd_lightning.report import BASELINE, collect, summarize, to_markdown, write_report
+
+
+def _write(root: Path, name: str, teacher_set: str, seed: int, acc: float, baseline: float | None = None):
+    folder = root / name
+    folder.mkdir(parents=True)
+    r = {"status": "ok", "seed": seed, "data": "digits", "student": "mlp", "teacher_set": teacher_set,
+         "distill": "feature", "distance": "mse", "test_acc": acc}  # fmt: skip
+    if baseline is not None:
+        r["baseline_test_acc"] = baseline
+    (folder / "results.json").write_text(json.dumps(r))
+
+
+def test_baseline_rows_appear_once_per_seed(tmp_path):
+    # Two teacher sets, each job with baseline=true: the same student-alone run per seed, counted once.
+    for seed, base in ((0, 0.90), (1, 0.91)):
+        _write(tmp_path, f"a{seed}", "cnn_s", seed, 0.95, base)
+        _write(tmp_path, f"b{seed}", "cnn_l", seed, 0.96, base)
+    df = collect(tmp_path)
+    table = summarize(df)
+    base = table[table["teacher_set"] == BASELINE]
+    assert len(base) == 1 and int(base["n"].iloc[0]) == 2
+    assert base["mean"].iloc[0] == pytest.approx(0.905)
+    assert (df["n_teachers"] == 0).sum() == 2
+
+
+def test_best_only_when_the_interval_clears_the_runner_up(tmp_path):
+    clear = tmp_path / "clear"
+    for seed in range(3):
+        _write(clear, f"a{seed}", "cnn_s", seed, 0.95 + 0.001 * seed)
+        _write(clear, f"b{seed}", "cnn_l", seed, 0.90 + 0.001 * seed)
+    table = summarize(collect(clear))
+    assert table["verdict"].tolist() == ["best", ""]
+    assert "(best)" in to_markdown(table)
+
+    tied = tmp_path / "tied"  # means 0.950 vs 0.945, spread over seeds far wider than the gap
+    for seed, (a, b) in enumerate(((0.93, 0.96), (0.97, 0.93))):
+        _write(tied, f"a{seed}", "cnn_s", seed, a)
+        _write(tied, f"b{seed}", "cnn_l", seed, b)
+    table = summarize(collect(tied))
+    md = to_markdown(table)
+    assert table["verdict"].tolist() == ["tied", "tied"] and "(best)" not in md and md.count("(tied)") == 2
+
+    single = tmp_path / "single"  # n = 1: no interval, nothing to claim
+    _write(single, "a", "cnn_s", 0, 0.99)
+    _write(single, "b", "cnn_l", 0, 0.50)
+    assert summarize(collect(single))["verdict"].tolist() == ["tied", "tied"]
+
+
+def test_plots_start_at_zero_and_mark_the_student_alone(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    for seed in range(2):
+        _write(tmp_path, f"a{seed}", "cnn_s", seed, 0.95, 0.90)
+    limits, lines = [], []
+    real_ylim, real_axhline = matplotlib.axes.Axes.set_ylim, matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_ylim", lambda ax, *a, **k: limits.append(a) or real_ylim(ax, *a, **k)
+    )
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "axhline",
+        lambda ax, y=0, *a, **k: lines.append(y) or real_axhline(ax, y, *a, **k),
+    )
+    write_report(tmp_path)
+    assert (0, 100) in limits  # the bar chart's axis starts at 0
+    assert lines == [pytest.approx(90.0)]  # the baseline as a reference line
+    assert mpimg.imread(tmp_path / "accuracy_by_teacher_set.png").shape[0] > 0
