@@ -111,4 +111,21 @@ def check_composition(argv: list[str], conf_dir: Path) -> None:
     except (HydraException, OmegaConfBaseException) as e:
         text = str(e).split("Config search path")[0]  # Hydra's own message, without the search path
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        raise ConfigError(" ".join(lines[:2]) + (" " + ", ".join(lines[2:]) if lines[2:] else "")) from None
+        message = " ".join(lines[:2]) + (" " + ", ".join(lines[2:]) if lines[2:] else "")
+        raise ConfigError(message + _torchvision_hint(message)) from None
+
+
+def _torchvision_hint(message: str) -> str:
+    """`student=resnet18`: a torchvision architecture is chosen through student=torchvision."""
+    import re
+
+    found = re.search(r"Could not find 'student/([^']+)'", message)
+    if not found:
+        return ""
+    from torchvision.models import list_models
+
+    name = found.group(1)
+    if name not in list_models():
+        return ""
+    return f". {name!r} is a torchvision model: student=torchvision student.name={name}"
+

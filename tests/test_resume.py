@@ -70,3 +70,13 @@ def test_dry_run_trains_nothing_and_says_what_it_built(tmp_path, capsys):
     ):
         assert part in printed, part
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "dry_run"
+
+
+def test_last_ckpt_is_the_last_epoch_even_when_val_acc_stopped_improving(make_cfg):
+    """Lightning's save_last beside monitor rewrites last.ckpt only on improvement; ours every epoch."""
+    import torch
+
+    res = run(make_cfg("trainer.max_epochs=3", "optim.lr=1e-12"))  # val/acc flat after epoch 0
+    out = Path(res["output_dir"])
+    assert Path(res["best_checkpoint"]).name == "epoch000.ckpt"
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["epoch"] == 2

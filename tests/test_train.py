@@ -258,3 +258,15 @@ def test_ye2019_runs_without_labels_and_reports_each_chosen_task(make_cfg):
     assert res["status"] == "ok" and set(res["task_acc"]) == {"parity", "ge5"}
     assert set(res["teacher_test_acc"]) == {"t_digit_parity:parity", "t_ge5_mod3:ge5"}
     assert res["test_acc"] == pytest.approx(sum(res["task_acc"].values()) / 2)
+
+
+def test_a_torchvision_name_as_student_choice_names_the_way_to_choose_it():
+    from kd_lightning.config_files import CONF_DIR, check_composition
+
+    with pytest.raises(
+        ConfigError, match=r"'resnet18' is a torchvision model: student=torchvision student.name=resnet18"
+    ):
+        check_composition(["student=resnet18"], CONF_DIR)
+    with pytest.raises(ConfigError) as e:
+        check_composition(["student=nope"], CONF_DIR)
+    assert "torchvision model" not in str(e.value)
