@@ -4,7 +4,8 @@
                          forward samples of all jobs summed ÷ (3 × train samples). Target 1.00 (each
                          teacher runs once on the training set, whatever the subsets). A count, not a time.
   ddp2.kd_over_student   2-process DDP (gloo, CPU), stores filled: Hinton-KD epoch time ÷ student-only
-                         epoch time, from epoch 2 (gallo2020's data, teacher and student, `distill=kd`).
+                         epoch time, from epoch 2 (gallo2020's data, teacher and student, `distill=kd`;
+                         batch 32, 113 steps per rank and epoch, so that an epoch is steps, not set-up).
                          Target ≤ 1.10: once the stores are filled no rank runs a teacher, and what is
                          left is the store lookup and the KL term.
   ddp2.gallo2020_over_student  the same with gallo2020's own term (MSE through a linear adapter 100→320):
@@ -66,7 +67,8 @@ def sweep_teacher_passes(work: Path) -> None:
 
 def ddp2_kd_over_student(work: Path, reps: int) -> None:
     base = [
-        "experiment=gallo2020", "trainer=ddp_cpu", "trainer.devices=2", "trainer.max_epochs=6",
+        "experiment=gallo2020", "trainer=ddp_cpu", "trainer.devices=2", "trainer.max_epochs=8",
+        "data.batch_size=32",
         "teacher_cache.mode=disk", f"teacher_cache.dir={work / 'stores'}", "callbacks=none", *QUIET,
         "+callbacks.probe._target_=probes.Probe",
     ]  # fmt: skip

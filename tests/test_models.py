@@ -84,7 +84,7 @@ def test_released_checkpoint_wrapper_model_key_loads(tmp_path: Path):
 def test_checkpoint_for_another_architecture_is_named(tmp_path: Path):
     spec = {"name": "mlp", "hidden": [6]}
     path = save_model(create_model(spec, 3, (4,)), tmp_path / "m.pt", spec, 3, (4,))
-    with pytest.raises(ConfigError, match=r"does not fit.*made for 'mlp'"):
+    with pytest.raises(ConfigError, match=r"does not fit.*made for arch \{'name': 'mlp', 'hidden': \[6\]"):
         load_weights(create_model({"name": "mlp", "hidden": [7, 7]}, 3, (4,)), path)
 
 
