@@ -98,11 +98,11 @@ def test_config_errors_before_training(make_cfg, overrides, pattern):
 
 
 def test_missing_teacher_checkpoint(make_cfg, tmp_path):
-    cfg = make_cfg(
-        f"teachers.members.cnn_s.checkpoint={tmp_path}/none.pt", "teachers.members.cnn_s.fit_if_missing=false"
-    )
-    with pytest.raises(ConfigError, match=r"teacher 'cnn_s': checkpoint file not found: .*none\.pt"):
+    # fit_if_missing (true in digits_pair) never fits into an explicit path: a typo is an error
+    cfg = make_cfg(f"teachers.members.cnn_s.checkpoint={tmp_path}/none.pt", "dry_run=true")
+    with pytest.raises(ConfigError, match=r"teachers\.members\.cnn_s\.checkpoint: no file at .*none\.pt"):
         run(cfg)
+    assert not (tmp_path / "none.pt").exists()
 
 
 def test_teacher_made_for_another_class_count(make_cfg, tmp_path):
