@@ -128,4 +128,3 @@ def _torchvision_hint(message: str) -> str:
     if name not in list_models():
         return ""
     return f". {name!r} is a torchvision model: student=torchvision student.name={name}"
-

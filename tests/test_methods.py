@@ -31,6 +31,54 @@ def unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm()
 
 
+# --- DIST and logit standardization ----------------------------------------------------------------------
+def pearson_by_hand(a: list[float], b: list[float]) -> float:
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
+    return cov / math.sqrt(sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
+
+
+@pytest.mark.parametrize(("beta", "gamma", "tau"), [(1.0, 1.0, 1.0), (2.0, 0.5, 4.0)])
+def test_dist_matches_the_paper(beta, gamma, tau):
+    zs, zt = rand(5, 7), rand(5, 7) * 3
+    ys = [F.softmax(zs[i].double() / tau, 0).tolist() for i in range(5)]
+    yt = [F.softmax(zt[i].double() / tau, 0).tolist() for i in range(5)]
+    inter = 1 - sum(pearson_by_hand(ys[i], yt[i]) for i in range(5)) / 5
+    cols = lambda y, c: [row[c] for row in y]  # noqa: E731
+    intra = 1 - sum(pearson_by_hand(cols(ys, c), cols(yt, c)) for c in range(7)) / 7
+    dist = create_loss("dist", beta=beta, gamma=gamma, temperature=tau)
+    assert dist(zs, zt).item() == pytest.approx(tau * tau * (beta * inter + gamma * intra), rel=1e-4)
+    # identical predictions: no loss
+    assert dist(zt, zt).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_logit_standardization_is_kd_on_z_scores_and_ignores_each_sample_s_shift_and_scale():
+    zs, zt, y = rand(4, 6), rand(4, 6), torch.tensor([0, 3, 5, 1])
+    T = 2.0
+
+    def z_score(row: torch.Tensor) -> torch.Tensor:
+        row = row.double()
+        mean = sum(row.tolist()) / len(row)
+        std = math.sqrt(sum((v - mean) ** 2 for v in row.tolist()) / (len(row) - 1))  # Bessel, as the authors
+        return (row - mean) / (std + 1e-7)
+
+    expect = 0.0
+    for i in range(4):
+        ps, pt = F.softmax(z_score(zs[i]) / T, 0), F.softmax(z_score(zt[i]) / T, 0)
+        expect += float(sum(pt[k] * math.log(pt[k] / ps[k]) for k in range(6))) / 4
+    kd_ls = create_loss("kl", temperature=T, standardize=True)
+    assert kd_ls(zs, zt).item() == pytest.approx(expect * T * T, rel=1e-4)
+    shifted = zs * torch.tensor([[2.0], [0.5], [3.0], [1.0]]) + torch.tensor([[1.0], [-4.0], [0.0], [7.0]])
+    assert kd_ls(shifted, zt).item() == pytest.approx(kd_ls(zs, zt).item(), rel=1e-4)
+    assert create_loss("kl", temperature=T)(shifted, zt).item() != pytest.approx(
+        kd_ls(zs, zt).item(), rel=1e-2
+    )
+    dkd_ls = create_loss("dkd", temperature=T, warmup=0, standardize=True)
+    plain = create_loss("dkd", temperature=T, warmup=0)
+    zss, zts = torch.stack([z_score(r) for r in zs]).float(), torch.stack([z_score(r) for r in zt]).float()
+    assert dkd_ls(zs, zt, y).item() == pytest.approx(plain(zss, zts, y).item(), rel=1e-4)
+
+
 # --- DKD ------------------------------------------------------------------------------------------------
 def dkd_by_hand(zs, zt, y, alpha, beta, T, ramp):
     tck, nck = [], []
@@ -289,6 +337,12 @@ METHOD_SHAPES = {
     # method: (term options, student feature shape, teacher feature shape)
     "kd": ({"distance": "kl", "student_tap": "logits", "teacher_tap": "logits"}, (10,), (10,)),
     "dkd": ({"distance": "dkd", "student_tap": "logits", "teacher_tap": "logits", "warmup": 0}, (10,), (10,)),
+    "dist": ({"distance": "dist", "student_tap": "logits", "teacher_tap": "logits"}, (10,), (10,)),
+    "kd_ls": (
+        {"distance": "kl", "student_tap": "logits", "teacher_tap": "logits", "standardize": True},
+        (10,),
+        (10,),
+    ),
     "fitnet": (
         {"distance": "mse", "adapter": "auto", "student_tap": "map", "teacher_tap": "map"},
         (4, 6, 6),
@@ -331,7 +385,22 @@ def test_gradients_flow_to_student_and_objective_only(method, combine):
 
 # --- every config runs end to end on digits ----------------------------------------------------------------
 MAP_METHODS = {"at", "nst"}
-CONFIGS = ["kd", "fitnet", "at", "sp", "rkd", "pkt", "nst", "cc", "dkd", "crd", "vid"]
+CONFIGS = [
+    "kd",
+    "fitnet",
+    "at",
+    "sp",
+    "rkd",
+    "pkt",
+    "nst",
+    "cc",
+    "dkd",
+    "crd",
+    "vid",
+    "dist",
+    "kd_ls",
+    "dkd_ls",
+]
 
 
 @pytest.mark.slow

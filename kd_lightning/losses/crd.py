@@ -7,6 +7,11 @@ h = exp(v_a · v_b / τ) / Z (Z estimated once, on the first batch, as mean(h) �
   −log[h⁺ / (h⁺ + K/N)] − Σ_negatives log[(K/N) / (h⁻ + K/N)],
 summed over both directions (student anchor vs teacher bank, teacher anchor vs student bank) and
 averaged over the batch. Needs the sample index of each batch element (kd_lightning batches carry it).
+
+Under DDP every rank applies the bank updates of every rank (gathered: index and both embeddings), so
+all ranks end each step with the same banks, equal to one process updating them with the global batch;
+Z is estimated from the mean over ranks. (DDP broadcasts rank 0's buffers at each forward: without the
+gather, the other ranks' updates were overwritten and lost.)
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -23,6 +29,24 @@ from kd_lightning.losses.registry import register_loss
 
 def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `x` (dim 0 may differ between ranks), concatenated in rank order.
+    Hand-written: torch.distributed.all_gather needs equal shapes, and this runs inside a loss module
+    (no LightningModule.all_gather here)."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(_world())]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
+    longest = int(max(sz.item() for sz in sizes))
+    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: len(x)] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(sz.item())] for part, sz in zip(parts, sizes, strict=True)])
 
 
 @register_loss("crd")
@@ -75,8 +99,12 @@ class CRD(nn.Module):
         else:
             scores = torch.bmm(bank[idx].detach(), anchor.unsqueeze(2)).squeeze(2)
         h = torch.exp(scores / self.tau)
-        if z.item() < 0:  # the normalising constant, estimated once
-            z.fill_(float(h.mean().detach() * self.n))
+        if z.item() < 0:  # the normalising constant, estimated once (from every rank's first batch)
+            mean = h.mean().detach().clone()
+            if _world() > 1:
+                dist.all_reduce(mean)
+                mean /= _world()
+            z.fill_(float(mean * self.n))
         return h / z
 
     def forward(self, s: torch.Tensor, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -94,6 +122,8 @@ class CRD(nn.Module):
         )
         if self.training:
             with torch.no_grad():
+                if _world() > 1:  # every rank applies every rank's updates: identical banks
+                    index, vs, vt = (_gather_rows(a.detach()) for a in (index, vs, vt))
                 for name, v in (("memory_s", vs), ("memory_t", vt)):
                     bank = getattr(self, name)
                     mixed = F.normalize(bank[index] * self.momentum + v.detach() * (1 - self.momentum), dim=1)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.losses.logits import soft_logits
 from kd_lightning.losses.registry import register_loss
 
 
@@ -50,16 +51,17 @@ class Cosine(nn.Module):
 class KL(nn.Module):
     """Hinton KD when applied to logits; computed in fp32 under mixed precision."""
 
-    def __init__(self, temperature: float = 4.0):
+    def __init__(self, temperature: float = 4.0, standardize: bool = False):
         super().__init__()
         if temperature <= 0:
             raise ConfigError(f"kl temperature must be positive, got {temperature}")
         self.temperature = float(temperature)
+        self.standardize = bool(standardize)  # logit standardization (kd_lightning.losses.logits)
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         T = self.temperature
-        log_p_s = F.log_softmax(s.flatten(1).float() / T, dim=1)
-        log_p_t = F.log_softmax(t.flatten(1).float() / T, dim=1)
+        log_p_s = F.log_softmax(soft_logits(s, self.standardize) / T, dim=1)
+        log_p_t = F.log_softmax(soft_logits(t, self.standardize) / T, dim=1)
         return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
 
 

@@ -1,8 +1,18 @@
-"""Logit methods beyond Hinton KD: Decoupled KD (Zhao et al., CVPR 2022).
+"""Logit methods beyond Hinton KD.
 
-With p = softmax(z / T), the target class t and b = [p_t, 1 − p_t]:
+Decoupled KD (Zhao et al., CVPR 2022). With p = softmax(z / T), the target class t and b = [p_t, 1 − p_t]:
   TCKD = KL(b_T ‖ b_S),   NCKD = KL(p̂_T ‖ p̂_S), p̂ = softmax over the non-target classes only,
   DKD  = (α · TCKD + β · NCKD) · T², ramped in linearly over the first `warmup` epochs.
+
+DIST (Huang et al., NeurIPS 2022, "Knowledge distillation from a stronger teacher"). With
+y = softmax(z / τ) and ρ the Pearson correlation:
+  inter = 1 − mean_i ρ(y_S[i, :], y_T[i, :])   (per sample, over classes)
+  intra = 1 − mean_c ρ(y_S[:, c], y_T[:, c])   (per class, over the batch)
+  DIST  = τ² (β · inter + γ · intra); β = γ = τ = 1 as in the authors' code and torchdistill's DISTLoss.
+
+Logit standardization (Sun et al., CVPR 2024): `standardize: true` on `kl` and `dkd` replaces each
+sample's logits by their z-score, (z − mean) / (std + 1e-7) (std with Bessel's correction, as the
+authors' code computes it), before the temperature: student and teacher then match in shape, not scale.
 """
 
 from __future__ import annotations
@@ -15,18 +25,37 @@ from kd_lightning.errors import as_float, as_int
 from kd_lightning.losses.registry import register_loss
 
 
+def standardize_logits(z: torch.Tensor) -> torch.Tensor:
+    """Each row's z-score (logit standardization, Sun et al. 2024)."""
+    return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-7)
+
+
+def soft_logits(z: torch.Tensor, standardize: bool) -> torch.Tensor:
+    """Logits as (B, C) float32, standardized when asked (before the temperature)."""
+    z = z.flatten(1).float()
+    return standardize_logits(z) if standardize else z
+
+
 @register_loss("dkd")
 class DKD(nn.Module):
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: int = 20):
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        temperature: float = 4.0,
+        warmup: int = 20,
+        standardize: bool = False,
+    ):
         super().__init__()
         self.alpha = as_float("dkd alpha", alpha, 0.0)
         self.beta = as_float("dkd beta", beta, 0.0)
         self.temperature = as_float("dkd temperature", temperature, 0.0, open_low=True)
         self.warmup = as_int("dkd warmup", warmup, 0)
+        self.standardize = bool(standardize)
 
     def forward(self, s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, epoch: int = 0) -> torch.Tensor:
         T = self.temperature
-        zs, zt = s.flatten(1).float() / T, t.flatten(1).float() / T
+        zs, zt = soft_logits(s, self.standardize) / T, soft_logits(t, self.standardize) / T
         target = F.one_hot(y, zs.shape[1]).bool()
         ps, pt = zs.softmax(1), zt.softmax(1)
         # binary (target, rest) distributions
@@ -40,3 +69,27 @@ class DKD(nn.Module):
         nckd = (qt * (log_qt - log_qs)).masked_fill(target, 0.0).sum(1).mean()
         ramp = 1.0 if self.warmup == 0 else min(float(epoch) / self.warmup, 1.0)
         return ramp * (self.alpha * tckd + self.beta * nckd) * T * T
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+@register_loss("dist")
+class DIST(nn.Module):
+    """DIST: relations (Pearson correlation) between the student's and teacher's class probabilities,
+    across classes for each sample (inter) and across the batch for each class (intra)."""
+
+    def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0):
+        super().__init__()
+        self.beta = as_float("dist beta", beta, 0.0)
+        self.gamma = as_float("dist gamma", gamma, 0.0)
+        self.temperature = as_float("dist temperature", temperature, 0.0, open_low=True)
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        T = self.temperature
+        ys, yt = (s.flatten(1).float() / T).softmax(1), (t.flatten(1).float() / T).softmax(1)
+        inter = 1 - _pearson_rows(ys, yt).mean()
+        intra = 1 - _pearson_rows(ys.T, yt.T).mean()
+        return T * T * (self.beta * inter + self.gamma * intra)
