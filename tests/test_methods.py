@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kd_lightning.errors import ConfigError
 from kd_lightning.losses import create_loss
 from kd_lightning.objective import build_objective
 
@@ -77,6 +78,33 @@ def test_logit_standardization_is_kd_on_z_scores_and_ignores_each_sample_s_shift
     plain = create_loss("dkd", temperature=T, warmup=0)
     zss, zts = torch.stack([z_score(r) for r in zs]).float(), torch.stack([z_score(r) for r in zt]).float()
     assert dkd_ls(zs, zt, y).item() == pytest.approx(plain(zss, zts, y).item(), rel=1e-4)
+
+
+def test_camkd_weights_teachers_by_their_confidence_on_the_label_as_the_authors_code():
+    K, C, B, T = 3, 5, 4, 4.0
+    zs, zts, y = rand(B, C), [rand(B, C) * 2 for _ in range(K)], torch.tensor([0, 4, 2, 2])
+    expect = 0.0
+    for i in range(B):
+        ce = [-math.log(F.softmax(zts[k][i].double(), 0)[int(y[i])].item()) for k in range(K)]
+        soft = [math.exp(c) / sum(math.exp(c2) for c2 in ce) for c in ce]
+        for k in range(K):
+            w = (1 - soft[k]) / (K - 1)
+            ps, pt = F.softmax(zs[i].double() / T, 0), F.softmax(zts[k][i].double() / T, 0)
+            kl = float(sum(pt[c] * math.log(pt[c] / ps[c]) for c in range(C))) * T * T
+            expect += w * kl
+    expect /= B * K
+    camkd = create_loss("camkd", {"teacher_shape": (K * C,), "num_classes": C}, temperature=T)
+    assert camkd(zs, torch.cat(zts, 1), y).item() == pytest.approx(expect, rel=1e-4)
+    # the teacher that is right about the label weighs more: a student that copies teacher A loses
+    # little when A is the one that is right, and much more when B is
+    a, b = torch.full((1, C), -3.0), torch.full((1, C), -3.0)
+    a[0, 1], b[0, 2] = 3.0, 3.0
+    two = create_loss("camkd", {"teacher_shape": (2 * C,), "num_classes": C}, temperature=T)
+    a_right = two(a.clone(), torch.cat([a, b], 1), torch.tensor([1]))
+    b_right = two(a.clone(), torch.cat([a, b], 1), torch.tensor([2]))
+    assert a_right.item() < 0.1 * b_right.item()
+    with pytest.raises(ConfigError, match="two or more teachers"):
+        create_loss("camkd", {"teacher_shape": (C,), "num_classes": C})
 
 
 # --- DKD ------------------------------------------------------------------------------------------------
@@ -338,6 +366,11 @@ METHOD_SHAPES = {
     "kd": ({"distance": "kl", "student_tap": "logits", "teacher_tap": "logits"}, (10,), (10,)),
     "dkd": ({"distance": "dkd", "student_tap": "logits", "teacher_tap": "logits", "warmup": 0}, (10,), (10,)),
     "dist": ({"distance": "dist", "student_tap": "logits", "teacher_tap": "logits"}, (10,), (10,)),
+    "camkd": (
+        {"distance": "camkd", "student_tap": "logits", "teacher_tap": "logits", "adapter": "none"},
+        (10,),
+        (10,),
+    ),
     "kd_ls": (
         {"distance": "kl", "student_tap": "logits", "teacher_tap": "logits", "standardize": True},
         (10,),
@@ -363,6 +396,12 @@ METHOD_SHAPES = {
 @pytest.mark.parametrize("combine", ["per_teacher", "concat"])
 def test_gradients_flow_to_student_and_objective_only(method, combine):
     opts, s_shape, t_shape = METHOD_SHAPES[method]
+    if method == "camkd" and combine != "concat":  # it reads all teachers at once: concat only
+        with pytest.raises(ConfigError, match="two or more teachers"):
+            build_objective({"ce_weight": 1.0, "terms": {method: {**opts, "combine": combine}}}, {"logits": (10,)},
+                            {"a": {"logits": t_shape}, "b": {"logits": t_shape}}, {"a": 0.5, "b": 0.5},
+                            {"num_samples": 50, "num_classes": 10})  # fmt: skip
+        return
     tap_s, tap_t = opts.get("student_tap", "embed"), opts.get("teacher_tap", "embed")
     spec = {"weight": 1.0, "combine": combine, **opts}
     teacher_shapes = {"a": {tap_t: t_shape}, "b": {tap_t: t_shape}}
@@ -400,6 +439,7 @@ CONFIGS = [
     "dist",
     "kd_ls",
     "dkd_ls",
+    "camkd",
 ]
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_lightning.errors import as_float, as_int
+from kd_lightning.errors import ConfigError, as_float, as_int
 from kd_lightning.losses.registry import register_loss
 
 
@@ -93,3 +93,39 @@ class DIST(nn.Module):
         inter = 1 - _pearson_rows(ys, yt).mean()
         intra = 1 - _pearson_rows(ys.T, yt.T).mean()
         return T * T * (self.beta * inter + self.gamma * intra)
+
+
+@register_loss("camkd")
+class CAMKD(nn.Module):
+    """Confidence-aware multi-teacher KD (Zhang, Chen & Wang, ICASSP 2022), its logit part.
+
+    Used with `combine: concat` (the K teachers' logits side by side). Each sample's teacher weights
+    come from the teachers' cross-entropy on its label, w_k = (1 − softmax over teachers of CE_k) / (K − 1),
+    so a teacher that is more right weighs more, and the loss is Σ_k Σ_i w_{k,i} · T² KL(p_{T_k,i} ‖ p_{S,i}) / (B · K), the normalisation of the
+    authors' code (a further 1/K beside the weights, which sum to 1). The members' `weight` is not
+    used: the weights are the method's. The feature part of CA-MKD is not implemented."""
+
+    shape_free = True  # the teachers' logits arrive concatenated: no adapter
+
+    def __init__(self, teacher_shape: tuple[int, ...], num_classes: int, temperature: float = 4.0):
+        super().__init__()
+        self.temperature = as_float("camkd temperature", temperature, 0.0, open_low=True)
+        self.classes = as_int("camkd num_classes", num_classes, 2)
+        width = teacher_shape[0] if len(teacher_shape) == 1 else -1
+        if width % self.classes != 0 or width // self.classes < 2:
+            raise ConfigError(
+                f"camkd needs the logits of two or more teachers side by side (combine: concat, teacher_tap: "
+                f"logits), got teacher features of shape {tuple(teacher_shape)} for {self.classes} classes"
+            )
+        self.k = width // self.classes
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        T, k = self.temperature, self.k
+        zs = s.flatten(1).float()
+        zt = t.flatten(1).float().view(len(zs), k, self.classes)  # (B, K, C)
+        ce = F.cross_entropy(zt.reshape(-1, self.classes), y.repeat_interleave(k), reduction="none")
+        weights = (1.0 - ce.view(-1, k).softmax(1)) / (k - 1)  # (B, K), no gradient (teachers are constants)
+        log_ps = F.log_softmax(zs / T, 1).unsqueeze(1)  # (B, 1, C)
+        log_pt = F.log_softmax(zt / T, 2)
+        kl = (log_pt.exp() * (log_pt - log_ps)).sum(2) * T * T  # (B, K)
+        return (weights * kl).sum() / (len(zs) * k)
