@@ -107,6 +107,34 @@ def test_camkd_weights_teachers_by_their_confidence_on_the_label_as_the_authors_
         create_loss("camkd", {"teacher_shape": (C,), "num_classes": C})
 
 
+def test_ickd_matches_the_channel_gram_of_the_authors_code_and_ignores_spatial_size():
+    B, Cs, Ct = 3, 4, 6
+    ickd = create_loss("ickd", {"student_shape": (Cs, 5, 5), "teacher_shape": (Ct, 3, 3)})
+    s, t = rand(B, Cs, 5, 5), rand(B, Ct, 3, 3)
+    es = ickd.embed(s).double().detach()
+    expect = 0.0
+    for b in range(B):
+        fs, ft = es[b].reshape(Ct, -1), t[b].double().reshape(Ct, -1)
+        for i in range(Ct):
+            gs = [float((fs[i] * fs[j]).sum()) for j in range(Ct)]
+            gt = [float((ft[i] * ft[j]).sum()) for j in range(Ct)]
+            ns, nt = math.sqrt(sum(v * v for v in gs)), math.sqrt(sum(v * v for v in gt))
+            expect += sum((a / ns - c / nt) ** 2 for a, c in zip(gs, gt, strict=True))
+    expect /= Ct * B
+    assert ickd(s, t).item() == pytest.approx(expect, rel=1e-4)
+    # G sums over positions: the same maps at another resolution (each value repeated 2 x 2) give the same G
+    big = t.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    torch.testing.assert_close(_ickd_gram(big), _ickd_gram(t), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="ickd needs feature maps"):
+        create_loss("ickd", {"student_shape": (7,), "teacher_shape": (12,)})
+
+
+def _ickd_gram(x):
+    from kd_lightning.losses.maps import ICKD
+
+    return ICKD.gram(x)
+
+
 # --- DKD ------------------------------------------------------------------------------------------------
 def dkd_by_hand(zs, zt, y, alpha, beta, T, ramp):
     tck, nck = [], []
@@ -383,6 +411,7 @@ METHOD_SHAPES = {
     ),
     "at": ({"distance": "at", "student_tap": "map", "teacher_tap": "map"}, (4, 6, 6), (8, 3, 3)),
     "nst": ({"distance": "nst", "student_tap": "map", "teacher_tap": "map"}, (4, 3, 3), (8, 3, 3)),
+    "ickd": ({"distance": "ickd", "student_tap": "map", "teacher_tap": "map"}, (4, 6, 6), (8, 3, 3)),
     "sp": ({"distance": "sp"}, (7,), (12,)),
     "rkd": ({"distance": "rkd"}, (7,), (12,)),
     "pkt": ({"distance": "pkt"}, (7,), (12,)),
@@ -423,7 +452,7 @@ def test_gradients_flow_to_student_and_objective_only(method, combine):
 
 
 # --- every config runs end to end on digits ----------------------------------------------------------------
-MAP_METHODS = {"at", "nst"}
+MAP_METHODS = {"at", "nst", "ickd"}
 CONFIGS = [
     "kd",
     "fitnet",
@@ -440,6 +469,7 @@ CONFIGS = [
     "kd_ls",
     "dkd_ls",
     "camkd",
+    "ickd",
 ]
 
 

@@ -8,6 +8,10 @@ teacher (`shape_free`); a student map of another spatial size is resized to the 
 - NST, Neuron Selectivity Transfer (Huang & Wang, 2017): each channel's spatial response, L2-normalised,
   is a sample; the loss is the squared MMD between the student's and the teacher's channel samples with
   the polynomial kernel k(x, y) = (xᵀy + c)^d (paper: d = 2, c = 0), averaged over the batch.
+- ICKD, inter-channel correlation (Liu et al., ICCV 2021): per sample the channel Gram matrix G = F Fᵀ
+  (C × C, positions summed), each row L2-normalised; loss Σ (G_S − G_T)² / (C_T · B), the normalisation
+  of the authors' code. The student map first goes through a trainable 1 × 1 convolution to the
+  teacher's channel count (part of the loss; no bias: our choice). Spatial sizes may differ.
 """
 
 from __future__ import annotations
@@ -75,3 +79,28 @@ class NeuronSelectivityTransfer(nn.Module):
         fs = F.normalize(match_size(s.float(), t).flatten(2), dim=2)  # (B, C_s, HW)
         ft = F.normalize(t.float().flatten(2), dim=2)
         return (self._k(ft, ft) + self._k(fs, fs) - 2 * self._k(fs, ft)).mean()
+
+
+@register_loss("ickd")
+class ICKD(nn.Module):
+    shape_free = True  # the loss owns its channel projection; G does not depend on the spatial size
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]):
+        super().__init__()
+        if len(student_shape) not in (2, 3) or len(teacher_shape) != len(student_shape):
+            raise ConfigError(
+                f"ickd needs feature maps on both sides ((C, L) or (C, H, W)), got student {tuple(student_shape)} "
+                f"and teacher {tuple(teacher_shape)}; tap a convolutional layer (student_tap=map, teacher_tap=map)"
+            )
+        conv = nn.Conv2d if len(student_shape) == 3 else nn.Conv1d
+        self.embed = conv(student_shape[0], teacher_shape[0], kernel_size=1, bias=False)
+
+    @staticmethod
+    def gram(x: torch.Tensor) -> torch.Tensor:
+        f = x.float().flatten(2)
+        return F.normalize(f @ f.transpose(1, 2), dim=2)
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        _check_map(s, "ickd"), _check_map(t, "ickd")
+        diff = self.gram(self.embed(s)) - self.gram(t)
+        return diff.pow(2).sum() / (t.shape[1] * len(t))
