@@ -150,7 +150,10 @@ def dkd_by_hand(zs, zt, y, alpha, beta, T, ramp):
     return ramp * (alpha * sum(tck) / len(y) + beta * sum(nck) / len(y)) * T * T
 
 
-@pytest.mark.parametrize(("epoch", "warmup", "ramp"), [(0, 0, 1.0), (5, 20, 0.25), (40, 20, 1.0)])
+# epoch: Lightning's, from 0; mdistiller's first epoch is 1, so its ramp there is 1/warmup, not 0
+@pytest.mark.parametrize(
+    ("epoch", "warmup", "ramp"), [(0, 0, 1.0), (0, 20, 0.05), (4, 20, 0.25), (40, 20, 1.0)]
+)
 def test_dkd_matches_the_paper(epoch, warmup, ramp):
     zs, zt, y = rand(6, 5), rand(6, 5) * 3, torch.tensor([0, 1, 2, 3, 4, 0])
     loss = create_loss("dkd", alpha=0.7, beta=3.0, temperature=2.0, warmup=warmup)
@@ -236,9 +239,34 @@ def pkt_by_hand(s, t):
     return sum(pt[i][j] * math.log(pt[i][j] / ps[i][j]) for i in range(b) for j in range(b) if i != j) / b
 
 
+def pkt_as_repdistiller(s, t, eps=1e-7):
+    """RepDistiller's cosine_similarity_loss, one entry at a time: rows sum to 1, diagonal kept, mean of b²."""
+
+    def rows(x):
+        x = x.double()
+        x = x / (x.norm(dim=1, keepdim=True) + eps)
+        b = len(x)
+        k = [[(float(x[i] @ x[j]) + 1) / 2 for j in range(b)] for i in range(b)]
+        return [[v / sum(row) for v in row] for row in k]
+
+    ps, pt = rows(s), rows(t)
+    b = len(ps)
+    return (
+        sum(pt[i][j] * math.log((pt[i][j] + eps) / (ps[i][j] + eps)) for i in range(b) for j in range(b))
+        / b**2
+    )
+
+
+def test_pkt_default_computes_what_repdistiller_computes():
+    s, t = rand(6, 4), rand(6, 10)
+    assert create_loss("pkt")(s, t).item() == pytest.approx(pkt_as_repdistiller(s, t), rel=1e-4)
+    paper = create_loss("pkt", mode="paper")(s, t).item()
+    assert paper == pytest.approx(pkt_by_hand(s, t), rel=1e-4)  # the other form, a different scale
+
+
 def test_pkt_matches_the_paper_and_ignores_feature_norms():
     s, t = rand(6, 4), rand(6, 10)
-    pkt = create_loss("pkt")
+    pkt = create_loss("pkt", mode="paper")
     assert pkt(s, t).item() == pytest.approx(pkt_by_hand(s, t), rel=1e-4)
     scale = torch.rand(6, 1, generator=G) + 0.5
     assert pkt(s * scale, t).item() == pytest.approx(pkt(s, t).item(), rel=1e-4)

@@ -2,7 +2,8 @@
 
 Decoupled KD (Zhao et al., CVPR 2022). With p = softmax(z / T), the target class t and b = [p_t, 1 − p_t]:
   TCKD = KL(b_T ‖ b_S),   NCKD = KL(p̂_T ‖ p̂_S), p̂ = softmax over the non-target classes only,
-  DKD  = (α · TCKD + β · NCKD) · T², ramped in linearly over the first `warmup` epochs.
+  DKD  = (α · TCKD + β · NCKD) · T², ramped in linearly over the first `warmup` epochs: factor
+  min(e / warmup, 1) with e counted from 1, as mdistiller's trainer counts (its first epoch is 1/warmup).
 
 DIST (Huang et al., NeurIPS 2022, "Knowledge distillation from a stronger teacher"). With
 y = softmax(z / τ) and ρ the Pearson correlation:
@@ -67,7 +68,7 @@ class DKD(nn.Module):
         log_qt = zt.masked_fill(target, float("-inf")).log_softmax(1)
         qt = log_qt.exp()
         nckd = (qt * (log_qt - log_qs)).masked_fill(target, 0.0).sum(1).mean()
-        ramp = 1.0 if self.warmup == 0 else min(float(epoch) / self.warmup, 1.0)
+        ramp = 1.0 if self.warmup == 0 else min(float(epoch + 1) / self.warmup, 1.0)  # epoch is 0-based here
         return ramp * (self.alpha * tckd + self.beta * nckd) * T * T
 
 

@@ -6,9 +6,12 @@ the teachers' features may have different sizes (no adapter needed; `shape_free`
 - RKD, Relational KD (Park et al., CVPR 2019): distance term — Huber loss between pairwise distances
   (i ≠ j) each divided by its batch mean; angle term — Huber loss between the cosines of the angles
   ∠(t_i − t_j, t_k − t_j) over triplets of distinct samples; both averaged. L = w_d · L_D + w_a · L_A.
-- PKT, Probabilistic KT (Passalis & Tefas, ECCV 2018): cosine kernel K = (cos + 1) / 2; conditional
-  probabilities p_{i|j} = K_ij / Σ_{k≠j} K_kj (i ≠ j); L = Σ_j Σ_{i≠j} p^T_{i|j} log(p^T_{i|j} / p^S_{i|j}),
-  averaged over the batch.
+- PKT, Probabilistic KT (Passalis & Tefas, ECCV 2018): cosine kernel K = (cos + 1) / 2.
+  `mode: code` (default; RepDistiller's and torchdistill's computation, which the default weight 30000
+  comes from): rows normalised to sum 1 with the diagonal kept, L = mean over all b² entries of
+  p^T log((p^T + ε) / (p^S + ε)), features divided by (‖x‖ + ε). `mode: paper`: conditional
+  probabilities p_{i|j} = K_ij / Σ_{k≠j} K_kj (i ≠ j), L = Σ_j Σ_{i≠j} p^T_{i|j} log(p^T_{i|j} / p^S_{i|j})
+  averaged over the batch: about b times larger than `code` for a batch of b, so scale its weight.
 - CC, Correlation Congruence (Peng et al., ICCV 2019): correlation matrices of L2-normalised features
   under a Gaussian RBF kernel, exp(−γ‖x − y‖²), expanded to order P in Taylor series; L = ‖C_T − C_S‖²_F / b².
 """
@@ -85,9 +88,18 @@ class RKD(nn.Module):
 class PKT(nn.Module):
     shape_free = True
 
-    def __init__(self, eps: float = 1e-7):
+    def __init__(self, eps: float = 1e-7, mode: str = "code"):
         super().__init__()
         self.eps = as_float("pkt eps", eps, 0.0, open_low=True)
+        if mode not in ("code", "paper"):
+            raise ConfigError(f"pkt mode={mode!r}; valid: code (RepDistiller, torchdistill), paper")
+        self.mode = mode
+
+    def _rows_code(self, x: torch.Tensor) -> torch.Tensor:
+        x = _flat(x)
+        x = torch.nan_to_num(x / (x.norm(dim=1, keepdim=True) + self.eps))
+        k = (x @ x.T + 1) / 2
+        return k / k.sum(1, keepdim=True)
 
     def _conditional(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(_flat(x), dim=1)
@@ -96,6 +108,9 @@ class PKT(nn.Module):
         return k / k.sum(0, keepdim=True).clamp_min(self.eps)  # column j: p_{i|j}
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.mode == "code":
+            ps, pt = self._rows_code(s), self._rows_code(t)
+            return (pt * ((pt + self.eps) / (ps + self.eps)).log()).mean()
         ps, pt = self._conditional(s), self._conditional(t)
         off = ~torch.eye(len(ps), dtype=torch.bool, device=ps.device)
         kl = pt * ((pt + self.eps).log() - (ps + self.eps).log())
