@@ -50,7 +50,7 @@ def test_registry_errors_are_clear():
     assert {"mse", "l1", "smooth_l1", "cosine", "kl", "kd"} <= set(list_losses())
     with pytest.raises(ConfigError, match="unknown distance/loss 'msee'.*mse"):
         create_loss("msee")
-    with pytest.raises(ConfigError, match="temperatur.*valid options: temperature"):
+    with pytest.raises(ConfigError, match="temperatur.*valid options: standardize, temperature"):
         create_loss("kl", temperatur=3)
     with pytest.raises(ConfigError, match="positive"):
         create_loss("kl", temperature=0)
