@@ -17,6 +17,7 @@ import os
 import shlex
 import signal
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,21 @@ def raise_on_sigterm() -> Any:
         return signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
         return None
+
+
+@contextmanager
+def sigterm_to_lightning():
+    """During a Lightning fit SIGTERM is Lightning's (it stops all ranks at the end of the batch and raises
+    SIGTERMException): the default handler is put back for the fit, so Lightning does not chain ours."""
+    try:
+        ours = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # not the main thread: signals are not ours to set
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, ours)
 
 
 def resume_command(out: Path) -> str:

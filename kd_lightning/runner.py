@@ -45,6 +45,7 @@ from kd_lightning.resume import (
     raise_on_sigterm,
     resume_command,
     resume_mode,
+    sigterm_to_lightning,
 )
 from kd_lightning.runners import RunContext, get_runner, register_runner
 from kd_lightning.specs import EvalSpec, items, parse, seed_field
@@ -271,13 +272,8 @@ def stage_fit(ctx: RunContext, built: Built) -> Fitted:
     if ckpt is not None:
         keep_metrics_until(trainer, checkpoint_epoch(ckpt))
     t0 = time.perf_counter()
-    # During the fit SIGTERM is Lightning's: it stops at the end of the batch (all ranks) and raises.
-    ours = signal.signal(signal.SIGTERM, signal.SIG_DFL) if threading_main() else None
-    try:
+    with sigterm_to_lightning():
         trainer.fit(built.module, datamodule=ctx.dm, ckpt_path=ckpt)
-    finally:
-        if ours is not None:
-            signal.signal(signal.SIGTERM, ours)
     seconds = time.perf_counter() - t0
     if trainer.interrupted:
         raise KeyboardInterrupt("training was interrupted")
@@ -411,12 +407,6 @@ def dry_run_summary(ctx: RunContext, built: Built) -> str:
         + f"; {int(cfg.trainer.max_epochs)} epochs on {trainer.num_devices} {trainer.strategy.root_device.type}"
         f" device(s), precision {trainer.precision}; output {ctx.out}."
     )
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _last(trainer: pl.Trainer, key: str) -> float | None:
