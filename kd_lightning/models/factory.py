@@ -14,7 +14,10 @@ from kd_lightning.models.torchvision_adapter import torchvision_model, torchvisi
 from kd_lightning.models.weights import load_pretrained, load_weights
 
 # Keys of a model spec that are not arguments of the architecture function.
-SPEC_KEYS = {"name", "checkpoint", "weights", "small_input", "taps", "pretrained"}
+SPEC_KEYS = {"name", "source", "checkpoint", "weights", "small_input", "taps", "pretrained"}
+# `source` picks where `name` is looked up: our registry first, then torchvision (default); or torchvision
+# only, for names both have (vgg11 is RepDistiller's CIFAR VGG here, torchvision's ImageNet VGG there).
+SOURCES = ("auto", "torchvision")
 
 
 def create_model(spec: Mapping[str, Any], num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
@@ -26,7 +29,10 @@ def create_model(spec: Mapping[str, Any], num_classes: int, input_shape: tuple[i
             f"a model spec needs a 'name' (a string), got {name!r}; registered models: {choices(list_models())}"
         )
     kwargs = {k: v for k, v in spec.items() if k not in SPEC_KEYS}
-    fn = get_model_fn(name)
+    source = spec.get("source") or "auto"
+    if source not in SOURCES:
+        raise ConfigError(f"model {name!r}: source must be one of {choices(SOURCES)}, got {source!r}")
+    fn = get_model_fn(name) if source == "auto" else None
     if fn is not None:
         if spec.get("weights"):
             raise ConfigError(f"model {name!r} has no torchvision weights; use 'checkpoint: <file>' instead")
@@ -34,6 +40,12 @@ def create_model(spec: Mapping[str, Any], num_classes: int, input_shape: tuple[i
     elif name in torchvision_names():
         model = torchvision_model(
             name, num_classes, input_shape, spec.get("weights"), bool(spec.get("small_input", False)), kwargs
+        )
+    elif source == "torchvision":
+        raise ConfigError(
+            f"model {name!r} (source: torchvision) is not a torchvision classifier; see "
+            "torchvision.models.list_models(), or drop source to use our registry: "
+            f"{choices(list_models())}"
         )
     else:
         raise ConfigError(

@@ -63,6 +63,13 @@ def safe_load(path: str | os.PathLike) -> Any:
         raise ConfigError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
 
 
+def _strip_data_parallel(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """nn.DataParallel / DDP save every key under `module.`; the model itself has none."""
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
 def extract_state_dict(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and "state_dict" not in obj:
         obj = obj["model"]  # released checkpoints: {'epoch', 'model': state_dict, 'best_acc', 'optimizer'}
@@ -73,7 +80,7 @@ def extract_state_dict(obj: Any, path: str | os.PathLike) -> dict[str, torch.Ten
             sd = {k[len("student.") :]: v for k, v in sd.items() if k.startswith("student.")}
         return sd
     if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return dict(obj)
+        return _strip_data_parallel(dict(obj))
     raise ConfigError(
         f"{path} holds no state_dict (found {type(obj).__name__}); expected a model weights file"
     )
