@@ -53,6 +53,11 @@ class DistillationModule(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # test_each_epoch: the test split evaluated in the validation loop, and its accuracy after every
+        # epoch (kept in the checkpoint, so that a resumed run still has the whole curve)
+        self.epoch_test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_curve: list[float] = []
+        self._val_roles: list[str] = ["val"]
         if teachers is not None:
             self.teacher_test_acc = nn.ModuleDict(
                 {n: MulticlassAccuracy(num_classes, average="micro") for n in [*teachers.names, "ensemble"]}
@@ -165,14 +170,40 @@ class DistillationModule(pl.LightningModule):
         self.log("train/acc", self.train_acc.compute(), on_epoch=True, sync_dist=True)
         self.train_acc.reset()
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+    def on_validation_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        self._val_roles = dm.val_roles() if hasattr(dm, "val_roles") else ["val"]
+
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = self._input(batch), batch.y
         logits = self.student(x)
+        if self._val_roles[dataloader_idx] == "test":
+            self.epoch_test_acc.update(logits, y)
+            return
         self.val_acc(logits, y)
         self.log(
-            "val/ce", torch.nn.functional.cross_entropy(logits.float(), y), sync_dist=True, batch_size=len(y)
+            "val/ce",
+            torch.nn.functional.cross_entropy(logits.float(), y),
+            sync_dist=True,
+            batch_size=len(y),
+            add_dataloader_idx=False,
         )
-        self.log("val/acc", self.val_acc, prog_bar=True)
+        self.log("val/acc", self.val_acc, prog_bar=True, add_dataloader_idx=False)
+
+    def on_validation_epoch_end(self) -> None:
+        if "test" not in self._val_roles:
+            return
+        acc = self.epoch_test_acc.compute()  # synced across ranks
+        self.epoch_test_acc.reset()
+        self.log("test_epoch/acc", acc, add_dataloader_idx=False)
+        if not self.trainer.sanity_checking:
+            self.test_curve.append(float(acc))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["test_curve"] = list(self.test_curve)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.test_curve = [float(a) for a in checkpoint.get("test_curve", [])]
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         x, y = self._input(batch), batch.y

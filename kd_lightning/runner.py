@@ -63,6 +63,7 @@ class RunSettings:
     seed: int = seed_field()
     runner: str = "distill"
     baseline: bool = False
+    test_each_epoch: bool = False
     dry_run: bool = False
     print_summary: bool = True
     print_config: bool = False
@@ -246,7 +247,10 @@ class Fitted:
 class Tested:
     """Stage 5: test accuracies of the student, each teacher and the teachers' ensemble."""
 
-    test_acc: float
+    test_acc: (
+        float  # the checkpoint chosen by callbacks.model_checkpoint (val/acc; the last epoch without val)
+    )
+    last_test_acc: float  # the student as the fit left it: the last epoch
     teacher_test_acc: dict[str, float]
     teacher_ensemble_test_acc: float | None
     teacher_agreement: float | None
@@ -262,7 +266,8 @@ def stage_build(ctx: RunContext) -> Built:
     pl.seed_everything(int(cfg.seed), workers=True)
     module = build_module(cfg, dm, teachers)
     evaluation = check_eval_cfg(to_dict(cfg.get("evaluate")), dm.input_shape)
-    return Built(teachers, module, build_trainer(cfg), evaluation)
+    dm.test_each_epoch = bool(cfg.get("test_each_epoch"))
+    return Built(teachers, module, build_trainer(cfg, validation="val" in dm.val_roles()), evaluation)
 
 
 def stage_fit(ctx: RunContext, built: Built) -> Fitted:
@@ -295,13 +300,17 @@ def stage_fit(ctx: RunContext, built: Built) -> Fitted:
 
 def stage_test(ctx: RunContext, built: Built, fitted: Fitted) -> Tested:
     module, teachers = built.module, built.teachers
-    test = evaluation_trainer(built.trainer).test(
-        module, datamodule=ctx.dm, ckpt_path=fitted.best_checkpoint, verbose=False
-    )[0]
+    trainer = evaluation_trainer(built.trainer)
+    # the last epoch first (the module holds it now), then the checkpoint callbacks.model_checkpoint chose
+    test = trainer.test(module, datamodule=ctx.dm, verbose=False)[0]
+    last = float(test["test/acc"])
+    if fitted.best_checkpoint:
+        test = trainer.test(module, datamodule=ctx.dm, ckpt_path=fitted.best_checkpoint, verbose=False)[0]
     if teachers is None:
-        return Tested(float(test["test/acc"]), {}, None, None)
+        return Tested(float(test["test/acc"]), last, {}, None, None)
     return Tested(
         float(test["test/acc"]),
+        last,
         {n: float(test[f"test/teacher/{n}/acc"]) for n in teachers.names},
         float(test["test/teacher/ensemble/acc"]),
         float(test["test/agreement"]),
@@ -370,9 +379,19 @@ def run_distillation(ctx: RunContext) -> None:
         finish_loggers(built.trainer)
     ctx.results.update(
         test_acc=tested.test_acc,
+        last_test_acc=tested.last_test_acc,
         best_checkpoint=fitted.best_checkpoint,
         teacher_test_acc=tested.teacher_test_acc,
     )
+    curve = built.module.test_curve
+    if curve:  # test_each_epoch: the papers' "best" accuracy, chosen on the test set itself
+        best_epoch = max(range(len(curve)), key=curve.__getitem__)
+        ctx.results.update(
+            best_test_acc=curve[best_epoch],
+            best_test_epoch=best_epoch,
+            test_curve=curve,
+            best_test_acc_selection="test set (max over epochs of the test accuracy; optimistic)",
+        )
     if built.teachers is not None:
         ctx.results.update(
             teacher_ensemble_test_acc=tested.teacher_ensemble_test_acc,

@@ -34,7 +34,18 @@ def print_summary(results: Mapping[str, Any], console: Console | None = None) ->
     role = "student + teachers" if results.get("teacher_test_acc") else "student"
     table.add_row(str(results.get("student")), role, _pct(results.get("test_acc")), style="bold")
     console.print(table)
-    extra = [f"val acc {_pct(results.get('val_acc'))}", f"fit {results.get('fit_seconds', 0):.1f}s"]
+    extra = [
+        f"val acc {_pct(results.get('val_acc'))}"
+        if results.get("val_acc") is not None
+        else "no validation split",
+        f"fit {results.get('fit_seconds', 0):.1f}s",
+    ]
+    if results.get("last_test_acc") is not None:
+        extra.append(f"last epoch test {_pct(results['last_test_acc'])}")
+    if results.get("best_test_acc") is not None:
+        extra.append(
+            f"best epoch by test {_pct(results['best_test_acc'])} (epoch {results['best_test_epoch']}, test-selected)"
+        )
     if results.get("teacher_agreement") is not None:
         extra.append(f"student/teacher agreement {_pct(results['teacher_agreement'])}")
     if results.get("baseline_test_acc") is not None and results.get("test_acc") is not None:

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from kd_lightning.build import instantiate
+from kd_lightning.errors import ConfigError
 
 
 def _instantiate_all(node: DictConfig | None, group: str) -> list[Any]:
@@ -22,12 +23,33 @@ def _instantiate_all(node: DictConfig | None, group: str) -> list[Any]:
     return [instantiate(c, f"{group}.{k}") for k, c in node.items() if c is not None and "_target_" in c]
 
 
-def build_trainer(cfg: DictConfig) -> pl.Trainer:
-    callbacks = _instantiate_all(cfg.get("callbacks"), "callbacks")
+def build_trainer(cfg: DictConfig, validation: bool = True) -> pl.Trainer:
+    """The configured Trainer. Without a validation split (`validation=False`), a checkpoint callback that
+    monitors a val/ metric keeps the last epoch instead; any other callback that monitors one is an error."""
+    callbacks_cfg = cfg.get("callbacks")
+    if not validation and callbacks_cfg:
+        callbacks_cfg = _without_validation(callbacks_cfg)
+    callbacks = _instantiate_all(callbacks_cfg, "callbacks")
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = _instantiate_all(cfg.get("logger"), "logger")
     return instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+
+
+def _without_validation(callbacks: DictConfig) -> DictConfig:
+    callbacks = OmegaConf.create(OmegaConf.to_container(callbacks, resolve=True))
+    for name, cb in callbacks.items():
+        monitor = cb.get("monitor") if isinstance(cb, DictConfig) else None
+        if not (isinstance(monitor, str) and monitor.startswith("val/")):
+            continue
+        if str(cb.get("_target_", "")).endswith("ModelCheckpoint"):
+            cb.monitor = None  # save_top_k=1 then keeps the newest: the last epoch
+        else:
+            raise ConfigError(
+                f"callbacks.{name} monitors {monitor}, but data.val_fraction=0 leaves no validation split; "
+                f"remove it (callbacks.{name}=null) or set data.val_fraction > 0"
+            )
+    return callbacks
 
 
 def evaluation_trainer(trainer: pl.Trainer) -> pl.Trainer:

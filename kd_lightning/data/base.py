@@ -144,9 +144,8 @@ class TensorDataModule(pl.LightningDataModule):
         super().__init__()
         self.batch_size = as_int("data.batch_size", batch_size, 1)
         self.eval_batch_size = as_int("data.eval_batch_size", eval_batch_size or max(self.batch_size, 256), 1)
-        self.val_fraction = as_float(
-            "data.val_fraction", val_fraction, 0.0, 1.0, open_low=True, open_high=True
-        )
+        # 0: no validation split, the whole training set trains (RepDistiller's and mdistiller's protocol)
+        self.val_fraction = as_float("data.val_fraction", val_fraction, 0.0, 1.0, open_high=True)
         self.split_seed = as_seed("data.split_seed", split_seed)
         self.train_subset = None if train_subset is None else as_int("data.train_subset", train_subset, 1)
         self.normalize = bool(normalize)
@@ -169,6 +168,8 @@ class TensorDataModule(pl.LightningDataModule):
         if self.class_subset is not None and len(set(self.class_subset)) != len(self.class_subset):
             raise ConfigError(f"data.class_subset has repeated ids: {self.class_subset}")
         self.shuffle_seed: int | None = None  # set by the run (its seed); else torch's initial seed
+        # set by the run (`test_each_epoch`): the validation loop also tests, for the per-epoch test curve
+        self.test_each_epoch = False
         self.splits: dict[str, Dataset] = {}
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None
@@ -225,7 +226,7 @@ class TensorDataModule(pl.LightningDataModule):
     def split_train_val(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(validation, training) positions among `n` labelled samples, from `split_seed`."""
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
-        n_val = max(1, int(round(self.val_fraction * n)))
+        n_val = max(1, int(round(self.val_fraction * n))) if self.val_fraction > 0 else 0
         val_idx, tr_idx = perm[:n_val], perm[n_val:]
         if self.train_subset is not None:
             tr_idx = tr_idx[: int(self.train_subset)]
@@ -388,8 +389,14 @@ class TensorDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+    def val_roles(self) -> list[str]:
+        """What the validation loop evaluates, in loader order: the validation split unless
+        data.val_fraction=0, and the test split when the run tests after every epoch."""
+        self._require_setup()
+        return (["val"] if len(self.splits["val"]) else []) + (["test"] if self.test_each_epoch else [])
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(role, shuffle=False) for role in self.val_roles()]
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
