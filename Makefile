@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup train test test-fast lint format bench bench-accuracy bench-papers clean
+.PHONY: setup train test test-fast lint format bench bench-accuracy bench-papers bench-methods bench-cifar100 clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -44,6 +44,9 @@ bench-papers: $(STAMP)  ## rahbar2020, thapa2022, ye2019, landro2021 reproductio
 
 bench-methods: $(STAMP)  ## every method of conf/distill on MNIST-1D, 3 seeds, mean ± std
 	$(PY) bench/methods.py $(ARGS)
+
+bench-cifar100: $(STAMP)  ## the CRD table's 13 CIFAR-100 pairs beside the published numbers: ARGS="--data-root DIR [--teachers DIR] [--pairs ...] [--methods ...] [--seeds ...]"
+	$(PY) bench/cifar100.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -16,7 +16,7 @@ from kd_lightning.data.base import TensorDataModule
 from kd_lightning.models import create_model, save_model
 from kd_lightning.module import DistillationModule
 from kd_lightning.objective import Objective
-from kd_lightning.optim import OptimSetup, adam_cosine
+from kd_lightning.optim import OptimSetup, adam_cosine, build_optim
 from kd_lightning.specs import FitSpec, as_plain
 from kd_lightning.taps import FeatureTaps
 
@@ -82,7 +82,11 @@ def fit_model(
     out_path: Path | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, float]:
-    """A teacher or source-task fit as its `fit:` block says: Adam with a cosine schedule."""
-    optim = adam_cosine(fit.lr, fit.weight_decay, fit.max_epochs)
+    """A teacher or source-task fit as its `fit:` block says: Adam with a cosine schedule, or its own
+    `optim` and `scheduler`."""
+    if fit.optim is not None:
+        optim = build_optim(fit.optim, fit.scheduler)
+    else:
+        optim = adam_cosine(fit.lr, fit.weight_decay, fit.max_epochs)
     meta = {"fit": as_plain(fit), **(meta or {})}
     return fit_supervised(spec, dm, fit.seed, fit.max_epochs, optim, accelerator, out_path, meta)

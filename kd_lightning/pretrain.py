@@ -20,7 +20,7 @@ from typing import Any
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.fit_cache import fit_once, keyed_path
-from kd_lightning.specs import FitSpec, PretrainedSpec, as_plain, parse
+from kd_lightning.specs import FitSpec, PretrainedSpec, parse
 from kd_lightning.teachers import data_identity
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def _torchvision_weights(name: str) -> list[str]:
 def pretrained_cache_path(
     cache_dir: str | Path, arch: Mapping[str, Any], data: Mapping[str, Any], fit: FitSpec
 ) -> Path:
-    key = {"arch": arch, "fit": as_plain(fit), "data": data_identity(data)}
+    key = {"arch": arch, "fit": fit.identity(), "data": data_identity(data)}
     return keyed_path(Path(cache_dir) / "pretrained", str(arch.get("name")), key)
 
 

@@ -149,12 +149,40 @@ def as_plain(spec: Any) -> Any:
 # --- the specs --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FitSpec:
-    """Supervised fit of a teacher, a source-task model or the student-alone baseline (Adam + cosine)."""
+    """Supervised fit of a teacher or a source-task model: Adam (lr, weight_decay) with a cosine schedule,
+    or `optim` and `scheduler` given as the run's `optim`/`scheduler` groups are (any torch class), e.g.
+    RepDistiller's protocol for the CIFAR-100 teachers."""
 
     seed: int = seed_field()
     max_epochs: int = num(20, 1)
     lr: float = num(1e-3, 0.0, open_low=True)
     weight_decay: float = num(0.0, 0.0)
+    optim: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+
+    def check(self, where: str) -> None:
+        if self.optim is None:
+            if self.scheduler is not None:
+                raise ConfigError(
+                    f"{where}.scheduler needs {where}.optim (the default Adam fit has its cosine)"
+                )
+            return
+        if (self.lr, self.weight_decay) != (1e-3, 0.0):
+            raise ConfigError(
+                f"{where}.lr and {where}.weight_decay set the default Adam fit; with {where}.optim given, "
+                f"set them inside it ({where}.optim.lr, {where}.optim.weight_decay)"
+            )
+        from kd_lightning.optim import build_optim
+
+        try:
+            build_optim(self.optim, self.scheduler)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the fit, for cache keys (unset optim/scheduler left out: older keys stay valid)."""
+        plain = as_plain(self)
+        return {k: v for k, v in plain.items() if v is not None or k not in ("optim", "scheduler")}
 
 
 @dataclass(frozen=True)

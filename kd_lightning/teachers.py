@@ -20,7 +20,7 @@ from kd_lightning.errors import ConfigError, choices
 from kd_lightning.fit_cache import fit_once, keyed_path
 from kd_lightning.models import create_model, load_weights
 from kd_lightning.models.weights import safe_load
-from kd_lightning.specs import FitSpec, MemberSpec, as_plain, parse
+from kd_lightning.specs import FitSpec, MemberSpec, parse
 from kd_lightning.taps import FeatureTaps
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def data_identity(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
 def teacher_cache_path(
     cache_dir: str | Path, data_name: str, member: str, spec: MemberSpec, data_cfg: Mapping[str, Any]
 ) -> Path:
-    key = {"arch": spec.arch, "fit": as_plain(spec.fit), "data": data_identity(data_cfg)}
+    key = {"arch": spec.arch, "fit": spec.fit.identity(), "data": data_identity(data_cfg)}
     return keyed_path(Path(cache_dir) / "teachers" / data_name, member, key)
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -89,3 +91,26 @@ class PoisonWeightsAtEpoch(pl.Callback):
             with torch.no_grad():
                 for p in pl_module.student.parameters():
                     p.fill_(float("nan"))
+
+
+def write_cifar(root: Path, classes: int, n_train: int = 10, n_test: int = 6) -> None:
+    """CIFAR-10/100 python batches (the format torchvision downloads) of random pixels and labels; each file's
+    first label is the last class, so that the class count reads right."""
+    rng = np.random.default_rng(0)
+    if classes == 10:
+        folder = root / "cifar-10-batches-py"
+        files = {f"data_batch_{i}": n_train for i in range(1, 6)} | {"test_batch": n_test}
+        key = b"labels"
+    else:
+        folder = root / "cifar-100-python"
+        files = {"train": n_train, "test": n_test}
+        key = b"fine_labels"
+    folder.mkdir(parents=True)
+    for name, n in files.items():
+        batch = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            key: list(rng.integers(0, classes, n)),
+        }
+        batch[key][0] = classes - 1
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)

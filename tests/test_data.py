@@ -18,6 +18,8 @@ from kd_lightning.data import (
 from kd_lightning.data.base import random_crop_flip
 from kd_lightning.errors import ConfigError
 
+from .conftest import write_cifar
+
 
 def _all(ds):
     return ds.__getitems__(list(range(len(ds))))
@@ -57,30 +59,9 @@ def test_mnist1d_generated_locally_and_cached(tmp_path: Path):
     torch.testing.assert_close(dm.splits["train"].x, again.splits["train"].x)
 
 
-def _write_cifar(root: Path, classes: int, n_train: int = 10, n_test: int = 6) -> None:
-    rng = np.random.default_rng(0)
-    if classes == 10:
-        folder = root / "cifar-10-batches-py"
-        files = {f"data_batch_{i}": n_train for i in range(1, 6)} | {"test_batch": n_test}
-        key = b"labels"
-    else:
-        folder = root / "cifar-100-python"
-        files = {"train": n_train, "test": n_test}
-        key = b"fine_labels"
-    folder.mkdir(parents=True)
-    for name, n in files.items():
-        batch = {
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            key: list(rng.integers(0, classes, n)),
-        }
-        batch[key][0] = classes - 1
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
-
-
 @pytest.mark.parametrize("classes", [10, 100])
 def test_cifar_reader_on_files_the_test_writes(tmp_path: Path, classes: int):
-    _write_cifar(tmp_path, classes)
+    write_cifar(tmp_path, classes)
     dm = CIFARDataModule(root=str(tmp_path), classes=classes, val_fraction=0.2, batch_size=4)
     dm.setup()
     n_train = 50 if classes == 10 else 10
@@ -97,7 +78,7 @@ def test_cifar_missing_files_say_how_to_get_them(tmp_path: Path):
 
 
 def test_cifar_pickle_with_code_is_refused(tmp_path: Path):
-    _write_cifar(tmp_path, 10)
+    write_cifar(tmp_path, 10)
 
     class Evil:
         def __reduce__(self):

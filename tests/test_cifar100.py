@@ -1,0 +1,103 @@
+"""experiment=cifar100/<teacher>_<student>: the 13 pairs of the CRD table with RepDistiller's protocol, on a
+CIFAR-100-format fixture; and make bench-cifar100 end to end, one step per job."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_lightning.models import create_model
+from kd_lightning.train import run
+
+from .conftest import FAST_TRAINER, ROOT, compose_cfg, write_cifar
+
+PAIRS = json.loads((ROOT / "bench" / "data" / "cifar100_published.json").read_text())["pairs"]
+MOBILE = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+
+
+@pytest.fixture(scope="module")
+def cifar100_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar100")
+    write_cifar(root, 100, n_train=24, n_test=12)
+    return root
+
+
+def _pair_cfg(pair: str, root: Path, tmp_path: Path, cache_dir: Path, *more: str):
+    over = [*FAST_TRAINER, f"experiment=cifar100/{pair}", f"data.root={root}", "data.num_workers=0", *more]
+    return compose_cfg(over, tmp_path / "run", cache_dir)
+
+
+def test_the_thirteen_pairs_of_the_crd_table():
+    files = sorted(p.stem for p in (ROOT / "conf" / "experiment" / "cifar100").glob("*_*.yaml"))
+    assert files == sorted(PAIRS) and len(files) == 13
+
+
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+def test_pair_carries_the_protocol_and_builds(pair, cifar100_root, tmp_path, cache_dir):
+    cfg = _pair_cfg(pair, cifar100_root, tmp_path, cache_dir, "trainer.max_epochs=240", "dry_run=true")
+    student = cfg.student.name
+    teacher = cfg.teachers.members.teacher
+    assert pair == f"{teacher.arch.name}_{student}" and list(cfg.teachers.members) == ["teacher"]
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov) == (
+        0.01 if student in MOBILE else 0.05, 0.9, 5e-4, False,
+    )  # fmt: skip
+    assert list(cfg.scheduler.milestones) == [150, 180, 210] and cfg.scheduler.gamma == 0.1
+    assert (cfg.data.batch_size, cfg.data.val_fraction, cfg.data.augment.crop_padding) == (64, 0, 4)
+    assert cfg.data.augment.hflip and cfg.test_each_epoch
+    # the teacher, when no file is given, is trained with RepDistiller's teacher protocol
+    assert (teacher.fit.max_epochs, teacher.fit.optim.lr, list(teacher.fit.scheduler.milestones)) == (
+        240, 0.05, [150, 180, 210],
+    )  # fmt: skip
+    r = run(cfg)
+    assert r["status"] == "dry_run" and "val=0" in r["dry_run_summary"]
+
+
+METHODS = sorted(p.stem for p in (ROOT / "conf" / "distill").glob("*.yaml") if p.stem != "camkd")
+
+
+@pytest.mark.parametrize("distill", METHODS)
+def test_every_single_teacher_method_composes_with_a_pair(distill, cifar100_root, tmp_path, cache_dir):
+    cfg = _pair_cfg(
+        "resnet32x4_resnet8x4", cifar100_root, tmp_path, cache_dir, f"distill={distill}", "dry_run=true"
+    )
+    assert run(cfg)["status"] == "dry_run"
+
+
+@pytest.mark.slow
+def test_bench_cifar100_end_to_end_with_a_released_teacher(cifar100_root, tmp_path):
+    """A RepDistiller-format teacher file is used as it is (not fitted); student, KD and DKD one step each."""
+    teachers = tmp_path / "released"
+    (teachers / "resnet56_vanilla").mkdir(parents=True)
+    model = create_model({"name": "resnet56"}, 100, (3, 32, 32))
+    released = {"epoch": 240, "model": model.state_dict(), "accuracy": torch.tensor(72.3), "optimizer": {}}
+    torch.save(released, teachers / "resnet56_vanilla" / "ckpt_epoch_240.pth")
+    out = tmp_path / "bench"
+    cmd = [
+        sys.executable, "bench/cifar100.py", f"--data-root={cifar100_root}", f"--teachers={teachers}",
+        "--pairs=resnet56_resnet20", "--methods=student,kd,dkd", "--seeds=0", f"--out={out}", "--",
+        "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "data.num_workers=0", "logger=none",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    [table] = list(out.rglob("cifar100_table.csv"))
+    rows = {r["method"]: r for r in csv.DictReader(table.open())}
+    assert sorted(rows) == ["dkd", "kd", "student"]
+    assert rows["kd"]["published (%)"] == "70.66 (RepDistiller)"
+    assert rows["dkd"]["published (%)"] == "71.97 (mdistiller)"
+    assert rows["student"]["published (%)"] == "69.06 (RepDistiller)"
+    assert rows["kd"]["teacher (published, %)"] == "72.34 (RepDistiller)"
+    for r in rows.values():
+        assert r["seeds"] == "1" and r["ours, last epoch (%)"] != "—"
+    assert rows["kd"]["teacher (ours, %)"] != "—" and rows["student"]["teacher (ours, %)"] == "—"
+    results = [json.loads(p.read_text()) for p in out.rglob("results.json")]
+    used = {r["distill"]: r for r in results}
+    assert used["kd"]["teacher_checkpoints"] == {
+        "teacher": str(teachers / "resnet56_vanilla" / "ckpt_epoch_240.pth")
+    }
+    assert not list((tmp_path / "cache").rglob("teacher-*.pt"))  # nothing was fitted
+    assert "distill.terms.dkd.beta=2.0" in proc.stdout  # mdistiller's β for this pair
