@@ -68,7 +68,12 @@ def instantiate_datamodule(data_cfg: Mapping[str, Any]) -> TensorDataModule:
         raise ConfigError(
             f"data has unknown key(s) {unknown}; valid keys for {cls.__name__}: {choices(valid)}"
         )
-    return instantiate(data_cfg, "data", _convert_="all")
+    # transform lists hold their own `_target_`s: the data module builds them itself (and names a bad one),
+    # rather than Hydra's recursive instantiation
+    lists = {k: data_cfg.pop(k) for k in ("train_transforms", "eval_transforms") if k in data_cfg}
+    if not lists:
+        return instantiate(data_cfg, "data", _convert_="all")
+    return instantiate({**data_cfg, "_partial_": True}, "data", _convert_="all")(**lists)
 
 
 def model_spec(cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -167,6 +167,11 @@ def build_teachers(
                     f"{where}.checkpoint=null to fit this teacher into the cache under {Path(cache_dir) / 'teachers'}"
                 )
             archs[name] = spec.arch if spec.arch is not None else arch_from_file(path, where)
+        elif spec.arch.get("weights") and not spec.fit_if_missing:
+            # torchvision's pretrained weights are the teacher as they are: nothing to fit or cache
+            check_weights_head(spec.arch, num_classes, where)
+            paths[name], archs[name] = None, spec.arch
+            continue
         else:
             path = teacher_cache_path(cache_dir, data_name, name, spec, data_cfg)
             archs[name] = spec.arch
@@ -185,7 +190,9 @@ def build_teachers(
     for name, spec in specs.items():
         path, arch = paths[name], archs[name]
         model = create_model(dict(arch), num_classes, input_shape)
-        if not path.is_file() and dry_run:
+        if path is None:
+            checkpoints[name] = f"torchvision weights {arch['weights']}"
+        elif not path.is_file() and dry_run:
             unfitted.append(name)
         else:
             if not path.is_file():
@@ -196,10 +203,30 @@ def build_teachers(
             load_weights(model, path, owner=f"teacher {name!r}", arch=arch)
         members[name] = model
         aliases[name] = dict(spec.taps)
-        checkpoints[name] = str(path)
+        checkpoints.setdefault(name, str(path))
     ensemble = TeacherEnsemble(members, aliases, weights, checkpoints)
     ensemble.unfitted = unfitted
     return ensemble
+
+
+def check_weights_head(arch: Mapping[str, Any], num_classes: int, where: str) -> None:
+    """A teacher taken from torchvision weights keeps their classifier: it must have the data's classes.
+    Checked from the weights' metadata, before anything is downloaded."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(arch["name"])[arch["weights"]]
+    except (KeyError, ValueError) as e:
+        raise ConfigError(
+            f"{where}.arch.weights={arch['weights']!r} is not a torchvision weights name for {arch['name']!r} ({e})"
+        ) from None
+    classes = len(weights.meta.get("categories") or [])
+    if classes != num_classes:
+        raise ConfigError(
+            f"{where}: torchvision weights {arch['weights']} classify {classes} classes, the data has "
+            f"{num_classes}; a teacher is used as it is, so give it a checkpoint made for this data "
+            f"({where}.checkpoint), or fine-tune it here from those weights: {where}.fit_if_missing=true"
+        )
 
 
 def arch_from_file(path: Path, where: str) -> dict[str, Any]:

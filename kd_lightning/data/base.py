@@ -380,7 +380,15 @@ class TensorDataModule(pl.LightningDataModule):
             collate_fn=self._collate(ds),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
         )
+
+    @property
+    def pin_memory(self) -> bool:
+        """Page-locked batches when a GPU will read them (faster host-to-device copies)."""
+        trainer = getattr(self, "trainer", None)
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        return on_gpu
 
     def _trainer_epoch(self) -> int | None:
         trainer = getattr(self, "trainer", None)

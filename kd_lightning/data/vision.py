@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -158,15 +159,11 @@ class MNISTDataModule(TensorDataModule):
 
 
 class _ImageFiles(Dataset):
-    """Images read lazily from disk, resized and centre-cropped to `image_size`, as uint8 (C, H, W)."""
+    """Images read lazily from disk and passed through `transform` (PIL in), as uint8 (C, H, W) tensors."""
 
-    def __init__(self, samples: list[tuple[str, int]], image_size: int):
-        from torchvision import transforms
-
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable[[Any], Any]):
         self.samples = samples
-        self.transform = transforms.Compose(
-            [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()]
-        )
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -182,6 +179,53 @@ class _ImageFiles(Dataset):
         with open(path, "rb") as f:
             img = Image.open(io.BytesIO(f.read())).convert("RGB")
         return self.transform(img), label, i
+
+
+def image_pipeline(
+    specs: list[Any] | None, image_size: int | None, key: str
+) -> Callable[[Any], torch.Tensor]:
+    """A PIL image → uint8 (C, H, W) tensor: the `specs` (torchvision transforms, each a mapping with
+    `_target_` and its arguments, applied in order), or Resize + CenterCrop to `image_size` when null.
+    Normalisation is not part of it: the data module normalises batches on their device."""
+    import hydra
+    from torchvision.transforms import v2
+
+    if specs is None:
+        if image_size is None:
+            raise ConfigError(f"data.image_size or data.{key} must be set (the size images are brought to)")
+        steps: list[Any] = [v2.Resize(image_size), v2.CenterCrop(image_size)]
+    else:
+        if isinstance(specs, str | Mapping) or not isinstance(specs, list | tuple):
+            raise ConfigError(
+                f"data.{key} must be a list of transforms ({{_target_: ..., args}}), got {specs!r}"
+            )
+        steps = []
+        for i, spec in enumerate(specs):
+            if not isinstance(spec, Mapping) or "_target_" not in spec:
+                raise ConfigError(
+                    f"data.{key}[{i}] must be a mapping with _target_ (e.g. "
+                    f"{{_target_: torchvision.transforms.v2.RandomResizedCrop, size: 224}}), got {spec!r}"
+                )
+            try:
+                steps.append(hydra.utils.instantiate(dict(spec)))
+            except Exception as e:
+                cause = e.__cause__ or e
+                raise ConfigError(
+                    f"data.{key}[{i}] ({spec['_target_']}): {cause}".replace("\n", " ")
+                ) from None
+    return v2.Compose([*steps, v2.PILToTensor(), _PlainTensor()])
+
+
+class _PlainTensor:
+    """torchvision's tv_tensors.Image → a plain uint8 tensor (what the collate and the stores expect)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 3:
+            raise ConfigError(
+                f"image transforms must end in a PIL image or a uint8 (C, H, W) tensor; got {type(x).__name__} "
+                f"{getattr(x, 'dtype', '')} — leave out ToTensor/Normalize (batches are normalised on device)"
+            )
+        return x.as_subclass(torch.Tensor)
 
 
 class ImageFolderDataModule(TensorDataModule):
@@ -202,9 +246,11 @@ class ImageFolderDataModule(TensorDataModule):
         root: str,
         test_root: str | None = None,
         test_fraction: float = 0.2,
-        image_size: int = 32,
+        image_size: int | None = 32,
         mean: tuple[float, ...] = (0.485, 0.456, 0.406),
         std: tuple[float, ...] = (0.229, 0.224, 0.225),
+        train_transforms: list[Any] | None = None,
+        eval_transforms: list[Any] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -213,7 +259,26 @@ class ImageFolderDataModule(TensorDataModule):
         self.test_fraction = as_float(
             "data.test_fraction", test_fraction, 0.0, 1.0, open_low=True, open_high=True
         )
-        self.image_size = as_int("data.image_size", image_size, 1)
+        self.image_size = None if image_size is None else as_int("data.image_size", image_size, 1)
+        if eval_transforms is not None and train_transforms is None:
+            raise ConfigError(
+                "data.eval_transforms is set but data.train_transforms is not: set both (training images "
+                "would otherwise get another size than evaluation images)"
+            )
+        if eval_transforms is not None and self.image_size is not None:
+            raise ConfigError(
+                "data.image_size sizes the default transforms only; with data.train_transforms and "
+                "data.eval_transforms set, give the sizes there and set data.image_size=null"
+            )
+        # random per-image transforms (RandomResizedCrop...) make every epoch's view new
+        self.custom_train = train_transforms is not None
+        if self.custom_train and self.views is not None:
+            raise ConfigError(
+                "data.augment.views records crop/flip views per sample; it cannot be combined with "
+                "data.train_transforms (a fresh view per step). Drop one of them"
+            )
+        self.train_transform = image_pipeline(train_transforms, self.image_size, "train_transforms")
+        self.eval_transform = image_pipeline(eval_transforms, self.image_size, "eval_transforms")
         self.mean_std = (tuple(mean), tuple(std))
 
     def _scan(self, root: Path, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
@@ -258,11 +323,21 @@ class ImageFolderDataModule(TensorDataModule):
         order, test = self._keep_classes(order, lookup), self._keep_classes(test, lookup)
         val_idx, tr_idx = self.split_train_val(len(order))
         splits = {
-            "train": _ImageFiles([order[i] for i in tr_idx.tolist()], self.image_size),
-            "val": _ImageFiles([order[i] for i in val_idx.tolist()], self.image_size),
-            "test": _ImageFiles(test, self.image_size),
+            "train": _ImageFiles([order[i] for i in tr_idx.tolist()], self.train_transform),
+            "val": _ImageFiles([order[i] for i in val_idx.tolist()], self.eval_transform),
+            "test": _ImageFiles(test, self.eval_transform),
         }
+        shapes = {k: tuple(ds[0][0].shape) for k, ds in splits.items() if len(ds)}
+        if len(set(shapes.values())) > 1:
+            raise ConfigError(
+                f"data.train_transforms and data.eval_transforms give images of different shapes {shapes}; "
+                "end both in the same size (e.g. RandomResizedCrop 224 and CenterCrop 224)"
+            )
         return splits, len(self.class_names)
+
+    @property
+    def augments_training(self) -> bool:
+        return self.custom_train or super().augments_training
 
     def fit_normalization(self) -> None:
         mean, std = self.mean_std
