@@ -288,9 +288,13 @@ def cc_by_hand(s, t, gamma):
     return ((corr(t) - corr(s)) ** 2).sum().item() / (b * b)
 
 
+def _cc(s, t, **kw):
+    return create_loss("cc", {"student_shape": tuple(s.shape[1:]), "teacher_shape": tuple(t.shape[1:])}, **kw)
+
+
 def test_cc_taylor_series_converges_to_the_gaussian_kernel_and_order_two_is_the_formula():
     s, t = rand(5, 6), rand(5, 3)
-    assert create_loss("cc", gamma=0.4, order=20)(s, t).item() == pytest.approx(
+    assert _cc(s, t, mode="paper", gamma=0.4, order=20)(s, t).item() == pytest.approx(
         cc_by_hand(s, t, 0.4), rel=1e-5
     )
 
@@ -301,8 +305,28 @@ def test_cc_taylor_series_converges_to_the_gaussian_kernel_and_order_two_is_the_
         return math.exp(-0.8) * (1 + 0.8 * c + 0.32 * c * c)
 
     expect = ((corr2(t) - corr2(s)) ** 2).sum().item() / 25
-    assert create_loss("cc", gamma=0.4, order=2)(s, t).item() == pytest.approx(expect, rel=1e-5)
-    assert create_loss("cc")(s * 4, t / 3).item() == pytest.approx(create_loss("cc")(s, t).item(), rel=1e-5)
+    assert _cc(s, t, mode="paper", gamma=0.4, order=2)(s, t).item() == pytest.approx(expect, rel=1e-5)
+    paper = _cc(s, t, mode="paper")
+    assert paper(s * 4, t / 3).item() == pytest.approx(paper(s, t).item(), rel=1e-5)
+
+
+def test_cc_default_computes_what_repdistiller_computes():
+    """RepDistiller's Correlation on LinearEmbed(feat_dim) of each side: Δ = |e_S − e_T|,
+    mean over i of Σ_d Δ_i,d Δ_i+1,d, written out here with explicit loops."""
+    s, t = rand(5, 6), rand(5, 3)
+    cc = _cc(s, t)
+    assert cc.embed_s.out_features == cc.embed_t.out_features == 128
+    with torch.no_grad():
+        es = (s @ cc.embed_s.weight.T + cc.embed_s.bias).double()
+        et = (t @ cc.embed_t.weight.T + cc.embed_t.bias).double()
+    rows = [
+        sum(abs(es[i, d] - et[i, d]) * abs(es[i + 1, d] - et[i + 1, d]) for d in range(128)) for i in range(4)
+    ]
+    assert cc(s, t).item() == pytest.approx(float(sum(rows) / 4), rel=1e-5)
+    with pytest.raises(ConfigError, match="cc gamma belongs to mode=paper; mode=code takes feat_dim"):
+        _cc(s, t, gamma=0.4)
+    with pytest.raises(ConfigError, match="cc feat_dim belongs to mode=code"):
+        _cc(s, t, mode="paper", feat_dim=64)
 
 
 # --- AT ---------------------------------------------------------------------------------------------------

@@ -12,8 +12,12 @@ the teachers' features may have different sizes (no adapter needed; `shape_free`
   p^T log((p^T + ε) / (p^S + ε)), features divided by (‖x‖ + ε). `mode: paper`: conditional
   probabilities p_{i|j} = K_ij / Σ_{k≠j} K_kj (i ≠ j), L = Σ_j Σ_{i≠j} p^T_{i|j} log(p^T_{i|j} / p^S_{i|j})
   averaged over the batch: about b times larger than `code` for a batch of b, so scale its weight.
-- CC, Correlation Congruence (Peng et al., ICCV 2019): correlation matrices of L2-normalised features
-  under a Gaussian RBF kernel, exp(−γ‖x − y‖²), expanded to order P in Taylor series; L = ‖C_T − C_S‖²_F / b².
+- CC, Correlation Congruence (Peng et al., ICCV 2019). `mode: code` (default; RepDistiller's `Correlation`,
+  the authors' code as RepDistiller received it, which its weight 0.02 belongs to): student and teacher
+  features each go through a trainable linear embedding to `feat_dim` (128), Δ = |e_S − e_T|, and
+  L = mean over i < b of Σ_d Δ_{i,d} Δ_{i+1,d} (consecutive samples of the batch). `mode: paper`:
+  correlation matrices of L2-normalised features under a Gaussian RBF kernel exp(−γ‖x − y‖²), expanded to
+  order P in Taylor series; L = ‖C_T − C_S‖²_F / b² (no parameters; a different scale: tune its weight).
 """
 
 from __future__ import annotations
@@ -120,11 +124,36 @@ class PKT(nn.Module):
 @register_loss("cc")
 class CorrelationCongruence(nn.Module):
     shape_free = True
+    MODES = ("code", "paper")
 
-    def __init__(self, gamma: float = 0.4, order: int = 2):
+    def __init__(
+        self,
+        student_shape: tuple[int, ...],
+        teacher_shape: tuple[int, ...],
+        mode: str = "code",
+        feat_dim: int | None = None,
+        gamma: float | None = None,
+        order: int | None = None,
+    ):
         super().__init__()
-        self.gamma = as_float("cc gamma", gamma, 0.0, open_low=True)
-        self.order = as_int("cc order", order, 0)
+        if mode not in self.MODES:
+            raise ConfigError(f"cc mode must be one of {', '.join(self.MODES)}, got {mode!r}")
+        self.mode = mode
+        own, other = (
+            (("feat_dim",), ("gamma", "order")) if mode == "code" else (("gamma", "order"), ("feat_dim",))
+        )
+        given = {"feat_dim": feat_dim, "gamma": gamma, "order": order}
+        stray = [k for k in other if given[k] is not None]
+        if stray:
+            raise ConfigError(f"cc {stray[0]} belongs to mode={'paper' if mode == 'code' else 'code'}; "
+                              f"mode={mode} takes {', '.join(own)}")  # fmt: skip
+        if mode == "code":
+            dim = as_int("cc feat_dim", 128 if feat_dim is None else feat_dim, 1)
+            self.embed_s = nn.Linear(math.prod(student_shape), dim)
+            self.embed_t = nn.Linear(math.prod(teacher_shape), dim)
+            return
+        self.gamma = as_float("cc gamma", 0.4 if gamma is None else gamma, 0.0, open_low=True)
+        self.order = as_int("cc order", 2 if order is None else order, 0)
         if self.order > 20:
             raise ConfigError(f"cc order must be <= 20, got {self.order}")
 
@@ -136,5 +165,8 @@ class CorrelationCongruence(nn.Module):
         )
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.mode == "code":
+            delta = (self.embed_s(_flat(s)) - self.embed_t(_flat(t))).abs()
+            return (delta[:-1] * delta[1:]).sum(1).mean()
         b = s.shape[0]
         return (self._correlation(t) - self._correlation(s)).pow(2).sum() / (b * b)
