@@ -27,7 +27,7 @@ from kd_lightning.optim import build_optim
 from kd_lightning.pretrain import resolve_pretrained
 from kd_lightning.specs import CacheSpec, FitSpec, PerfSpec, parse
 from kd_lightning.store import TapStore, TopKLogitsStore, file_digest, store_key
-from kd_lightning.taps import FeatureTaps
+from kd_lightning.taps import FeatureTaps, stages
 from kd_lightning.teacher_cache import TeacherOutputs
 from kd_lightning.teachers import TeacherEnsemble, build_teachers, data_identity
 
@@ -165,6 +165,7 @@ def build_module(
     perf = parse(PerfSpec, to_dict(cfg.get("perf")), "perf")
     student_spec = model_spec(cfg.student)
     student = create_model(student_spec, dm.num_classes, dm.input_shape)
+    distill = expand_stage_terms(distill, student, teachers)
     student_aliases = dict(student_spec.get("taps") or {})
     student_taps = FeatureTaps(
         student, Objective.student_taps(distill), aliases=student_aliases, owner="student"
@@ -201,6 +202,38 @@ def build_module(
         teacher_outputs=outputs,
         channels_last=perf.channels_last and images,
     )
+
+
+def expand_stage_terms(
+    distill: Mapping[str, Any], student: nn.Module, teachers: TeacherEnsemble | None
+) -> dict[str, Any]:
+    """A term whose taps are `stages` becomes one term per stage, `<name>1` … `<name>K`, each with the
+    term's weight: RepDistiller sums AT's and NST's per-stage losses and weighs the sum. K is the fewest
+    stages among the student and the teachers (RepDistiller zips the two lists); a model that declares no
+    stages has one, its last feature map (kd_lightning.taps.stages)."""
+    terms = distill.get("terms") or {}
+    staged = [
+        n
+        for n, t in terms.items()
+        if isinstance(t, Mapping) and "stages" in (t.get("student_tap"), t.get("teacher_tap"))
+    ]
+    if not staged:
+        return dict(distill)
+    models = [student, *(teachers.members.values() if teachers is not None else [])]
+    k = min(len(stages(m)) for m in models)
+    expanded: dict[str, Any] = {}
+    for name, term in terms.items():
+        if name not in staged:
+            expanded[name] = term
+            continue
+        if (term.get("student_tap"), term.get("teacher_tap") or "stages") != ("stages", "stages"):
+            raise ConfigError(
+                f"distill.terms.{name}: student_tap and teacher_tap must both be 'stages' (one term per stage), "
+                f"got {term.get('student_tap')!r} and {term.get('teacher_tap')!r}"
+            )
+        for i in range(1, k + 1):
+            expanded[f"{name}{i}"] = {**term, "student_tap": f"stage{i}", "teacher_tap": f"stage{i}"}
+    return {**distill, "terms": expanded}
 
 
 def apply_perf(perf: PerfSpec, models: Iterable[nn.Module], images: bool) -> None:

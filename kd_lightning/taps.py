@@ -6,13 +6,18 @@ A tap spec is one of:
 - `map`: the last feature map before global pooling (the input of the last adaptive/average pooling,
   or of the last nn.Flatten that follows other layers), for any CNN — what AT, NST and FitNet read;
 - `<module name>`: that module's output, e.g. `layer3`, `features.7`;
-- `<module name>:input`: that module's (first) input.
+- `<module name>:input`: that module's (first) input;
+- `stage<k>`: the k-th stage's output of a model that declares its stages (`stage_taps`, the CIFAR zoo:
+  layer1..3 of a CIFAR ResNet, ...); `stage1` of any other model is its `map`. A term whose taps are
+  `stages` becomes one term per stage (kd_lightning.build.expand_stage_terms), as RepDistiller sums AT
+  and NST over the stages.
 Aliases (a dict alias → spec, from the model's `taps` config) let terms name one role, say `embed`,
 across teachers of different architectures.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -53,6 +58,8 @@ def resolve_tap(
 ) -> str:
     """Turn a tap name or alias into a concrete spec ('logits', 'name' or 'name:input'), or fail clearly."""
     spec = (aliases or {}).get(tap, tap)
+    if STAGE.fullmatch(spec):
+        spec = stage_tap(model, int(spec[len("stage") :]), owner)
     if spec in _OUTPUT_NAMES:
         return OUTPUT
     if spec == "map":
@@ -76,6 +83,25 @@ def resolve_tap(
             f"unknown tap {tap!r} for {owner} ({type(model).__name__}); valid taps: {choices(valid, 60)}"
         )
     return name if where in ("", "output") else f"{name}:input"
+
+
+STAGE = re.compile(r"stage[1-9][0-9]*")
+
+
+def stages(model: nn.Module) -> tuple[str, ...]:
+    """The modules whose outputs are the model's stage features (`stage_taps` of the CIFAR zoo models, the
+    layers RepDistiller's multi-layer terms read); a model that declares none has one: its last map."""
+    return tuple(getattr(model, "stage_taps", None) or ("map",))
+
+
+def stage_tap(model: nn.Module, k: int, owner: str) -> str:
+    names = stages(model)
+    if k > len(names):
+        raise ConfigError(
+            f"tap 'stage{k}': {owner} ({type(model).__name__}) has {len(names)} stage(s): "
+            + ", ".join(f"stage{i + 1} = {n}" for i, n in enumerate(names))
+        )
+    return names[k - 1]
 
 
 class FeatureTaps:

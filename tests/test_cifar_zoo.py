@@ -73,3 +73,36 @@ def test_torchvision_source_reaches_torchvisions_model_of_the_same_name():
         ConfigError, match="'resnet8x4' .source: torchvision. is not a torchvision classifier"
     ):
         create_model({"name": "resnet8x4", "source": "torchvision"}, 10, (3, 32, 32))
+
+
+def test_stage_taps_are_repdistillers_feature_layers_and_expand_multi_layer_terms():
+    from types import SimpleNamespace
+
+    from kd_lightning.build import expand_stage_terms
+    from kd_lightning.taps import FeatureTaps
+
+    x = torch.randn(2, 3, 32, 32)
+    resnet = create_model({"name": "resnet8"}, 10, (3, 32, 32)).eval()
+    feats = FeatureTaps(resnet, ["stage1", "stage2", "stage3"])(x)
+    out = torch.relu(resnet.bn1(resnet.conv1(x)))
+    for k, layer in enumerate((resnet.layer1, resnet.layer2, resnet.layer3), 1):
+        out = layer(out)
+        torch.testing.assert_close(feats[f"stage{k}"], out)
+    vgg = create_model({"name": "vgg8"}, 10, (3, 32, 32)).eval()
+    vgg_feats = FeatureTaps(vgg, ["stage1", "stage4"])(x)
+    assert vgg_feats["stage1"].min() >= 0 and vgg_feats["stage1"].shape[-1] == 16  # after the block's ReLU
+    cnn = create_model({"name": "cnn"}, 10, (3, 32, 32))
+    assert (
+        FeatureTaps(cnn, ["stage1"]).specs["stage1"] == FeatureTaps(cnn, ["map"]).specs["map"]
+    )  # its last map
+    with pytest.raises(ConfigError, match=r"tap 'stage2'.*has 1 stage\(s\): stage1 = map"):
+        FeatureTaps(cnn, ["stage2"])
+    term = {"distance": "at", "weight": 1000.0, "student_tap": "stages", "teacher_tap": "stages"}
+    teachers = SimpleNamespace(members={"t": vgg})  # 4 stages; the ResNet student has 3: zipped to 3
+    expanded = expand_stage_terms({"terms": {"at": term, "kd": {"distance": "kl"}}}, resnet, teachers)[
+        "terms"
+    ]
+    assert list(expanded) == ["at1", "at2", "at3", "kd"]
+    assert expanded["at2"] == {**term, "student_tap": "stage2", "teacher_tap": "stage2"}
+    with pytest.raises(ConfigError, match="student_tap and teacher_tap must both be 'stages'"):
+        expand_stage_terms({"terms": {"at": {**term, "teacher_tap": "map"}}}, resnet, teachers)

@@ -346,9 +346,15 @@ def test_at_matches_the_paper_and_ignores_channels_and_scale(mode):
     at = create_loss("at", mode=mode)
     assert at(s, t).item() == pytest.approx(at_by_hand(s, t, mode), rel=1e-5)
     assert at(s * 5, t).item() == pytest.approx(at(s, t).item(), rel=1e-4)
-    big = rand(3, 4, 10, 10)  # a larger student map is resized to the teacher's size first
-    resized = F.interpolate(big, size=(5, 5), mode="bilinear", align_corners=False)
-    assert at(big, t).item() == pytest.approx(at_by_hand(resized, t, mode), rel=1e-5)
+    if mode == "code":  # RepDistiller: whichever map is larger is average-pooled to the other's size
+        small = rand(3, 4, 2, 2)
+        pooled = F.adaptive_avg_pool2d(t, (2, 2))
+        assert at(small, t).item() == pytest.approx(at_by_hand(small, pooled, mode), rel=1e-5)
+        assert at(t, small).item() == pytest.approx(at_by_hand(pooled, small, mode), rel=1e-5)
+    else:  # the student map is resized to the teacher's
+        small = rand(3, 4, 3, 3)
+        resized = F.interpolate(small, size=(5, 5), mode="bilinear", align_corners=False)
+        assert at(small, t).item() == pytest.approx(at_by_hand(resized, t, mode), rel=1e-5)
 
 
 def test_at_on_vectors_is_a_clear_error():
@@ -379,6 +385,9 @@ def test_nst_matches_the_paper_and_ignores_channel_scale():
     per_channel = torch.rand(1, 3, 1, 1, generator=G) + 0.1
     assert nst(s * per_channel, t).item() == pytest.approx(nst(s, t).item(), rel=1e-4)
     assert nst(t, t).item() == pytest.approx(0.0, abs=1e-6)
+    big = rand(2, 5, 8, 8)  # RepDistiller: the larger map average-pooled to the smaller's size
+    pooled = F.adaptive_avg_pool2d(big, (4, 4))
+    assert nst(s, big).item() == pytest.approx(nst_by_hand(s, pooled), rel=1e-5)
 
 
 # --- VID --------------------------------------------------------------------------------------------------

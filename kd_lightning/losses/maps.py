@@ -1,5 +1,6 @@
 """Methods on feature maps (B, C, H, W) or (B, C, L). Channel counts may differ between student and
-teacher (`shape_free`); a student map of another spatial size is resized to the teacher's first.
+teacher (`shape_free`). Spatial sizes may differ: AT (mode code) and NST average-pool the larger map to the
+smaller's size (RepDistiller's computation); AT's paper mode and ICKD resize the student map to the teacher's.
 
 - AT, Attention Transfer (Zagoruyko & Komodakis, ICLR 2017): Q = Σ_c |A_c|^p flattened and
   L2-normalised per sample. `mode: code` (the authors' released code and RepDistiller) is the mean
@@ -15,6 +16,8 @@ teacher (`shape_free`); a student map of another spatial size is resized to the 
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +43,15 @@ def match_size(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.interpolate(s, size=t.shape[2:], mode=mode, align_corners=False)
 
 
+def pool_to_smaller(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The larger of two maps average-pooled to the smaller's spatial size (RepDistiller's AT and NST)."""
+    if s.shape[2:] == t.shape[2:]:
+        return s, t
+    if math.prod(s.shape[2:]) > math.prod(t.shape[2:]):
+        return F.adaptive_avg_pool2d(s, t.shape[2:]), t
+    return s, F.adaptive_avg_pool2d(t, s.shape[2:])
+
+
 @register_loss("at")
 class AttentionTransfer(nn.Module):
     shape_free = True
@@ -56,9 +68,10 @@ class AttentionTransfer(nn.Module):
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         _check_map(s, "at"), _check_map(t, "at")
+        if self.mode == "code":  # RepDistiller: the larger map pooled down, squared differences averaged
+            s, t = pool_to_smaller(s.float(), t.float())
+            return (self.attention(s) - self.attention(t)).pow(2).mean()
         qs, qt = self.attention(match_size(s.float(), t)), self.attention(t)
-        if self.mode == "code":
-            return (qs - qt).pow(2).mean()
         return (qs - qt).norm(p=2, dim=1).mean()
 
 
@@ -76,8 +89,9 @@ class NeuronSelectivityTransfer(nn.Module):
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         _check_map(s, "nst"), _check_map(t, "nst")
-        fs = F.normalize(match_size(s.float(), t).flatten(2), dim=2)  # (B, C_s, HW)
-        ft = F.normalize(t.float().flatten(2), dim=2)
+        s, t = pool_to_smaller(s.float(), t.float())  # as RepDistiller (the weight 50 is its)
+        fs = F.normalize(s.flatten(2), dim=2)  # (B, C_s, HW)
+        ft = F.normalize(t.flatten(2), dim=2)
         return (self._k(ft, ft) + self._k(fs, fs) - 2 * self._k(fs, ft)).mean()
 
 

@@ -84,6 +84,9 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
+    # the feature maps RepDistiller's multi-layer terms (AT, NST) read: each stage's output (taps stage1..)
+    stage_taps = ("layer1", "layer2", "layer3")
+
     def __init__(self, depth: int, filters: list[int], num_classes: int, in_channels: int):
         super().__init__()
         if (depth - 2) % 6 != 0:
@@ -134,6 +137,8 @@ class Bottleneck(nn.Module):
 
 class BottleneckResNet(nn.Module):
     """ResNet-50 for 32×32 inputs: 3×3 stride-1 stem, no max-pool, stages of 64-128-256-512 bottlenecks."""
+
+    stage_taps = ("layer1", "layer2", "layer3", "layer4")
 
     def __init__(self, blocks: list[int], num_classes: int, in_channels: int):
         super().__init__()
@@ -196,6 +201,8 @@ class WideStage(nn.Module):
 
 
 class WideResNet(nn.Module):
+    stage_taps = ("block1", "block2", "block3")
+
     def __init__(self, depth: int, widen: int, num_classes: int, in_channels: int, dropout: float = 0.0):
         super().__init__()
         if (depth - 4) % 6 != 0:
@@ -237,6 +244,9 @@ def _vgg_block(cin: int, widths: list[int]) -> nn.Sequential:
 
 
 class VGG(nn.Module):
+    # RepDistiller's VGG features are the blocks' outputs after their ReLU: these modules apply it
+    stage_taps = ("act1", "act2", "act3", "act4")
+
     def __init__(self, blocks: list[list[int]], num_classes: int, in_channels: int):
         super().__init__()
         cins = [in_channels] + [b[-1] for b in blocks[:-1]]
@@ -245,18 +255,19 @@ class VGG(nn.Module):
         )
         self.pool0, self.pool1, self.pool2, self.pool3 = (nn.MaxPool2d(2, 2) for _ in range(4))
         self.pool4 = nn.AdaptiveAvgPool2d(1)
+        self.act0, self.act1, self.act2, self.act3, self.act4 = (nn.ReLU() for _ in range(5))
         self.classifier = nn.Linear(blocks[-1][-1], num_classes)
         _init_normal_fan_out(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.shape[2]
-        x = self.pool0(F.relu(self.block0(x)))
-        x = self.pool1(F.relu(self.block1(x)))
-        x = self.pool2(F.relu(self.block2(x)))
-        x = F.relu(self.block3(x))
+        x = self.pool0(self.act0(self.block0(x)))
+        x = self.pool1(self.act1(self.block1(x)))
+        x = self.pool2(self.act2(self.block2(x)))
+        x = self.act3(self.block3(x))
         if h == 64:  # RepDistiller pools a fourth time only for 64×64 inputs
             x = self.pool3(x)
-        x = F.relu(self.block4(x))
+        x = self.act4(self.block4(x))
         return self.classifier(torch.flatten(self.pool4(x), 1))
 
 

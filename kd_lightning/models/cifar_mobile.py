@@ -54,6 +54,8 @@ class InvertedResidual(nn.Module):
 class InvertedResidualNet(nn.Module):
     """MobileNetV2's body: a strided 3×3 stem, inverted residual stages, a 1×1 convolution, a classifier."""
 
+    stage_taps = ("blocks.1", "blocks.2", "blocks.4", "blocks.6")  # RepDistiller's f1..f4
+
     # (expansion, channels, units, stride of the first unit); expansion None means the model's own
     _SETTING = ((1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2), (None, 96, 3, 1),
                 (None, 160, 3, 2), (None, 320, 1, 1))  # fmt: skip
@@ -114,6 +116,8 @@ class ShuffleUnitV1(nn.Module):
 
 
 class ShuffleNetV1(nn.Module):
+    stage_taps = ("layer1", "layer2", "layer3")
+
     def __init__(self, widths: list[int], units: list[int], groups: int, num_classes: int, in_channels: int):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 24, 1, bias=False)
@@ -182,6 +186,8 @@ class DownUnitV2(nn.Module):
 
 
 class ShuffleNetV2(nn.Module):
+    stage_taps = ("layer1", "layer2", "layer3")
+
     def __init__(self, widths: list[int], units: list[int], last: int, num_classes: int, in_channels: int):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 24, 1, bias=False)
