@@ -92,9 +92,9 @@ def test_readme_command(command, tmp_path, cache_dir, monkeypatch):
     assert job is not None
     if any(o.startswith("hydra/launcher=slurm") for o in job) or "data.download=true" in job:
         return  # a cluster or the network: composing it is what can be checked here
+    job = [o for o in job if not o.startswith(("hydra.", "hydra/"))]
     if any(_users_file(o) for o in job):
         return  # the user's own data or checkpoints (tests/test_cifar100.py runs those recipes on fixtures)
-    job = [o for o in job if not o.startswith(("hydra.", "hydra/"))]
     cfg = compose_cfg([*job, *QUIET, "dry_run=true"], tmp_path / "run", cache_dir)
     gpu = str(cfg.trainer.accelerator) in ("gpu", "cuda")
     if gpu and not torch.cuda.is_available():
