@@ -3,6 +3,7 @@ CIFAR-100-format fixture; and make bench-cifar100 end to end, one step per job."
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,13 @@ from .conftest import FAST_TRAINER, ROOT, compose_cfg, write_cifar
 
 PAIRS = json.loads((ROOT / "bench" / "data" / "cifar100_published.json").read_text())["pairs"]
 MOBILE = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+# each pair's teacher, as its experiment file names it
+TEACHER = {
+    p: re.search(
+        r"arch: \{name: (\S+)\}", (ROOT / "conf" / "experiment" / "cifar100" / f"{p}.yaml").read_text()
+    )[1]
+    for p in PAIRS
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +44,24 @@ def test_the_thirteen_pairs_of_the_crd_table():
     assert files == sorted(PAIRS) and len(files) == 13
 
 
+@pytest.fixture(scope="module")
+def released_teachers(tmp_path_factory) -> Path:
+    """RepDistiller-format files ({'epoch', 'model', 'best_acc', 'optimizer'}) for the table's six teachers."""
+    root = tmp_path_factory.mktemp("released")
+    for name in sorted(set(TEACHER.values())):
+        model = create_model({"name": name}, 100, (3, 32, 32))
+        (root / f"{name}_vanilla").mkdir()
+        state = {"epoch": 240, "model": model.state_dict(), "best_acc": 70.0, "optimizer": {}}
+        torch.save(state, root / f"{name}_vanilla" / "ckpt_epoch_240.pth")
+    return root
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("pair", sorted(PAIRS))
-def test_pair_carries_the_protocol_and_builds(pair, cifar100_root, tmp_path, cache_dir):
-    cfg = _pair_cfg(pair, cifar100_root, tmp_path, cache_dir, "trainer.max_epochs=240", "dry_run=true")
+def test_pair_carries_the_protocol_and_trains_a_batch(
+    pair, cifar100_root, released_teachers, tmp_path, cache_dir
+):
+    cfg = _pair_cfg(pair, cifar100_root, tmp_path, cache_dir, "trainer.max_epochs=240")
     student = cfg.student.name
     teacher = cfg.teachers.members.teacher
     assert pair == f"{teacher.arch.name}_{student}" and list(cfg.teachers.members) == ["teacher"]
@@ -52,8 +75,38 @@ def test_pair_carries_the_protocol_and_builds(pair, cifar100_root, tmp_path, cac
     assert (teacher.fit.max_epochs, teacher.fit.optim.lr, list(teacher.fit.scheduler.milestones)) == (
         240, 0.05, [150, 180, 210],
     )  # fmt: skip
+    released = released_teachers / f"{teacher.arch.name}_vanilla" / "ckpt_epoch_240.pth"
+    cfg = _pair_cfg(
+        pair, cifar100_root, tmp_path, cache_dir, f"teachers.members.teacher.checkpoint={released}",
+        "+trainer.fast_dev_run=true",
+    )  # fmt: skip
     r = run(cfg)
-    assert r["status"] == "dry_run" and "val=0" in r["dry_run_summary"]
+    assert r["status"] == "ok" and r["teacher_checkpoints"] == {"teacher": str(released)}
+    assert r["val_acc"] is None and r["last_test_acc"] is not None
+
+
+def test_the_protocols_learning_rate_schedule():
+    from omegaconf import OmegaConf
+
+    from kd_lightning.optim import build_optim
+
+    cfg = compose_cfg(["experiment=cifar100/vgg13_vgg8"], Path("/tmp/unused"), Path("/tmp/unused"))
+    setup = build_optim(OmegaConf.to_container(cfg.optim), OmegaConf.to_container(cfg.scheduler))
+    param = torch.nn.Parameter(torch.zeros(1))
+    conf = setup.configure([param], total_steps=240 * 782)
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert conf["lr_scheduler"]["interval"] == "epoch" and opt.defaults["nesterov"] is False
+    lrs = []
+    for _ in range(240):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[149] == pytest.approx(0.05) and lrs[150] == pytest.approx(0.005)
+    assert (
+        lrs[180] == pytest.approx(5e-4)
+        and lrs[210] == pytest.approx(5e-5)
+        and lrs[239] == pytest.approx(5e-5)
+    )
 
 
 METHODS = sorted(p.stem for p in (ROOT / "conf" / "distill").glob("*.yaml") if p.stem != "camkd")
