@@ -8,14 +8,14 @@ Usage: python bench/accuracy.py [--seeds 0,1,2] [--out bench/results/accuracy]
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from multirun import run_quietly  # noqa: E402
 
 from kd_lightning.report import collect, summarize, to_markdown  # noqa: E402
 
@@ -47,13 +47,9 @@ def main() -> None:
             f"seed={a.seeds}",
             f"hydra.sweep.dir={folder}",
         ]
-        print(f"[bench-accuracy] {label}: {' '.join(cmd[2:])}", flush=True)
-        proc = subprocess.run(
-            cmd, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            print(proc.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(f"[bench-accuracy] {label} failed (exit {proc.returncode})")
+        code = run_quietly(cmd, "bench-accuracy", f"{label}: {' '.join(cmd[2:])}")
+        if code != 0:
+            raise SystemExit(f"[bench-accuracy] {label} failed (exit {code})")
         df = collect(folder)
         row = summarize(df, ["teacher_set"]).iloc[0]
         teachers = {c.split("/", 1)[1]: df[c].mean() for c in df.columns if c.startswith("teacher_acc/")}

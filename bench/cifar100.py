@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from multirun import run_quietly  # noqa: E402
 
 from kd_lightning.report import collect  # noqa: E402
 
@@ -150,13 +150,7 @@ def main() -> None:
     failed = False
     for name, group, overrides in _sweeps(pairs, a.methods.split(",")):
         cmd = _command(group, overrides, a, out / name)
-        print("[bench-cifar100]", " ".join(cmd[2:]), flush=True)
-        proc = subprocess.run(
-            cmd, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            failed = True
-            print(proc.stderr[-4000:], file=sys.stderr)
+        failed |= run_quietly(cmd, "bench-cifar100") != 0
     wall = time.perf_counter() - t0
     df = collect(out)
     result = table(df)

@@ -9,14 +9,14 @@ Usage: python bench/methods.py [--seeds 0,1,2] [--epochs 30] [--jobs 2] [--metho
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from multirun import run_quietly  # noqa: E402
 
 from kd_lightning.report import collect, summarize, to_markdown  # noqa: E402
 
@@ -67,13 +67,7 @@ def main() -> None:
             "optim.lr=0.003", "trainer.enable_progress_bar=false", "print_summary=false", "logger=none",
             "hydra/launcher=local", f"hydra.launcher.n_jobs={a.jobs}", f"hydra.sweep.dir={out / '_'.join(group)}",
         ]  # fmt: skip
-        print("[bench-methods]", " ".join(cmd[2:]), flush=True)
-        proc = subprocess.run(
-            cmd, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            failed = True
-            print(proc.stderr[-4000:], file=sys.stderr)
+        failed |= run_quietly(cmd, "bench-methods") != 0
     wall = time.perf_counter() - t0
     df = collect(out)
     table = summarize(df, ["distill"])

@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -22,6 +20,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from multirun import run_quietly  # noqa: E402
 
 QUIET = ["trainer.enable_progress_bar=false", "print_summary=false"]
 
@@ -44,13 +44,9 @@ def multirun(
         f"hydra.sweep.dir={folder}",
     ]
     t0 = time.perf_counter()
-    print(f"[bench-papers] kd-train {' '.join(cmd[3:])}", flush=True)
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        print(proc.stderr[-4000:], file=sys.stderr)
-        raise SystemExit(f"[bench-papers] multirun into {folder} failed (exit {proc.returncode})")
+    code = run_quietly(cmd, "bench-papers", "kd-train " + " ".join(cmd[3:]))
+    if code != 0:
+        raise SystemExit(f"[bench-papers] multirun into {folder} failed (exit {code})")
     runs = []
     for path in sorted(folder.rglob("results.json")):
         r = json.loads(path.read_text())

@@ -13,6 +13,8 @@ any input size works and the `map` tap finds the last feature map.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -115,29 +117,44 @@ class ShuffleUnitV1(nn.Module):
         return F.relu(torch.cat([out, res], 1) if self.stride == 2 else out + res)
 
 
-class ShuffleNetV1(nn.Module):
+class _ShuffleNet(nn.Module):
+    """What ShuffleNet v1 and v2 share here: a 1×1 stem of 24 channels and three stages, `layer1..3`."""
+
     stage_taps = ("layer1", "layer2", "layer3")
 
-    def __init__(self, widths: list[int], units: list[int], groups: int, num_classes: int, in_channels: int):
+    def __init__(
+        self,
+        in_channels: int,
+        make_stage: Callable[[int, int, int], nn.Sequential],
+        widths: list[int],
+        units: list[int],
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 24, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
-        cin = 24
-        stages = []
+        cin, stages = 24, []
         for width, n in zip(widths, units, strict=True):
-            # the first unit is strided and concatenates its pooled input, so it makes width - cin channels
-            stage = [ShuffleUnitV1(cin, width - cin, 2, groups)]
-            stage += [ShuffleUnitV1(width, width, 1, groups) for _ in range(n - 1)]
-            stages.append(nn.Sequential(*stage))
+            stages.append(make_stage(cin, width, n))
             cin = width
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(cin, num_classes)
+
+    def stages(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x))))))
+
+
+class ShuffleNetV1(_ShuffleNet):
+    def __init__(self, widths: list[int], units: list[int], groups: int, num_classes: int, in_channels: int):
+        def stage(cin: int, width: int, n: int) -> nn.Sequential:
+            # the first unit is strided and concatenates its pooled input, so it makes width - cin channels
+            first = ShuffleUnitV1(cin, width - cin, 2, groups)
+            return nn.Sequential(first, *[ShuffleUnitV1(width, width, 1, groups) for _ in range(n - 1)])
+
+        super().__init__(in_channels, stage, widths, units)
+        self.linear = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.linear(torch.flatten(self.avgpool(x), 1))
+        return self.linear(torch.flatten(self.avgpool(self.stages(x)), 1))
 
 
 class ShuffleUnitV2(nn.Module):
@@ -185,28 +202,18 @@ class DownUnitV2(nn.Module):
         return _shuffle(torch.cat([left, right], 1), 2)
 
 
-class ShuffleNetV2(nn.Module):
-    stage_taps = ("layer1", "layer2", "layer3")
-
+class ShuffleNetV2(_ShuffleNet):
     def __init__(self, widths: list[int], units: list[int], last: int, num_classes: int, in_channels: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 24, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(24)
-        cin = 24
-        stages = []
-        for width, n in zip(widths, units, strict=True):
-            stages.append(nn.Sequential(DownUnitV2(cin, width), *[ShuffleUnitV2(width) for _ in range(n)]))
-            cin = width
-        self.layer1, self.layer2, self.layer3 = stages
-        self.conv2 = nn.Conv2d(cin, last, 1, bias=False)
+        def stage(cin: int, width: int, n: int) -> nn.Sequential:
+            return nn.Sequential(DownUnitV2(cin, width), *[ShuffleUnitV2(width) for _ in range(n)])
+
+        super().__init__(in_channels, stage, widths, units)
+        self.conv2 = nn.Conv2d(widths[-1], last, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(last)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(last, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn2(self.conv2(self.stages(x))))
         return self.linear(torch.flatten(self.avgpool(x), 1))
 
 

@@ -1,0 +1,22 @@
+"""The one way the benchmarks launch kd-train: print the command, run it quietly, show the end of its
+stderr when it fails."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_quietly(cmd: list[str], tag: str, shown: str | None = None) -> int:
+    """Run `cmd` in the repository root with warnings off; returns its exit code."""
+    print(f"[{tag}] {shown or ' '.join(cmd[2:])}", flush=True)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        print(proc.stderr[-4000:], file=sys.stderr)
+    return proc.returncode
