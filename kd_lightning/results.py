@@ -81,6 +81,9 @@ def run_labels(cfg: DictConfig) -> dict[str, Any]:
     """What results.json says a run is, before anything is checked: a broken key is reported by its owner
     (the label reads "unknown"), never by the labelling."""
     labels: dict[str, Any] = group_choices(cfg)
+    teachers = cfg.get("teachers")
+    if isinstance(teachers, DictConfig) and teachers.get("members"):
+        labels["teacher_fit_seed"] = teachers.get("fit_seed", 0)  # teachers.fit_seed: which fits of the set
     for key, fn in (("teacher_set", teacher_set_label), ("distance", distance_label)):
         try:
             labels[key] = fn(cfg)

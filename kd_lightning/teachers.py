@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from kd_lightning.errors import ConfigError, choices
+from kd_lightning.errors import ConfigError, as_int, choices
 from kd_lightning.fit_cache import fit_once, keyed_path
 from kd_lightning.models import create_model, load_weights
 from kd_lightning.models.weights import safe_load
@@ -152,12 +153,17 @@ def build_teachers(
             )
     if not selected:
         return None
+    # teacher variance: `teachers.fit_seed` is added to the fit seed of every member fitted here, so one
+    # sweep axis (teachers.fit_seed=0,1,2) refits the whole set with other seeds (each fit cached apart)
+    offset = as_int("teachers.fit_seed", teachers_cfg.get("fit_seed") or 0, 0)
     # Check every selected member first, so that a typo in the second one fails before the first is fitted.
     specs: dict[str, MemberSpec] = {}
     paths, weights, archs = {}, {}, {}
     for name in selected:
         where = f"teachers.members.{name}"
         spec = specs[name] = parse(MemberSpec, members_cfg[name], where)
+        if offset and not spec.checkpoint:
+            spec = specs[name] = replace(spec, fit=replace(spec.fit, seed=spec.fit.seed + offset))
         weights[name] = spec.weight
         if spec.checkpoint:
             path = Path(spec.checkpoint)
@@ -185,6 +191,11 @@ def build_teachers(
         paths[name] = path
     if sum(weights.values()) <= 0:
         raise ConfigError(f"the teachers' weights {weights} sum to 0; give at least one a weight > 0")
+    if offset and all(paths[n] is None or specs[n].checkpoint for n in selected):
+        raise ConfigError(
+            f"teachers.fit_seed={offset} changes nothing: every selected teacher comes from a file or from "
+            "torchvision weights, none is fitted here; leave it at 0"
+        )
 
     members, aliases, checkpoints, unfitted = {}, {}, {}, []
     for name, spec in specs.items():

@@ -138,3 +138,27 @@ def test_use_selects_members_and_rejects_unknown(tmp_path: Path):
 def test_unknown_member_key_is_reported(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['chekpoint'\]"):
         build_teachers({"members": {"t": _member(chekpoint="x")}}, 3, (4,), "d", {}, tmp_path)
+
+
+def test_teacher_fit_seed_refits_every_fitted_member_with_shifted_seeds(make_cfg):
+    """teachers.fit_seed: one sweep axis for teacher variance; each fit is cached apart, 0 is the default set."""
+    from kd_lightning.train import run
+
+    base = run(make_cfg("dry_run=true"))
+    shifted = run(make_cfg("dry_run=true", "teachers.fit_seed=1"))
+    assert base["teacher_fit_seed"] == 0 and shifted["teacher_fit_seed"] == 1
+    for name in ("cnn_s", "cnn_l"):
+        assert base["teacher_checkpoints"][name] != shifted["teacher_checkpoints"][name]
+    again = run(make_cfg("dry_run=true", "teachers.fit_seed=0"))
+    assert again["teacher_checkpoints"] == base["teacher_checkpoints"]
+
+
+def test_teacher_fit_seed_with_only_teachers_from_files_is_refused(make_cfg, tmp_path):
+    from kd_lightning.models import create_model, save_model
+    from kd_lightning.train import run
+
+    spec = {"name": "cnn", "channels": [4, 8]}
+    path = save_model(create_model(spec, 10, (1, 8, 8)), tmp_path / "t.pt", spec, 10, (1, 8, 8))
+    cfg = make_cfg("teachers.use=[cnn_s]", f"teachers.members.cnn_s.checkpoint={path}", "teachers.fit_seed=2")
+    with pytest.raises(ConfigError, match="teachers.fit_seed=2 changes nothing"):
+        run(cfg)
