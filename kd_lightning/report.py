@@ -91,6 +91,23 @@ def _half_width(std: float, n: int, level: float = 0.95) -> float:
     return float(t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n))
 
 
+def gain_interval(treated: Sequence[float], control: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Difference of means and the half-width of its Welch t interval (unequal variances): the gain of a
+    method over a control with the uncertainty of both (inf when either has fewer than 2 runs)."""
+    a, b = [float(v) for v in treated], [float(v) for v in control]
+    diff = sum(a) / len(a) - sum(b) / len(b)
+    if len(a) < 2 or len(b) < 2:
+        return diff, math.inf
+    from scipy.stats import t
+
+    va = sum((v - sum(a) / len(a)) ** 2 for v in a) / (len(a) - 1) / len(a)
+    vb = sum((v - sum(b) / len(b)) ** 2 for v in b) / (len(b) - 1) / len(b)
+    if va + vb == 0:
+        return diff, 0.0
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return diff, float(t.ppf(0.5 + level / 2, df) * math.sqrt(va + vb))
+
+
 def summarize(df: pd.DataFrame, keys: Sequence[str] = GROUP_KEYS, metric: str = "test_acc") -> pd.DataFrame:
     """Mean ± std of `metric` over seeds for each group, its 95 % confidence interval (t, over runs), and
     `verdict`: "best" only when the top row's interval clears every other row's; otherwise the rows whose

@@ -74,3 +74,17 @@ def test_plots_start_at_zero_and_mark_the_student_alone(tmp_path, monkeypatch):
     assert (0, 100) in limits  # the bar chart's axis starts at 0
     assert lines == [pytest.approx(90.0)]  # the baseline as a reference line
     assert mpimg.imread(tmp_path / "accuracy_by_teacher_set.png").shape[0] > 0
+
+
+def test_gain_interval_is_welchs_t_interval():
+    from scipy.stats import ttest_ind
+
+    from kd_lightning.report import gain_interval
+
+    a, b = [0.81, 0.80, 0.83, 0.79, 0.82], [0.78, 0.80, 0.76]
+    diff, half = gain_interval(a, b)
+    assert diff == pytest.approx(sum(a) / 5 - sum(b) / 3)
+    # the interval's edge is where Welch's test has p = 0.05
+    shifted = [v - (diff - half) for v in a]
+    assert ttest_ind(shifted, b, equal_var=False).pvalue == pytest.approx(0.05, rel=1e-6)
+    assert gain_interval([0.8], b)[1] == float("inf")
