@@ -66,6 +66,9 @@ def _sweeps(pairs: list[str], methods: list[str]) -> list[tuple[str, list[str], 
 def _command(pairs: list[str], overrides: list[str], a: argparse.Namespace, sweep_dir: Path) -> list[str]:
     cmd = [
         sys.executable, "-m", "kd_lightning.train", "-m",
+        # the groups the experiments choose, named too: Hydra composes a multirun's base config without
+        # its swept keys (experiment), and data.root / teachers.members.teacher must exist there
+        "data=cifar100", "teachers=cifar100_teacher",
         "experiment=" + ",".join(f"cifar100/{p}" for p in pairs), *overrides,
         f"seed={a.seeds}", f"data.root={a.data_root}",
         "trainer.enable_progress_bar=false", "print_summary=false",

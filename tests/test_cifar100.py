@@ -124,22 +124,31 @@ def test_every_single_teacher_method_composes_with_a_pair(distill, cifar100_root
 def test_bench_cifar100_end_to_end_with_a_released_teacher(cifar100_root, tmp_path):
     """A RepDistiller-format teacher file is used as it is (not fitted); student, KD and DKD one step each."""
     teachers = tmp_path / "released"
-    (teachers / "resnet56_vanilla").mkdir(parents=True)
-    model = create_model({"name": "resnet56"}, 100, (3, 32, 32))
-    released = {"epoch": 240, "model": model.state_dict(), "accuracy": torch.tensor(72.3), "optimizer": {}}
-    torch.save(released, teachers / "resnet56_vanilla" / "ckpt_epoch_240.pth")
+    for name in ("resnet56", "resnet110"):
+        (teachers / f"{name}_vanilla").mkdir(parents=True)
+        model = create_model({"name": name}, 100, (3, 32, 32))
+        released = {
+            "epoch": 240,
+            "model": model.state_dict(),
+            "accuracy": torch.tensor(72.3),
+            "optimizer": {},
+        }
+        torch.save(released, teachers / f"{name}_vanilla" / "ckpt_epoch_240.pth")
     out = tmp_path / "bench"
     cmd = [
         sys.executable, "bench/cifar100.py", f"--data-root={cifar100_root}", f"--teachers={teachers}",
-        "--pairs=resnet56_resnet20", "--methods=student,kd,dkd", "--seeds=0", f"--out={out}", "--",
+        "--pairs=resnet56_resnet20,resnet110_resnet32", "--methods=student,kd,dkd", "--seeds=0", f"--out={out}", "--",
         "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "data.num_workers=0", "logger=none",
         f"paths.cache_dir={tmp_path / 'cache'}",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     [table] = list(out.rglob("cifar100_table.csv"))
-    rows = {r["method"]: r for r in csv.DictReader(table.open())}
-    assert sorted(rows) == ["dkd", "kd", "student"]
+    table_rows = list(csv.DictReader(table.open()))
+    assert sorted((r["pair"], r["method"]) for r in table_rows) == [
+        (p, m) for p in ("resnet110_resnet32", "resnet56_resnet20") for m in ("dkd", "kd", "student")
+    ]
+    rows = {r["method"]: r for r in table_rows if r["pair"] == "resnet56_resnet20"}
     assert rows["kd"]["published (%)"] == "70.66 (RepDistiller)"
     assert rows["dkd"]["published (%)"] == "71.97 (mdistiller)"
     assert rows["student"]["published (%)"] == "69.06 (RepDistiller)"
@@ -148,9 +157,9 @@ def test_bench_cifar100_end_to_end_with_a_released_teacher(cifar100_root, tmp_pa
         assert r["seeds"] == "1" and r["ours, last epoch (%)"] != "—"
     assert rows["kd"]["teacher (ours, %)"] != "—" and rows["student"]["teacher (ours, %)"] == "—"
     results = [json.loads(p.read_text()) for p in out.rglob("results.json")]
-    used = {r["distill"]: r for r in results}
-    assert used["kd"]["teacher_checkpoints"] == {
-        "teacher": str(teachers / "resnet56_vanilla" / "ckpt_epoch_240.pth")
-    }
+    used = {(r["experiment"], r["distill"]): r for r in results}
+    for pair, name in (("resnet56_resnet20", "resnet56"), ("resnet110_resnet32", "resnet110")):
+        file = teachers / f"{name}_vanilla" / "ckpt_epoch_240.pth"
+        assert used[f"cifar100/{pair}", "kd"]["teacher_checkpoints"] == {"teacher": str(file)}
     assert not list((tmp_path / "cache").rglob("teacher-*.pt"))  # nothing was fitted
-    assert "distill.terms.dkd.beta=2.0" in proc.stdout  # mdistiller's β for this pair
+    assert "distill.terms.dkd.beta=2.0" in proc.stdout  # mdistiller's β for these pairs
