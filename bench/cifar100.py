@@ -124,6 +124,8 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
                 "teacher (published, %)": _published(pair, "teacher"),
             }
         )
+    order = {p: i for i, p in enumerate(PAIRS)}
+    rows.sort(key=lambda r: (order.get(r["pair"], len(order)), r["method"] != "student", r["method"]))
     return pd.DataFrame(rows)
 
 
