@@ -12,9 +12,8 @@ at the best epoch, mean ± std over seeds, next to the numbers RepDistiller's an
 folder of released teachers laid out as RepDistiller's fetch script and mdistiller's cifar_teachers.tar
 leave them: <teacher>_vanilla/ckpt_epoch_240.pth. Without it each pair's teacher is trained first with
 the same protocol (240 epochs) and cached. Method `student` is the student alone (cross-entropy only,
-no teacher); any other name is a conf/distill choice. DKD uses mdistiller's per-pair β (its
-configs/cifar100/dkd/*.yaml: 2 for the resnet56/resnet110 pairs, 6 for the wrn_40_2 and vgg13 pairs, its
-default 8 elsewhere), so the DKD jobs of a β other than 8 run as their own multirun.
+no teacher); any other name is a conf/distill choice, with the settings each pair's experiment gives it
+(method_defaults: RepDistiller's layers for FitNet and SP, mdistiller's per-pair DKD β).
 """
 
 from __future__ import annotations
@@ -36,30 +35,17 @@ from kd_lightning.report import collect  # noqa: E402
 
 PUBLISHED = json.loads((ROOT / "bench" / "data" / "cifar100_published.json").read_text())
 PAIRS = list(PUBLISHED["pairs"])
-# mdistiller's configs/cifar100/dkd/<pair>.yaml set DKD.BETA for these pairs; the rest keep its default 8
-DKD_BETA = {
-    "resnet56_resnet20": 2.0,
-    "resnet110_resnet32": 2.0,
-    "wrn_40_2_wrn_16_2": 6.0,
-    "wrn_40_2_wrn_40_1": 6.0,
-    "vgg13_vgg8": 6.0,
-    "vgg13_MobileNetV2": 6.0,
-}
 STUDENT_ALONE = ["teachers.use=[]", "distill=none"]
 
 
 def _sweeps(pairs: list[str], methods: list[str]) -> list[tuple[str, list[str], list[str]]]:
-    """(name, pairs, overrides) of each multirun: one for everything, plus one per DKD β other than 8."""
+    """(name, pairs, overrides) of each multirun: the methods, and the student alone (no teacher)."""
     runs = []
-    plain = [m for m in methods if m not in ("student", "dkd")]
-    if plain:
-        runs.append(("methods", pairs, [f"distill={','.join(plain)}"]))
+    distill = [m for m in methods if m != "student"]
+    if distill:
+        runs.append(("methods", pairs, [f"distill={','.join(distill)}"]))
     if "student" in methods:
         runs.append(("student", pairs, STUDENT_ALONE))
-    if "dkd" in methods:
-        for beta in sorted({DKD_BETA.get(p, 8.0) for p in pairs}):
-            group = [p for p in pairs if DKD_BETA.get(p, 8.0) == beta]
-            runs.append((f"dkd_beta{beta:g}", group, ["distill=dkd", f"distill.terms.dkd.beta={beta}"]))
     return runs
 
 

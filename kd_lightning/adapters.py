@@ -1,6 +1,7 @@
 """Trainable projectors that map a student feature's shape onto a teacher feature's shape.
 
-Sized from the shapes seen on one dry batch: Linear for vectors, 1×1 conv (+ bilinear resize) for maps.
+Sized from the shapes seen on one dry batch: Linear for vectors, 1×1 conv (+ bilinear resize) for maps;
+`convreg` is RepDistiller's FitNet regressor.
 They train with the student and are dropped from the exported student.
 """
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from kd_lightning.errors import ConfigError
 
-ADAPTER_KINDS = ("auto", "none", "linear", "mlp")
+ADAPTER_KINDS = ("auto", "none", "linear", "mlp", "convreg")
 
 
 class Adapter(nn.Module):
@@ -50,6 +51,36 @@ class Adapter(nn.Module):
         return self.proj(x.flatten(1)).view(x.shape[0], *self.teacher_shape)
 
 
+class ConvReg(nn.Module):
+    """RepDistiller's FitNet regressor for 2-D maps: a convolution chosen by the two heights (3×3 stride 2
+    when the student's is twice the teacher's, a 4×4 stride-2 transposed convolution when half, otherwise
+    a (1 + ΔH) × (1 + ΔW) kernel), then batch norm and ReLU. Always applied, even to equal shapes."""
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]):
+        super().__init__()
+        if len(student_shape) != 3 or len(teacher_shape) != 3:
+            raise ConfigError(
+                f"adapter: convreg maps 2-D feature maps (C, H, W); got {tuple(student_shape)} → "
+                f"{tuple(teacher_shape)}: use adapter: auto"
+            )
+        (sc, sh, sw), (tc, th, tw) = student_shape, teacher_shape
+        if sh == 2 * th:
+            self.conv = nn.Conv2d(sc, tc, 3, stride=2, padding=1)
+        elif 2 * sh == th:
+            self.conv = nn.ConvTranspose2d(sc, tc, 4, stride=2, padding=1)
+        elif sh >= th and sw >= tw:
+            self.conv = nn.Conv2d(sc, tc, (1 + sh - th, 1 + sw - tw))
+        else:
+            raise ConfigError(
+                f"adapter: convreg cannot map a {sh}×{sw} student map onto a {th}×{tw} teacher map "
+                "(it enlarges by 2 only); use adapter: auto"
+            )
+        self.bn = nn.BatchNorm2d(tc)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -63,6 +94,8 @@ def make_adapter(
     """`auto`: identity when shapes already match, else a projector; `none`: shapes must match."""
     if kind not in ADAPTER_KINDS:
         raise ConfigError(f"unknown adapter {kind!r}; valid: {', '.join(ADAPTER_KINDS)}")
+    if kind == "convreg":
+        return ConvReg(tuple(student_shape), tuple(teacher_shape))
     same = tuple(student_shape) == tuple(teacher_shape)
     if kind == "none" or (kind == "auto" and same):
         if not same:

@@ -91,7 +91,9 @@ def _half_width(std: float, n: int, level: float = 0.95) -> float:
     return float(t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n))
 
 
-def gain_interval(treated: Sequence[float], control: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+def gain_interval(
+    treated: Sequence[float], control: Sequence[float], level: float = 0.95
+) -> tuple[float, float]:
     """Difference of means and the half-width of its Welch t interval (unequal variances): the gain of a
     method over a control with the uncertainty of both (inf when either has fewer than 2 runs)."""
     a, b = [float(v) for v in treated], [float(v) for v in control]

@@ -48,7 +48,7 @@ from kd_lightning.resume import (
     sigterm_to_lightning,
 )
 from kd_lightning.runners import RunContext, get_runner, register_runner
-from kd_lightning.specs import EvalSpec, items, parse, seed_field
+from kd_lightning.specs import EvalSpec, items, mapping, parse, seed_field
 from kd_lightning.summary import print_summary
 from kd_lightning.teachers import TeacherEnsemble
 from kd_lightning.trainers import build_trainer, evaluation_trainer, finish_loggers, keep_metrics_until
@@ -69,6 +69,7 @@ class RunSettings:
     print_config: bool = False
     resume: str | None = None
     resume_accept: list[str] = items()
+    method_defaults: dict[str, Any] = mapping()
 
     def check(self, where: str) -> None:
         r = self.resume

@@ -8,7 +8,7 @@ A tap spec is one of:
 - `<module name>`: that module's output, e.g. `layer3`, `features.7`;
 - `<module name>:input`: that module's (first) input;
 - `stage<k>`: the k-th stage's output of a model that declares its stages (`stage_taps`, the CIFAR zoo:
-  layer1..3 of a CIFAR ResNet, ...); `stage1` of any other model is its `map`. A term whose taps are
+  layer1..3 of a CIFAR ResNet, ...); `stage1` of any other model is its `map`; `last_stage` the last. A term whose taps are
   `stages` becomes one term per stage (kd_lightning.build.expand_stage_terms), as RepDistiller sums AT
   and NST over the stages.
 Aliases (a dict alias → spec, from the model's `taps` config) let terms name one role, say `embed`,
@@ -58,7 +58,9 @@ def resolve_tap(
 ) -> str:
     """Turn a tap name or alias into a concrete spec ('logits', 'name' or 'name:input'), or fail clearly."""
     spec = (aliases or {}).get(tap, tap)
-    if STAGE.fullmatch(spec):
+    if spec == "last_stage":
+        spec = stages(model)[-1]
+    elif STAGE.fullmatch(spec):
         spec = stage_tap(model, int(spec[len("stage") :]), owner)
     if spec in _OUTPUT_NAMES:
         return OUTPUT

@@ -162,4 +162,52 @@ def test_bench_cifar100_end_to_end_with_a_released_teacher(cifar100_root, tmp_pa
         file = teachers / f"{name}_vanilla" / "ckpt_epoch_240.pth"
         assert used[f"cifar100/{pair}", "kd"]["teacher_checkpoints"] == {"teacher": str(file)}
     assert not list((tmp_path / "cache").rglob("teacher-*.pt"))  # nothing was fitted
-    assert "distill.terms.dkd.beta=2.0" in proc.stdout  # mdistiller's β for these pairs
+    for r in results:  # mdistiller's β for these pairs, from the pairs' experiment files
+        if r["distill"] == "dkd":
+            resolved = (Path(r["output_dir"]) / "config.resolved.yaml").read_text()
+            assert re.search(r"\n +beta: 2\.0\n", resolved)
+
+
+def test_fitnet_sp_and_dkd_read_what_the_references_read_in_a_pair(tmp_path, cache_dir):
+    """FitNet: stage 2 through RepDistiller's ConvReg, MSE; SP: the last stage's maps; DKD: mdistiller's β."""
+    import torch.nn.functional as F
+
+    from kd_lightning.objective import build_objective
+    from kd_lightning.taps import FeatureTaps
+
+    cfg = compose_cfg(
+        ["experiment=cifar100/vgg13_MobileNetV2", "distill=[fitnet,sp,dkd]"], tmp_path, cache_dir
+    )
+    terms = cfg.distill.terms
+    assert (terms.hint.student_tap, terms.hint.teacher_tap, terms.hint.adapter) == (
+        "stage2",
+        "stage2",
+        "convreg",
+    )
+    assert (terms.sp.student_tap, terms.sp.teacher_tap, terms.dkd.beta) == ("last_stage", "last_stage", 6.0)
+    plain = compose_cfg(["distill=[fitnet,sp,dkd]"], tmp_path, cache_dir).distill.terms  # elsewhere: generic
+    assert (plain.hint.student_tap, plain.hint.adapter, plain.sp.student_tap, plain.dkd.beta) == (
+        "embed", "auto", "embed", 8.0,
+    )  # fmt: skip
+    vgg = create_model({"name": "vgg13"}, 100, (3, 32, 32))
+    assert FeatureTaps(vgg, ["last_stage"]).specs["last_stage"] == "act4"
+    # the hint term against RepDistiller's computation, for each of ConvReg's three cases
+    for s_shape, t_shape in (((8, 16, 16), (12, 8, 8)), ((8, 4, 4), (12, 8, 8)), ((8, 6, 6), (12, 4, 4))):
+        obj = build_objective(
+            {"ce_weight": 0.0, "terms": {"hint": {"weight": 1.0, "distance": "mse", "adapter": "convreg",
+                                                  "student_tap": "stage2", "teacher_tap": "stage2"}}},
+            {"stage2": s_shape, "logits": (100,)}, {"t": {"stage2": t_shape}}, {"t": 1.0}, {},
+        )  # fmt: skip
+        [reg] = [m for m in obj.modules() if type(m).__name__ == "ConvReg"]
+        s, t = torch.randn(4, *s_shape), torch.randn(4, *t_shape)
+        loss, _ = obj(
+            {"stage2": s, "logits": torch.randn(4, 100)}, {"t": {"stage2": t}}, torch.zeros(4).long()
+        )
+        conv = reg.conv
+        if isinstance(conv, torch.nn.ConvTranspose2d):
+            z = F.conv_transpose2d(s, conv.weight, conv.bias, stride=2, padding=1)
+        else:
+            z = F.conv2d(s, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding)
+        z = F.relu(F.batch_norm(z, None, None, reg.bn.weight, reg.bn.bias, training=True))
+        assert z.shape[1:] == t.shape[1:]
+        assert loss.item() == pytest.approx(F.mse_loss(z, t).item(), rel=1e-5)
