@@ -1,6 +1,7 @@
 """make bench-accuracy: gallo2020 and landro2021 against the student alone, with teacher variance.
 
-Each KD setting runs over teacher fits × student seeds (teachers.fit_seed refits every teacher with shifted
+Each KD setting (and the controls: a random-weight teacher, logit KD from the same teacher) runs over
+teacher fits × student seeds (teachers.fit_seed refits every teacher with shifted
 seeds; each fit is cached, so a second invocation only retrains the students); the student alone over the
 student seeds. Prints mean ± std over all runs, the gain over the student alone with its 95 % Welch
 interval, the teachers' accuracy over their fits, and the spread of the student's mean across teacher fits.
@@ -26,6 +27,10 @@ SETTINGS = {
     "student alone": ["experiment=gallo2020", "teachers=none", "distill=none"],
     "gallo2020 (1 teacher)": ["experiment=gallo2020"],
     "landro2021 (2 teachers, concat)": ["experiment=landro2021"],
+    # controls: is the gain the teacher's knowledge? the same term from an untrained teacher of the same
+    # architecture; and the same trained teacher through Hinton KD on logits instead of features
+    "random teacher (control)": ["experiment=gallo2020", "teachers.members.cnn_b.random_weights=true"],
+    "logit KD, same teacher (control)": ["experiment=gallo2020", "distill=kd"],
 }
 
 

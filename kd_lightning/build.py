@@ -26,7 +26,7 @@ from kd_lightning.objective import Objective, build_objective
 from kd_lightning.optim import build_optim
 from kd_lightning.pretrain import resolve_pretrained
 from kd_lightning.specs import CacheSpec, FitSpec, PerfSpec, parse
-from kd_lightning.store import TapStore, TopKLogitsStore, file_digest, store_key
+from kd_lightning.store import TapStore, TopKLogitsStore, file_digest, model_digest, store_key
 from kd_lightning.taps import FeatureTaps, stages
 from kd_lightning.teacher_cache import TeacherOutputs
 from kd_lightning.teachers import TeacherEnsemble, build_teachers, data_identity
@@ -294,7 +294,8 @@ def build_teacher_outputs(
     k = spec.logits_topk
     stores: dict[str, dict[str, TapStore | TopKLogitsStore]] = {}
     for m in teachers.names:
-        digest = file_digest(teachers.checkpoints[m])
+        source = Path(teachers.checkpoints[m])
+        digest = file_digest(source) if source.is_file() else model_digest(teachers.members[m])
         stores[m] = {}
         for tap in Objective.teacher_taps(distill):
             module = teachers.tap_module(m, tap)

@@ -229,8 +229,14 @@ class MemberSpec:
     weight: float = num(1.0, 0.0)
     fit_if_missing: bool = False
     fit: FitSpec = field(default_factory=FitSpec)
+    # a control: the architecture with fresh random weights (seeded by fit.seed), never trained
+    random_weights: bool = False
 
     def check(self, where: str) -> None:
+        if self.random_weights and (self.checkpoint or self.arch is None):
+            raise ConfigError(
+                f"{where}.random_weights=true builds {where}.arch with fresh weights: it needs arch and no checkpoint"
+            )
         if self.arch is None:
             if not self.checkpoint:
                 raise ConfigError(

@@ -55,6 +55,15 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def model_digest(model: torch.nn.Module) -> str:
+    """A teacher without a file of its own (random or torchvision weights): the digest of its weights."""
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())  # any dtype
+    return h.hexdigest()
+
+
 def store_key(
     data_identity: Mapping[str, Any],
     slots: int,

@@ -173,6 +173,9 @@ def build_teachers(
                     f"{where}.checkpoint=null to fit this teacher into the cache under {Path(cache_dir) / 'teachers'}"
                 )
             archs[name] = spec.arch if spec.arch is not None else arch_from_file(path, where)
+        elif spec.random_weights:
+            paths[name], archs[name] = None, spec.arch
+            continue
         elif spec.arch.get("weights") and not spec.fit_if_missing:
             # torchvision's pretrained weights are the teacher as they are: nothing to fit or cache
             check_weights_head(spec.arch, num_classes, where)
@@ -191,7 +194,9 @@ def build_teachers(
         paths[name] = path
     if sum(weights.values()) <= 0:
         raise ConfigError(f"the teachers' weights {weights} sum to 0; give at least one a weight > 0")
-    if offset and all(paths[n] is None or specs[n].checkpoint for n in selected):
+    if offset and all(
+        (paths[n] is None and not specs[n].random_weights) or specs[n].checkpoint for n in selected
+    ):
         raise ConfigError(
             f"teachers.fit_seed={offset} changes nothing: every selected teacher comes from a file or from "
             "torchvision weights, none is fitted here; leave it at 0"
@@ -200,8 +205,15 @@ def build_teachers(
     members, aliases, checkpoints, unfitted = {}, {}, {}, []
     for name, spec in specs.items():
         path, arch = paths[name], archs[name]
-        model = create_model(dict(arch), num_classes, input_shape)
-        if path is None:
+        with torch.random.fork_rng(devices=[]):  # a random-weights teacher depends on its seed alone
+            torch.manual_seed(spec.fit.seed)
+            built = {
+                k: v for k, v in arch.items() if not (spec.random_weights and k in ("weights", "pretrained"))
+            }
+            model = create_model(built, num_classes, input_shape)
+        if spec.random_weights:
+            checkpoints[name] = f"random weights (seed {spec.fit.seed})"
+        elif path is None:
             checkpoints[name] = f"torchvision weights {arch['weights']}"
         elif not path.is_file() and dry_run:
             unfitted.append(name)

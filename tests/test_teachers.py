@@ -162,3 +162,23 @@ def test_teacher_fit_seed_with_only_teachers_from_files_is_refused(make_cfg, tmp
     cfg = make_cfg("teachers.use=[cnn_s]", f"teachers.members.cnn_s.checkpoint={path}", "teachers.fit_seed=2")
     with pytest.raises(ConfigError, match="teachers.fit_seed=2 changes nothing"):
         run(cfg)
+
+
+def test_random_weights_teacher_is_an_untrained_seeded_control(make_cfg, tmp_path):
+    from kd_lightning.train import run
+
+    r = run(make_cfg("teachers.use=[cnn_s]", "teachers.members.cnn_s.random_weights=true", "distill=kd"))
+    assert r["status"] == "ok" and r["teacher_checkpoints"] == {"cnn_s": "random weights (seed 101)"}
+    assert r["teacher_test_acc"]["cnn_s"] < 0.4  # chance is 0.1 on digits; a fitted cnn_s scores > 0.9
+    again = run(make_cfg("teachers.use=[cnn_s]", "teachers.members.cnn_s.random_weights=true", "distill=kd"))
+    assert again["teacher_test_acc"] == r["teacher_test_acc"]  # the same seeded weights
+    shifted = run(
+        make_cfg("teachers.use=[cnn_s]", "teachers.members.cnn_s.random_weights=true", "teachers.fit_seed=1",
+                 "dry_run=true")
+    )  # fmt: skip
+    assert shifted["teacher_checkpoints"] == {"cnn_s": "random weights (seed 102)"}
+    cfg = make_cfg(
+        "teachers.members.cnn_s.random_weights=true", f"teachers.members.cnn_s.checkpoint={tmp_path}/x.pt"
+    )
+    with pytest.raises(ConfigError, match="random_weights=true builds .* it needs arch and no checkpoint"):
+        run(cfg)
