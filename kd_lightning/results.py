@@ -64,7 +64,12 @@ def teacher_set_label(cfg: DictConfig) -> str:
     members = list(teachers.get("members") or {})
     use = teachers.get("use")
     used = members if use is None else ([use] if isinstance(use, str) else use)
-    return "+".join(str(u) for u in (used if isinstance(used, list) else []) if u in members) or "none"
+    spec = teachers.get("members") or {}
+
+    def name(u: str) -> str:  # a random-weight control is another teacher than the fitted one
+        return f"{u}(random)" if (spec.get(u) or {}).get("random_weights") else str(u)
+
+    return "+".join(name(u) for u in (used if isinstance(used, list) else []) if u in members) or "none"
 
 
 def distance_label(cfg: DictConfig) -> str:

@@ -169,6 +169,7 @@ def test_random_weights_teacher_is_an_untrained_seeded_control(make_cfg, tmp_pat
 
     r = run(make_cfg("teachers.use=[cnn_s]", "teachers.members.cnn_s.random_weights=true", "distill=kd"))
     assert r["status"] == "ok" and r["teacher_checkpoints"] == {"cnn_s": "random weights (seed 101)"}
+    assert r["teacher_set"] == "cnn_s(random)"  # reports never pool it with the fitted cnn_s
     assert r["teacher_test_acc"]["cnn_s"] < 0.4  # chance is 0.1 on digits; a fitted cnn_s scores > 0.9
     again = run(make_cfg("teachers.use=[cnn_s]", "teachers.members.cnn_s.random_weights=true", "distill=kd"))
     assert again["teacher_test_acc"] == r["teacher_test_acc"]  # the same seeded weights
