@@ -302,10 +302,11 @@ def stage_fit(ctx: RunContext, built: Built) -> Fitted:
 def stage_test(ctx: RunContext, built: Built, fitted: Fitted) -> Tested:
     module, teachers = built.module, built.teachers
     trainer = evaluation_trainer(built.trainer)
-    # the last epoch first (the module holds it now), then the checkpoint callbacks.model_checkpoint chose
+    # the last epoch first (the module holds it now), then the checkpoint callbacks.model_checkpoint chose;
+    # without a validation split that checkpoint is the last epoch itself, tested once
     test = trainer.test(module, datamodule=ctx.dm, verbose=False)[0]
     last = float(test["test/acc"])
-    if fitted.best_checkpoint:
+    if fitted.best_checkpoint and "val" in ctx.dm.val_roles():
         test = trainer.test(module, datamodule=ctx.dm, ckpt_path=fitted.best_checkpoint, verbose=False)[0]
     if teachers is None:
         return Tested(float(test["test/acc"]), last, {}, None, None)
