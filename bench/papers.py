@@ -3,7 +3,8 @@
 Every setting is a real `kd-train -m` multirun (jobs in parallel processes); this script only reads what
 the runs wrote (results.json, metrics.csv, student.pt, robustness.csv) and prints one table per paper.
 Plots go to OUT/<paper>/*.png. Teachers and pre-trained models are fitted on first use and cached.
-Usage: python bench/papers.py [--seeds 0,1,2] [--only rahbar2020,thapa2022,ye2019,landro2021] [--jobs 2]
+Usage: python bench/papers.py [--seeds 0,1,2] [--teacher-seeds 0,1,2] [--only rahbar2020,thapa2022,ye2019,landro2021]
+       [--jobs 2] [-- overrides added to every run]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from multirun import run_quietly  # noqa: E402
 
 QUIET = ["trainer.enable_progress_bar=false", "print_summary=false"]
+EXTRA: list[str] = []  # overrides after `--`, added to every run (a quick check: -- trainer.max_epochs=2)
 
 
 def multirun(
@@ -37,6 +39,7 @@ def multirun(
         "-m",
         *overrides,
         *QUIET,
+        *EXTRA,
         f"logger={logger}",
         f"seed={seeds}",
         "hydra/launcher=local",
@@ -132,7 +135,10 @@ def _rahbar_analysis(run: dict) -> dict[str, Any]:
     excess = [(v - loss_min) / max(curve[0] - loss_min, 1e-12) for v in curve]
     steps = {tol: next((i for i, e in enumerate(excess) if e <= tol), None) for tol in (0.1, 0.01)}
     train_err = float((f.argmax(1) != train_y).float().mean())
+    extra = _kernel_comparison(dm, student, y, p, rho) if cfg.student.get("fixed_output") else {}
     return {
+        **extra,
+        "teacher_fit_seed": run.get("teacher_fit_seed", 0),
         "rho": rho,
         "width": int(cfg.student.width),
         "alpha": alpha,
@@ -146,7 +152,63 @@ def _rahbar_analysis(run: dict) -> dict[str, Any]:
     }
 
 
-def rahbar2020(out: Path, seeds: str, jobs: int) -> str:
+def _inputs(dm, split: str):
+    import torch
+
+    return torch.cat([dm.prepare_batch(b, train=False).x for b in dm.iter_split(split)])
+
+
+def _kernel_comparison(dm, student, y, p, rho: float) -> dict[str, Any]:
+    """The theory's prediction for the analysed setting (fixed ±1 outputs, first layer trained by GD from
+    f_0 = 0): kernel regression of the ρ-mixed targets with the infinite-width tangent kernel."""
+    import torch
+
+    from kd_lightning.evaluation.kernel import kernel_regression, relu_first_layer_ntk
+
+    x, xt = _inputs(dm, "train"), _inputs(dm, "test")
+    test_y = dm.labels("test")
+    k, kt = relu_first_layer_ntk(x, x), relu_first_layer_ntk(xt, x)
+    predicted = kernel_regression(k, kt, rho * p + (1 - rho) * y)
+    with torch.no_grad():
+        f = student(xt).double()
+    return {
+        "kernel_test_err": float((predicted.argmax(1) != test_y).float().mean()),
+        "kernel_distance": float((f - predicted).norm() / predicted.norm()),
+        "kernel_agreement": float((f.argmax(1) == predicted.argmax(1)).float().mean()),
+    }
+
+
+RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def _labels_only_ridge(run: dict) -> dict[str, float]:
+    """Labels-only baselines with the same kernel: the interpolant, and kernel ridge regression with its ridge
+    chosen on the validation split (a regularised control for the ρ = 0 student, which interpolates)."""
+    import torch.nn.functional as F
+    from omegaconf import OmegaConf
+
+    from kd_lightning.build import instantiate_datamodule
+    from kd_lightning.evaluation.kernel import kernel_regression, relu_first_layer_ntk
+
+    dm = instantiate_datamodule(OmegaConf.load(Path(run["run_dir"]) / "config.resolved.yaml").data)
+    dm.setup("fit")
+    x, xv, xt = _inputs(dm, "train"), _inputs(dm, "val"), _inputs(dm, "test")
+    y = F.one_hot(dm.labels("train")).double()
+    k, kv, kt = relu_first_layer_ntk(x, x), relu_first_layer_ntk(xv, x), relu_first_layer_ntk(xt, x)
+
+    def err(kq, labels, ridge):
+        return float((kernel_regression(k, kq, y, ridge).argmax(1) != labels).float().mean())
+
+    val = {r: err(kv, dm.labels("val"), r) for r in RIDGES}
+    best = min(val, key=lambda r: (val[r], -r))  # ties: the larger ridge
+    return {
+        "ridge": best,
+        "ridge_test_err": err(kt, dm.labels("test"), best),
+        "interp_test_err": err(kt, dm.labels("test"), 0.0),
+    }
+
+
+def rahbar2020(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
     base = ["experiment=rahbar2020"]
     runs = multirun(out / "rho", [*base, f"distill.rho={RHOS}"], seeds, jobs, logger="csv")
     runs += multirun(
@@ -226,7 +288,50 @@ def rahbar2020(out: Path, seeds: str, jobs: int) -> str:
     fig.tight_layout()
     fig.savefig(out / "rahbar2020_width.png", dpi=110)
     plt.close(fig)
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + _rahbar_analysed(out, seeds, jobs, teacher_seeds))
+
+
+def _rahbar_analysed(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> list[str]:
+    runs = multirun(
+        out / "fixed_output",
+        ["experiment=rahbar2020_fixed_output", "distill.rho=0,0.5,1", f"teachers.fit_seed={teacher_seeds}"],
+        seeds,
+        jobs,
+        logger="csv",
+    )
+    rows = [_rahbar_analysis(r) for r in runs]
+    lines = [
+        "Rahbar et al. 2020, the analysed setting (experiment=rahbar2020_fixed_output): width 4096, output weights"
+        " fixed at ±1, first layer trained, plain gradient descent (lr 80, 1000 full-batch steps); teacher fits"
+        f" {teacher_seeds} × student seeds {seeds}. Kernel regression = the infinite-width tangent kernel's"
+        " interpolant of the ρ-mixed targets (the theory's prediction for this student).",
+        "",
+        "| ρ | n | α (expected ρ) | train err (%) | test err (%) | kernel regression test err (%) "
+        "| ‖f − f_kernel‖ / ‖f_kernel‖ on test | top-1 agreement with kernel regression (%) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for rho, g in sorted(by(rows, lambda r: r["rho"]).items()):
+        lines.append(
+            f"| {rho:g} | {len(g)} | {ms([r['alpha'] for r in g], 1, 3)} | {ms([r['train_err'] for r in g])} "
+            f"| {ms([r['test_err'] for r in g])} | {ms([r['kernel_test_err'] for r in g])} "
+            f"| {ms([r['kernel_distance'] for r in g], 1, 3)} | {ms([r['kernel_agreement'] for r in g])} |"
+        )
+    from kd_lightning.report import gain_interval
+
+    err = {rho: [r["test_err"] for r in g] for rho, g in by(rows, lambda r: r["rho"]).items()}
+    diff, half = gain_interval(err[0.0], err[1.0])
+    base = _labels_only_ridge(runs[0])
+    teacher = [g[0]["teacher_test_err"] for g in by(rows, lambda r: r["teacher_fit_seed"]).values()]
+    lines += [
+        "",
+        f"test error, labels only (ρ 0) minus teacher only (ρ 1): {100 * diff:+.2f} pts "
+        f"[{100 * (diff - half):+.2f}, {100 * (diff + half):+.2f}] (95 % Welch)",
+        f"labels only, kernel interpolation (closed form): {100 * base['interp_test_err']:.2f} % test error",
+        f"labels only, kernel ridge regression, ridge {base['ridge']:g} chosen on the validation split: "
+        f"{100 * base['ridge_test_err']:.2f} % test error",
+        f"teacher over its fits: {ms(teacher)} % test error",
+    ]
+    return lines
 
 
 # --- Thapa 2022 ------------------------------------------------------------------------------------
@@ -237,7 +342,7 @@ THAPA = {
 }
 
 
-def thapa2022(out: Path, seeds: str, jobs: int) -> str:
+def thapa2022(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
     lines = [
         "Thapa 2022: MNIST-1D, source digits 0-4 → target digits 5-9 with 250 labelled samples; cnn1d[16,16,16] "
         "student, cnn1d[128,128,128] teacher (both pre-trained on the source); corrupted = mean test accuracy over"
@@ -305,7 +410,7 @@ YE = {
 }
 
 
-def ye2019(out: Path, seeds: str, jobs: int) -> str:
+def ye2019(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
     lines = []
     teachers: dict[str, dict[str, float]] = {}
     for i, (label, overrides) in enumerate(YE.items()):
@@ -331,7 +436,7 @@ def ye2019(out: Path, seeds: str, jobs: int) -> str:
 
 
 # --- Landro et al. 2021, second question ---------------------------------------------------------------
-def landro2021(out: Path, seeds: str, jobs: int) -> str:
+def landro2021(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
     kd = multirun(out / "kd", ["experiment=landro2021_student_beats_teacher"], seeds, jobs)
     alone = multirun(
         out / "alone",
@@ -362,8 +467,11 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--only", default=",".join(PAPERS))
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--teacher-seeds", default="0,1,2", help="teachers.fit_seed values (teacher fits)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "papers"))
+    p.add_argument("extra", nargs="*", help="after --: overrides added to every kd-train run")
     a = p.parse_args()
+    EXTRA.extend(a.extra)
     unknown = [x for x in a.only.split(",") if x not in PAPERS]
     if unknown:
         raise SystemExit(f"--only: unknown paper(s) {unknown}; valid: {', '.join(PAPERS)}")
@@ -373,7 +481,7 @@ def main() -> None:
         t0 = time.perf_counter()
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
-        table = PAPERS[name](folder, a.seeds, a.jobs)
+        table = PAPERS[name](folder, a.seeds, a.jobs, a.teacher_seeds)
         tables.append(f"## {name}  ({time.perf_counter() - t0:.0f} s)\n\n{table}\n")
         print("\n" + tables[-1], flush=True)
     (out / "tables.md").write_text("\n".join(tables))

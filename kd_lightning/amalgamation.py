@@ -17,6 +17,8 @@ docs/REPRODUCTIONS.md); the layer-wise schedule and the label-free setting follo
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -223,6 +225,16 @@ def check_amalgamation_cfg(cfg: Mapping[str, Any] | None) -> AmalgamationSpec:
         raise ConfigError(
             f"amalgamation.tasks {orphan} are held by no teacher; the teachers hold {sorted(held)}"
         )
+    if a.block_epochs and not a.head_epochs:
+        raise ConfigError(
+            "amalgamation.head_epochs=0 with block_epochs>0 leaves the student's heads untrained after its blocks"
+        )
+    if not (a.head_epochs or a.finetune_epochs):
+        raise ConfigError(
+            "amalgamation: head_epochs and finetune_epochs are both 0, so the student's heads never train; "
+            "set head_epochs (layer-wise schedule) or finetune_epochs (block_epochs=0 head_epochs=0: "
+            "end-to-end KD only)"
+        )
     depths = {n: len(v.channels) for n, v in a.teachers.items()}
     if not a.student.channels or any(d != len(a.student.channels) for d in depths.values()):
         raise ConfigError(
@@ -270,6 +282,8 @@ def run_amalgamation(
     accelerator = fit_accelerator(cfg)
     teachers, paths = {}, {}
     for name, spec in a.teachers.items():
+        # teacher variance: amalgamation.fit_seed shifts every teacher's fit seed (each fit cached apart)
+        spec = dataclasses.replace(spec, fit=dataclasses.replace(spec.fit, seed=spec.fit.seed + a.fit_seed))
         teachers[name], paths[name] = fit_or_load_teacher(
             name, spec, dm, data_cfg, cfg.paths.cache_dir, accelerator
         )
@@ -284,7 +298,7 @@ def run_amalgamation(
             yield dm.prepare_batch(raw, train=False).x
 
     t0 = time.perf_counter()
-    for k in range(len(student.blocks)):
+    for k in range(len(student.blocks) if a.block_epochs else 0):
         weights = {
             n: taylor_channel_weights(teachers[n], k, ts, train_inputs())
             if a.filter == "taylor"
@@ -295,11 +309,15 @@ def run_amalgamation(
         quiet_trainer(a.block_epochs, accelerator).fit(stage, datamodule=dm)
         log.info("amalgamation: block %d of %d trained", k + 1, len(student.blocks))
     sources = {t: [teachers[n] for n, ts in relevant.items() if t in ts] for t in a.tasks}
-    quiet_trainer(a.head_epochs, accelerator).fit(
-        HeadStage(student, sources, a.temperature, a.lr), datamodule=dm
-    )
+    if a.head_epochs:
+        quiet_trainer(a.head_epochs, accelerator).fit(
+            HeadStage(student, sources, a.temperature, a.lr), datamodule=dm
+        )
     if a.finetune_epochs:
-        whole = HeadStage(student, sources, a.temperature, a.lr / 3, whole=True)
+        # our choice: a third of the rate to fine-tune trained blocks; the full rate when nothing came before
+        # (block_epochs=0 head_epochs=0: plain end-to-end KD from the teachers' soft outputs)
+        lr = a.lr / 3 if a.block_epochs or a.head_epochs else a.lr
+        whole = HeadStage(student, sources, a.temperature, lr, whole=True)
         quiet_trainer(a.finetune_epochs, accelerator).fit(whole, datamodule=dm)
     fit_seconds = time.perf_counter() - t0
     student_acc = task_accuracy(student, dm, a.tasks)
@@ -318,6 +336,7 @@ def run_amalgamation(
         "fit_seconds": fit_seconds,
         "student_path": str(out / "student.pt"),
         "tasks": a.tasks,
+        "teacher_fit_seed": a.fit_seed,
         "val_acc": sum(task_accuracy(student, dm, a.tasks, "val").values()) / len(a.tasks),
     }
 

@@ -329,9 +329,10 @@ class AmalgamationSpec:
     tasks: list[str]
     teachers: dict[str, MultiTaskTeacherSpec]
     student: AmalgamationStudentSpec = field(default_factory=AmalgamationStudentSpec)
-    block_epochs: int = num(10, 1)
-    head_epochs: int = num(10, 1)
+    block_epochs: int = num(10, 0)
+    head_epochs: int = num(10, 0)
     finetune_epochs: int = num(0, 0)
+    fit_seed: int = num(0, 0)
     temperature: float = num(4.0, 0.0, open_low=True)
     lr: float = num(3e-3, 0.0, open_low=True)
     filter: str = one_of("taylor", "taylor", "none")

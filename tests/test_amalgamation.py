@@ -53,6 +53,8 @@ def test_task_labels_from_digits():
         ({"student": {"channels": [4, 4, 4]}}, "as many blocks as every teacher"),
         ({"filter": "magic"}, "filter"),
         ({"epochs": 3}, "unknown key"),
+        ({"head_epochs": 0}, "heads untrained after its blocks"),
+        ({"block_epochs": 0, "head_epochs": 0, "finetune_epochs": 0}, "heads never train"),
     ],
 )
 def test_bad_amalgamation_settings_are_named(change, message):
@@ -142,3 +144,36 @@ def test_amalgamation_dry_run_builds_nothing(make_cfg):
     from kd_lightning.runner import run
 
     assert run(make_cfg("experiment=ye2019", "dry_run=true", fast=False))["status"] == "dry_run"
+
+
+def test_end_to_end_only_skips_the_layer_wise_stages_and_fit_seed_refits_the_teachers(tmp_path, monkeypatch):
+    import kd_lightning.amalgamation as am
+
+    def no_stage(*args, **kwargs):
+        raise AssertionError("block stage ran with block_epochs=0")
+
+    monkeypatch.setattr(am, "BlockStage", no_stage)
+    monkeypatch.setattr(am, "taylor_channel_weights", no_stage)
+    dm = DigitsDataModule(batch_size=128)
+    dm.setup()
+    results = []
+    for fit_seed in (0, 1):
+        plain = {**CFG, "block_epochs": 0, "head_epochs": 0, "finetune_epochs": 1, "fit_seed": fit_seed}
+        cfg = OmegaConf.create(
+            {
+                "amalgamation": plain,
+                "trainer": {"accelerator": "cpu"},
+                "paths": {"cache_dir": str(tmp_path)},
+                "seed": 0,
+            }
+        )
+        a = check_amalgamation_cfg(plain)
+        results.append(
+            run_amalgamation(a, cfg, dm, tmp_path / f"out{fit_seed}", {"_target_": "DigitsDataModule"})
+        )
+    assert [r["teacher_fit_seed"] for r in results] == [0, 1]
+    for name in TEACHERS:
+        paths = [r["teacher_checkpoints"][name] for r in results]
+        assert paths[0] != paths[1]  # another fit, cached apart
+        w0, w1 = (load_multitask(p).state_dict() for p in paths)
+        assert any(not torch.equal(w0[k], w1[k]) for k in w0)

@@ -263,8 +263,8 @@ def test_imagefolder_feeds_amalgamation(make_cfg, tmp_path: Path):
         "amalgamation.block_epochs=1",
         "amalgamation.head_epochs=1",
         "amalgamation.finetune_epochs=0",
-        "amalgamation.teachers.t_digit_parity.fit.max_epochs=1",
-        "amalgamation.teachers.t_ge5_mod3.fit.max_epochs=1",
+        "amalgamation.teachers.teacher_a.fit.max_epochs=1",
+        "amalgamation.teachers.teacher_b.fit.max_epochs=1",
     ]
     cfg = make_cfg(
         "experiment=ye2019", "data=imagefolder", f"data.root={root}", "data.image_size=12", *tiny, fast=False

@@ -250,13 +250,13 @@ def test_ye2019_runs_without_labels_and_reports_each_chosen_task(make_cfg):
         "amalgamation.block_epochs=1",
         "amalgamation.head_epochs=1",
         "amalgamation.finetune_epochs=1",
-        "amalgamation.teachers.t_digit_parity.fit.max_epochs=1",
-        "amalgamation.teachers.t_ge5_mod3.fit.max_epochs=1",
+        "amalgamation.teachers.teacher_a.fit.max_epochs=1",
+        "amalgamation.teachers.teacher_b.fit.max_epochs=1",
         *TINY,
     ]
     res = run(make_cfg("experiment=ye2019", *tiny, fast=False))
     assert res["status"] == "ok" and set(res["task_acc"]) == {"parity", "ge5"}
-    assert set(res["teacher_test_acc"]) == {"t_digit_parity:parity", "t_ge5_mod3:ge5"}
+    assert set(res["teacher_test_acc"]) == {"teacher_a:parity", "teacher_b:ge5"}
     assert res["test_acc"] == pytest.approx(sum(res["task_acc"].values()) / 2)
 
 

@@ -97,13 +97,26 @@ def wide2(
     activation: str = "relu",
     parametrization: str = "standard",
     zero_output: bool = False,
+    fixed_output: bool = False,
 ) -> nn.Module:
     """Two-layer network of one (very) wide hidden layer: the kernel-regime student of Rahbar et al.
 
     `parametrization: ntk` uses NTKLinear layers (one learning rate for every width); `zero_output`
     starts the output layer at zero, so the random function at initialisation adds nothing to the
-    predictions (the kernel predictor is then the plain kernel regression of the targets)."""
+    predictions (the kernel predictor is then the plain kernel regression of the targets).
+
+    `fixed_output` is the setting the kernel analyses study (Du et al. 2019, Arora et al. 2019):
+    f(x) = m^-1/2 Σ_r a_r σ(w_r·x / √d), no biases, output weights a_r ∈ {±1} fixed (never trained), only
+    the first layer trained. The hidden units come in pairs with the same w_r and opposite a_r (the
+    "doubling" trick), so f_0 = 0 (to float rounding) without shrinking the initialisation; the kernel is unchanged."""
     width = as_int("width", width, 1)
+    if fixed_output:
+        if parametrization != "ntk" or zero_output or width % 2:
+            raise ConfigError(
+                "wide2 fixed_output=true needs parametrization=ntk, zero_output=false and an even width "
+                f"(got parametrization={parametrization!r}, zero_output={zero_output}, width={width})"
+            )
+        return _fixed_output_wide2(num_classes, input_shape, width, activation)
     if parametrization == "standard":
         return mlp(num_classes, input_shape, hidden=[width], activation=activation)
     if parametrization != "ntk":
@@ -114,6 +127,20 @@ def wide2(
     if zero_output:
         model.fc.zero_init = True
         model.fc.reset_parameters()
+    return model
+
+
+def _fixed_output_wide2(num_classes: int, input_shape: tuple[int, ...], width: int, activation: str) -> nn.Module:
+    first = NTKLinear(math.prod(input_shape), width, bias=False)
+    half = width // 2
+    with torch.no_grad():
+        first.weight[half:] = first.weight[:half]
+        signs = torch.randint(0, 2, (num_classes, half)).float() * 2 - 1
+    model = Classifier(nn.Sequential(nn.Flatten(), first, _activation(activation)), width, num_classes)
+    model.fc = NTKLinear(width, num_classes, bias=False)
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.cat([signs, -signs], 1))
+    model.fc.weight.requires_grad_(False)  # fixed: the optimiser skips it (no gradient), weight decay too
     return model
 
 
