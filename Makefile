@@ -31,7 +31,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench-accuracy: $(STAMP)  ## gallo2020 and landro2021 vs the student alone, 3 seeds, mean ± std
+bench-accuracy: $(STAMP)  ## gallo2020 with controls, landro2021 every teacher subset × combine mode; 3 teacher fits × 3 seeds, 95% CIs
 	$(PY) bench/accuracy.py $(ARGS)
 
 bench: $(STAMP)  ## throughput (student, KD live / stored, hand loop, torchdistill) and store scale (sweep, DDP, memory); median [min-max] of 5 reps
@@ -39,7 +39,7 @@ bench: $(STAMP)  ## throughput (student, KD live / stored, hand loop, torchdisti
 	$(PY) bench/throughput.py $(ARGS)
 	$(PY) bench/scale.py
 
-bench-papers: $(STAMP)  ## rahbar2020, thapa2022, ye2019, landro2021 reproductions, 3 seeds, tables + PNG plots
+bench-papers: $(STAMP)  ## rahbar2020, thapa2022, ye2019, landro2021 reproductions with controls; teacher fits × seeds, tables + PNG plots
 	$(PY) bench/papers.py $(ARGS)
 
 bench-methods: $(STAMP)  ## every method of conf/distill on MNIST-1D, 3 seeds, mean ± std

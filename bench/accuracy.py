@@ -14,7 +14,7 @@ Parts (--only):
   landro  every subset of the 3-teacher pool, each multi-teacher subset with both combine modes that
           apply to features of different sizes (concat, per_teacher), against the best single teacher.
 Usage: python bench/accuracy.py [--only gallo,landro] [--rows SUBSTR,...] [--seeds 0,1,2]
-       [--teacher-seeds 0,1,2] [--lambdas 3,10,30,100] [--out bench/results/accuracy] [-- overrides]
+       [--teacher-seeds 0,1,2] [--lambdas 3,10,30,100] [--jobs 2] [--out bench/results/accuracy] [-- overrides]
 """
 
 from __future__ import annotations
@@ -54,12 +54,13 @@ GALLO = {
 }
 LAMBDA = "λ chosen on validation"
 POOL = ("cnn_a", "cnn_b", "cnn_c")
+JOBS = [2]  # parallel kd-train processes per multirun (--jobs)
 EXTRA: list[str] = []  # overrides after `--`, added to every run (a quick check: -- trainer.max_epochs=1)
 
 
 def _multirun(label: str, overrides: list[str], seeds: str, folder: Path) -> pd.DataFrame:
     cmd = [sys.executable, "-m", "kd_lightning.train", "-m", *overrides, *QUIET, *EXTRA, f"seed={seeds}",
-           f"hydra.sweep.dir={folder}"]  # fmt: skip
+           "hydra/launcher=local", f"hydra.launcher.n_jobs={JOBS[0]}", f"hydra.sweep.dir={folder}"]  # fmt: skip
     code = run_quietly(cmd, "bench-accuracy", f"{label}: {' '.join(cmd[3:])}")
     if code != 0:
         raise SystemExit(f"[bench-accuracy] {label} failed (exit {code})")
@@ -218,9 +219,11 @@ def main() -> None:
     p.add_argument("--teacher-seeds", default="0,1,2", help="teachers.fit_seed values (teacher fits)")
     p.add_argument("--lambdas", default="3,10,30,100", help="the gallo λ sweep's values")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "accuracy"))
+    p.add_argument("--jobs", type=int, default=2, help="parallel kd-train processes")
     p.add_argument("extra", nargs="*", help="after --: overrides added to every kd-train run")
     a = p.parse_args()
     EXTRA.extend(a.extra)
+    JOBS[0] = a.jobs
     unknown = [x for x in a.only.split(",") if x not in PARTS]
     if unknown:
         raise SystemExit(f"--only: unknown part(s) {unknown}; valid: {', '.join(PARTS)}")
