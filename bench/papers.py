@@ -609,7 +609,7 @@ def main() -> None:
         table = PAPERS[name](folder, a.seeds, a.jobs, a.teacher_seeds)
         tables.append(f"## {name}  ({time.perf_counter() - t0:.0f} s)\n\n{table}\n")
         print("\n" + tables[-1], flush=True)
-    (out / "tables.md").write_text("\n".join(tables))
+        (out / "tables.md").write_text("\n".join(tables))  # after each paper: a stopped run keeps the rest
     print(f"all tables: {out / 'tables.md'}; plots under {out}")
 
 
