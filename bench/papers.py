@@ -178,7 +178,7 @@ def _kernel_comparison(dm, student, y, p, rho: float) -> dict[str, Any]:
     }
 
 
-RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
 def _labels_only_ridge(run: dict) -> dict[str, float]:
