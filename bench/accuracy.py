@@ -14,7 +14,8 @@ Parts (--only):
   landro  every subset of the 3-teacher pool, each multi-teacher subset with both combine modes that
           apply to features of different sizes (concat, per_teacher), against the best single teacher.
 Usage: python bench/accuracy.py [--only gallo,landro] [--rows SUBSTR,...] [--seeds 0,1,2]
-       [--teacher-seeds 0,1,2] [--lambdas 3,10,30,100] [--jobs 2] [--out bench/results/accuracy] [-- overrides]
+       [--teacher-seeds 0,1,2] [--lambdas 3,10,30,100] [--jobs 2]
+       [--into an earlier run's folder, to finish it] [--out bench/results/accuracy] [-- overrides]
 """
 
 from __future__ import annotations
@@ -58,7 +59,18 @@ JOBS = [2]  # parallel kd-train processes per multirun (--jobs)
 EXTRA: list[str] = []  # overrides after `--`, added to every run (a quick check: -- trainer.max_epochs=1)
 
 
+def _finished(folder: Path) -> bool:
+    """A multirun of an earlier invocation (--into) that ended with every job ok: reused, not rerun."""
+    if not (folder / "multirun.yaml").exists():
+        return False
+    df = collect(folder)
+    return len(df) > 0 and bool((df["status"] == "ok").all())
+
+
 def _multirun(label: str, overrides: list[str], seeds: str, folder: Path) -> pd.DataFrame:
+    if _finished(folder):
+        print(f"[bench-accuracy] {label}: reusing the finished runs in {folder}", flush=True)
+        return collect(folder)
     cmd = [sys.executable, "-m", "kd_lightning.train", "-m", *overrides, *QUIET, *EXTRA, f"seed={seeds}",
            "hydra/launcher=local", f"hydra.launcher.n_jobs={JOBS[0]}", f"hydra.sweep.dir={folder}"]  # fmt: skip
     code = run_quietly(cmd, "bench-accuracy", f"{label}: {' '.join(cmd[3:])}")
@@ -219,6 +231,7 @@ def main() -> None:
     p.add_argument("--teacher-seeds", default="0,1,2", help="teachers.fit_seed values (teacher fits)")
     p.add_argument("--lambdas", default="3,10,30,100", help="the gallo λ sweep's values")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "accuracy"))
+    p.add_argument("--into", help="the folder of an earlier invocation: its finished multiruns are reused")
     p.add_argument("--jobs", type=int, default=2, help="parallel kd-train processes")
     p.add_argument("extra", nargs="*", help="after --: overrides added to every kd-train run")
     a = p.parse_args()
@@ -232,7 +245,7 @@ def main() -> None:
     def wanted(label: str) -> bool:
         return not subs or any(s in label for s in subs)
 
-    out = Path(a.out) / time.strftime("%Y%m%d-%H%M%S")
+    out = Path(a.into) if a.into else Path(a.out) / time.strftime("%Y%m%d-%H%M%S")
     t_start = time.perf_counter()
     report = [f"MNIST-1D; student seeds {a.seeds}; teacher fits (teachers.fit_seed) {a.teacher_seeds}"]
     for part in a.only.split(","):

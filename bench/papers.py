@@ -4,7 +4,7 @@ Every setting is a real `kd-train -m` multirun (jobs in parallel processes); thi
 the runs wrote (results.json, metrics.csv, student.pt, robustness.csv) and prints one table per paper.
 Plots go to OUT/<paper>/*.png. Teachers and pre-trained models are fitted on first use and cached.
 Usage: python bench/papers.py [--seeds 0,1,2] [--teacher-seeds 0,1,2] [--only rahbar2020,thapa2022,ye2019,landro2021]
-       [--jobs 2] [-- overrides added to every run]
+       [--jobs 2] [--into an earlier run's folder, to finish it] [-- overrides added to every run]
 """
 
 from __future__ import annotations
@@ -32,6 +32,35 @@ def multirun(
     folder: Path, overrides: Sequence[str], seeds: str, jobs: int, logger: str = "none"
 ) -> list[dict]:
     """One Hydra multirun of kd-train; returns every job's results.json (with its folder as `run_dir`)."""
+    if not _finished(folder):
+        _launch(folder, overrides, seeds, jobs, logger)
+    else:
+        print(f"[bench-papers]   reusing the finished runs in {folder}", flush=True)
+    runs = []
+    for path in sorted(folder.rglob("results.json")):
+        r = json.loads(path.read_text())
+        r["run_dir"] = str(path.parent)
+        runs.append(r)
+    bad = [r["run_dir"] for r in runs if r.get("status") != "ok"]
+    if bad:
+        raise SystemExit(f"[bench-papers] runs did not finish: {bad}")
+    return runs
+
+
+def _finished(folder: Path) -> bool:
+    """A multirun of an earlier invocation (--into) whose every job ended ok: reused, not rerun."""
+    if not (folder / "multirun.yaml").exists():
+        return False
+    jobs = [d for d in folder.iterdir() if (d / ".hydra").is_dir()]
+    done = [d for d in jobs if (d / "results.json").exists()]
+    return (
+        bool(jobs)
+        and len(done) == len(jobs)
+        and all(json.loads((d / "results.json").read_text()).get("status") == "ok" for d in done)
+    )
+
+
+def _launch(folder: Path, overrides: Sequence[str], seeds: str, jobs: int, logger: str) -> None:
     cmd = [
         sys.executable,
         "-m",
@@ -50,16 +79,7 @@ def multirun(
     code = run_quietly(cmd, "bench-papers", "kd-train " + " ".join(cmd[3:]))
     if code != 0:
         raise SystemExit(f"[bench-papers] multirun into {folder} failed (exit {code})")
-    runs = []
-    for path in sorted(folder.rglob("results.json")):
-        r = json.loads(path.read_text())
-        r["run_dir"] = str(path.parent)
-        runs.append(r)
-    bad = [r["run_dir"] for r in runs if r.get("status") != "ok"]
-    if bad:
-        raise SystemExit(f"[bench-papers] runs did not finish: {bad}")
-    print(f"[bench-papers]   {len(runs)} runs in {time.perf_counter() - t0:.0f}s", flush=True)
-    return runs
+    print(f"[bench-papers]   multirun took {time.perf_counter() - t0:.0f}s", flush=True)
 
 
 def ms(values: Iterable[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -351,13 +371,14 @@ def _relative(r: dict) -> float:
 
 
 def thapa2022(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
-    from kd_lightning.report import gain_interval
+    from kd_lightning.report import paired_interval
 
     fits = f"teachers.fit_seed={teacher_seeds}"
     lines = [
         "Thapa 2022: MNIST-1D, source digits 0-4 → target digits 5-9 with 250 labelled samples, drawn anew"
         " for each student seed (data.split_seed = seed; the teacher is fine-tuned on the same samples);"
-        f" teacher fine-tune seeds {teacher_seeds} × student seeds {seeds}; cnn1d[16,16,16] student,"
+        f" teacher fine-tune seeds {teacher_seeds} × student seeds {seeds} (rows without KD: the first teacher"
+        " seed only, since their student does not depend on it); cnn1d[16,16,16] student,"
         " cnn1d[128,128,128] teacher (both pre-trained on the source); corrupted = mean test accuracy over"
         " severities 1-5; relative = corrupted / clean",
         "",
@@ -368,7 +389,10 @@ def thapa2022(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
     curves: dict[str, dict[tuple[str, int], list[float]]] = {}
     by_label: dict[str, list[dict]] = {}
     for label, overrides in THAPA.items():
-        runs = multirun(out / label.replace(" ", "_").replace("+", "_"), [*overrides, fits], seeds, jobs)
+        # without KD the student does not depend on the teacher's fit: one fit (its agreement), no duplicates
+        axis = fits.split(",")[0] if "distill=none" in overrides else fits
+        runs = multirun(out / label.replace(" ", "_").replace("+", "_"), [*overrides, axis], seeds, jobs)
+        runs = [r for r in runs if axis == fits or r["teacher_fit_seed"] == int(axis.split("=")[1])]
         by_label[label] = runs
         per_corr: dict[str, list[float]] = {}
         for r in runs:
@@ -401,11 +425,17 @@ def thapa2022(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
         )
 
     def gap(x: str, y: str, key: Callable[[dict], float]) -> str:
-        d, h = gain_interval([key(r) for r in by_label[x]], [key(r) for r in by_label[y]])
+        # paired by student seed: the same seed draws the same labelled subset and the same initial student in
+        # both rows; a row's runs of one seed (its teacher fits) are averaged first
+        pairs = [
+            [statistics.mean(key(r) for r in by_label[row] if r["seed"] == s) for row in (x, y)]
+            for s in sorted({r["seed"] for r in by_label[x]})
+        ]
+        d, h = paired_interval([a for a, _ in pairs], [b for _, b in pairs])
         return f"{100 * d:+.2f} [{100 * (d - h):+.2f}, {100 * (d + h):+.2f}]"
 
     acc = lambda r: r["metrics"]["student"]["acc"]  # noqa: E731
-    lines += ["", "differences in points [95 % Welch interval]:", ""]
+    lines += ["", "differences in points [95 % t interval, paired by labelled subset (student seed)]:", ""]
     for x, y in (("TL+KD", "TL"), ("KD without transfer", "from scratch"), ("TL", "KD without transfer")):
         lines.append(
             f"- {x} minus {y}: accuracy {gap(x, y, acc)}; mean corrupted "
@@ -425,13 +455,13 @@ def thapa2022(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
         f"Number of target labels (data.train_subset), TL vs TL+KD; student seeds {seeds}, teacher fine-tune"
         f" seed {teacher_seeds.split(',')[0]}:",
         "",
-        "| labels | TL acc (%) | TL+KD acc (%) | TL+KD minus TL (pts) [95 % CI] | teacher acc (%) |",
+        "| labels | TL acc (%) | TL+KD acc (%) | TL+KD minus TL (pts) [95 % CI, paired] | teacher acc (%) |",
         "|---|---|---|---|---|",
     ]
     groups = by(sweep, lambda r: (_labels_of(r), r["distill"]))
     for n in sorted({k[0] for k in groups}):
-        tl, kd = groups[(n, "none")], groups[(n, "kd")]
-        d, h = gain_interval([acc(r) for r in kd], [acc(r) for r in tl])
+        tl, kd = (sorted(groups[(n, m)], key=lambda r: r["seed"]) for m in ("none", "kd"))
+        d, h = paired_interval([acc(r) for r in kd], [acc(r) for r in tl])  # paired by labelled subset
         lines.append(
             f"| {n} | {ms([acc(r) for r in tl])} | {ms([acc(r) for r in kd])} "
             f"| {100 * d:+.2f} [{100 * (d - h):+.2f}, {100 * (d + h):+.2f}] "
@@ -594,13 +624,14 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--teacher-seeds", default="0,1,2", help="teachers.fit_seed values (teacher fits)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "papers"))
+    p.add_argument("--into", help="the folder of an earlier invocation: its finished multiruns are reused")
     p.add_argument("extra", nargs="*", help="after --: overrides added to every kd-train run")
     a = p.parse_args()
     EXTRA.extend(a.extra)
     unknown = [x for x in a.only.split(",") if x not in PAPERS]
     if unknown:
         raise SystemExit(f"--only: unknown paper(s) {unknown}; valid: {', '.join(PAPERS)}")
-    out = Path(a.out) / time.strftime("%Y%m%d-%H%M%S")
+    out = Path(a.into) if a.into else Path(a.out) / time.strftime("%Y%m%d-%H%M%S")
     tables = []
     for name in a.only.split(","):
         t0 = time.perf_counter()

@@ -110,6 +110,21 @@ def gain_interval(
     return diff, float(t.ppf(0.5 + level / 2, df) * math.sqrt(va + vb))
 
 
+def paired_interval(
+    treated: Sequence[float], control: Sequence[float], level: float = 0.95
+) -> tuple[float, float]:
+    """Mean of the paired differences treated[i] − control[i] and the half-width of its t interval: for runs
+    that share everything but the method (the same labelled subset, the same initial weights)."""
+    d = [float(a) - float(b) for a, b in zip(treated, control, strict=True)]
+    mean = sum(d) / len(d)
+    if len(d) < 2:
+        return mean, math.inf
+    from scipy.stats import t
+
+    sd = math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1))
+    return mean, float(t.ppf(0.5 + level / 2, len(d) - 1) * sd / math.sqrt(len(d)))
+
+
 def summarize(df: pd.DataFrame, keys: Sequence[str] = GROUP_KEYS, metric: str = "test_acc") -> pd.DataFrame:
     """Mean ± std of `metric` over seeds for each group, its 95 % confidence interval (t, over runs), and
     `verdict`: "best" only when the top row's interval clears every other row's; otherwise the rows whose

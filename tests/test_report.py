@@ -88,3 +88,17 @@ def test_gain_interval_is_welchs_t_interval():
     shifted = [v - (diff - half) for v in a]
     assert ttest_ind(shifted, b, equal_var=False).pvalue == pytest.approx(0.05, rel=1e-6)
     assert gain_interval([0.8], b)[1] == float("inf")
+
+
+def test_paired_interval_is_the_paired_t_interval():
+    from scipy.stats import ttest_rel
+
+    from kd_lightning.report import paired_interval
+
+    a, b = [0.81, 0.80, 0.86, 0.79], [0.78, 0.79, 0.83, 0.77]
+    diff, half = paired_interval(a, b)
+    assert diff == pytest.approx(0.0225)
+    shifted = [v - (diff - half) for v in a]  # at the interval's edge the paired test has p = 0.05
+    assert ttest_rel(shifted, b).pvalue == pytest.approx(0.05, rel=1e-6)
+    with pytest.raises(ValueError):
+        paired_interval(a, b[:3])
