@@ -252,7 +252,7 @@ def fit_or_load_teacher(
     cache_dir: str | Path,
     accelerator: str,
 ) -> tuple[MultiTaskNet, Path]:
-    key = {"teacher": as_plain(spec), "data": data_identity(data_cfg)}
+    key = {"teacher": as_plain(spec), "data": data_identity(data_cfg), "order": "fit.seed"}
     path = keyed_path(Path(cache_dir) / "teachers" / f"{dm.name}-multitask", name, key)
 
     def fit() -> None:
@@ -260,9 +260,10 @@ def fit_or_load_teacher(
         pl.seed_everything(spec.fit.seed, verbose=False)
         model = MultiTaskNet(dm.input_shape, spec.tasks, spec.channels, spec.kernel_size)
         t0 = time.perf_counter()
-        quiet_trainer(spec.fit.max_epochs, accelerator).fit(
-            SupervisedMultiTask(model, spec.fit.lr, spec.fit.weight_decay), datamodule=dm
-        )
+        with dm.shuffled_by(spec.fit.seed):  # the fit's own seed orders its batches, not the run's
+            quiet_trainer(spec.fit.max_epochs, accelerator).fit(
+                SupervisedMultiTask(model, spec.fit.lr, spec.fit.weight_decay), datamodule=dm
+            )
         acc = task_accuracy(model, dm, spec.tasks)
         save_multitask(
             model, path, dm.input_shape, {"test_acc": acc, "fit_seconds": time.perf_counter() - t0}

@@ -64,7 +64,8 @@ def fit_supervised(
     module = supervised_module(model, dm.num_classes, optim)
     trainer = quiet_trainer(max_epochs, accelerator)
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
+    with dm.shuffled_by(seed):  # the fit's own seed orders its batches, not the run's
+        trainer.fit(module, datamodule=dm)
     acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test/acc"])
     torch.random.set_rng_state(rng)
     if out_path is not None:

@@ -111,7 +111,13 @@ def data_identity(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
 def teacher_cache_path(
     cache_dir: str | Path, data_name: str, member: str, spec: MemberSpec, data_cfg: Mapping[str, Any]
 ) -> Path:
-    key = {"arch": spec.arch, "fit": spec.fit.identity(), "data": data_identity(data_cfg)}
+    # "order": fits made before the batches followed the fit seed (they followed the run's) are not reused
+    key = {
+        "arch": spec.arch,
+        "fit": spec.fit.identity(),
+        "data": data_identity(data_cfg),
+        "order": "fit.seed",
+    }
     return keyed_path(Path(cache_dir) / "teachers" / data_name, member, key)
 
 

@@ -183,3 +183,22 @@ def test_random_weights_teacher_is_an_untrained_seeded_control(make_cfg, tmp_pat
     )
     with pytest.raises(ConfigError, match="random_weights=true builds .* it needs arch and no checkpoint"):
         run(cfg)
+
+
+def test_a_teacher_fit_does_not_depend_on_the_seed_of_the_run_that_fitted_it():
+    """The cache key has no run seed, so the fit must not have one either: its batches follow its own seed."""
+    from kd_lightning.data import DigitsDataModule
+    from kd_lightning.fitting import fit_model
+    from kd_lightning.specs import FitSpec
+
+    fit = FitSpec(max_epochs=1, lr=0.01, seed=7)
+    weights = []
+    for run_seed in (0, 1, 0):
+        dm = DigitsDataModule(batch_size=64)
+        dm.setup()
+        dm.shuffle_seed = run_seed  # what a run with this seed sets before fitting its teachers
+        model, _ = fit_model({"name": "mlp", "hidden": [16]}, dm, fit)
+        assert dm.shuffle_seed == run_seed  # restored for the run's own training
+        weights.append(model.state_dict())
+    for k, v in weights[0].items():
+        torch.testing.assert_close(weights[1][k], v)

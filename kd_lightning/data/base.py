@@ -9,6 +9,8 @@ dataset read from disk supports them as an in-memory one does.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -389,6 +391,16 @@ class TensorDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return on_gpu
+
+    @contextlib.contextmanager
+    def shuffled_by(self, seed: int) -> Iterator[None]:
+        """Within the block, training batches are shuffled by `seed` instead of the run's seed: a teacher
+        fitted during a run must not depend on which run (which seed) happened to fit it first."""
+        saved, self.shuffle_seed = self.shuffle_seed, int(seed)
+        try:
+            yield
+        finally:
+            self.shuffle_seed = saved
 
     def _trainer_epoch(self) -> int | None:
         trainer = getattr(self, "trainer", None)
