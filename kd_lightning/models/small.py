@@ -130,7 +130,9 @@ def wide2(
     return model
 
 
-def _fixed_output_wide2(num_classes: int, input_shape: tuple[int, ...], width: int, activation: str) -> nn.Module:
+def _fixed_output_wide2(
+    num_classes: int, input_shape: tuple[int, ...], width: int, activation: str
+) -> nn.Module:
     first = NTKLinear(math.prod(input_shape), width, bias=False)
     half = width // 2
     with torch.no_grad():
