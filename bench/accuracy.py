@@ -37,6 +37,7 @@ from kd_lightning.report import collect, gain_interval  # noqa: E402
 
 QUIET = ["trainer.enable_progress_bar=false", "print_summary=false", "logger=none"]
 ALONE = "student alone"
+DONE = ".bench_done"  # written into a multirun's folder once every job of it ended ok
 # The teacher cnn_b's penultimate features have 320 dimensions; this student's last hidden layer matches
 # them, so the feature distance needs no adapter (our choice of control: the only student change is that
 # layer's width, 100 → 320).
@@ -60,11 +61,9 @@ EXTRA: list[str] = []  # overrides after `--`, added to every run (a quick check
 
 
 def _finished(folder: Path) -> bool:
-    """A multirun of an earlier invocation (--into) that ended with every job ok: reused, not rerun."""
-    if not (folder / "multirun.yaml").exists():
-        return False
-    df = collect(folder)
-    return len(df) > 0 and bool((df["status"] == "ok").all())
+    """A multirun that an earlier invocation (--into) saw end with every job ok: reused, not rerun. The
+    marker is written only then (a stopped multirun has no folders yet for the jobs it did not start)."""
+    return (folder / DONE).is_file()
 
 
 def _multirun(label: str, overrides: list[str], seeds: str, folder: Path) -> pd.DataFrame:
@@ -80,6 +79,7 @@ def _multirun(label: str, overrides: list[str], seeds: str, folder: Path) -> pd.
     bad = df[df["status"] != "ok"]
     if len(bad):
         raise SystemExit(f"[bench-accuracy] {label}: {len(bad)} run(s) failed, see {folder}")
+    (folder / DONE).write_text("")
     return df
 
 

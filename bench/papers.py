@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from multirun import run_quietly  # noqa: E402
 
 QUIET = ["trainer.enable_progress_bar=false", "print_summary=false"]
+DONE = ".bench_done"  # written into a multirun's folder once every job of it ended ok
 EXTRA: list[str] = []  # overrides after `--`, added to every run (a quick check: -- trainer.max_epochs=2)
 
 
@@ -48,16 +49,9 @@ def multirun(
 
 
 def _finished(folder: Path) -> bool:
-    """A multirun of an earlier invocation (--into) whose every job ended ok: reused, not rerun."""
-    if not (folder / "multirun.yaml").exists():
-        return False
-    jobs = [d for d in folder.iterdir() if (d / ".hydra").is_dir()]
-    done = [d for d in jobs if (d / "results.json").exists()]
-    return (
-        bool(jobs)
-        and len(done) == len(jobs)
-        and all(json.loads((d / "results.json").read_text()).get("status") == "ok" for d in done)
-    )
+    """A multirun that an earlier invocation (--into) saw end with every job ok: reused, not rerun. The
+    marker is written only then (a stopped multirun has no folders yet for the jobs it did not start)."""
+    return (folder / DONE).is_file()
 
 
 def _launch(folder: Path, overrides: Sequence[str], seeds: str, jobs: int, logger: str) -> None:
@@ -80,6 +74,9 @@ def _launch(folder: Path, overrides: Sequence[str], seeds: str, jobs: int, logge
     if code != 0:
         raise SystemExit(f"[bench-papers] multirun into {folder} failed (exit {code})")
     print(f"[bench-papers]   multirun took {time.perf_counter() - t0:.0f}s", flush=True)
+    runs = [json.loads(p.read_text()) for p in folder.rglob("results.json")]
+    if runs and all(r.get("status") == "ok" for r in runs):
+        (folder / DONE).write_text("")
 
 
 def ms(values: Iterable[float], scale: float = 100.0, digits: int = 2) -> str:

@@ -18,7 +18,6 @@ docs/REPRODUCTIONS.md); the layer-wise schedule and the label-free setting follo
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
