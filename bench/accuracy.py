@@ -31,13 +31,12 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from multirun import run_quietly  # noqa: E402
+from multirun import finished, mark_finished, run_quietly  # noqa: E402
 
 from kd_lightning.report import collect, gain_interval  # noqa: E402
 
 QUIET = ["trainer.enable_progress_bar=false", "print_summary=false", "logger=none"]
 ALONE = "student alone"
-DONE = ".bench_done"  # written into a multirun's folder once every job of it ended ok
 # The teacher cnn_b's penultimate features have 320 dimensions; this student's last hidden layer matches
 # them, so the feature distance needs no adapter (our choice of control: the only student change is that
 # layer's width, 100 → 320).
@@ -60,14 +59,8 @@ JOBS = [2]  # parallel kd-train processes per multirun (--jobs)
 EXTRA: list[str] = []  # overrides after `--`, added to every run (a quick check: -- trainer.max_epochs=1)
 
 
-def _finished(folder: Path) -> bool:
-    """A multirun that an earlier invocation (--into) saw end with every job ok: reused, not rerun. The
-    marker is written only then (a stopped multirun has no folders yet for the jobs it did not start)."""
-    return (folder / DONE).is_file()
-
-
 def _multirun(label: str, overrides: list[str], seeds: str, folder: Path) -> pd.DataFrame:
-    if _finished(folder):
+    if finished(folder):
         print(f"[bench-accuracy] {label}: reusing the finished runs in {folder}", flush=True)
         return collect(folder)
     cmd = [sys.executable, "-m", "kd_lightning.train", "-m", *overrides, *QUIET, *EXTRA, f"seed={seeds}",
@@ -79,7 +72,7 @@ def _multirun(label: str, overrides: list[str], seeds: str, folder: Path) -> pd.
     bad = df[df["status"] != "ok"]
     if len(bad):
         raise SystemExit(f"[bench-accuracy] {label}: {len(bad)} run(s) failed, see {folder}")
-    (folder / DONE).write_text("")
+    mark_finished(folder)
     return df
 
 

@@ -20,3 +20,16 @@ def run_quietly(cmd: list[str], tag: str, shown: str | None = None) -> int:
     if proc.returncode != 0:
         print(proc.stderr[-4000:], file=sys.stderr)
     return proc.returncode
+
+
+DONE = ".bench_done"  # written into a multirun's folder once every job of it ended ok
+
+
+def finished(folder: Path) -> bool:
+    """A multirun that an earlier invocation (--into) saw end with every job ok: reused, not rerun. The
+    marker is written only then (a stopped multirun has no folders yet for the jobs it did not start)."""
+    return (Path(folder) / DONE).is_file()
+
+
+def mark_finished(folder: Path) -> None:
+    (Path(folder) / DONE).write_text("")

@@ -22,10 +22,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from multirun import run_quietly  # noqa: E402
+from multirun import finished, mark_finished, run_quietly  # noqa: E402
 
 QUIET = ["trainer.enable_progress_bar=false", "print_summary=false"]
-DONE = ".bench_done"  # written into a multirun's folder once every job of it ended ok
 EXTRA: list[str] = []  # overrides after `--`, added to every run (a quick check: -- trainer.max_epochs=2)
 
 
@@ -33,7 +32,7 @@ def multirun(
     folder: Path, overrides: Sequence[str], seeds: str, jobs: int, logger: str = "none"
 ) -> list[dict]:
     """One Hydra multirun of kd-train; returns every job's results.json (with its folder as `run_dir`)."""
-    if not _finished(folder):
+    if not finished(folder):
         _launch(folder, overrides, seeds, jobs, logger)
     else:
         print(f"[bench-papers]   reusing the finished runs in {folder}", flush=True)
@@ -46,12 +45,6 @@ def multirun(
     if bad:
         raise SystemExit(f"[bench-papers] runs did not finish: {bad}")
     return runs
-
-
-def _finished(folder: Path) -> bool:
-    """A multirun that an earlier invocation (--into) saw end with every job ok: reused, not rerun. The
-    marker is written only then (a stopped multirun has no folders yet for the jobs it did not start)."""
-    return (folder / DONE).is_file()
 
 
 def _launch(folder: Path, overrides: Sequence[str], seeds: str, jobs: int, logger: str) -> None:
@@ -76,7 +69,7 @@ def _launch(folder: Path, overrides: Sequence[str], seeds: str, jobs: int, logge
     print(f"[bench-papers]   multirun took {time.perf_counter() - t0:.0f}s", flush=True)
     runs = [json.loads(p.read_text()) for p in folder.rglob("results.json")]
     if runs and all(r.get("status") == "ok" for r in runs):
-        (folder / DONE).write_text("")
+        mark_finished(folder)
 
 
 def ms(values: Iterable[float], scale: float = 100.0, digits: int = 2) -> str:
