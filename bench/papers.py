@@ -145,7 +145,7 @@ def _rahbar_analysis(run: dict) -> dict[str, Any]:
     excess = [(v - loss_min) / max(curve[0] - loss_min, 1e-12) for v in curve]
     steps = {tol: next((i for i, e in enumerate(excess) if e <= tol), None) for tol in (0.1, 0.01)}
     train_err = float((f.argmax(1) != train_y).float().mean())
-    extra = _kernel_comparison(dm, student, y, p, rho) if cfg.student.get("fixed_output") else {}
+    extra = _kernel_comparison(dm, x, student, y, p, rho) if cfg.student.get("fixed_output") else {}
     return {
         **extra,
         "teacher_fit_seed": run.get("teacher_fit_seed", 0),
@@ -168,14 +168,14 @@ def _inputs(dm, split: str):
     return torch.cat([dm.prepare_batch(b, train=False).x for b in dm.iter_split(split)])
 
 
-def _kernel_comparison(dm, student, y, p, rho: float) -> dict[str, Any]:
+def _kernel_comparison(dm, x, student, y, p, rho: float) -> dict[str, Any]:
     """The theory's prediction for the analysed setting (fixed ±1 outputs, first layer trained by GD from
     f_0 = 0): kernel regression of the ρ-mixed targets with the infinite-width tangent kernel."""
     import torch
 
     from kd_lightning.evaluation.kernel import kernel_regression, relu_first_layer_ntk
 
-    x, xt = _inputs(dm, "train"), _inputs(dm, "test")
+    xt = _inputs(dm, "test")  # x: the training inputs the caller already read
     test_y = dm.labels("test")
     k, kt = relu_first_layer_ntk(x, x), relu_first_layer_ntk(xt, x)
     predicted = kernel_regression(k, kt, rho * p + (1 - rho) * y)
