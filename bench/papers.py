@@ -497,6 +497,12 @@ YE = {
         ["experiment=ye2019", "amalgamation.finetune_epochs=0", "amalgamation.filter=none"],
         False,
     ),
+    # closer to the authors' re-implementation (our reading): per-teacher channel attention, the student's
+    # block run through each teacher's remaining layers and heads, then the heads and a whole-student fine-tune
+    "entangled blocks (attention, teachers' remaining layers) + end-to-end KD stage": (
+        ["experiment=ye2019", "amalgamation.block_stage=entangled"],
+        True,
+    ),
     # no teacher holds the digit task: teacher A's tasks no longer determine teacher B's, and the reverse
     "teacher A {parity, mod3} instead of {digit, parity}": (
         ["experiment=ye2019", "amalgamation.teachers.teacher_a.tasks=[parity,mod3]"],

@@ -10,7 +10,15 @@ without labels, trained block by block.
   for the chosen tasks: each channel's squared error is weighted by its first-order (Taylor) importance
   |t · ∂ℓ/∂t| for those tasks' heads, ℓ the CE against the teacher's own prediction (label-free);
   weights are normalised to mean 1 per teacher and block. `filter: none` weighs every channel equally.
-- Then the student's heads learn the chosen tasks from the matching teachers' soft outputs (Hinton KD).
+- `block_stage: entangled` (closer to the authors' public re-implementation; every detail our choice):
+  block k's output goes through a channel attention of its own per teacher (squeeze-and-excitation: a
+  per-sample sigmoid gate on each student channel) and the 1×1 projection, then through that teacher's
+  *remaining* frozen blocks and its heads for the chosen tasks. The block learns from the filtered
+  feature error above plus the KL divergence between those heads' outputs and the teacher's own
+  outputs on the input (T², temperature `temperature`), so the student's block must serve the
+  teacher's own later layers on the chosen tasks ("entangles the student's block with the teachers").
+- Then the student's heads learn the chosen tasks from the matching teachers' soft outputs (Hinton KD),
+  and with `finetune_epochs` every student weight does.
 The selection module of the paper is replaced by this importance weighting (our choice, documented in
 docs/REPRODUCTIONS.md); the layer-wise schedule and the label-free setting follow the paper.
 """
@@ -79,10 +87,28 @@ class SupervisedMultiTask(_Stage):
         return sum(F.cross_entropy(out[t], task_labels(t, y)) for t in out)
 
 
+class ChannelAttention(nn.Module):
+    """Squeeze-and-excitation gate: a per-sample weight in (0, 1) for each channel of a feature map.
+
+    Hand-written: torchvision's SqueezeExcitation is 2-D only; the student's blocks may be 1-D."""
+
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        hidden = max(4, channels // reduction)  # our choice
+        self.fc = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels))
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.fc(s.flatten(2).mean(2)))
+        return s * gate.view(*gate.shape, *[1] * (s.dim() - 2))
+
+
 class BlockStage(_Stage):
     """Student block k against the chosen teachers' block k, through one 1×1 projection per teacher.
 
-    Label-free: only `x` of each batch is used. Earlier student blocks are frozen (eval mode)."""
+    Label-free: only `x` of each batch is used. Earlier student blocks are frozen (eval mode).
+    With `tasks` (teacher → its chosen tasks; `block_stage: entangled`), each teacher also gets a channel
+    attention before its projection, and the projected features run through the teacher's remaining
+    blocks and chosen heads, whose outputs must match the teacher's own (KL at `temperature`)."""
 
     def __init__(
         self,
@@ -91,14 +117,20 @@ class BlockStage(_Stage):
         teachers: Mapping[str, MultiTaskNet],
         channel_weights: Mapping[str, torch.Tensor],
         lr: float,
+        tasks: Mapping[str, Sequence[str]] | None = None,
+        temperature: float = 4.0,
     ):
         conv = nn.Conv1d if isinstance(student.blocks[0][0], nn.Conv1d) else nn.Conv2d
         c_s = student.blocks[k][0].out_channels
         projections = nn.ModuleDict(
             {n: conv(c_s, t.blocks[k][0].out_channels, 1) for n, t in teachers.items()}
         )
-        super().__init__([*student.blocks[k].parameters(), *projections.parameters()], lr)
-        self.student, self.k, self.projections = student, k, projections
+        attention = nn.ModuleDict({n: ChannelAttention(c_s) for n in teachers} if tasks else {})
+        super().__init__(
+            [*student.blocks[k].parameters(), *projections.parameters(), *attention.parameters()], lr
+        )
+        self.student, self.k, self.projections, self.attention = student, k, projections, attention
+        self.tasks, self.temperature = dict(tasks or {}), temperature
         object.__setattr__(self, "teachers", dict(teachers))  # frozen, not submodules
         for n, w in channel_weights.items():
             self.register_buffer(f"w_{n}", w.view(1, -1, *[1] * (student.blocks[0][0].weight.dim() - 2)))
@@ -107,8 +139,16 @@ class BlockStage(_Stage):
         for block in self.student.blocks[: self.k]:
             block.eval()
 
+    def _through_teacher(
+        self, teacher: MultiTaskNet, z: torch.Tensor, tasks: Sequence[str]
+    ) -> list[torch.Tensor]:
+        for block in teacher.blocks[self.k + 1 :]:
+            z = block(z)
+        z = z.flatten(1)
+        return [teacher.heads[t](z) for t in tasks]
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x = batch[0]
+        x, T = batch[0], self.temperature
         with torch.no_grad():
             inp = self.student.trunk(x, self.k)
         s = self.student.blocks[self.k](inp)
@@ -116,10 +156,22 @@ class BlockStage(_Stage):
         for n, teacher in self.teachers.items():
             with torch.no_grad():
                 t = teacher.trunk(x, self.k + 1)
-            p = self.projections[n](s)
+            p = self.projections[n](self.attention[n](s) if n in self.attention else s)
             if p.shape[2:] != t.shape[2:]:
                 p = F.interpolate(p, size=t.shape[2:])
             loss = loss + (getattr(self, f"w_{n}") * (p - t) ** 2).mean()
+            if n in self.tasks:  # entangled: the teacher's own later layers run on the student's features
+                with torch.no_grad():
+                    targets = self._through_teacher(teacher, t, self.tasks[n])
+                for out, target in zip(
+                    self._through_teacher(teacher, p, self.tasks[n]), targets, strict=True
+                ):
+                    loss = loss + F.kl_div(
+                        F.log_softmax(out / T, 1),
+                        F.log_softmax(target / T, 1),
+                        reduction="batchmean",
+                        log_target=True,
+                    ) * (T * T)
         self.log("amalgamation/block_loss", loss, on_step=False, on_epoch=True)
         return loss
 
@@ -234,6 +286,11 @@ def check_amalgamation_cfg(cfg: Mapping[str, Any] | None) -> AmalgamationSpec:
             "set head_epochs (layer-wise schedule) or finetune_epochs (block_epochs=0 head_epochs=0: "
             "end-to-end KD only)"
         )
+    if a.block_stage == "entangled" and not a.block_epochs:
+        raise ConfigError(
+            "amalgamation.block_stage=entangled changes the layer-wise block stage, which block_epochs=0 skips; "
+            "set block_epochs > 0 or leave block_stage=projection"
+        )
     depths = {n: len(v.channels) for n, v in a.teachers.items()}
     if not a.student.channels or any(d != len(a.student.channels) for d in depths.values()):
         raise ConfigError(
@@ -305,7 +362,15 @@ def run_amalgamation(
             else torch.ones(teachers[n].blocks[k][0].out_channels)
             for n, ts in relevant.items()
         }
-        stage = BlockStage(student, k, {n: teachers[n] for n in relevant}, weights, a.lr)
+        stage = BlockStage(
+            student,
+            k,
+            {n: teachers[n] for n in relevant},
+            weights,
+            a.lr,
+            tasks=relevant if a.block_stage == "entangled" else None,
+            temperature=a.temperature,
+        )
         quiet_trainer(a.block_epochs, accelerator).fit(stage, datamodule=dm)
         log.info("amalgamation: block %d of %d trained", k + 1, len(student.blocks))
     sources = {t: [teachers[n] for n, ts in relevant.items() if t in ts] for t in a.tasks}

@@ -336,3 +336,4 @@ class AmalgamationSpec:
     temperature: float = num(4.0, 0.0, open_low=True)
     lr: float = num(3e-3, 0.0, open_low=True)
     filter: str = one_of("taylor", "taylor", "none")
+    block_stage: str = one_of("projection", "projection", "entangled")

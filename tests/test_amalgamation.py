@@ -55,6 +55,8 @@ def test_task_labels_from_digits():
         ({"epochs": 3}, "unknown key"),
         ({"head_epochs": 0}, "heads untrained after its blocks"),
         ({"block_epochs": 0, "head_epochs": 0, "finetune_epochs": 0}, "heads never train"),
+        ({"block_stage": "magic"}, "block_stage"),
+        ({"block_stage": "entangled", "block_epochs": 0, "head_epochs": 0}, "block_stage=entangled .* skips"),
     ],
 )
 def test_bad_amalgamation_settings_are_named(change, message):
@@ -95,6 +97,35 @@ def test_block_stage_trains_only_the_student_block_and_projections():
     trained = {id(p) for p in stage._params}
     assert trained == {id(p) for p in [*s.blocks[1].parameters(), *stage.projections.parameters()]}
     assert not trained & {id(p) for p in teacher.parameters()}
+
+
+def test_entangled_block_stage_is_feature_error_plus_kl_through_the_teachers_remaining_layers():
+    """The loss by hand: the filtered feature error, plus T² KL between the teacher's chosen heads run on the
+    (attended, projected) student features and on its own features; gradients reach the student block, the
+    projection and the attention, never the teacher."""
+    torch.manual_seed(0)
+    s = MultiTaskNet((1, 16), ["parity"], [4, 4, 4])
+    teacher = MultiTaskNet((1, 16), ["digit", "parity"], [6, 6, 6]).eval().requires_grad_(False)
+    w = torch.rand(6) + 0.5
+    stage = BlockStage(s, 1, {"t": teacher}, {"t": w}, lr=0.01, tasks={"t": ["parity"]}, temperature=2.0)
+    assert {id(p) for p in stage._params} == {
+        id(p) for m in (s.blocks[1], stage.projections, stage.attention) for p in m.parameters()
+    }
+    x = torch.randn(8, 1, 16)
+    loss = stage.training_step((x,), 0)
+
+    p = stage.projections["t"](stage.attention["t"](s.blocks[1](s.blocks[0](x))))
+    t = teacher.trunk(x, 2)
+    by_hand = (w.view(1, -1, 1) * (p - t) ** 2).mean()
+    out_s = teacher.heads["parity"](teacher.blocks[2](p).flatten(1)) / 2
+    out_t = teacher.heads["parity"](teacher.blocks[2](t).flatten(1)) / 2
+    kl = (out_t.softmax(1) * (out_t.log_softmax(1) - out_s.log_softmax(1))).sum(1).mean()
+    torch.testing.assert_close(loss, by_hand + 4 * kl)
+    loss.backward()
+    assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in stage.attention.parameters())
+    assert all(q.grad is None for q in teacher.parameters())
+    plain = BlockStage(s, 1, {"t": teacher}, {"t": w}, lr=0.01)  # projection: no attention, no KL
+    assert not list(plain.attention.parameters())
 
 
 @pytest.mark.slow
