@@ -107,6 +107,60 @@ def test_camkd_weights_teachers_by_their_confidence_on_the_label_as_the_authors_
         create_loss("camkd", {"teacher_shape": (C,), "num_classes": C})
 
 
+def _min_norm_on_capped_simplex(g: torch.Tensor, cap: float, steps: int = 200) -> tuple[list[float], float]:
+    """Brute force: the grid point of the simplex (every weight ≤ cap) with the smallest ‖Σ α_k g_k‖²."""
+    best, best_val = None, math.inf
+    for i in range(steps + 1):
+        for j in range(steps + 1 - i):
+            a = [i / steps, j / steps, (steps - i - j) / steps]
+            if max(a) > cap + 1e-12:
+                continue
+            v = float(sum(a[k] * g[k].double() for k in range(3)).pow(2).sum())
+            if v < best_val:
+                best, best_val = a, v
+    return best, best_val
+
+
+def test_aekd_weights_are_the_min_norm_point_of_the_capped_simplex_and_the_loss_is_their_kl_sum():
+    from kd_lightning.losses.logits import aekd_weights
+
+    K, C, B, T = 3, 5, 4, 4.0
+    zs, zts = rand(B, C).requires_grad_(), [rand(B, C) * 2 for _ in range(K)]
+    aekd = create_loss("aekd", {"teacher_shape": (K * C,), "num_classes": C}, temperature=T, tolerance=0.6)
+    loss = aekd(zs, torch.cat(zts, 1))
+    # by hand: each teacher's KL (the authors' DistillKL: sum over classes and samples, × T² / B) and its
+    # gradient on the student's logits from autograd, averaged over the batch
+    kls, grads = [], []
+    for k in range(K):
+        kl = sum(
+            float(sum(pt * math.log(pt / ps) for ps, pt in zip(F.softmax(zs[i].double() / T, 0), F.softmax(zts[k][i].double() / T, 0))))
+            for i in range(B)
+        ) * T * T / B  # fmt: skip
+        kls.append(kl)
+        kl_t = F.kl_div(F.log_softmax(zs / T, 1), F.softmax(zts[k] / T, 1), reduction="sum") * T * T / B
+        grads.append(torch.autograd.grad(kl_t, zs)[0].mean(0))
+    g = torch.stack(grads)
+    alpha = aekd.last_weights
+    assert alpha.sum().item() == pytest.approx(1.0, abs=1e-5) and alpha.max().item() <= 0.6 + 1e-5
+    assert loss.item() == pytest.approx(sum(a * kl for a, kl in zip(alpha.tolist(), kls)), rel=1e-4)
+    torch.testing.assert_close(
+        aekd_weights(g, 0.6), alpha, atol=1e-4, rtol=0
+    )  # closed-form gradients = autograd's
+    # the solver's α against a brute-force search on a grid of the capped simplex
+    grid, grid_val = _min_norm_on_capped_simplex(g, 0.6)
+    val = float((alpha.double() @ g.double()).pow(2).sum())
+    assert val <= grid_val * (1 + 1e-3) + 1e-12
+    assert max(abs(a - b) for a, b in zip(alpha.tolist(), grid)) < 0.02
+    # two teachers pulling apart: the closed form clip((g2 − g1)·g2 / ‖g1 − g2‖², 1 − C, C)
+    g2 = torch.tensor([[1.0, 0.0, -1.0], [-0.2, 0.5, 0.1]])
+    a1 = float(((g2[1] - g2[0]) @ g2[1]) / (g2[0] - g2[1]).pow(2).sum())
+    for cap in (0.6, 0.9):
+        expect = min(max(a1, 1 - cap), cap)
+        assert aekd_weights(g2, cap)[0].item() == pytest.approx(expect, abs=1e-4)
+    with pytest.raises(ConfigError, match="two or more teachers"):
+        create_loss("aekd", {"teacher_shape": (C,), "num_classes": C})
+
+
 def test_ickd_matches_the_channel_gram_of_the_authors_code_and_ignores_spatial_size():
     B, Cs, Ct = 3, 4, 6
     ickd = create_loss("ickd", {"student_shape": (Cs, 5, 5), "teacher_shape": (Ct, 3, 3)})
@@ -460,6 +514,11 @@ METHOD_SHAPES = {
         (10,),
         (10,),
     ),
+    "aekd": (
+        {"distance": "aekd", "student_tap": "logits", "teacher_tap": "logits", "adapter": "none"},
+        (10,),
+        (10,),
+    ),
     "kd_ls": (
         {"distance": "kl", "student_tap": "logits", "teacher_tap": "logits", "standardize": True},
         (10,),
@@ -486,7 +545,7 @@ METHOD_SHAPES = {
 @pytest.mark.parametrize("combine", ["per_teacher", "concat"])
 def test_gradients_flow_to_student_and_objective_only(method, combine):
     opts, s_shape, t_shape = METHOD_SHAPES[method]
-    if method == "camkd" and combine != "concat":  # it reads all teachers at once: concat only
+    if method in ("camkd", "aekd") and combine != "concat":  # it reads all teachers at once: concat only
         with pytest.raises(ConfigError, match="two or more teachers"):
             build_objective({"ce_weight": 1.0, "terms": {method: {**opts, "combine": combine}}}, {"logits": (10,)},
                             {"a": {"logits": t_shape}, "b": {"logits": t_shape}}, {"a": 0.5, "b": 0.5},
@@ -530,6 +589,7 @@ CONFIGS = [
     "kd_ls",
     "dkd_ls",
     "camkd",
+    "aekd",
     "ickd",
 ]
 

@@ -130,3 +130,68 @@ class CAMKD(nn.Module):
         log_pt = F.log_softmax(zt / T, 2)
         kl = (log_pt.exp() * (log_pt - log_ps)).sum(2) * T * T  # (B, K)
         return (weights * kl).sum() / (len(zs) * k)
+
+
+def aekd_weights(grads: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """AE-KD's teacher weights from the teachers' gradient vectors `grads` (K, D): the α on the simplex
+    with every α_k ≤ `tolerance` that minimises ‖Σ_k α_k g_k‖², i.e. the dual of a one-class SVM with the
+    precomputed kernel G = g gᵀ and ν = 1 / (tolerance · K), solved with scikit-learn's libsvm as the
+    authors' code does (helper/optimization.py, its default without normalisation). Hand-written around
+    the solver: no library here offers this min-norm point."""
+    from sklearn.svm import OneClassSVM
+
+    k = grads.shape[0]
+    nu = min(max(1.0 / (tolerance * k), 1.0 / k), 1.0)  # the authors' clamp to [1/K, 1]
+    gram = (grads @ grads.T).double().cpu().numpy()
+    svm = OneClassSVM(kernel="precomputed", nu=nu, tol=1e-6).fit(gram)
+    alpha = torch.zeros(k, dtype=torch.float64)
+    alpha[torch.as_tensor(svm.support_)] = torch.as_tensor(svm.dual_coef_[0]) / (k * nu)
+    return alpha.float()
+
+
+@register_loss("aekd")
+class AEKD(nn.Module):
+    """Adaptive ensemble KD in gradient space (Du et al., NeurIPS 2020, "Agree to disagree"), its logit part.
+
+    Used with `combine: concat` (the K teachers' logits side by side). Per teacher, Hinton's
+    KL_k = T² · KL(p_{T_k} ‖ p_S) summed over classes and averaged over the batch. Each step the teachers'
+    gradients with respect to the student's logits, g_k = T (p_S − p_{T_k}) / B, are averaged over the
+    batch (a C-vector per teacher) and weighted by `aekd_weights` (tolerance C = 0.6, the authors'
+    default -C; no normalisation, their default). The loss is Σ_k α_k KL_k with α held constant.
+    The members' `weight` is not used: the weights are the method's. Under DDP each rank weighs its own
+    batch, as the authors' code does. The feature (hint) part of AE-KD is not implemented."""
+
+    shape_free = True  # the teachers' logits arrive concatenated: no adapter
+
+    def __init__(
+        self,
+        teacher_shape: tuple[int, ...],
+        num_classes: int,
+        temperature: float = 4.0,
+        tolerance: float = 0.6,
+    ):
+        super().__init__()
+        self.temperature = as_float("aekd temperature", temperature, 0.0, open_low=True)
+        self.tolerance = as_float("aekd tolerance", tolerance, 0.0, open_low=True)
+        self.classes = as_int("aekd num_classes", num_classes, 2)
+        width = teacher_shape[0] if len(teacher_shape) == 1 else -1
+        if width % self.classes != 0 or width // self.classes < 2:
+            raise ConfigError(
+                f"aekd needs the logits of two or more teachers side by side (combine: concat, teacher_tap: "
+                f"logits), got teacher features of shape {tuple(teacher_shape)} for {self.classes} classes"
+            )
+        self.k = width // self.classes
+        self.last_weights = torch.full((self.k,), 1.0 / self.k)  # the latest step's α, for inspection
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        T, k = self.temperature, self.k
+        zs = s.flatten(1).float()
+        zt = t.flatten(1).float().view(len(zs), k, self.classes)  # (B, K, C)
+        log_ps = F.log_softmax(zs / T, 1)
+        log_pt = F.log_softmax(zt / T, 2)
+        kl = (log_pt.exp() * (log_pt - log_ps.unsqueeze(1))).sum(2).mean(0) * T * T  # (K,)
+        with torch.no_grad():  # ∂KL_k/∂z_S in closed form, averaged over the batch: (K, C)
+            grads = (T * (log_ps.exp().unsqueeze(1) - log_pt.exp())).mean(0) / len(zs)
+            alpha = aekd_weights(grads, self.tolerance).to(kl.device)
+        self.last_weights = alpha.detach().cpu()
+        return (alpha * kl).sum()
