@@ -22,6 +22,7 @@ from torch import nn
 from kd_lightning.adapters import make_adapter
 from kd_lightning.errors import ConfigError, choices
 from kd_lightning.losses import create_loss, forward_extras, loss_class
+from kd_lightning.prestage import PreStage
 from kd_lightning.specs import LABEL_LOSSES, DistillSpec, TermSpec, parse
 
 Shape = tuple[int, ...]
@@ -117,12 +118,30 @@ class Term(nn.Module):
                 self.teacher_weights[m] * self.losses[m](self.adapters[m](student), t, **kw)
                 for m, t in teachers.items()
             )
+        return self.losses["combined"](self.adapters["combined"](student), self._target(teachers), **kw)
+
+    def _target(self, teachers: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The combined teacher feature of `mean` and `concat`."""
         if self.combine == "mean":
-            target = sum(self.teacher_weights[m] * t for m, t in teachers.items())
-        else:
-            ts = list(teachers.values())
-            target = torch.cat([t.flatten(1) for t in ts], 1) if ts[0].dim() == 2 else torch.cat(ts, 1)
-        return self.losses["combined"](self.adapters["combined"](student), target, **kw)
+            return sum(self.teacher_weights[m] * t for m, t in teachers.items())
+        ts = list(teachers.values())
+        return torch.cat([t.flatten(1) for t in ts], 1) if ts[0].dim() == 2 else torch.cat(ts, 1)
+
+    def pre_stages(self) -> list[tuple[str, PreStage]]:
+        """(loss key, its pre-stage) for each of this term's losses that declares one (kd_lightning.prestage)."""
+        return [(k, loss.pre_stage()) for k, loss in self.losses.items() if hasattr(loss, "pre_stage")]
+
+    def pre_stage_loss(
+        self,
+        key: str,
+        stage: PreStage,
+        student: Mapping[str, torch.Tensor],
+        teachers: Mapping[str, Mapping[str, torch.Tensor]],
+    ) -> torch.Tensor:
+        """The pre-stage's loss on the features this term reads: per teacher, or the combined target."""
+        ts = {m: f[self.teacher_tap] for m, f in teachers.items()}
+        target = ts[key] if self.combine == "per_teacher" else self._target(ts)
+        return stage.loss(self.adapters[key](student[self.student_tap]), target)
 
 
 class Objective(nn.Module):

@@ -37,6 +37,7 @@ from kd_lightning.evaluation.run_eval import check_eval_cfg, evaluate_and_write
 from kd_lightning.fitting import fit_accelerator, fit_supervised
 from kd_lightning.models import save_model
 from kd_lightning.module import DistillationModule
+from kd_lightning.prestage import run_pre_stages
 from kd_lightning.results import read_results, run_labels, write_json_atomic
 from kd_lightning.resume import (
     check_resume,
@@ -242,6 +243,7 @@ class Fitted:
     tests_here: bool  # False on DDP ranks other than 0: they are done after fitting
     teacher_forward_by_rank: list[int]  # training samples the teachers ran on, per rank (precompute + live)
     store_files: list[str]
+    pre_stage: dict[str, Any]  # what the methods' pre-stages trained (kd_lightning.prestage); {} if none
 
 
 @dataclass(frozen=True)
@@ -278,6 +280,8 @@ def stage_fit(ctx: RunContext, built: Built) -> Fitted:
     if ckpt is not None:
         keep_metrics_until(trainer, checkpoint_epoch(ckpt))
     t0 = time.perf_counter()
+    # a method's pre-stage (FT's paraphraser) trains before the fit; a resumed run has it in the checkpoint
+    pre_stage = run_pre_stages(built.module, ctx.dm, fit_accelerator(ctx.cfg)) if ckpt is None else {}
     with sigterm_to_lightning():
         trainer.fit(built.module, datamodule=ctx.dm, ckpt_path=ckpt)
     seconds = time.perf_counter() - t0
@@ -296,7 +300,9 @@ def stage_fit(ctx: RunContext, built: Built) -> Fitted:
         tests_here = trainer.is_global_zero
     outputs = built.module.teacher_outputs
     files = outputs.files() if outputs is not None else []
-    return Fitted(val, best or None, seconds, ckpt, tests_here, built.module.teacher_forward_by_rank, files)
+    return Fitted(
+        val, best or None, seconds, ckpt, tests_here, built.module.teacher_forward_by_rank, files, pre_stage
+    )
 
 
 def stage_test(ctx: RunContext, built: Built, fitted: Fitted) -> Tested:
@@ -373,6 +379,7 @@ def run_distillation(ctx: RunContext) -> None:
             teacher_forward_samples=sum(fitted.teacher_forward_by_rank),
             teacher_forward_samples_by_rank=fitted.teacher_forward_by_rank,
             teacher_store_files=fitted.store_files,
+            **fitted.pre_stage,
         )
         if not fitted.tests_here:
             return

@@ -532,6 +532,7 @@ METHOD_SHAPES = {
     "at": ({"distance": "at", "student_tap": "map", "teacher_tap": "map"}, (4, 6, 6), (8, 3, 3)),
     "nst": ({"distance": "nst", "student_tap": "map", "teacher_tap": "map"}, (4, 3, 3), (8, 3, 3)),
     "ickd": ({"distance": "ickd", "student_tap": "map", "teacher_tap": "map"}, (4, 6, 6), (8, 3, 3)),
+    "ft": ({"distance": "ft", "student_tap": "map", "teacher_tap": "map"}, (4, 6, 6), (8, 3, 3)),
     "sp": ({"distance": "sp"}, (7,), (12,)),
     "rkd": ({"distance": "rkd"}, (7,), (12,)),
     "pkt": ({"distance": "pkt"}, (7,), (12,)),
@@ -572,7 +573,7 @@ def test_gradients_flow_to_student_and_objective_only(method, combine):
 
 
 # --- every config runs end to end on digits ----------------------------------------------------------------
-MAP_METHODS = {"at", "nst", "ickd"}
+MAP_METHODS = {"at", "nst", "ickd", "ft"}
 CONFIGS = [
     "kd",
     "fitnet",
@@ -591,6 +592,7 @@ CONFIGS = [
     "camkd",
     "aekd",
     "ickd",
+    "ft",
 ]
 
 
@@ -607,9 +609,11 @@ def test_each_method_config_trains_a_few_batches(make_cfg, name):
         "+trainer.limit_train_batches=4",
         "+trainer.limit_val_batches=1",
         "callbacks=none",
+        *(["distill.terms.ft.init_epochs=1"] if name == "ft" else []),
     )
     res = run(cfg)
     assert res["status"] == "ok" and 0 <= res["test_acc"] <= 1
+    assert res.get("pre_stage_terms") == (["ft"] if name == "ft" else None)  # FT's paraphraser trained first
     if name.startswith("["):
         assert set(cfg.distill.terms) == set(name.strip("[]").split(","))  # the terms of both files, summed
 

@@ -10,7 +10,6 @@ dataset read from disk supports them as an in-memory one does.
 from __future__ import annotations
 
 import contextlib
-
 import math
 from collections.abc import Callable, Iterator
 from typing import Any

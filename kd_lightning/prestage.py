@@ -1,0 +1,103 @@
+"""Pre-stages: what a method trains before distillation starts, one mechanism for every method.
+
+Some methods need a part trained first (RepDistiller's `init` stage, 30 epochs): Factor Transfer's
+paraphraser is an autoencoder of the teacher's features. A loss class declares it by a method
+`pre_stage() -> PreStage`: the module to train (its parameters are frozen outside the stage) and the
+stage's loss on (adapted student feature, teacher target), computed as the term computes its own loss
+(per teacher, or on the combined target). `run_pre_stages` trains every declared pre-stage of an
+objective, those with the same number of epochs together, with the run's optimiser (no schedule, as
+RepDistiller's init stage), on the training split; the student and the teachers do not change. A resumed
+run skips it: the pre-stage's weights are in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # imported at run time by the callers; avoids a cycle with kd_lightning.losses
+    from kd_lightning.module import DistillationModule
+
+
+@dataclass(frozen=True)
+class PreStage:
+    epochs: int
+    module: nn.Module  # trained in the stage, frozen (requires_grad False) outside it
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (adapted student feature, teacher target)
+
+
+@contextmanager
+def trainable(modules: list[nn.Module]) -> Iterator[None]:
+    for m in modules:
+        m.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.requires_grad_(False)
+
+
+Stage = tuple[str, str, PreStage]  # (term name, loss key, pre-stage)
+
+
+def declared_pre_stages(distill: DistillationModule) -> list[Stage]:
+    return [
+        (name, key, st) for name, term in distill.objective.terms.items() for key, st in term.pre_stages()
+    ]
+
+
+class PreStageModule(pl.LightningModule):
+    """Trains the given pre-stage modules on the training split; nothing else has gradients."""
+
+    def __init__(self, distill: DistillationModule, stages: list[Stage]):
+        super().__init__()
+        self.stages = stages
+        self.trained = nn.ModuleList([st.module for _, _, st in self.stages])
+        object.__setattr__(self, "distill", distill)  # not a submodule: its optimiser is not this one's
+
+    def on_train_epoch_start(self) -> None:
+        self.distill.student.eval()  # as RepDistiller's init: the student is not trained here
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        d = self.distill
+        x = batch.x
+        with torch.no_grad():
+            s_feats = d.taps(x)
+            t_feats = d.teachers(x)
+        total = x.new_zeros((), dtype=torch.float32)
+        for name, key, stage in self.stages:
+            term = d.objective.terms[name]
+            total = total + term.pre_stage_loss(key, stage, s_feats, t_feats)
+        self.log("pre_stage/loss", total, on_step=False, on_epoch=True, batch_size=len(x))
+        return total
+
+    def configure_optimizers(self) -> Any:
+        return self.distill.optim.optimizer(list(self.trained.parameters()))
+
+
+def run_pre_stages(distill: DistillationModule, dm: Any, accelerator: str) -> dict[str, Any]:
+    """Trains every pre-stage the objective declares; returns what results.json records (empty if none)."""
+    from kd_lightning.fitting import quiet_trainer
+
+    stages = declared_pre_stages(distill)
+    if not stages:
+        return {}
+    losses = {}
+    for epochs in sorted({st.epochs for _, _, st in stages}):
+        group = [x for x in stages if x[2].epochs == epochs]
+        module = PreStageModule(distill, group)
+        trainer = quiet_trainer(epochs, accelerator)
+        with trainable(list(module.trained)):
+            trainer.fit(module, datamodule=dm)
+        loss = trainer.callback_metrics.get("pre_stage/loss")
+        losses[epochs] = float(loss) if loss is not None else None
+    return {
+        "pre_stage_terms": sorted({name for name, _, _ in stages}),
+        "pre_stage_last_loss_by_epochs": losses,
+    }
