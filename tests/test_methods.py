@@ -161,6 +161,29 @@ def test_aekd_weights_are_the_min_norm_point_of_the_capped_simplex_and_the_loss_
         create_loss("aekd", {"teacher_shape": (C,), "num_classes": C})
 
 
+def test_srd_is_the_log_of_summed_fourth_powers_between_batch_normalised_projections():
+    B, Ds, Dt = 6, 5, 7
+    srd = create_loss("srd", {"student_shape": (Ds,), "teacher_shape": (Dt,)}).train()
+    zs, zt = rand(B, Ds), rand(B, Dt)
+    W, b = srd.embed.weight.double(), srd.embed.bias.double()
+
+    def bn(col: list[float]) -> list[float]:  # batch statistics, biased variance, eps 1e-4, no affine
+        m = sum(col) / len(col)
+        v = sum((c - m) ** 2 for c in col) / len(col)
+        return [(c - m) / math.sqrt(v + 1e-4) for c in col]
+
+    proj = [[float(W[d] @ zs[i].double() + b[d]) for d in range(Dt)] for i in range(B)]
+    fs = list(zip(*[bn([proj[i][d] for i in range(B)]) for d in range(Dt)]))
+    ft = list(zip(*[bn([float(zt[i, d]) for i in range(B)]) for d in range(Dt)]))
+    expect = math.log(sum(abs(fs[i][d] - ft[i][d]) ** 4 for i in range(B) for d in range(Dt)))
+    assert srd(zs, zt).item() == pytest.approx(expect, rel=1e-4)
+    # a feature map is averaged over its positions first
+    maps = rand(B, Ds, 3, 3)
+    assert srd(maps, zt).item() == pytest.approx(srd(maps.mean((2, 3)), zt).item(), rel=1e-5)
+    # invariant to a shift and a positive scale of the teacher's features (the batch norm removes them)
+    assert srd(zs, 3 * zt + 1).item() == pytest.approx(srd(zs, zt).item(), rel=1e-3)
+
+
 def test_ickd_matches_the_channel_gram_of_the_authors_code_and_ignores_spatial_size():
     B, Cs, Ct = 3, 4, 6
     ickd = create_loss("ickd", {"student_shape": (Cs, 5, 5), "teacher_shape": (Ct, 3, 3)})
@@ -532,6 +555,7 @@ METHOD_SHAPES = {
     "at": ({"distance": "at", "student_tap": "map", "teacher_tap": "map"}, (4, 6, 6), (8, 3, 3)),
     "nst": ({"distance": "nst", "student_tap": "map", "teacher_tap": "map"}, (4, 3, 3), (8, 3, 3)),
     "ickd": ({"distance": "ickd", "student_tap": "map", "teacher_tap": "map"}, (4, 6, 6), (8, 3, 3)),
+    "srd": ({"distance": "srd"}, (7,), (12,)),
     "ft": ({"distance": "ft", "student_tap": "map", "teacher_tap": "map"}, (4, 6, 6), (8, 3, 3)),
     "sp": ({"distance": "sp"}, (7,), (12,)),
     "rkd": ({"distance": "rkd"}, (7,), (12,)),
@@ -593,6 +617,7 @@ CONFIGS = [
     "aekd",
     "ickd",
     "ft",
+    "srd",
 ]
 
 
