@@ -613,6 +613,18 @@ def landro2021(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
 PAPERS = {"rahbar2020": rahbar2020, "thapa2022": thapa2022, "ye2019": ye2019, "landro2021": landro2021}
 
 
+def _sections(path: Path) -> dict[str, str]:
+    """The tables of an earlier tables.md, by paper (`## <paper>  (N s)` headings)."""
+    if not path.is_file():
+        return {}
+    out = {}
+    for chunk in ("\n" + path.read_text()).split("\n## ")[1:]:
+        name = chunk.split()[0]
+        if name in PAPERS:
+            out[name] = "## " + chunk.rstrip("\n") + "\n"
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1,2")
@@ -628,15 +640,16 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--only: unknown paper(s) {unknown}; valid: {', '.join(PAPERS)}")
     out = Path(a.into) if a.into else Path(a.out) / time.strftime("%Y%m%d-%H%M%S")
-    tables = []
+    tables = _sections(out / "tables.md")  # --into: the other papers' tables stay
     for name in a.only.split(","):
         t0 = time.perf_counter()
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         table = PAPERS[name](folder, a.seeds, a.jobs, a.teacher_seeds)
-        tables.append(f"## {name}  ({time.perf_counter() - t0:.0f} s)\n\n{table}\n")
-        print("\n" + tables[-1], flush=True)
-        (out / "tables.md").write_text("\n".join(tables))  # after each paper: a stopped run keeps the rest
+        tables[name] = f"## {name}  ({time.perf_counter() - t0:.0f} s)\n\n{table}\n"
+        print("\n" + tables[name], flush=True)
+        ordered = [tables[n] for n in PAPERS if n in tables]
+        (out / "tables.md").write_text("\n".join(ordered))  # after each paper: a stopped run keeps the rest
     print(f"all tables: {out / 'tables.md'}; plots under {out}")
 
 
