@@ -42,7 +42,7 @@ bench: $(STAMP)  ## throughput (student, KD live / stored, hand loop, torchdisti
 bench-papers: $(STAMP)  ## rahbar2020, thapa2022, ye2019, landro2021 reproductions with controls; teacher fits × seeds, tables + PNG plots
 	$(PY) bench/papers.py $(ARGS)
 
-bench-methods: $(STAMP)  ## every method of conf/distill on MNIST-1D, 3 seeds, mean ± std
+bench-methods: $(STAMP)  ## every method on MNIST-1D, tuned alike on validation (Optuna), 5 seeds with 95 % intervals; ARGS="--untuned"
 	$(PY) bench/methods.py $(ARGS)
 
 bench-cifar100: $(STAMP)  ## the CRD table's 13 CIFAR-100 pairs beside the published numbers: ARGS="--data-root DIR [--teachers DIR] [--pairs ...] [--methods ...] [--seeds ...]"
