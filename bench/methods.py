@@ -35,13 +35,14 @@ METHODS = "none,kd,fitnet,at,sp,rkd,pkt,nst,cc,dkd,crd,vid"
 TUNED = "none,kd,fitnet,at,sp,rkd,pkt,nst,cc,dkd,crd,vid,dist,kd_ls,dkd_ls,ickd,ft,srd"
 # multi-teacher rows: label → (distill config, extra overrides)
 MULTI = {
-    "kd_mean": ("kd", ["distill.terms.kd.combine=mean"]),  # KL to the teachers' mean distribution
+    "kd_mean": ("kd", ["distill.terms.kd.combine=mean"]),  # KL to the teachers' mean logits
     "kd_per_teacher": ("kd", ["distill.terms.kd.combine=per_teacher"]),  # mean of per-teacher KLs
     "dkd_mean": ("dkd", ["distill.terms.dkd.combine=mean"]),
     "dkd_per_teacher": ("dkd", ["distill.terms.dkd.combine=per_teacher"]),
     "camkd": ("camkd", []),
     "aekd": ("aekd", []),
     "feature_concat": ("landro2021", []),  # the teachers' penultimate features concatenated, one adapter
+    "feature_gate": ("landro2021", ["distill.terms.feat.combine=gate"]),  # per-sample learned teacher weights
 }
 PAPERS = {
     "none": "student alone (CE)",

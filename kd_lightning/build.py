@@ -181,7 +181,11 @@ def build_module(
         teacher_shapes = {m: {k: tuple(v.shape[1:]) for k, v in f.items()} for m, f in feats.items()}
         for m, shapes in teacher_shapes.items():
             _check_logits(f"teacher {m!r}", shapes["logits"], dm.num_classes)
-    context = {"num_samples": dm.num_train, "num_classes": dm.num_classes}
+    context = {
+        "num_samples": dm.num_train,
+        "num_classes": dm.num_classes,
+        "input_shape": tuple(dm.input_shape),
+    }
     objective = build_objective(
         distill, student_shapes, teacher_shapes, teachers.weights if teachers else None, context
     )

@@ -140,7 +140,7 @@ class DistillationModule(pl.LightningModule):
         x, y = self._input(batch), batch.y
         s_feats = self.taps(x)
         t_feats = self.teacher_features(x, batch.cache_slot) if self.needs_teachers else None
-        loss, parts = self.objective(s_feats, t_feats, y, index=batch.index, epoch=self.current_epoch)
+        loss, parts = self.objective(s_feats, t_feats, y, index=batch.index, epoch=self.current_epoch, x=x)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.detach().item()}) at epoch {self.current_epoch}, step {self.global_step}: "

@@ -6,11 +6,17 @@ student feature to the teacher's shape and applies a distance. With several teac
 - `concat`: the teachers' features concatenated along channels; one adapter maps the student to it.
 - `mean`: the weighted mean of the teachers' features (shapes must match); one adapter.
 - `per_teacher`: one adapter and one distance per teacher, summed with the teachers' weights.
+- `gate`: one adapter and one distance per teacher, weighted per sample by a small gate on the input,
+  softmax over the teachers of an MLP on the (pooled) input, trained with the student; the members'
+  `weight` is not used. It needs a distance with per-sample values (`per_sample`: mse, l1, smooth_l1,
+  cosine, kl). The gate learns from the term's own loss, so it moves weight towards the teachers the
+  student matches best (our design; learned teacher weights, not a method of the seed papers).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from numbers import Real
 from typing import Any
@@ -35,6 +41,30 @@ def check_weight(where: str, value: Any) -> float:
     if value < 0 or value != value:
         raise ConfigError(f"{where} must be a non-negative number, got {value}")
     return value
+
+
+class TeacherGate(nn.Module):
+    """Per-sample teacher weights from the input: the input average-pooled to at most 8 positions per
+    spatial side, flattened, Linear → ReLU → Linear to one logit per teacher, softmax (sizes our choice)."""
+
+    def __init__(self, input_shape: Shape, teachers: int, hidden: int = 32):
+        super().__init__()
+        self.side = 8
+        pooled = [min(int(n), self.side) for n in input_shape[1:]]
+        self.mlp = nn.Sequential(
+            nn.Linear(int(input_shape[0]) * math.prod(pooled), hidden), nn.ReLU(), nn.Linear(hidden, teachers)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = [min(int(n), self.side) for n in x.shape[2:]]
+        pooled = (
+            F.adaptive_avg_pool2d(x, size)
+            if x.dim() == 4
+            else F.adaptive_avg_pool1d(x, size)
+            if x.dim() == 3
+            else x
+        )
+        return self.mlp(pooled.flatten(1).float()).softmax(1)
 
 
 class Term(nn.Module):
@@ -63,7 +93,23 @@ class Term(nn.Module):
         self.teacher_weights = dict(teacher_weights)
         kind = spec.adapter
         members = list(teacher_shapes)
-        if self.combine == "per_teacher":
+        self.gate = None
+        if self.combine == "gate":
+            if not hasattr(loss_class(distance), "per_sample"):
+                raise ConfigError(
+                    f"distill.terms.{name}: combine=gate weighs each sample's distance, and {distance!r} has no "
+                    "per-sample values; use mse, l1, smooth_l1, cosine or kl, or another combine mode"
+                )
+            if len(members) < 2:
+                raise ConfigError(
+                    f"distill.terms.{name}: combine=gate needs two or more teachers, got {members}"
+                )
+            if "input_shape" not in (context or {}):
+                raise ConfigError(
+                    f"distill.terms.{name}: combine=gate needs context['input_shape'] (the data's)"
+                )
+            self.gate = TeacherGate(tuple(context["input_shape"]), len(members))
+        if self.combine in ("per_teacher", "gate"):
             targets = {m: teacher_shapes[m] for m in members}
         else:
             targets = {"combined": self._combined_shape(teacher_shapes)}
@@ -113,6 +159,13 @@ class Term(nn.Module):
         ctx: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
         kw = {k: (ctx or {}).get(k) for k in self.extras}
+        if self.gate is not None:
+            w = self.gate((ctx or {})["x"])  # (B, K)
+            d = torch.stack(
+                [self.losses[m].per_sample(self.adapters[m](student), t, **kw) for m, t in teachers.items()],
+                1,
+            )
+            return (w * d).sum(1).mean()
         if self.combine == "per_teacher":
             return sum(
                 self.teacher_weights[m] * self.losses[m](self.adapters[m](student), t, **kw)
@@ -140,7 +193,7 @@ class Term(nn.Module):
     ) -> torch.Tensor:
         """The pre-stage's loss on the features this term reads: per teacher, or the combined target."""
         ts = {m: f[self.teacher_tap] for m, f in teachers.items()}
-        target = ts[key] if self.combine == "per_teacher" else self._target(ts)
+        target = ts[key] if self.combine in ("per_teacher", "gate") else self._target(ts)
         return stage.loss(self.adapters[key](student[self.student_tap]), target)
 
 
@@ -177,6 +230,7 @@ class Objective(nn.Module):
         y: torch.Tensor,
         index: torch.Tensor | None = None,
         epoch: int = 0,
+        x: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts: dict[str, torch.Tensor] = {}
         total = student["logits"].new_zeros((), dtype=torch.float32)
@@ -189,7 +243,8 @@ class Objective(nn.Module):
             total = total + self.ce_weight * label
         for name, term in self.terms.items():
             t_feats = {m: feats[term.teacher_tap] for m, feats in teachers.items()}
-            parts[name] = term(student[term.student_tap], t_feats, {"y": y, "index": index, "epoch": epoch})
+            ctx = {"y": y, "index": index, "epoch": epoch, "x": x}
+            parts[name] = term(student[term.student_tap], t_feats, ctx)
             total = total + term.weight * parts[name]
         return total, parts
 

@@ -247,7 +247,7 @@ class MemberSpec:
             raise ConfigError(f"{where}.arch.name is required (a model name)")
 
 
-COMBINE_MODES = ("per_teacher", "mean", "concat")
+COMBINE_MODES = ("per_teacher", "mean", "concat", "gate")
 
 
 @dataclass(frozen=True)

@@ -643,6 +643,19 @@ def test_each_method_config_trains_a_few_batches(make_cfg, name):
         assert set(cfg.distill.terms) == set(name.strip("[]").split(","))  # the terms of both files, summed
 
 
+@pytest.mark.slow
+def test_a_gated_feature_term_trains_with_two_teachers_and_its_gate_is_in_the_checkpoint(make_cfg):
+    from kd_lightning.train import run
+
+    cfg = make_cfg("distill=landro2021", "distill.terms.feat.combine=gate", "trainer.max_epochs=1",
+                   "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1")  # fmt: skip
+    res = run(cfg)
+    assert res["status"] == "ok"
+    ckpt = torch.load(res["best_checkpoint"], map_location="cpu", weights_only=True)
+    gate = [k for k in ckpt["state_dict"] if ".gate." in k]
+    assert gate and all(k.startswith("objective.terms.feat.gate.") for k in gate)
+
+
 def test_crd_whole_bank_and_gathered_scores_agree():
     crd = create_loss(
         "crd", {"student_shape": (6,), "teacher_shape": (5,), "num_samples": 40}, feat_dim=4, nce_k=7

@@ -37,6 +37,45 @@ def test_mean_targets_the_weighted_mean():
     torch.testing.assert_close(t(s, {"a": ta, "b": tb}), F.mse_loss(s, 0.2 * ta + 0.8 * tb))
 
 
+@pytest.mark.parametrize("distance", ["mse", "l1", "smooth_l1", "cosine", "kl"])
+def test_gate_weighs_each_samples_per_teacher_distance_by_a_learned_softmax_on_the_input(distance):
+    torch.manual_seed(0)
+    x = torch.randn(5, 1, 40)  # signals (C, L): pooled to 8 positions inside the gate
+    t = Term(
+        "feat", {"combine": "gate", "distance": distance, "adapter": "auto"}, (4,), {"a": (4,), "b": (6,)},
+        {"a": 0.5, "b": 0.5}, {"input_shape": (1, 40)},
+    )  # fmt: skip
+    s = torch.randn(5, 4, requires_grad=True)
+    ta, tb = torch.randn(5, 4), torch.randn(5, 6)
+    loss = t(s, {"a": ta, "b": tb}, {"x": x})
+    # by hand: the gate's softmax from the pooled input, one distance per sample and teacher
+    pooled = torch.stack([x[:, :, 5 * j : 5 * j + 5].mean(2) for j in range(8)], 2).flatten(1)
+    w = t.gate.mlp(pooled).softmax(1)
+    expect = 0.0
+    for i in range(5):
+        for k, (m, tgt) in enumerate((("a", ta), ("b", tb))):
+            one = t.losses[m](t.adapters[m](s[i : i + 1]), tgt[i : i + 1])  # the batch form on one sample
+            expect = expect + w[i, k] * one
+    torch.testing.assert_close(loss, expect / 5)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in t.gate.parameters())
+    assert s.grad is not None
+
+
+def test_gate_refuses_a_distance_without_per_sample_values_and_a_single_teacher():
+    with pytest.raises(ConfigError, match="combine=gate .* no per-sample values"):
+        Term(
+            "feat",
+            {"combine": "gate", "distance": "rkd"},
+            (4,),
+            {"a": (4,), "b": (4,)},
+            {},
+            {"input_shape": (4,)},
+        )
+    with pytest.raises(ConfigError, match="two or more teachers"):
+        Term("feat", {"combine": "gate", "distance": "mse"}, (4,), {"a": (4,)}, {}, {"input_shape": (4,)})
+
+
 def test_mean_with_different_shapes_says_what_to_use():
     with pytest.raises(ConfigError, match="combine=concat or combine=per_teacher"):
         term("mean", {"a": (4,), "b": (6,)})

@@ -17,16 +17,27 @@ from kd_lightning.losses.logits import soft_logits
 from kd_lightning.losses.registry import register_loss
 
 
+def _per_sample(elementwise: torch.Tensor) -> torch.Tensor:
+    return elementwise.flatten(1).mean(1)
+
+
 @register_loss("mse")
 class MSE(nn.Module):
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(s, t)
+
+    def per_sample(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One value per sample whose batch mean is `forward` (combine: gate weighs them per sample)."""
+        return _per_sample(F.mse_loss(s, t, reduction="none"))
 
 
 @register_loss("l1")
 class L1(nn.Module):
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.l1_loss(s, t)
+
+    def per_sample(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return _per_sample(F.l1_loss(s, t, reduction="none"))
 
 
 @register_loss("smooth_l1")
@@ -40,11 +51,17 @@ class SmoothL1(nn.Module):
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.smooth_l1_loss(s, t, beta=self.beta)
 
+    def per_sample(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return _per_sample(F.smooth_l1_loss(s, t, beta=self.beta, reduction="none"))
+
 
 @register_loss("cosine")
 class Cosine(nn.Module):
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return (1.0 - F.cosine_similarity(s.flatten(1).float(), t.flatten(1).float(), dim=1, eps=1e-8)).mean()
+        return self.per_sample(s, t).mean()
+
+    def per_sample(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 - F.cosine_similarity(s.flatten(1).float(), t.flatten(1).float(), dim=1, eps=1e-8)
 
 
 @register_loss("kl", "kd")
@@ -59,10 +76,13 @@ class KL(nn.Module):
         self.standardize = bool(standardize)  # logit standardization (kd_lightning.losses.logits)
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.per_sample(s, t).mean()  # = kl_div(reduction="batchmean") · T²
+
+    def per_sample(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         T = self.temperature
         log_p_s = F.log_softmax(soft_logits(s, self.standardize) / T, dim=1)
         log_p_t = F.log_softmax(soft_logits(t, self.standardize) / T, dim=1)
-        return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
+        return F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(1) * (T * T)
 
 
 @register_loss("soft_mse")
