@@ -149,7 +149,7 @@ def _row(r: dict, ref: dict | None) -> str:
     if ref is not None and r is not ref:
         d, h = gain_interval(t, ref["test"])
         gain = f"{100 * d:+.2f} [{100 * (d - h):+.2f}, {100 * (d + h):+.2f}]"
-    setting = ", ".join(c.split(".")[-1] if "optim" not in c else c for c in r["chosen"])
+    setting = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in (c.split("=", 1) for c in r["chosen"]))
     return (f"| {r['label']} | {PAPERS.get(r['method'], '')} | {setting} | {100 * r['val']:.2f} | "
             f"{100 * statistics.mean(t):.2f} ± {100 * statistics.stdev(t) if len(t) > 1 else 0:.2f} | {len(t)} | {gain} |")  # fmt: skip
 
