@@ -190,7 +190,7 @@ def build_module(
         distill, student_shapes, teacher_shapes, teachers.weights if teachers else None, context
     )
     outputs = None
-    if teachers is not None and objective.terms:
+    if teachers is not None and objective.uses_teachers:  # a pre-stage-only term reads teachers live
         cache_spec = check_cache_cfg(cfg.get("teacher_cache"))
         if not teachers.unfitted:  # a dry run's unfitted teachers have no checkpoint to key a store by
             outputs = build_teacher_outputs(cache_spec, cfg, dm, teachers, distill, teacher_shapes)
@@ -214,12 +214,13 @@ def expand_stage_terms(
     """A term whose taps are `stages` becomes one term per stage, `<name>1` … `<name>K`, each with the
     term's weight: RepDistiller sums AT's and NST's per-stage losses and weighs the sum. K is the fewest
     stages among the student and the teachers (RepDistiller zips the two lists); a model that declares no
-    stages has one, its last feature map (kd_lightning.taps.stages)."""
+    stages has one, its last feature map (kd_lightning.taps.stages). A term whose taps are `all_stages`
+    stays one term and reads the list [stem, stage1, …, stageK] (FSP's consecutive pairs)."""
     terms = distill.get("terms") or {}
     staged = [
         n
         for n, t in terms.items()
-        if isinstance(t, Mapping) and "stages" in (t.get("student_tap"), t.get("teacher_tap"))
+        if isinstance(t, Mapping) and {"stages", "all_stages"} & {t.get("student_tap"), t.get("teacher_tap")}
     ]
     if not staged:
         return dict(distill)
@@ -229,6 +230,15 @@ def expand_stage_terms(
     for name, term in terms.items():
         if name not in staged:
             expanded[name] = term
+            continue
+        if term.get("student_tap") == "all_stages":  # one term reading [stem, stage1, …, stageK] (FSP)
+            if (term.get("teacher_tap") or "all_stages") != "all_stages":
+                raise ConfigError(
+                    f"distill.terms.{name}: student_tap all_stages needs teacher_tap all_stages, got "
+                    f"{term.get('teacher_tap')!r}"
+                )
+            taps = ["stem", *(f"stage{i}" for i in range(1, k + 1))]
+            expanded[name] = {**term, "student_tap": taps, "teacher_tap": taps}
             continue
         if (term.get("student_tap"), term.get("teacher_tap") or "stages") != ("stages", "stages"):
             raise ConfigError(

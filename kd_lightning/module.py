@@ -46,7 +46,7 @@ class DistillationModule(pl.LightningModule):
         self.taps = student_taps
         self.optim = optim
         self.num_classes = num_classes
-        self.needs_teachers = teachers is not None and len(objective.terms) > 0
+        self.needs_teachers = teachers is not None and objective.uses_teachers
         self.channels_last = channels_last  # perf.channels_last: inputs in NHWC like the models
         self._epoch_sums: dict[str, torch.Tensor] = {}
         self._epoch_count = 0

@@ -34,6 +34,15 @@ from kd_lightning.specs import LABEL_LOSSES, DistillSpec, TermSpec, parse
 Shape = tuple[int, ...]
 
 
+def read_tap(feats: Mapping[str, Any], tap: str | list[str]) -> Any:
+    """A term's input: one tap's tensor (or shape), or the list of them for a list of taps."""
+    return [feats[t] for t in tap] if isinstance(tap, list) else feats[tap]
+
+
+def tap_names(tap: str | list[str]) -> list[str]:
+    return list(tap) if isinstance(tap, list) else [tap]
+
+
 def check_weight(where: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise ConfigError(f"{where} must be a number, got {value!r}")
@@ -92,6 +101,14 @@ class Term(nn.Module):
             raise ConfigError(f"distill.terms.{name}: {e}") from None
         self.teacher_weights = dict(teacher_weights)
         kind = spec.adapter
+        # a list of taps: the loss reads the feature maps together
+        if isinstance(student_shape, list) and (
+            not shape_free or kind not in ("auto", "none") or self.combine != "per_teacher"
+        ):
+            raise ConfigError(
+                f"distill.terms.{name}: a list of taps is for methods that read several features at once "
+                f"(fsp), with adapter none and combine per_teacher; {distance!r} reads one tap"
+            )
         members = list(teacher_shapes)
         self.gate = None
         if self.combine == "gate":
@@ -132,6 +149,8 @@ class Term(nn.Module):
                 term_keys = [f for f in TermSpec.__dataclass_fields__ if f != "options"]
                 raise ConfigError(f"distill.terms.{name}: {e} (term keys: {choices(term_keys)})") from None
         self.extras = forward_extras(next(iter(self.losses.values()))) if len(self.losses) else ()
+        stages = [loss.pre_stage() for loss in self.losses.values() if hasattr(loss, "pre_stage")]
+        self.pre_stage_only = bool(stages) and all(st.only for st in stages)  # the fit skips this term
 
     def _combined_shape(self, shapes: Mapping[str, Shape]) -> Shape:
         distinct = set(shapes.values())
@@ -192,9 +211,9 @@ class Term(nn.Module):
         teachers: Mapping[str, Mapping[str, torch.Tensor]],
     ) -> torch.Tensor:
         """The pre-stage's loss on the features this term reads: per teacher, or the combined target."""
-        ts = {m: f[self.teacher_tap] for m, f in teachers.items()}
+        ts = {m: read_tap(f, self.teacher_tap) for m, f in teachers.items()}
         target = ts[key] if self.combine in ("per_teacher", "gate") else self._target(ts)
-        return stage.loss(self.adapters[key](student[self.student_tap]), target)
+        return stage.loss(self.adapters[key](read_tap(student, self.student_tap)), target)
 
 
 class Objective(nn.Module):
@@ -217,11 +236,16 @@ class Objective(nn.Module):
 
     @staticmethod
     def student_taps(distill_cfg: Mapping[str, Any]) -> list[str]:
-        return sorted({t.student_tap for t in active_terms(distill_cfg).values()})
+        return sorted({n for t in active_terms(distill_cfg).values() for n in tap_names(t.student_tap)})
 
     @staticmethod
     def teacher_taps(distill_cfg: Mapping[str, Any]) -> list[str]:
-        return sorted({t.tap for t in active_terms(distill_cfg).values()})
+        return sorted({n for t in active_terms(distill_cfg).values() for n in tap_names(t.tap)})
+
+    @property
+    def uses_teachers(self) -> bool:
+        """Whether the fit reads teacher features (a pre-stage-only term does not)."""
+        return any(not t.pre_stage_only for t in self.terms.values())
 
     def forward(
         self,
@@ -242,9 +266,11 @@ class Objective(nn.Module):
                 label = parts["label_mse"] = F.mse_loss(logits, F.one_hot(y, logits.shape[1]).float())
             total = total + self.ce_weight * label
         for name, term in self.terms.items():
-            t_feats = {m: feats[term.teacher_tap] for m, feats in teachers.items()}
+            if term.pre_stage_only:  # it acted in its pre-stage (kd_lightning.prestage)
+                continue
+            t_feats = {m: read_tap(feats, term.teacher_tap) for m, feats in teachers.items()}
             ctx = {"y": y, "index": index, "epoch": epoch, "x": x}
-            parts[name] = term(student[term.student_tap], t_feats, ctx)
+            parts[name] = term(read_tap(student, term.student_tap), t_feats, ctx)
             total = total + term.weight * parts[name]
         return total, parts
 
@@ -288,11 +314,11 @@ def build_objective(
         )
     terms = {}
     for name, spec in terms_cfg.items():
-        shapes = {m: s[spec.tap] for m, s in (teacher_shapes or {}).items()}
+        shapes = {m: read_tap(s, spec.tap) for m, s in (teacher_shapes or {}).items()}
         terms[name] = Term(
             name,
             spec,
-            student_shapes[spec.student_tap],
+            read_tap(student_shapes, spec.student_tap),
             shapes,
             teacher_weights or {},
             context,

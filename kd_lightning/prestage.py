@@ -1,13 +1,16 @@
 """Pre-stages: what a method trains before distillation starts, one mechanism for every method.
 
-Some methods need a part trained first (RepDistiller's `init` stage, 30 epochs): Factor Transfer's
-paraphraser is an autoencoder of the teacher's features. A loss class declares it by a method
-`pre_stage() -> PreStage`: the module to train (its parameters are frozen outside the stage) and the
-stage's loss on (adapted student feature, teacher target), computed as the term computes its own loss
-(per teacher, or on the combined target). `run_pre_stages` trains every declared pre-stage of an
-objective, those with the same number of epochs together, with the run's optimiser (no schedule, as
-RepDistiller's init stage), on the training split; the student and the teachers do not change. A resumed
-run skips it: the pre-stage's weights are in the checkpoint.
+Some methods need a part trained first (RepDistiller's `init` stage, 30 epochs). A loss class declares it
+by a method `pre_stage() -> PreStage`: the stage's loss on (adapted student feature, teacher target),
+computed as the term computes its own loss (per teacher, or on the combined target), and what it trains:
+- `module`: the loss's own part (Factor Transfer's paraphraser, an autoencoder of the teacher's
+  features), frozen (requires_grad False) outside the stage;
+- `student=True`: the student's layers except its classifier (FSP: RepDistiller's get_feat_modules).
+With `only=True` the term acts in its pre-stage alone (RepDistiller sets FSP's loss to 0 afterwards):
+the term's weight scales the pre-stage loss and the fit skips the term. `run_pre_stages` trains every
+declared pre-stage of an objective, those with the same number of epochs together, with the run's
+optimiser (no schedule, as RepDistiller's init stage), on the training split; the teachers do not change.
+A resumed run skips it: what it trained is in the checkpoint.
 """
 
 from __future__ import annotations
@@ -28,8 +31,17 @@ if TYPE_CHECKING:  # imported at run time by the callers; avoids a cycle with kd
 @dataclass(frozen=True)
 class PreStage:
     epochs: int
-    module: nn.Module  # trained in the stage, frozen (requires_grad False) outside it
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (adapted student feature, teacher target)
+    loss: Callable[[Any, Any], torch.Tensor]  # (adapted student feature(s), teacher target(s))
+    module: nn.Module | None = None  # trained in the stage, frozen (requires_grad False) outside it
+    student: bool = False  # the student's layers except its classifier train too
+    only: bool = False  # the term acts in this stage alone (weighted by the term's weight)
+
+
+def student_feature_parameters(student: nn.Module) -> list[nn.Parameter]:
+    """Every student parameter but those of its last nn.Linear (the classifier)."""
+    heads = [m for m in student.modules() if isinstance(m, nn.Linear)]
+    skip = {id(p) for p in heads[-1].parameters()} if heads else set()
+    return [p for p in student.parameters() if id(p) not in skip]
 
 
 @contextmanager
@@ -58,27 +70,37 @@ class PreStageModule(pl.LightningModule):
     def __init__(self, distill: DistillationModule, stages: list[Stage]):
         super().__init__()
         self.stages = stages
-        self.trained = nn.ModuleList([st.module for _, _, st in self.stages])
+        self.trained = nn.ModuleList([st.module for _, _, st in self.stages if st.module is not None])
+        self.trains_student = any(st.student for _, _, st in self.stages)
         object.__setattr__(self, "distill", distill)  # not a submodule: its optimiser is not this one's
 
     def on_train_epoch_start(self) -> None:
-        self.distill.student.eval()  # as RepDistiller's init: the student is not trained here
+        # RepDistiller's init: the student in eval mode unless its layers are what the stage trains
+        self.distill.student.train(self.trains_student)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         d = self.distill
         x = batch.x
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.trains_student):
             s_feats = d.taps(x)
+        with torch.no_grad():
             t_feats = d.teachers(x)
         total = x.new_zeros((), dtype=torch.float32)
         for name, key, stage in self.stages:
             term = d.objective.terms[name]
-            total = total + term.pre_stage_loss(key, stage, s_feats, t_feats)
+            loss = term.pre_stage_loss(key, stage, s_feats, t_feats)
+            total = total + (term.weight * loss if stage.only else loss)
         self.log("pre_stage/loss", total, on_step=False, on_epoch=True, batch_size=len(x))
         return total
 
+    def parameters_trained(self) -> list[nn.Parameter]:
+        params = list(self.trained.parameters())
+        if self.trains_student:
+            params += student_feature_parameters(self.distill.student)
+        return params
+
     def configure_optimizers(self) -> Any:
-        return self.distill.optim.optimizer(list(self.trained.parameters()))
+        return self.distill.optim.optimizer(self.parameters_trained())
 
 
 def run_pre_stages(distill: DistillationModule, dm: Any, accelerator: str) -> dict[str, Any]:

@@ -256,15 +256,15 @@ class TermSpec:
 
     __extra__ = "options"
     weight: float = num(1.0, 0.0)
-    student_tap: str = "embed"
-    teacher_tap: str | None = None  # default: the student's tap (resolved in `tap`)
+    student_tap: str | list[str] = "embed"  # a list: methods that read several maps at once (fsp)
+    teacher_tap: str | list[str] | None = None  # default: the student's tap (resolved in `tap`)
     distance: str = "mse"
     adapter: str = "auto"
     combine: str = one_of("per_teacher", *COMBINE_MODES)
     options: dict[str, Any] = mapping()
 
     @property
-    def tap(self) -> str:
+    def tap(self) -> str | list[str]:
         """The teacher tap this term reads."""
         return self.teacher_tap if self.teacher_tap is not None else self.student_tap
 

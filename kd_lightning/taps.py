@@ -10,7 +10,8 @@ A tap spec is one of:
 - `stage<k>`: the k-th stage's output of a model that declares its stages (`stage_taps`, the CIFAR zoo:
   layer1..3 of a CIFAR ResNet, ...); `stage1` of any other model is its `map`; `last_stage` the last. A term whose taps are
   `stages` becomes one term per stage (kd_lightning.build.expand_stage_terms), as RepDistiller sums AT
-  and NST over the stages.
+  and NST over the stages. `stem`: the first stage's input (RepDistiller's feat[0] of its ResNets); a
+  term whose taps are `all_stages` reads the list [stem, stage1, …, stageK] at once (FSP).
 Aliases (a dict alias → spec, from the model's `taps` config) let terms name one role, say `embed`,
 across teachers of different architectures.
 """
@@ -60,6 +61,13 @@ def resolve_tap(
     spec = (aliases or {}).get(tap, tap)
     if spec == "last_stage":
         spec = stages(model)[-1]
+    elif spec == "stem":
+        if not getattr(model, "stage_taps", None):
+            raise ConfigError(
+                f"tap 'stem' (the input of the first stage) needs a model that declares its stages (stage_taps); "
+                f"{owner} ({type(model).__name__}) does not: name a module with '<module>:input' instead"
+            )
+        spec = f"{stages(model)[0]}:input"
     elif STAGE.fullmatch(spec):
         spec = stage_tap(model, int(spec[len("stage") :]), owner)
     if spec in _OUTPUT_NAMES:

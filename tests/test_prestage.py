@@ -100,3 +100,83 @@ def test_the_pre_stage_trains_the_paraphraser_alone_and_the_fit_does_not(make_cf
     trainable = {id(p) for p in module.parameters() if p.requires_grad}
     assert not trainable & {id(p) for ft in losses.values() for p in ft.paraphraser.parameters()}
     assert {id(p) for ft in losses.values() for p in ft.translator.parameters()} <= trainable
+
+
+def test_fsp_matches_the_flow_matrices_of_repdistiller_by_hand():
+    from kd_lightning.losses.maps import FSP
+
+    shapes = ((2, 4, 4), (3, 4, 4), (3, 2, 2))
+    fsp = create_loss("fsp", {"student_shape": shapes, "teacher_shape": shapes})
+    s = [torch.randn(2, *sh, generator=G) for sh in shapes]
+    t = [torch.randn(2, *sh, generator=G) for sh in shapes]
+
+    def flow(
+        bottom: torch.Tensor, top: torch.Tensor
+    ) -> list:  # one sample: G[j][i] = mean_p top_j(p) bottom_i(p)
+        if bottom.shape[1] > top.shape[1]:  # block means, 2 × 2 → 1
+            bottom = bottom.unfold(1, 2, 2).unfold(2, 2, 2).mean((3, 4))
+        b, tp = bottom.flatten(1).double(), top.flatten(1).double()
+        n = b.shape[1]
+        return [
+            [float(sum(tp[j, k] * b[i, k] for k in range(n))) / n for i in range(b.shape[0])]
+            for j in range(tp.shape[0])
+        ]
+
+    expect = 0.0
+    for k in range(2):  # the pairs (stem, stage1) and (stage1, stage2)
+        sq = [
+            (flow(s[k][i], s[k + 1][i])[j][c] - flow(t[k][i], t[k + 1][i])[j][c]) ** 2
+            for i in range(2)
+            for j in range(shapes[k + 1][0])
+            for c in range(shapes[k][0])
+        ]
+        expect += sum(sq) / len(sq)
+    assert fsp(s, t).item() == pytest.approx(expect, rel=1e-4)
+    assert FSP.matrices(s)[0].shape == (2, 3, 2)
+    stage = fsp.pre_stage()
+    assert stage.student and stage.only and stage.module is None and stage.epochs == 30
+    with pytest.raises(ConfigError, match="same channels"):
+        create_loss("fsp", {"student_shape": shapes, "teacher_shape": ((4, 4, 4), *shapes[1:])})
+    with pytest.raises(ConfigError, match="list of two or more"):
+        create_loss("fsp", {"student_shape": (3, 4, 4), "teacher_shape": (3, 4, 4)})
+
+
+def test_fsp_trains_the_students_feature_layers_in_its_pre_stage_and_the_fit_skips_it(tmp_path, cache_dir):
+    """resnet56 → resnet20 (same widths) on a CIFAR-100-format fixture, the teacher from a released file."""
+    from kd_lightning.models import create_model
+
+    from .conftest import FAST_TRAINER, compose_cfg, write_cifar
+
+    root = tmp_path / "cifar"
+    write_cifar(root, 100, n_train=24, n_test=12)
+    teacher = create_model({"name": "resnet56"}, 100, (3, 32, 32))
+    released = tmp_path / "resnet56.pth"
+    torch.save({"epoch": 240, "model": teacher.state_dict(), "best_acc": 70.0}, released)
+    cfg = compose_cfg(
+        [*FAST_TRAINER, "experiment=cifar100/resnet56_resnet20", f"data.root={root}", "data.num_workers=0",
+         f"teachers.members.teacher.checkpoint={released}", "distill=fsp", "distill.terms.fsp.init_epochs=2"],
+        tmp_path / "run", cache_dir,
+    )  # fmt: skip
+    pl.seed_everything(0)
+    dm = instantiate_datamodule(cfg.data)
+    dm.setup("fit")
+    module = build_module(cfg, dm, build_teacher_ensemble(cfg, dm, "cifar100"))
+    term = module.objective.terms["fsp"]
+    assert term.student_tap == ["stem", "stage1", "stage2", "stage3"] and term.pre_stage_only
+    assert not module.needs_teachers  # the fit reads no teacher feature: FSP acted in its pre-stage
+    before = {k: v.clone() for k, v in module.student.state_dict().items()}
+    t_before = {k: v.clone() for k, v in module.teachers.state_dict().items()}
+    out = run_pre_stages(module, dm, "cpu")
+    assert out["pre_stage_terms"] == ["fsp"]
+    after = module.student.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("layer") for k in changed) and "conv1.weight" in changed
+    from kd_lightning.prestage import PreStageModule, declared_pre_stages
+
+    trained = {id(p) for p in PreStageModule(module, declared_pre_stages(module)).parameters_trained()}
+    assert not trained & {id(p) for p in module.student.fc.parameters()}  # the classifier stays out
+    assert {id(p) for p in module.student.layer1.parameters()} <= trained
+    assert all(torch.equal(v, module.teachers.state_dict()[k]) for k, v in t_before.items())
+    x = dm.prepare_batch(next(iter(dm.train_dataloader())), train=False).x
+    _, parts = module.objective(module.taps(x), None, torch.zeros(len(x), dtype=torch.long))
+    assert set(parts) == {"ce"}

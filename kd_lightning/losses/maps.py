@@ -25,6 +25,7 @@ from torch import nn
 
 from kd_lightning.errors import ConfigError, as_float, as_int
 from kd_lightning.losses.registry import register_loss
+from kd_lightning.prestage import PreStage
 
 
 def _check_map(x: torch.Tensor, method: str) -> None:
@@ -118,3 +119,55 @@ class ICKD(nn.Module):
         _check_map(s, "ickd"), _check_map(t, "ickd")
         diff = self.gram(self.embed(s)) - self.gram(t)
         return diff.pow(2).sum() / (t.shape[1] * len(t))
+
+
+def _fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """G[b, j, i] = mean over positions of top[b, j] · bottom[b, i], the larger map average-pooled first."""
+    if bottom.shape[2:] != top.shape[2:]:
+        pool = F.adaptive_avg_pool2d if bottom.dim() == 4 else F.adaptive_avg_pool1d
+        if math.prod(bottom.shape[2:]) > math.prod(top.shape[2:]):
+            bottom = pool(bottom, top.shape[2:])
+        else:
+            top = pool(top, bottom.shape[2:])
+    b, t = bottom.float().flatten(2), top.float().flatten(2)
+    return t @ b.transpose(1, 2) / b.shape[2]
+
+
+@register_loss("fsp")
+class FSP(nn.Module):
+    """FSP, "A gift from knowledge distillation" (Yim et al., CVPR 2017), as RepDistiller runs it: the flow
+    matrices G between consecutive maps of the list [stem, stage1, …, stageK] (taps `all_stages`), and the
+    sum over pairs of the mean squared difference between the student's and the teacher's G. RepDistiller
+    trains it only in its init stage (the student's layers but the classifier, 30 epochs) and sets it to 0
+    afterwards: here the pre-stage (kd_lightning.prestage, `only`), the term's weight scaling it. Each map
+    must have as many channels in the student as in the teacher (RepDistiller refuses other pairs)."""
+
+    shape_free = True
+
+    def __init__(self, student_shape: tuple, teacher_shape: tuple, init_epochs: int = 30):
+        super().__init__()
+        lists = [
+            isinstance(x, tuple) and x and isinstance(x[0], tuple) for x in (student_shape, teacher_shape)
+        ]
+        if not all(lists) or len(student_shape) < 2 or len(student_shape) != len(teacher_shape):
+            raise ConfigError(
+                "fsp reads a list of two or more feature maps on each side (student_tap: all_stages, teacher_tap: "
+                f"all_stages), got student {student_shape} and teacher {teacher_shape}"
+            )
+        s_c, t_c = [s[0] for s in student_shape], [t[0] for t in teacher_shape]
+        if s_c != t_c:
+            raise ConfigError(
+                f"fsp needs the same channels in the student's and the teacher's maps (student {s_c}, teacher {t_c});"
+                " RepDistiller refuses such pairs too: use a same-width pair (e.g. resnet56 → resnet20)"
+            )
+        self.init_epochs = as_int("fsp init_epochs", init_epochs, 1)
+
+    @staticmethod
+    def matrices(maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [_fsp_matrix(a, b) for a, b in zip(maps[:-1], maps[1:], strict=True)]
+
+    def forward(self, s: list[torch.Tensor], t: list[torch.Tensor]) -> torch.Tensor:
+        return sum((gs - gt).pow(2).mean() for gs, gt in zip(self.matrices(s), self.matrices(t), strict=True))
+
+    def pre_stage(self) -> PreStage:
+        return PreStage(epochs=self.init_epochs, loss=self.forward, student=True, only=True)
