@@ -220,7 +220,8 @@ def expand_stage_terms(
     staged = [
         n
         for n, t in terms.items()
-        if isinstance(t, Mapping) and {"stages", "all_stages"} & {t.get("student_tap"), t.get("teacher_tap")}
+        if isinstance(t, Mapping)
+        and any(t.get(k) in ("stages", "all_stages") for k in ("student_tap", "teacher_tap"))
     ]
     if not staged:
         return dict(distill)

@@ -286,7 +286,12 @@ def active_terms(distill_cfg: Mapping[str, Any]) -> dict[str, TermSpec]:
     for name, spec in terms.items():
         if spec is None:
             continue
-        out[str(name)] = parse(TermSpec, spec, f"distill.terms.{name}")
+        term = out[str(name)] = parse(TermSpec, spec, f"distill.terms.{name}")
+        for key, tap in (("student_tap", term.student_tap), ("teacher_tap", term.teacher_tap)):
+            if isinstance(tap, list) and (not tap or not all(isinstance(x, str) and x for x in tap)):
+                raise ConfigError(
+                    f"distill.terms.{name}.{key}: a list of taps must name one or more taps, got {tap!r}"
+                )
     return out
 
 

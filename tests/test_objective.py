@@ -62,6 +62,22 @@ def test_gate_weighs_each_samples_per_teacher_distance_by_a_learned_softmax_on_t
     assert s.grad is not None
 
 
+@pytest.mark.parametrize("tap", [[], ["embed", ""]])
+def test_a_list_of_taps_must_name_taps(tap):
+    with pytest.raises(
+        ConfigError, match="distill.terms.f.student_tap: a list of taps must name one or more"
+    ):
+        active_terms({"terms": {"f": {"student_tap": tap}}})
+
+
+def test_a_list_of_taps_is_for_methods_that_read_several_maps():
+    with pytest.raises(ConfigError, match="a list of taps is for methods that read several"):
+        build_objective(
+            {"terms": {"f": {"student_tap": ["a", "b"], "distance": "mse"}}},
+            {"a": (4,), "b": (4,), "logits": (3,)}, {"t": {"a": (4,), "b": (4,)}}, {"t": 1.0},
+        )  # fmt: skip
+
+
 def test_gate_refuses_a_distance_without_per_sample_values_and_a_single_teacher():
     with pytest.raises(ConfigError, match="combine=gate .* no per-sample values"):
         Term(
