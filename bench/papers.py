@@ -512,7 +512,7 @@ YE = {
 
 
 def ye2019(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
-    from kd_lightning.report import gain_interval
+    from kd_lightning.report import paired_interval
 
     first = teacher_seeds.split(",")[0]
     lines = []
@@ -531,20 +531,16 @@ def ye2019(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
                 "| student | n | "
                 + " | ".join(f"{t} acc (%)" for t in tasks)
                 + " | "
-                + " | ".join(f"{t}: student minus its teacher (pts) [95 % CI]" for t in tasks)
+                + " | ".join(f"{t}: student minus its fit's teacher (pts) [95 % CI, paired]" for t in tasks)
                 + " |",
                 "|---|---|" + "---|" * (2 * len(tasks)),
             ]
-        teacher = {  # per task, the accuracy of the teacher that holds it, one value per teacher fit
-            t: [
-                next(per[t] for per in g[0]["teacher_task_acc"].values() if t in per)
-                for g in by(runs, lambda r: r["teacher_fit_seed"]).values()
-            ]
-            for t in tasks
-        }
         gaps = []
         for t in tasks:
-            d, h = gain_interval([r["task_acc"][t] for r in runs], teacher[t])
+            # each run against the teacher of its own fit that holds the task: paired by teacher fit (at one
+            # fit the interval holds the students' variance only)
+            mine = [next(per[t] for per in r["teacher_task_acc"].values() if t in per) for r in runs]
+            d, h = paired_interval([r["task_acc"][t] for r in runs], mine)
             gaps.append(f"{100 * d:+.2f} [{100 * (d - h):+.2f}, {100 * (d + h):+.2f}]")
         lines.append(
             f"| {label}{' *' if all_fits else ''} | {len(runs)} | "
