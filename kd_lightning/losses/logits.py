@@ -96,6 +96,17 @@ class DIST(nn.Module):
         return T * T * (self.beta * inter + self.gamma * intra)
 
 
+def teachers_side_by_side(method: str, teacher_shape: tuple[int, ...], classes: int) -> int:
+    """How many teachers' logits a `combine: concat` logit target holds (two or more, or a clear error)."""
+    width = teacher_shape[0] if len(teacher_shape) == 1 else -1
+    if width % classes != 0 or width // classes < 2:
+        raise ConfigError(
+            f"{method} needs the logits of two or more teachers side by side (combine: concat, teacher_tap: "
+            f"logits), got teacher features of shape {tuple(teacher_shape)} for {classes} classes"
+        )
+    return width // classes
+
+
 @register_loss("camkd")
 class CAMKD(nn.Module):
     """Confidence-aware multi-teacher KD (Zhang, Chen & Wang, ICASSP 2022), its logit part.
@@ -112,13 +123,7 @@ class CAMKD(nn.Module):
         super().__init__()
         self.temperature = as_float("camkd temperature", temperature, 0.0, open_low=True)
         self.classes = as_int("camkd num_classes", num_classes, 2)
-        width = teacher_shape[0] if len(teacher_shape) == 1 else -1
-        if width % self.classes != 0 or width // self.classes < 2:
-            raise ConfigError(
-                f"camkd needs the logits of two or more teachers side by side (combine: concat, teacher_tap: "
-                f"logits), got teacher features of shape {tuple(teacher_shape)} for {self.classes} classes"
-            )
-        self.k = width // self.classes
+        self.k = teachers_side_by_side("camkd", teacher_shape, self.classes)
 
     def forward(self, s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         T, k = self.temperature, self.k
@@ -174,13 +179,7 @@ class AEKD(nn.Module):
         self.temperature = as_float("aekd temperature", temperature, 0.0, open_low=True)
         self.tolerance = as_float("aekd tolerance", tolerance, 0.0, open_low=True)
         self.classes = as_int("aekd num_classes", num_classes, 2)
-        width = teacher_shape[0] if len(teacher_shape) == 1 else -1
-        if width % self.classes != 0 or width // self.classes < 2:
-            raise ConfigError(
-                f"aekd needs the logits of two or more teachers side by side (combine: concat, teacher_tap: "
-                f"logits), got teacher features of shape {tuple(teacher_shape)} for {self.classes} classes"
-            )
-        self.k = width // self.classes
+        self.k = teachers_side_by_side("aekd", teacher_shape, self.classes)
         self.last_weights = torch.full((self.k,), 1.0 / self.k)  # the latest step's α, for inspection
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
