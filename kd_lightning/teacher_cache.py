@@ -94,13 +94,17 @@ class TeacherOutputs:
             ranks.barrier()
             for s in self.all():
                 s.refresh()
-            done = 0
+            # Every rank reads the missing rows before any rank writes: a rank that read them after another
+            # had written its share would see a shorter list, split it otherwise, and leave rows unwritten.
+            plan = {}
             for member, taps in self.stores.items():
                 todo = {tap: s for tap, s in taps.items() if not s.complete}
-                if not todo:
-                    continue
-                missing = torch.unique(torch.cat([s.missing_slots() for s in todo.values()]))
-                mine = missing[ranks.rank :: ranks.world]
+                if todo:
+                    missing = torch.unique(torch.cat([s.missing_slots() for s in todo.values()]))
+                    plan[member] = (todo, missing[ranks.rank :: ranks.world])
+            ranks.barrier()
+            done = 0
+            for member, (todo, mine) in plan.items():
                 for chunk in mine.split(batch_size):
                     outputs = run_teacher(slot_inputs(chunk), member)
                     for tap, s in todo.items():

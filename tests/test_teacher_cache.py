@@ -423,3 +423,34 @@ def test_sigkill_during_the_precompute_then_a_rerun_completes_the_same_store(tmp
     a = torch.from_file(str(reference), size=reference.stat().st_size // 4, dtype=torch.float32)
     b = torch.from_file(str(completed), size=completed.stat().st_size // 4, dtype=torch.float32)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_slow_rank_still_fills_its_share_when_the_other_rank_has_written_first(tmp_path):
+    """Two ranks (threads) on one disk store. Rank 0 reads the missing rows late, after rank 1 could have
+    written its share: the split must come from what both read before anyone wrote, or rows stay empty."""
+    import threading
+    import time
+
+    barrier = threading.Barrier(2)
+    stores = [TapStore(_key(16), (1,), tmp_path, "t-embed") for _ in range(2)]  # one per rank, same files
+    slow = stores[0].missing_slots
+    stores[0].missing_slots = lambda: (time.sleep(0.5), slow())[1]
+    errors = []
+
+    def rank(r: int) -> None:
+        try:
+            outs = TeacherOutputs({"t": {"embed": stores[r]}})
+            outs.fill(lambda x, m: {"embed": x}, lambda slots: slots.float().view(-1, 1),
+                      Ranks(rank=r, world=2, barrier=lambda: barrier.wait(timeout=30)), batch_size=4)  # fmt: skip
+        except Exception as e:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert stores[0].complete and bool((stores[0].filled == 1).all())
+    torch.testing.assert_close(stores[0].read(torch.arange(16), "cpu").flatten(), torch.arange(16).float())
