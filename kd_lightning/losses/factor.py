@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning.errors import ConfigError, as_float, as_int
+from kd_lightning.losses.maps import pool_to_smaller
 from kd_lightning.losses.registry import register_loss
 from kd_lightning.prestage import PreStage
 
@@ -48,15 +49,6 @@ class Paraphraser(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(t))
-
-
-def _pool_to_smaller(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    pool = F.adaptive_avg_pool2d if s.dim() == 4 else F.adaptive_avg_pool1d
-    if s.shape[2] > t.shape[2]:
-        return pool(s, t.shape[2:]), t
-    if s.shape[2] < t.shape[2]:
-        return s, pool(t, s.shape[2:])
-    return s, t
 
 
 @register_loss("ft")
@@ -97,7 +89,7 @@ class FactorTransfer(nn.Module):
         factor_s = self.translator(s)
         with torch.no_grad():
             factor_t = self.paraphraser.encoder(t)
-        a, b = _pool_to_smaller(factor_s, factor_t)
+        a, b = pool_to_smaller(factor_s, factor_t)
         diff = self.factor(a) - self.factor(b)
         return diff.abs().mean() if self.p2 == 1 else diff.pow(self.p2).mean()
 

@@ -45,12 +45,13 @@ def match_size(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def pool_to_smaller(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The larger of two maps average-pooled to the smaller's spatial size (RepDistiller's AT and NST)."""
+    """The larger of two maps average-pooled to the smaller's spatial size (RepDistiller's AT, NST, FT and FSP)."""
     if s.shape[2:] == t.shape[2:]:
         return s, t
+    pool = F.adaptive_avg_pool2d if s.dim() == 4 else F.adaptive_avg_pool1d  # images or signals
     if math.prod(s.shape[2:]) > math.prod(t.shape[2:]):
-        return F.adaptive_avg_pool2d(s, t.shape[2:]), t
-    return s, F.adaptive_avg_pool2d(t, s.shape[2:])
+        return pool(s, t.shape[2:]), t
+    return s, pool(t, s.shape[2:])
 
 
 @register_loss("at")
@@ -123,12 +124,7 @@ class ICKD(nn.Module):
 
 def _fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     """G[b, j, i] = mean over positions of top[b, j] · bottom[b, i], the larger map average-pooled first."""
-    if bottom.shape[2:] != top.shape[2:]:
-        pool = F.adaptive_avg_pool2d if bottom.dim() == 4 else F.adaptive_avg_pool1d
-        if math.prod(bottom.shape[2:]) > math.prod(top.shape[2:]):
-            bottom = pool(bottom, top.shape[2:])
-        else:
-            top = pool(top, bottom.shape[2:])
+    bottom, top = pool_to_smaller(bottom, top)
     b, t = bottom.float().flatten(2), top.float().flatten(2)
     return t @ b.transpose(1, 2) / b.shape[2]
 
