@@ -1,6 +1,7 @@
 """make bench-methods: which distillation methods help, each tuned the same way, on MNIST-1D.
 
-Tuned (the default). For every method, Optuna (TPE, `--trials` trials, the same for every method) picks the
+Tuned (the default). For every method, Optuna (TPE, `--trials` trials, the same for every method; the first
+`--startup` are random) picks the
 main term's weight (log scale, a tenth to ten times the config's) and its temperature where it has one
 (1 to 8), maximising the validation accuracy of one run at tuning seed 100; the CE-only baseline gets the
 same number of trials over its learning rate (3e-4 to 3e-2; every method keeps the bench's 0.003). Then
@@ -10,7 +11,7 @@ methods (and KD, DKD, the feature term in their combine modes) from cnn_a + cnn_
 cnn_b alone tuned the same way. Student: cnn1d [8, 8, 8], 30 epochs (our choices, so that map methods apply).
 Untuned (`--untuned`): the configs' own settings, 3 seeds, one multirun per method group.
 
-Usage: python bench/methods.py [--trials 12] [--seeds 0,1,2,3,4] [--epochs 30] [--jobs 2]
+Usage: python bench/methods.py [--trials 8] [--startup 4] [--seeds 0,1,2,3,4] [--epochs 30] [--jobs 2]
        [--methods none,kd,...] [--multi kd_mean,camkd,...] [--into an earlier run's folder, to finish it]
        python bench/methods.py --untuned [--seeds 0,1,2] [--methods ...]
 """
@@ -126,7 +127,8 @@ def tune_and_run(
     tune = out / label / "tune"
     sweeper = ["hydra/sweeper=optuna", "hydra/sweeper/sampler=tpe", "hydra.sweeper.direction=maximize",
                f"hydra.sweeper.n_trials={a.trials}", f"hydra.sweeper.n_jobs={a.jobs}",
-               "hydra.sweeper.sampler.seed=1234", f"hydra.sweeper.study_name=bench_{label}"]  # fmt: skip
+               "hydra.sweeper.sampler.seed=1234", f"hydra.sweeper.sampler.n_startup_trials={a.startup}",
+               f"hydra.sweeper.study_name=bench_{label}"]  # fmt: skip
     if not _kd_train(
         [*common, *lr, *sweeper, f"seed={TUNING_SEED}", *[f"{k}={v}" for k, v in space.items()]], tune, a.jobs
     ):
@@ -160,7 +162,7 @@ def tuned(a: argparse.Namespace) -> None:
     head = ["| method | paper | chosen on validation | val acc (%) | test acc (%) | n | minus {ref} (pts) [95 % CI] |",
             "|---|---|---|---|---|---|---|"]  # fmt: skip
     single, lines = [], [f"MNIST-1D, student cnn1d [8, 8, 8], {a.epochs} epochs; Optuna TPE, {a.trials} trials per "
-                         f"method at seed {TUNING_SEED}, then seeds {a.seeds}", "",
+                         f"method ({a.startup} random, then TPE) at seed {TUNING_SEED}, then seeds {a.seeds}", "",
                          "Single teacher (cnn_b):", "", *[h.replace("{ref}", "CE alone") for h in head]]  # fmt: skip
     failed = []
     for m in [x for x in a.methods.split(",") if x]:
@@ -199,7 +201,8 @@ def main() -> None:
     p.add_argument("--seeds", default=None, help="reported seeds (tuned: 0,1,2,3,4; untuned: 0,1,2)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--trials", type=int, default=12, help="Optuna trials per method (tuned)")
+    p.add_argument("--trials", type=int, default=8, help="Optuna trials per method (tuned)")
+    p.add_argument("--startup", type=int, default=4, help="of those, random trials before TPE takes over")
     p.add_argument(
         "--methods", default=None, help=f"single-teacher methods (tuned: {TUNED}; untuned: {METHODS})"
     )
