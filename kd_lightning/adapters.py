@@ -52,33 +52,38 @@ class Adapter(nn.Module):
 
 
 class ConvReg(nn.Module):
-    """RepDistiller's FitNet regressor for 2-D maps: a convolution chosen by the two heights (3×3 stride 2
-    when the student's is twice the teacher's, a 4×4 stride-2 transposed convolution when half, otherwise
-    a (1 + ΔH) × (1 + ΔW) kernel), then batch norm and ReLU. Always applied, even to equal shapes."""
+    """RepDistiller's FitNet regressor: a convolution chosen by the two heights (3×3 stride 2 when the
+    student's is twice the teacher's, a 4×4 stride-2 transposed convolution when half, otherwise a
+    (1 + ΔH) × (1 + ΔW) kernel), then batch norm and (`relu`, FitNet's; AB's connector has none) ReLU.
+    Always applied, even to equal shapes. 1-D maps (C, L) get the same layers in one dimension fewer."""
 
-    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]):
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], relu: bool = True):
         super().__init__()
-        if len(student_shape) != 3 or len(teacher_shape) != 3:
+        if len(student_shape) not in (2, 3) or len(teacher_shape) != len(student_shape):
             raise ConfigError(
-                f"adapter: convreg maps 2-D feature maps (C, H, W); got {tuple(student_shape)} → "
+                f"adapter: convreg maps feature maps ((C, H, W) or (C, L)); got {tuple(student_shape)} → "
                 f"{tuple(teacher_shape)}: use adapter: auto"
             )
-        (sc, sh, sw), (tc, th, tw) = student_shape, teacher_shape
-        if sh == 2 * th:
-            self.conv = nn.Conv2d(sc, tc, 3, stride=2, padding=1)
-        elif 2 * sh == th:
-            self.conv = nn.ConvTranspose2d(sc, tc, 4, stride=2, padding=1)
-        elif sh >= th and sw >= tw:
-            self.conv = nn.Conv2d(sc, tc, (1 + sh - th, 1 + sw - tw))
+        two = len(student_shape) == 3
+        conv, deconv = (nn.Conv2d, nn.ConvTranspose2d) if two else (nn.Conv1d, nn.ConvTranspose1d)
+        (sc, *s_size), (tc, *t_size) = student_shape, teacher_shape
+        if s_size[0] == 2 * t_size[0]:
+            self.conv = conv(sc, tc, 3, stride=2, padding=1)
+        elif 2 * s_size[0] == t_size[0]:
+            self.conv = deconv(sc, tc, 4, stride=2, padding=1)
+        elif all(a >= b for a, b in zip(s_size, t_size, strict=True)):
+            self.conv = conv(sc, tc, tuple(1 + a - b for a, b in zip(s_size, t_size, strict=True)))
         else:
             raise ConfigError(
-                f"adapter: convreg cannot map a {sh}×{sw} student map onto a {th}×{tw} teacher map "
-                "(it enlarges by 2 only); use adapter: auto"
+                f"adapter: convreg cannot map a {'×'.join(map(str, s_size))} student map onto a "
+                f"{'×'.join(map(str, t_size))} teacher map (it enlarges by 2 only); use adapter: auto"
             )
-        self.bn = nn.BatchNorm2d(tc)
+        self.bn = (nn.BatchNorm2d if two else nn.BatchNorm1d)(tc)
+        self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)))
+        y = self.bn(self.conv(x))
+        return F.relu(y) if self.relu else y
 
 
 def _numel(shape: tuple[int, ...]) -> int:

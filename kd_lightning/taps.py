@@ -12,6 +12,12 @@ A tap spec is one of:
   `stages` becomes one term per stage (kd_lightning.build.expand_stage_terms), as RepDistiller sums AT
   and NST over the stages. `stem`: the first stage's input (RepDistiller's feat[0] of its ResNets); a
   term whose taps are `all_stages` reads the list [stem, stage1, …, stageK] at once (FSP).
+- `preact<k>`: the k-th stage's output before its last ReLU (RepDistiller's and mdistiller's `preact`
+  features, which AB and ReviewKD read): the last `preact` module inside a CIFAR ResNet stage, the input of
+  a VGG stage's ReLU, or what the model lists in `preact_taps` (WRN: the next batch norm, as RepDistiller;
+  cnn, cnn1d: the last batch norm). In a list of taps, `stage*` and `preact*` stand for stage1 … stageK
+  and preact1 … preactK, K the fewest stages among the student and the teachers
+  (kd_lightning.build.expand_stage_terms).
 Aliases (a dict alias → spec, from the model's `taps` config) let terms name one role, say `embed`,
 across teachers of different architectures.
 """
@@ -70,6 +76,8 @@ def resolve_tap(
         spec = f"{stages(model)[0]}:input"
     elif STAGE.fullmatch(spec):
         spec = stage_tap(model, int(spec[len("stage") :]), owner)
+    elif PREACT.fullmatch(spec):
+        spec = preact_tap(model, int(spec[len("preact") :]), owner)
     if spec in _OUTPUT_NAMES:
         return OUTPUT
     if spec == "map":
@@ -96,6 +104,7 @@ def resolve_tap(
 
 
 STAGE = re.compile(r"stage[1-9][0-9]*")
+PREACT = re.compile(r"preact[1-9][0-9]*")
 
 
 def stages(model: nn.Module) -> tuple[str, ...]:
@@ -112,6 +121,27 @@ def stage_tap(model: nn.Module, k: int, owner: str) -> str:
             + ", ".join(f"stage{i + 1} = {n}" for i, n in enumerate(names))
         )
     return names[k - 1]
+
+
+def preact_tap(model: nn.Module, k: int, owner: str) -> str:
+    """The spec of the k-th stage's pre-activation output (see the module's docstring)."""
+    names = stages(model)
+    if k > len(names):
+        stage_tap(model, k, owner)  # raises, listing the stages
+    declared = getattr(model, "preact_taps", None)
+    if declared:
+        return declared[k - 1]
+    modules = dict(model.named_modules())
+    stage = names[k - 1]
+    inside = [n for n in modules if n.startswith(f"{stage}.") and n.rsplit(".", 1)[-1] == "preact"]
+    if inside:
+        return inside[-1]
+    if isinstance(modules.get(stage), nn.ReLU):
+        return f"{stage}:input"
+    raise ConfigError(
+        f"tap 'preact{k}': {owner} ({type(model).__name__}) declares no pre-activation features; the CIFAR "
+        "ResNets, Wide ResNets, VGGs, cnn and cnn1d do (their `preact` modules or `preact_taps`)"
+    )
 
 
 class FeatureTaps:

@@ -597,7 +597,7 @@ def test_gradients_flow_to_student_and_objective_only(method, combine):
 
 
 # --- every config runs end to end on digits ----------------------------------------------------------------
-MAP_METHODS = {"at", "nst", "ickd", "ft"}
+MAP_METHODS = {"at", "nst", "ickd", "ft", "ab", "reviewkd"}
 CONFIGS = [
     "kd",
     "fitnet",
@@ -618,6 +618,8 @@ CONFIGS = [
     "ickd",
     "ft",
     "srd",
+    "ab",
+    "reviewkd",
 ]
 
 
@@ -634,11 +636,12 @@ def test_each_method_config_trains_a_few_batches(make_cfg, name):
         "+trainer.limit_train_batches=4",
         "+trainer.limit_val_batches=1",
         "callbacks=none",
-        *(["distill.terms.ft.init_epochs=1"] if name == "ft" else []),
+        *([f"distill.terms.{name}.init_epochs=1"] if name in ("ft", "ab") else []),
     )
     res = run(cfg)
     assert res["status"] == "ok" and 0 <= res["test_acc"] <= 1
-    assert res.get("pre_stage_terms") == (["ft"] if name == "ft" else None)  # FT's paraphraser trained first
+    # FT's paraphraser, AB's connector and the student's layers trained first
+    assert res.get("pre_stage_terms") == ([name] if name in ("ft", "ab") else None)
     if name.startswith("["):
         assert set(cfg.distill.terms) == set(name.strip("[]").split(","))  # the terms of both files, summed
 

@@ -75,12 +75,13 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.downsample = _conv_bn(cin, cout, stride) if stride != 1 or cin != cout else None
+        self.preact = nn.Identity()  # the sum before the last ReLU: the `preact<k>` taps (AB, ReviewKD)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
+        return F.relu(self.preact(out + identity))
 
 
 class CifarResNet(nn.Module):
@@ -127,12 +128,13 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(cout)
         # An empty Sequential is the identity and has no parameters, as in the reference.
         self.shortcut = _conv_bn(cin, cout, stride) if stride != 1 or cin != cout else nn.Sequential()
+        self.preact = nn.Identity()  # the sum before the last ReLU: the `preact<k>` taps (AB, ReviewKD)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(self.preact(out + self.shortcut(x)))
 
 
 class BottleneckResNet(nn.Module):
@@ -202,6 +204,9 @@ class WideStage(nn.Module):
 
 class WideResNet(nn.Module):
     stage_taps = ("block1", "block2", "block3")
+    # pre-activation blocks: RepDistiller's `preact` features pass each stage's output through the batch
+    # norm that reads it next (the next stage's first, or the final one)
+    preact_taps = ("block2.layer.0.bn1", "block3.layer.0.bn1", "bn1")
 
     def __init__(self, depth: int, widen: int, num_classes: int, in_channels: int, dropout: float = 0.0):
         super().__init__()

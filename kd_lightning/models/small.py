@@ -149,7 +149,15 @@ def _fixed_output_wide2(
 def _conv_block(
     conv: type[nn.Module], bn: type[nn.Module], cin: int, cout: int, k: int, stride: int
 ) -> list[nn.Module]:
-    return [conv(cin, cout, k, stride=stride, padding=k // 2, bias=False), bn(cout), nn.ReLU(inplace=True)]
+    # not in place: the batch norm's output is the `preact1` tap (AB, ReviewKD) and must survive the ReLU
+    return [conv(cin, cout, k, stride=stride, padding=k // 2, bias=False), bn(cout), nn.ReLU()]
+
+
+def _declare_preact(model: Classifier) -> Classifier:
+    """The one stage's pre-activation feature: the output of the last batch norm (before its ReLU)."""
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
+    model.preact_taps = (bns[-1],)
+    return model
 
 
 @register_model
@@ -176,7 +184,7 @@ def cnn(
             size //= 2
         cin = c
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return Classifier(nn.Sequential(*layers), cin, num_classes)
+    return _declare_preact(Classifier(nn.Sequential(*layers), cin, num_classes))
 
 
 @register_model
@@ -202,4 +210,4 @@ def cnn1d(
     with torch.no_grad():
         dim = body.eval()(torch.zeros(1, *input_shape)).shape[1]
     body.train()
-    return Classifier(body, dim, num_classes)
+    return _declare_preact(Classifier(body, dim, num_classes))
