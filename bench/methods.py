@@ -9,6 +9,7 @@ same number of trials over its learning rate (3e-4 to 3e-2; every method keeps t
 with a 95 % Welch interval. Single-teacher methods learn from cnn_b of the mnist1d_pool; multi-teacher
 methods (and KD, DKD, the feature term in their combine modes) from cnn_a + cnn_b + cnn_c, against KD from
 cnn_b alone tuned the same way. Student: cnn1d [8, 8, 8], 30 epochs (our choices, so that map methods apply).
+The table goes to OUT/tables.md, the plot of the gains to OUT/gains.png.
 Untuned (`--untuned`): the configs' own settings, 3 seeds, one multirun per method group.
 
 Usage: python bench/methods.py [--trials 8] [--startup 4] [--seeds 0,1,2,3,4] [--epochs 30] [--jobs 2]
@@ -33,7 +34,7 @@ from multirun import finished, mark_finished, run_quietly  # noqa: E402
 from kd_lightning.report import collect, gain_interval, summarize, to_markdown  # noqa: E402
 
 METHODS = "none,kd,fitnet,at,sp,rkd,pkt,nst,cc,dkd,crd,vid"
-TUNED = "none,kd,fitnet,at,sp,rkd,pkt,nst,cc,dkd,crd,vid,dist,kd_ls,dkd_ls,ickd,ft,srd"
+TUNED = "none,kd,fitnet,at,sp,rkd,pkt,nst,cc,dkd,crd,vid,dist,kd_ls,dkd_ls,ickd,ft,srd,ab,reviewkd"
 # multi-teacher rows: label → (distill config, extra overrides)
 MULTI = {
     "kd_mean": ("kd", ["distill.terms.kd.combine=mean"]),  # KL to the teachers' mean logits
@@ -64,6 +65,8 @@ PAPERS = {
     "ickd": "Liu et al. 2021",
     "ft": "Kim et al. 2018",
     "srd": "Miles & Mikolajczyk 2024",
+    "ab": "Heo et al. 2019",
+    "reviewkd": "Chen et al. 2021",
     "camkd": "Zhang et al. 2022",
     "aekd": "Du et al. 2020",
 }
@@ -80,6 +83,7 @@ METHOD_OVERRIDES = {
     "crd": ["distill.terms.crd.nce_k=512"],
     # FT's pre-stage: RepDistiller trains the paraphraser 30 epochs before 240; 5 before our 30 keeps the ratio
     "ft": ["distill.terms.ft.init_epochs=5"],
+    "ab": ["distill.terms.ab.init_epochs=5"],  # AB's pre-stage, the same ratio
 }
 
 
@@ -156,6 +160,37 @@ def _row(r: dict, ref: dict | None) -> str:
             f"{100 * statistics.mean(t):.2f} ± {100 * statistics.stdev(t) if len(t) > 1 else 0:.2f} | {len(t)} | {gain} |")  # fmt: skip
 
 
+def plot(single: list[dict], multi: list[dict], kd_single: dict | None, path: Path) -> None:
+    """Each row's gain with its 95 % interval: single-teacher methods over CE alone, multi-teacher rows
+    over KD from cnn_b alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = next((r for r in single if r["method"] == "none"), None)
+    panels = [(p, ref_, title) for p, ref_, title in ((single, ref, "single teacher (cnn_b) − CE alone"),
+              (multi, kd_single, "three teachers − KD from cnn_b")) if ref_ is not None and p]  # fmt: skip
+    if not panels:
+        return
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.5 * len(panels), 0.3 * max(len(p) for p, _, _ in panels) + 1.5)
+    )
+    for ax, (rows, ref_, title) in zip(axes if len(panels) > 1 else [axes], panels, strict=True):
+        rows = [r for r in rows if r is not ref_]
+        gains = [gain_interval(r["test"], ref_["test"]) for r in rows]
+        y = list(range(len(rows)))
+        ax.errorbar([100 * d for d, _ in gains], y, xerr=[100 * h for _, h in gains], fmt="o", capsize=3)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_yticks(y, [r["label"] for r in rows])
+        ax.invert_yaxis()
+        ax.set_xlabel("test accuracy gain (points), 95 % CI")
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def tuned(a: argparse.Namespace) -> None:
     out = Path(a.into) if a.into else Path(a.out) / time.strftime("%Y%m%d-%H%M%S")
     t0 = time.perf_counter()
@@ -187,7 +222,8 @@ def tuned(a: argparse.Namespace) -> None:
             lines.append(
                 "\nteachers: " + ", ".join(f"{k} {100 * v:.2f} %" for k, v in multi[0]["teachers"].items())
             )
-    lines.append(f"\nwall {time.perf_counter() - t0:.0f} s; runs under {out}")
+    plot(single, multi, kd_single, out / "gains.png")
+    lines.append(f"\nwall {time.perf_counter() - t0:.0f} s; runs under {out}; plot {out / 'gains.png'}")
     text = "\n".join(lines)
     print("\n" + text)
     (out / "tables.md").write_text(text + "\n")
