@@ -101,6 +101,8 @@ def test_ab_is_repdistillers_margin_loss_with_stage_weights_and_a_connector_wher
     g, tt = s[0].detach().double(), t[0].double()
     by_hand = 2 * (g + 0.5) * ((g > -0.5) & (tt <= 0)) + 2 * (g - 0.5) * ((g <= 0.5) & (tt > 0))
     assert torch.allclose(s[0].grad.double(), by_hand * 0.5 / b * 3 / 1000, atol=1e-7)
+    # what the teacher gives is the side of zero each neuron is on: any positive rescaling of it is the same
+    assert ab(s, [2.5 * x for x in t]).item() == pytest.approx(loss.item(), rel=1e-6)
     stage = ab.pre_stage()
     assert stage.only and stage.student and stage.module is ab.connectors and stage.epochs == 30
     assert not any(p.requires_grad for p in ab.connectors.parameters())  # frozen outside its pre-stage
@@ -210,6 +212,9 @@ def test_reviewkd_on_1d_signals_and_a_resnet_pair_reads_the_stages_it_should(mak
     loss = r(s, t, epoch=30)
     loss.backward()
     assert torch.isfinite(loss) and s[0].grad.abs().sum() > 0
+    # gradients reach the student's maps and every part of the fusion, nothing on the teacher's side
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in r.parameters())
+    assert all(x.grad is None for x in t)
     cfg = make_cfg("distill=reviewkd", "student=cnn", "student.channels=[8,16]", "teachers.use=[cnn_s]")
     pl.seed_everything(0)
     dm = instantiate_datamodule(cfg.data)
