@@ -114,3 +114,15 @@ def write_cifar(root: Path, classes: int, n_train: int = 10, n_test: int = 6) ->
         batch[key][0] = classes - 1
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
+
+
+def built_module(cfg, data: str):
+    """The distillation module a run would train (seeded), and its data module set up for fitting."""
+    import pytorch_lightning as pl
+
+    from kd_lightning.build import build_module, build_teacher_ensemble, instantiate_datamodule
+
+    pl.seed_everything(0)
+    dm = instantiate_datamodule(cfg.data)
+    dm.setup("fit")
+    return build_module(cfg, dm, build_teacher_ensemble(cfg, dm, data)), dm

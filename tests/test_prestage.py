@@ -6,14 +6,14 @@ from __future__ import annotations
 import math
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from kd_lightning.build import build_module, build_teacher_ensemble, instantiate_datamodule
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import create_loss
 from kd_lightning.prestage import run_pre_stages
+
+from .conftest import built_module
 
 G = torch.Generator().manual_seed(0)
 
@@ -68,10 +68,7 @@ def test_ft_layers_are_repdistillers_and_the_paraphraser_is_frozen_outside_its_s
 
 def test_the_pre_stage_trains_the_paraphraser_alone_and_the_fit_does_not(make_cfg):
     cfg = make_cfg("distill=ft", "student=cnn", "student.channels=[8,16]", "distill.terms.ft.init_epochs=2")
-    pl.seed_everything(0)
-    dm = instantiate_datamodule(cfg.data)
-    dm.setup("fit")
-    module = build_module(cfg, dm, build_teacher_ensemble(cfg, dm, "digits"))
+    module, dm = built_module(cfg, "digits")
     terms = module.objective.terms
     losses = {k: ft for term in terms.values() for k, ft in term.losses.items()}
     assert set(losses) == set(module.teachers.names)  # per_teacher: one paraphraser per teacher
@@ -157,10 +154,7 @@ def test_fsp_trains_the_students_feature_layers_in_its_pre_stage_and_the_fit_ski
          f"teachers.members.teacher.checkpoint={released}", "distill=fsp", "distill.terms.fsp.init_epochs=2"],
         tmp_path / "run", cache_dir,
     )  # fmt: skip
-    pl.seed_everything(0)
-    dm = instantiate_datamodule(cfg.data)
-    dm.setup("fit")
-    module = build_module(cfg, dm, build_teacher_ensemble(cfg, dm, "cifar100"))
+    module, dm = built_module(cfg, "cifar100")
     term = module.objective.terms["fsp"]
     assert term.student_tap == ["stem", "stage1", "stage2", "stage3"] and term.pre_stage_only
     assert not module.needs_teachers  # the fit reads no teacher feature: FSP acted in its pre-stage

@@ -4,16 +4,16 @@ pre-activation taps they read: every zoo model's `preact<k>` is its stage's outp
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from kd_lightning.build import build_module, build_teacher_ensemble, instantiate_datamodule
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import create_loss
 from kd_lightning.models import create_model
 from kd_lightning.prestage import run_pre_stages
 from kd_lightning.taps import FeatureTaps
+
+from .conftest import built_module
 
 G = torch.Generator().manual_seed(0)
 
@@ -112,10 +112,7 @@ def test_ab_is_repdistillers_margin_loss_with_stage_weights_and_a_connector_wher
 
 def test_ab_trains_its_connector_and_the_students_layers_first_then_ce_alone(make_cfg):
     cfg = make_cfg("distill=ab", "student=cnn", "student.channels=[8,16]", "distill.terms.ab.init_epochs=1")
-    pl.seed_everything(0)
-    dm = instantiate_datamodule(cfg.data)
-    dm.setup("fit")
-    module = build_module(cfg, dm, build_teacher_ensemble(cfg, dm, "digits"))
+    module, dm = built_module(cfg, "digits")
     term = module.objective.terms["ab"]
     assert term.student_tap == ["preact1"] and term.teacher_tap == ["preact1"] and term.pre_stage_only
     losses = dict(term.losses)
@@ -216,10 +213,7 @@ def test_reviewkd_on_1d_signals_and_a_resnet_pair_reads_the_stages_it_should(mak
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in r.parameters())
     assert all(x.grad is None for x in t)
     cfg = make_cfg("distill=reviewkd", "student=cnn", "student.channels=[8,16]", "teachers.use=[cnn_s]")
-    pl.seed_everything(0)
-    dm = instantiate_datamodule(cfg.data)
-    dm.setup("fit")
-    module = build_module(cfg, dm, build_teacher_ensemble(cfg, dm, "digits"))
+    module, dm = built_module(cfg, "digits")
     term = module.objective.terms["reviewkd"]
     assert term.student_tap == ["stage1", "map"] and term.teacher_tap == ["preact1", "map"]
     assert module.needs_teachers
