@@ -623,14 +623,19 @@ CONFIGS = [
 ]
 
 
+MULTI_ONLY = {"camkd", "aekd"}  # they weigh two or more teachers: with one, a clear error before training
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("teachers", ["two", "one"])
 @pytest.mark.parametrize("name", [*CONFIGS, "[kd,at]", "[crd,kd]"])
-def test_each_method_config_trains_a_few_batches(make_cfg, name):
+def test_each_method_config_trains_a_few_batches(make_cfg, name, teachers):
     from kd_lightning.train import run
 
     maps = any(m in name for m in MAP_METHODS)
     cfg = make_cfg(
         f"distill={name}",
+        *(["teachers.use=[cnn_s]"] if teachers == "one" else []),
         *(["student=cnn", "student.channels=[8,16]"] if maps else []),
         "trainer.max_epochs=1",
         "+trainer.limit_train_batches=4",
@@ -638,6 +643,10 @@ def test_each_method_config_trains_a_few_batches(make_cfg, name):
         "callbacks=none",
         *([f"distill.terms.{name}.init_epochs=1"] if name in ("ft", "ab") else []),
     )
+    if teachers == "one" and name in MULTI_ONLY:
+        with pytest.raises(ConfigError, match="two or more teachers"):
+            run(cfg)
+        return
     res = run(cfg)
     assert res["status"] == "ok" and 0 <= res["test_acc"] <= 1
     # FT's paraphraser, AB's connector and the student's layers trained first
