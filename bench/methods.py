@@ -4,7 +4,9 @@ Tuned (the default). For every method, Optuna (TPE, `--trials` trials, the same 
 `--startup` are random) picks the
 main term's weight (log scale, a tenth to ten times the config's) and its temperature where it has one
 (1 to 8), maximising the validation accuracy of one run at tuning seed 100; the CE-only baseline gets the
-same number of trials over its learning rate (3e-4 to 3e-2; every method keeps the bench's 0.003). Then
+same number of trials over its learning rate (3e-4 to 3e-2), and every method then trains at the learning
+rate chosen for CE alone (the baseline's recipe, as in the papers; `--lr` when CE alone is not run). A trial
+that diverges counts as a failed trial of the same budget; a reported seed that diverges is named in its row. Then
 `--seeds` (5) runs at the chosen setting, reported as test accuracy mean ± std and the gain over CE alone
 with a 95 % Welch interval. Single-teacher methods learn from cnn_b of the mnist1d_pool; multi-teacher
 methods (and KD, DKD, the feature term in their combine modes) from cnn_a + cnn_b + cnn_c, against KD from
@@ -14,6 +16,7 @@ Untuned (`--untuned`): the configs' own settings, 3 seeds, one multirun per meth
 
 Usage: python bench/methods.py [--trials 8] [--startup 4] [--seeds 0,1,2,3,4] [--epochs 30] [--jobs 2]
        [--methods none,kd,...] [--multi kd_mean,camkd,...] [--into an earlier run's folder, to finish it]
+       [--lr 0.003: only when CE alone is not among --methods]
        python bench/methods.py --untuned [--seeds 0,1,2] [--methods ...]
 """
 
@@ -103,16 +106,25 @@ def search_space(method: str) -> dict[str, str]:
     return space
 
 
-def _kd_train(overrides: list[str], folder: Path, jobs: int) -> bool:
+def _kd_train(overrides: list[str], folder: Path, jobs: int, diverged_ok: bool = False) -> bool:
+    """One kd-train multirun. With `diverged_ok`, a multirun whose failed jobs all stopped on a non-finite
+    loss still counts as finished: those seeds are reported as diverged, not dropped silently."""
     if finished(folder):
         print(f"[bench-methods]   reusing the finished runs in {folder}", flush=True)
         return True
     cmd = [sys.executable, "-m", "kd_lightning.train", "-m", *overrides, "hydra/launcher=local",
            f"hydra.launcher.n_jobs={jobs}", f"hydra.sweep.dir={folder}"]  # fmt: skip
     ok = run_quietly(cmd, "bench-methods") == 0
+    if not ok and diverged_ok:
+        runs = _results(folder)
+        ok = bool(runs) and all(r.get("status") == "ok" or _diverged(r) for r in runs)
     if ok:
         mark_finished(folder)
     return ok
+
+
+def _diverged(result: dict[str, Any]) -> bool:
+    return result.get("status") == "failed" and "FloatingPointError" in str(result.get("error", ""))
 
 
 def _results(folder: Path) -> list[dict[str, Any]]:
@@ -127,9 +139,11 @@ def tune_and_run(
 
     space = search_space(method)
     common = [*COMMON, *base, f"distill={method}", *extra, f"trainer.max_epochs={a.epochs}"]
-    lr = [] if method == "none" else ["optim.lr=0.003"]
+    lr = [] if method == "none" else [f"optim.lr={a.lr}"]
     tune = out / label / "tune"
+    # max_failure_rate=1: a trial that diverges is a failed trial (of the same budget), not the end of the study
     sweeper = ["hydra/sweeper=optuna", "hydra/sweeper/sampler=tpe", "hydra.sweeper.direction=maximize",
+               "hydra.sweeper.max_failure_rate=1.0",
                f"hydra.sweeper.n_trials={a.trials}", f"hydra.sweeper.n_jobs={a.jobs}",
                "hydra.sweeper.sampler.seed=1234", f"hydra.sweeper.sampler.n_startup_trials={a.startup}",
                f"hydra.sweeper.study_name=bench_{label}"]  # fmt: skip
@@ -140,11 +154,13 @@ def tune_and_run(
     best = yaml.safe_load((tune / "optimization_results.yaml").read_text())
     chosen = [f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["best_params"].items()]
     final = out / label / "seeds"
-    if not _kd_train([*common, *lr, *chosen, f"seed={a.seeds}"], final, a.jobs):
+    if not _kd_train([*common, *lr, *chosen, f"seed={a.seeds}"], final, a.jobs, diverged_ok=True):
         return None
-    runs = _results(final)
-    return {"label": label, "method": method, "chosen": chosen, "val": float(best["best_value"]),
-            "test": [float(r["test_acc"]) for r in runs], "teachers": {k: v for r in runs[:1] for k, v in r.get("teacher_test_acc", {}).items()}}  # fmt: skip
+    runs = [r for r in _results(final) if r.get("status") == "ok"]
+    diverged = sorted(int(r["seed"]) for r in _results(final) if _diverged(r))
+    return {"label": label, "method": method, "chosen": [*lr, *chosen], "val": float(best["best_value"]),
+            "test": [float(r["test_acc"]) for r in runs], "diverged": diverged,
+            "teachers": {k: v for r in runs[:1] for k, v in r.get("teacher_test_acc", {}).items()}}  # fmt: skip
 
 
 def _row(r: dict, ref: dict | None) -> str:
@@ -156,8 +172,9 @@ def _row(r: dict, ref: dict | None) -> str:
         d, h = gain_interval(t, ref["test"])
         gain = f"{100 * d:+.2f} [{100 * (d - h):+.2f}, {100 * (d + h):+.2f}]"
     setting = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in (c.split("=", 1) for c in r["chosen"]))
+    n = f"{len(t)}" + (f" (seed {', '.join(map(str, r['diverged']))} diverged)" if r.get("diverged") else "")
     return (f"| {r['label']} | {PAPERS.get(r['method'], '')} | {setting} | {100 * r['val']:.2f} | "
-            f"{100 * statistics.mean(t):.2f} ± {100 * statistics.stdev(t) if len(t) > 1 else 0:.2f} | {len(t)} | {gain} |")  # fmt: skip
+            f"{100 * statistics.mean(t):.2f} ± {100 * statistics.stdev(t) if len(t) > 1 else 0:.2f} | {n} | {gain} |")  # fmt: skip
 
 
 def plot(single: list[dict], multi: list[dict], kd_single: dict | None, path: Path) -> None:
@@ -200,9 +217,16 @@ def tuned(a: argparse.Namespace) -> None:
                          f"method ({a.startup} random, then TPE) at seed {TUNING_SEED}, then seeds {a.seeds}", "",
                          "Single teacher (cnn_b):", "", *[h.replace("{ref}", "CE alone") for h in head]]  # fmt: skip
     failed = []
-    for m in [x for x in a.methods.split(",") if x]:
+    methods = [x for x in a.methods.split(",") if x]
+    for m in sorted(
+        methods, key=lambda m: m != "none"
+    ):  # CE alone first: the others train at its learning rate
         r = tune_and_run(m, m, METHOD_OVERRIDES.get(m, []), ["teachers.use=[cnn_b]"], a, out)
         (single.append(r) if r else failed.append(m))
+        if m == "none" and r:
+            a.lr = next(c.split("=", 1)[1] for c in r["chosen"] if c.startswith("optim.lr="))
+        elif m == "none":
+            raise SystemExit("[bench-methods] CE alone failed: the other methods need its learning rate")
     ref = next((r for r in single if r["method"] == "none"), None)
     lines += [_row(r, ref) for r in single]
     if single and single[0]["teachers"]:
@@ -245,6 +269,7 @@ def main() -> None:
     p.add_argument(
         "--multi", default=",".join(MULTI), help="multi-teacher rows (tuned), of: " + ", ".join(MULTI)
     )
+    p.add_argument("--lr", default="0.003", help="the methods' learning rate when CE alone is not run")
     p.add_argument("--into", help="an earlier tuned run's folder: its finished multiruns are reused")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "methods"))
     a = p.parse_args()
