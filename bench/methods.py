@@ -36,7 +36,6 @@ from multirun import finished, mark_finished, run_quietly  # noqa: E402
 
 from kd_lightning.report import collect, gain_interval, summarize, to_markdown  # noqa: E402
 
-METHODS = "none,kd,fitnet,at,sp,rkd,pkt,nst,cc,dkd,crd,vid"
 TUNED = "none,kd,fitnet,at,sp,rkd,pkt,nst,cc,dkd,crd,vid,dist,kd_ls,dkd_ls,ickd,ft,srd,ab,reviewkd"
 # multi-teacher rows: label → (distill config, extra overrides)
 MULTI = {
@@ -263,9 +262,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--trials", type=int, default=8, help="Optuna trials per method (tuned)")
     p.add_argument("--startup", type=int, default=4, help="of those, random trials before TPE takes over")
-    p.add_argument(
-        "--methods", default=None, help=f"single-teacher methods (tuned: {TUNED}; untuned: {METHODS})"
-    )
+    p.add_argument("--methods", default=None, help=f"single-teacher methods (default: {TUNED})")
     p.add_argument(
         "--multi", default=",".join(MULTI), help="multi-teacher rows (tuned), of: " + ", ".join(MULTI)
     )
@@ -277,7 +274,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--multi: unknown row(s) {unknown}; valid: {', '.join(MULTI)}")
     a.seeds = a.seeds or ("0,1,2" if a.untuned else "0,1,2,3,4")
-    a.methods = a.methods if a.methods is not None else (METHODS if a.untuned else TUNED)
+    a.methods = a.methods if a.methods is not None else TUNED
     if a.untuned:
         untuned(a)
     else:
