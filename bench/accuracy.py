@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from multirun import finished, mark_finished, run_quietly  # noqa: E402
+from multirun import finished, folder_for, mark_finished, run_quietly  # noqa: E402
 
 from kd_lightning.report import collect, gain_interval  # noqa: E402
 
@@ -117,7 +117,7 @@ def gallo(out: Path, a: argparse.Namespace, wanted) -> list[str]:
             continue
         t0 = time.perf_counter()
         axis = [] if "teachers=none" in overrides else fits
-        df = _multirun(label, [*overrides, *axis], a.seeds, out / label.replace(" ", "_").replace(",", ""))
+        df = _multirun(label, [*overrides, *axis], a.seeds, out / folder_for(label))
         rows[label] = (df, time.perf_counter() - t0)
     lines = []
     if wanted(LAMBDA):

@@ -4,6 +4,7 @@ stderr when it fails."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,12 @@ def run_quietly(cmd: list[str], tag: str, shown: str | None = None) -> int:
     if proc.returncode != 0:
         print(proc.stderr[-4000:], file=sys.stderr)
     return proc.returncode
+
+
+def folder_for(label: str) -> str:
+    """A row label as a multirun folder name that Hydra's override grammar takes in hydra.sweep.dir
+    (brackets, commas, `=` and spaces in a label break the override)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
 
 
 DONE = ".bench_done"  # written into a multirun's folder once every job of it ended ok

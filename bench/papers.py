@@ -22,7 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from multirun import finished, mark_finished, run_quietly  # noqa: E402
+from multirun import finished, folder_for, mark_finished, run_quietly  # noqa: E402
 
 QUIET = ["trainer.enable_progress_bar=false", "print_summary=false"]
 EXTRA: list[str] = []  # overrides after `--`, added to every run (a quick check: -- trainer.max_epochs=2)
@@ -381,7 +381,7 @@ def thapa2022(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
     for label, overrides in THAPA.items():
         # without KD the student does not depend on the teacher's fit: one fit (its agreement), no duplicates
         axis = fits.split(",")[0] if "distill=none" in overrides else fits
-        runs = multirun(out / label.replace(" ", "_").replace("+", "_"), [*overrides, axis], seeds, jobs)
+        runs = multirun(out / folder_for(label), [*overrides, axis], seeds, jobs)
         runs = [r for r in runs if axis == fits or r["teacher_fit_seed"] == int(axis.split("=")[1])]
         by_label[label] = runs
         per_corr: dict[str, list[float]] = {}
