@@ -11,8 +11,9 @@ Parts (--only):
           from the same teacher; the adapter removed (a student whose penultimate layer has the teacher's
           320 dimensions, beside the same student with the adapter and alone); λ chosen on the validation
           split (a sweep at teacher fit 0, then the chosen λ over every fit × seed).
-  landro  every subset of the 3-teacher pool, each multi-teacher subset with both combine modes that
-          apply to features of different sizes (concat, per_teacher), against the best single teacher.
+  landro  every subset of the 3-teacher pool, each multi-teacher subset with the three combine modes that
+          apply to features of different sizes (concat, per_teacher, gate), and the whole pool through the
+          logit-level multi-teacher methods CA-MKD and AE-KD, against the best single teacher.
 Usage: python bench/accuracy.py [--only gallo,landro] [--rows SUBSTR,...] [--seeds 0,1,2]
        [--teacher-seeds 0,1,2] [--lambdas 3,10,30,100] [--jobs 2]
        [--into an earlier run's folder, to finish it] [--out bench/results/accuracy] [-- overrides]
@@ -55,6 +56,11 @@ GALLO = {
 }
 LAMBDA = "λ chosen on validation"
 POOL = ("cnn_a", "cnn_b", "cnn_c")
+# Landro question 1's combine modes for features of different sizes: side by side through one adapter, one
+# adapter and distance per teacher summed, or per teacher weighted per sample by a learned gate on the input
+MODES = ("concat", "per_teacher", "gate")
+# the field's multi-teacher methods with per-sample teacher weights (issue 15's), on logits, the whole pool
+MULTI = {"camkd": "CA-MKD (logits)", "aekd": "AE-KD (logits)"}
 JOBS = [2]  # parallel kd-train processes per multirun (--jobs)
 EXTRA: list[str] = []  # overrides after `--`, added to every run (a quick check: -- trainer.max_epochs=1)
 
@@ -183,7 +189,7 @@ def landro(out: Path, a: argparse.Namespace, wanted) -> list[str]:
         out / "single",
     )
     groups = {("single", ts): df for ts, df in singles.groupby("teacher_set")}
-    for mode in ("concat", "per_teacher"):
+    for mode in MODES:
         if not wanted(mode):
             continue
         df = _multirun(
@@ -199,6 +205,16 @@ def landro(out: Path, a: argparse.Namespace, wanted) -> list[str]:
             out / mode,
         )
         groups |= {(mode, ts): d for ts, d in df.groupby("teacher_set")}
+    for method, label in MULTI.items():
+        if not wanted(label):
+            continue
+        df = _multirun(
+            label,
+            ["experiment=landro2021", f"distill={method}", f"teachers.use=[{','.join(POOL)}]", fits],
+            a.seeds,
+            out / method,
+        )
+        groups[(label, df["teacher_set"].iloc[0])] = df
     best_key = max((k for k in groups if k[0] == "single"), key=lambda k: groups[k]["test_acc"].mean())
     best = groups[best_key]["test_acc"]
     lines = [
@@ -207,8 +223,13 @@ def landro(out: Path, a: argparse.Namespace, wanted) -> list[str]:
         HEADER.replace("| wall s |", "| minus best single teacher (pts) [95% CI] |"),
     ]
     lines.append(_row(ALONE, alone, alone["test_acc"], None).rsplit("|", 2)[0] + "| — |")
-    for (mode, ts), df in sorted(groups.items(), key=lambda kv: (kv[0][1].count("+"), kv[0])):
-        label = ts if mode == "single" else f"{ts}, combine={mode}"
+    order = ["single", *MODES, *MULTI.values()]
+    for (mode, ts), df in sorted(
+        groups.items(), key=lambda kv: (kv[0][1].count("+"), order.index(kv[0][0]), kv[0][1])
+    ):
+        label = (
+            ts if mode == "single" else f"{ts}, {mode}" if mode in MULTI.values() else f"{ts}, combine={mode}"
+        )
         cell = "—" if (mode, ts) == best_key else _interval(df["test_acc"], best)
         lines.append(_row(label, df, alone["test_acc"], None).rsplit("|", 2)[0] + f"| {cell} |")
     lines.append(f"\nwall {time.perf_counter() - t0:.0f} s")
