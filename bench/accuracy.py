@@ -170,6 +170,8 @@ def gallo(out: Path, a: argparse.Namespace, wanted) -> list[str]:
         ("wide student, with adapter", "wide student alone"),
         ("wide student, no adapter", "wide student, with adapter"),
     ]
+    if LAMBDA in "".join(rows):  # the chosen λ against the default λ 30, on test over every fit × seed
+        pairs.append((next(k for k in rows if k.startswith(LAMBDA)), "gallo2020 (1 teacher)"))
     for x, y in pairs:
         if x in rows and y in rows:
             lines.append(f"\n{x} minus {y}: {_interval(rows[x][0]['test_acc'], rows[y][0]['test_acc'])} pts")
@@ -232,6 +234,13 @@ def landro(out: Path, a: argparse.Namespace, wanted) -> list[str]:
         )
         cell = "—" if (mode, ts) == best_key else _interval(df["test_acc"], best)
         lines.append(_row(label, df, alone["test_acc"], None).rsplit("|", 2)[0] + f"| {cell} |")
+    # each pair of teachers against each of its two members alone: does combining beat the stronger one?
+    lines.append("")
+    for (mode, ts), df in groups.items():
+        if mode in MODES and ts.count("+") == 1:
+            for member in ts.split("+"):
+                diff = _interval(df["test_acc"], groups[("single", member)]["test_acc"])
+                lines.append(f"{ts}, combine={mode} minus {member}: {diff} pts")
     lines.append(f"\nwall {time.perf_counter() - t0:.0f} s")
     return lines
 
