@@ -559,6 +559,17 @@ def ye2019(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
                 + " | ".join(ms([p[t] for p in per]) if t in per[0] else "—" for t in tasks)
                 + " |" * (len(tasks) + 1)
             )
+    labels = list(YE)
+    lines += ["", "Paired differences between rows (the same teacher fit and student seed):"]
+    for x, y in [(labels[4], labels[0]), (labels[1], labels[0]), (labels[2], labels[3])]:
+        # pairs (teacher fit, student seed) that both rows ran: at one fit when either row ran one
+        keyed = [{(r["teacher_fit_seed"], r["seed"]): r for r in tables[row]} for row in (x, y)]
+        shared = sorted(set(keyed[0]) & set(keyed[1]))
+        cells = []
+        for t in tasks:
+            d, h = paired_interval(*([k[p]["task_acc"][t] for p in shared] for k in keyed))
+            cells.append(f"{t} {100 * d:+.2f} [{100 * (d - h):+.2f}, {100 * (d + h):+.2f}]")
+        lines.append(f"- {x} minus {y}: {', '.join(cells)} (n = {len(shared)})")
     return "\n".join(lines)
 
 
