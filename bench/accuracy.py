@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from multirun import finished, folder_for, mark_finished, run_quietly  # noqa: E402
+from multirun import finished, folder_for, mark_finished, pts, run_quietly  # noqa: E402
 
 from kd_lightning.report import collect, gain_interval  # noqa: E402
 
@@ -87,8 +87,7 @@ def _pct(mean: float, std: float) -> str:
 
 
 def _interval(treated: pd.Series, control: pd.Series) -> str:
-    diff, half = gain_interval(treated, control)
-    return f"{100 * diff:+.2f} [{100 * (diff - half):+.2f}, {100 * (diff + half):+.2f}]"
+    return pts(*gain_interval(treated, control))
 
 
 def _row(label: str, df: pd.DataFrame, alone: pd.Series, wall: float | None) -> str:
@@ -170,8 +169,9 @@ def gallo(out: Path, a: argparse.Namespace, wanted) -> list[str]:
         ("wide student, with adapter", "wide student alone"),
         ("wide student, no adapter", "wide student, with adapter"),
     ]
-    if LAMBDA in "".join(rows):  # the chosen λ against the default λ 30, on test over every fit × seed
-        pairs.append((next(k for k in rows if k.startswith(LAMBDA)), "gallo2020 (1 teacher)"))
+    chosen_row = next((k for k in rows if k.startswith(LAMBDA)), None)
+    if chosen_row:  # the chosen λ against the default λ 30, on test over every fit × seed
+        pairs.append((chosen_row, "gallo2020 (1 teacher)"))
     for x, y in pairs:
         if x in rows and y in rows:
             lines.append(f"\n{x} minus {y}: {_interval(rows[x][0]['test_acc'], rows[y][0]['test_acc'])} pts")

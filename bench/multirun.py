@@ -29,6 +29,11 @@ def folder_for(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
 
 
+def pts(diff: float, half: float) -> str:
+    """A difference of fractions and its interval's half-width, in points: `+1.23 [+0.45, +2.01]`."""
+    return f"{100 * diff:+.2f} [{100 * (diff - half):+.2f}, {100 * (diff + half):+.2f}]"
+
+
 DONE = ".bench_done"  # written into a multirun's folder once every job of it ended ok
 
 

@@ -22,7 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from multirun import finished, folder_for, mark_finished, run_quietly  # noqa: E402
+from multirun import finished, folder_for, mark_finished, pts, run_quietly  # noqa: E402
 
 QUIET = ["trainer.enable_progress_bar=false", "print_summary=false"]
 EXTRA: list[str] = []  # overrides after `--`, added to every run (a quick check: -- trainer.max_epochs=2)
@@ -334,8 +334,7 @@ def _rahbar_analysed(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> li
     teacher = [g[0]["teacher_test_err"] for g in by(rows, lambda r: r["teacher_fit_seed"]).values()]
     lines += [
         "",
-        f"test error, labels only (ρ 0) minus teacher only (ρ 1): {100 * diff:+.2f} pts "
-        f"[{100 * (diff - half):+.2f}, {100 * (diff + half):+.2f}] (95 % Welch)",
+        f"test error, labels only (ρ 0) minus teacher only (ρ 1): {pts(diff, half)} pts (95 % Welch)",
         f"labels only, kernel interpolation (closed form): {100 * base['interp_test_err']:.2f} % test error",
         f"labels only, kernel ridge regression, ridge {base['ridge']:g} chosen on the validation split: "
         f"{100 * base['ridge_test_err']:.2f} % test error",
@@ -422,7 +421,7 @@ def thapa2022(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
             for s in sorted({r["seed"] for r in by_label[x]})
         ]
         d, h = paired_interval([a for a, _ in pairs], [b for _, b in pairs])
-        return f"{100 * d:+.2f} [{100 * (d - h):+.2f}, {100 * (d + h):+.2f}]"
+        return pts(d, h)
 
     acc = lambda r: r["metrics"]["student"]["acc"]  # noqa: E731
     lines += ["", "differences in points [95 % t interval, paired by labelled subset (student seed)]:", ""]
@@ -454,16 +453,16 @@ def thapa2022(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
         d, h = paired_interval([acc(r) for r in kd], [acc(r) for r in tl])  # paired by labelled subset
         lines.append(
             f"| {n} | {ms([acc(r) for r in tl])} | {ms([acc(r) for r in kd])} "
-            f"| {100 * d:+.2f} [{100 * (d - h):+.2f}, {100 * (d + h):+.2f}] "
+            f"| {pts(d, h)} "
             f"| {ms([r['metrics']['cnn_l']['acc'] for r in kd])} |"
         )
 
     plt = _plt()
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.2))
     for ax, c in zip(axes, CORRUPTIONS, strict=True):
-        for label, pts in curves.items():
-            sev = sorted(s for cc, s in pts if cc == c)
-            ax.plot(sev, [100 * statistics.mean(pts[(c, s)]) for s in sev], marker="o", label=label)
+        for label, curve in curves.items():
+            sev = sorted(s for cc, s in curve if cc == c)
+            ax.plot(sev, [100 * statistics.mean(curve[(c, s)]) for s in sev], marker="o", label=label)
         ax.set_title(c), ax.set_xlabel("severity"), ax.set_ylabel("test accuracy (%)"), ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -541,7 +540,7 @@ def ye2019(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
             # fit the interval holds the students' variance only)
             mine = [next(per[t] for per in r["teacher_task_acc"].values() if t in per) for r in runs]
             d, h = paired_interval([r["task_acc"][t] for r in runs], mine)
-            gaps.append(f"{100 * d:+.2f} [{100 * (d - h):+.2f}, {100 * (d + h):+.2f}]")
+            gaps.append(pts(d, h))
         lines.append(
             f"| {label}{' *' if all_fits else ''} | {len(runs)} | "
             + " | ".join(ms([r["task_acc"][t] for r in runs]) for t in tasks)
@@ -559,16 +558,20 @@ def ye2019(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
                 + " | ".join(ms([p[t] for p in per]) if t in per[0] else "—" for t in tasks)
                 + " |" * (len(tasks) + 1)
             )
-    labels = list(YE)
+    named = lambda start: next(k for k in YE if k.startswith(start))  # noqa: E731
     lines += ["", "Paired differences between rows (the same teacher fit and student seed):"]
-    for x, y in [(labels[4], labels[0]), (labels[1], labels[0]), (labels[2], labels[3])]:
+    for x, y in [
+        (named("entangled"), named("layer-wise + end-to-end")),
+        (named("end-to-end KD only"), named("layer-wise + end-to-end")),
+        (named("layer-wise only"), named("layer-wise only, no channel filter")),
+    ]:
         # pairs (teacher fit, student seed) that both rows ran: at one fit when either row ran one
         keyed = [{(r["teacher_fit_seed"], r["seed"]): r for r in tables[row]} for row in (x, y)]
         shared = sorted(set(keyed[0]) & set(keyed[1]))
         cells = []
         for t in tasks:
             d, h = paired_interval(*([k[p]["task_acc"][t] for p in shared] for k in keyed))
-            cells.append(f"{t} {100 * d:+.2f} [{100 * (d - h):+.2f}, {100 * (d + h):+.2f}]")
+            cells.append(f"{t} {pts(d, h)}")
         lines.append(f"- {x} minus {y}: {', '.join(cells)} (n = {len(shared)})")
     return "\n".join(lines)
 
@@ -605,8 +608,7 @@ def landro2021(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
         acc = [r["test_acc"] for r in runs]
         cells = []
         for ref in (best, ensemble):
-            d, h = gain_interval(acc, ref)
-            cells.append(f"{100 * d:+.2f} [{100 * (d - h):+.2f}, {100 * (d + h):+.2f}]")
+            cells.append(pts(*gain_interval(acc, ref)))
         lines.append(f"| {label} | {len(runs)} | {ms(acc)} | {cells[0]} | {cells[1]} |")
     for n in names:
         lines.append(
