@@ -39,7 +39,7 @@ from torch import nn
 
 from kd_lightning.build import to_dict
 from kd_lightning.data.base import TensorDataModule
-from kd_lightning.errors import ConfigError
+from kd_lightning.errors import ConfigError, safe_name
 from kd_lightning.fit_cache import fit_once, keyed_path
 from kd_lightning.fitting import fit_accelerator, quiet_trainer
 from kd_lightning.models.multitask import (
@@ -269,6 +269,7 @@ def check_amalgamation_cfg(cfg: Mapping[str, Any] | None) -> AmalgamationSpec:
             "amalgamation.teachers must map teacher names to {tasks, channels, kernel_size, fit}"
         )
     for name, t in a.teachers.items():
+        safe_name(f"amalgamation.teachers.{name}: the teacher name", name)  # it names the cache file
         check_tasks(f"amalgamation.teachers.{name}.tasks", t.tasks)
     held = {t for v in a.teachers.values() for t in v.tasks}
     orphan = [t for t in a.tasks if t not in held]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -89,8 +90,9 @@ def _first_job(overrides: list[str]) -> list[str] | None:
     return first
 
 
-def check_composition(argv: list[str], conf_dir: Path) -> None:
-    """Compose the first job of `kd-train ARGV` with Hydra's compose API; raise ConfigError if it fails."""
+def check_composition(argv: list[str], conf_dir: Path) -> Any:
+    """Compose the first job of `kd-train ARGV` with Hydra's compose API; raise ConfigError if it fails.
+    Returns the composed config (None when the check is left to Hydra)."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
     from hydra.errors import HydraException
@@ -99,15 +101,15 @@ def check_composition(argv: list[str], conf_dir: Path) -> None:
     try:
         args = get_args_parser().parse_args(argv)
     except SystemExit:
-        return  # Hydra prints its own usage message
+        return None  # Hydra prints its own usage message
     if args.config_path or args.config_dir or args.config_name or args.help or args.hydra_help:
-        return  # another config tree (DDP children, user folders): Hydra reports on it
+        return None  # another config tree (DDP children, user folders): Hydra reports on it
     try:
         overrides = _first_job(list(args.overrides))
         if overrides is None:
-            return
+            return None
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            compose("train", overrides=overrides)
+            return compose("train", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         text = str(e).split("Config search path")[0]  # Hydra's own message, without the search path
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]

@@ -106,6 +106,12 @@ def job_scope() -> Iterator[None]:
         sys.argv[:] = argv
 
 
+def launched_as_rank_zero(env: Mapping[str, str] = os.environ) -> bool:
+    """False in a process that a launcher started as another rank (Lightning's DDP children, torchrun's,
+    SLURM's other tasks): those share rank 0's run folder."""
+    return all(env.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
 def torchrun_argv(argv: list[str], env: Mapping[str, str] = os.environ) -> list[str]:
     """Under torchrun every rank runs `kd-train`: they must share one run folder, and only rank 0 writes
     Hydra's files there. Returns the extra overrides for this rank; raises ConfigError when the folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 
@@ -61,4 +62,19 @@ def as_float(
         lo = "" if low is None else f"{'(' if open_low else '['}{low}"
         hi = "" if high is None else f"{high}{')' if open_high else ']'}"
         raise ConfigError(f"{key} must be in {lo or '(-inf'}, {hi or 'inf)'}, got {value}")
+    return value
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}")
+
+
+def safe_name(key: str, value: object) -> str:
+    """A config value that becomes part of a file name (a teacher's name, a tap's role): letters, digits and
+    `_ . : + -`, starting with a letter or digit, no `..`, at most 128 characters. Anything else could
+    write outside the cache (`../x`, `/abs/dir`)."""
+    if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value) or ".." in value:
+        raise ConfigError(
+            f"{key}={value!r} becomes a file name: use letters, digits and _ . : + - only (starting with a "
+            "letter or digit, no '..', at most 128 characters)"
+        )
     return value

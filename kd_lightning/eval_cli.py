@@ -3,7 +3,7 @@
     kd-eval RUN_DIR [RUN_DIR ...] [--corruptions gaussian_noise,blur] [--severities 0,1,2,3,4,5] [--out DIR]
 
 Each run is rebuilt from what it wrote (config.resolved.yaml, student.pt, results.json's teacher files);
-nothing is trained. With several runs, their students are also drawn on one plot (OUT/robustness.png).
+nothing is trained. A run folder is data, never code: see `load_run` for what is trusted. With several runs, their students are also drawn on one plot (OUT/robustness.png).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
+from kd_lightning.build import instantiate_datamodule
 from kd_lightning.errors import ConfigError
 from kd_lightning.evaluation.corruptions import CORRUPTIONS
 from kd_lightning.evaluation.robustness import plot_robustness, robustness_table
@@ -25,28 +24,65 @@ from kd_lightning.results import read_results
 RESOLVED = "config.resolved.yaml"
 
 
-def load_run(run_dir: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """(datamodule, student, teachers or None, results) of a finished kd-train run."""
-    from kd_lightning.build import build_teacher_ensemble, instantiate_datamodule
+def read_recorded_config(path: Path) -> dict[str, Any]:
+    """A run's config.resolved.yaml as plain data (yaml.safe_load: no tags, no interpolation, no objects)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path} cannot be read as a recorded config: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("data"), dict):
+        raise ConfigError(f"{path} is not a kd-train config (no `data` mapping)")
+    return cfg
+
+
+def recorded_teachers(cfg: dict[str, Any], used: dict[str, str]) -> dict[str, Any]:
+    """The members a run used, each pointed at the file the run loaded (results.json's teacher_checkpoints):
+    nothing is fitted or downloaded for them here."""
+    members = (cfg.get("teachers") or {}).get("members") or {}
+    unknown = sorted(set(used) - set(members))
+    if unknown:
+        raise ConfigError(f"teachers {unknown} of results.json are not in the recorded teachers.members")
+    out = {}
+    for name in (n for n in members if n in used):  # the run's order (results.json sorts its keys)
+        source = used[name]
+        member = dict(members[name] or {})
+        if not member.get("random_weights") and not str(source).startswith("torchvision weights"):
+            member["checkpoint"] = source
+        member["fit_if_missing"] = False
+        out[name] = member
+    return out
+
+
+def load_run(run_dir: Path, datamodules: list[str] | None = None) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(datamodule, student, teachers or None, results) of a finished kd-train run.
+
+    The run is rebuilt from what it wrote, read as data: the datamodule must be one of kd_lightning's (or a
+    class named in `datamodules`, from the command line, never from the folder), no `_target_` in the file
+    is instantiated, transforms come from an allowlist, models from the registry and weights with
+    weights_only=True (kd_lightning.build.instantiate_datamodule, kd_lightning.models)."""
+    from kd_lightning.teachers import build_teachers
 
     for name in (RESOLVED, "student.pt", "results.json"):
         if not (run_dir / name).is_file():
             raise ConfigError(f"{run_dir} is not a finished kd-train run folder: {name} is missing")
     results = read_results(run_dir / "results.json")
-    cfg = OmegaConf.load(run_dir / RESOLVED)
-    dm = instantiate_datamodule(cfg.data)
+    cfg = read_recorded_config(run_dir / RESOLVED)
+    dm = instantiate_datamodule(cfg["data"], allowed=datamodules or [])
     dm.setup("fit")
     student = load_model(run_dir / "student.pt")
     teachers = None
     used = results.get("teacher_checkpoints") or {}
     if used:
-        members = {n: m for n, m in cfg.teachers.members.items() if n in used}
-        for n in members:
-            members[n].checkpoint = used[n]
-            members[n].fit_if_missing = False
-        cfg.teachers.members = members
-        cfg.teachers.use = None
-        teachers = build_teacher_ensemble(cfg, dm, str(results.get("data") or dm.name))
+        teachers = build_teachers(
+            {"members": recorded_teachers(cfg, used)},
+            dm.num_classes,
+            dm.input_shape,
+            str(results.get("data") or dm.name),
+            cfg["data"],
+            (cfg.get("paths") or {}).get("cache_dir") or ".",
+        )
     return dm, student, teachers, results
 
 
@@ -57,6 +93,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--severities", default="0,1,2,3,4,5")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="where to write (default: RUN_DIR/eval)")
+    p.add_argument(
+        "--datamodule",
+        action="append",
+        default=[],
+        metavar="CLASS",
+        help="a datamodule class of your own that the runs may name (data._target_); kd_lightning's own are "
+        "always allowed, and nothing a run folder names is imported otherwise",
+    )
     a = p.parse_args(argv)
     try:
         severities = [int(s) for s in a.severities.split(",") if s.strip()]
@@ -66,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     students = []
     try:
         for run in a.runs:
-            dm, student, teachers, _ = load_run(run)
+            dm, student, teachers, _ = load_run(run, a.datamodule)
             eval_cfg = check_eval_cfg(
                 {
                     "metrics": True,

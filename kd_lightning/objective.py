@@ -110,6 +110,14 @@ class Term(nn.Module):
                 f"(fsp), with adapter none and combine per_teacher; {distance!r} reads one tap"
             )
         members = list(teacher_shapes)
+        classes = (context or {}).get("num_classes")
+        if classes is not None and self.teacher_tap == "logits":
+            wrong = {m: tuple(v) for m, v in teacher_shapes.items() if tuple(v) != (int(classes),)}
+            if wrong:
+                raise ConfigError(
+                    f"distill.terms.{name} reads the teachers' logits, but {wrong} per sample do not match "
+                    f"the data's {classes} classes; give each teacher a head for this dataset"
+                )
         self.gate = None
         if self.combine == "gate":
             if not hasattr(loss_class(distance), "per_sample"):

@@ -30,7 +30,7 @@ log = logging.getLogger("kd_lightning")
 
 # Keys that do not change what a run computes: they may differ between a run and its resumption.
 NEUTRAL_KEYS = (
-    "resume", "resume_accept", "print_summary", "print_config", "dry_run", "paths", "logger",
+    "resume", "resume_accept", "overwrite", "print_summary", "print_config", "dry_run", "paths", "logger",
     "callbacks.progress_bar", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.log_every_n_steps", "teacher_cache.mode", "teacher_cache.dir", "data.num_workers",
     "data.download", "data.cache_dir",
@@ -88,6 +88,67 @@ def _covered(key: str, prefixes: tuple[str, ...] | list[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
+def _relative_to_paths(value: Any, paths: Mapping[str, Any]) -> Any:
+    """`value` with every string under one of the `paths.*` folders written relative to it
+    (`${paths.output_dir}/checkpoints`), so that a run folder that was moved compares equal to itself."""
+    prefixes = sorted(
+        ((str(v).rstrip("/"), k) for k, v in paths.items() if isinstance(v, str) and v.strip("/")),
+        key=lambda p: -len(p[0]),
+    )
+
+    def rel(v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {k: rel(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [rel(x) for x in v]
+        if isinstance(v, str):
+            for prefix, key in prefixes:
+                if v == prefix or v.startswith(prefix + "/"):
+                    return "${paths." + key + "}" + v[len(prefix) :]
+        return v
+
+    return rel(value)
+
+
+def comparable(plain: Mapping[str, Any]) -> dict[str, Any]:
+    """A resolved config as resume=auto compares it: without the neutral keys, folders relative to `paths`."""
+    paths = plain.get("paths") if isinstance(plain.get("paths"), Mapping) else {}
+    out: dict[str, Any] = {}
+
+    def keep(value: Any, prefix: str) -> Any:
+        if isinstance(value, Mapping):
+            return {
+                k: keep(v, f"{prefix}{k}.")
+                for k, v in value.items()
+                if not _covered(f"{prefix}{k}", NEUTRAL_KEYS)
+            }
+        return value
+
+    out = keep({k: v for k, v in plain.items() if k != "hydra"}, "")
+    return _relative_to_paths(out, paths)
+
+
+def resolved_plain(cfg: DictConfig) -> dict[str, Any] | None:
+    """The config without Hydra's node, every interpolation resolved (None when one does not resolve)."""
+    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    try:
+        return OmegaConf.to_container(plain, resolve=True)
+    except OmegaConfBaseException:
+        return None  # stage 0 of the run reports it
+
+
+def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str | None:
+    """What results.json records of the config it was made with: a hash of what resume=auto compares."""
+    import hashlib
+    import json
+
+    plain = resolved_plain(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
+    if plain is None:
+        return None
+    text = json.dumps(comparable(plain), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
 def config_changes(cfg: DictConfig, out: Path) -> list[tuple[str, Any, Any]]:
     """(key, the run's value, the new value) for every key that differs from the run's resolved config
     and changes what the run computes. Empty when the run has no recorded config."""
@@ -95,19 +156,16 @@ def config_changes(cfg: DictConfig, out: Path) -> list[tuple[str, Any, Any]]:
     if not recorded.is_file():
         return []
     old = OmegaConf.to_container(OmegaConf.load(recorded), resolve=False)
-    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    try:
-        new = OmegaConf.to_container(plain, resolve=True)
-    except OmegaConfBaseException:
-        return []  # an interpolation that does not resolve: stage 0 of the run reports it
+    new = resolved_plain(cfg)
+    if new is None or not isinstance(old, Mapping):
+        return []
     diffs: list[tuple[str, Any, Any]] = []
-    _diff(old, new, "", diffs)
+    _diff(comparable(old), comparable(new), "", diffs)
     # A pretraining recipe ({data, fit, ...}) is recorded resolved, as the file it produced: not a change.
     return [
         (k, a, b)
         for k, a, b in diffs
-        if not _covered(k, NEUTRAL_KEYS)
-        and not (k.endswith("pretrained") and isinstance(a, str) and isinstance(b, Mapping))
+        if not (k.endswith("pretrained") and isinstance(a, str) and isinstance(b, Mapping))
     ]
 
 

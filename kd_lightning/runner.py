@@ -20,7 +20,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from kd_lightning import amalgamation  # noqa: F401  (registers runner=amalgamation)
+from kd_lightning import (
+    amalgamation,  # noqa: F401  (registers runner=amalgamation)
+    run_folder,
+)
 from kd_lightning.build import (
     build_module,
     build_teacher_ensemble,
@@ -38,9 +41,10 @@ from kd_lightning.fitting import fit_accelerator, fit_supervised
 from kd_lightning.models import save_model
 from kd_lightning.module import DistillationModule
 from kd_lightning.prestage import run_pre_stages
-from kd_lightning.results import read_results, run_labels, write_json_atomic
+from kd_lightning.results import run_labels, write_json_atomic
 from kd_lightning.resume import (
     check_resume,
+    config_hash,
     interruption,
     newest_checkpoint,
     raise_on_sigterm,
@@ -70,6 +74,7 @@ class RunSettings:
     print_config: bool = False
     resume: str | None = None
     resume_accept: list[str] = items()
+    overwrite: bool = False
     method_defaults: dict[str, Any] = mapping()
 
     def check(self, where: str) -> None:
@@ -155,31 +160,52 @@ def checkpoint_epoch(path: str) -> int:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One experiment; returns the results dict that it also writes to results.json.
 
-    With resume=auto a finished run (results.json with status ok) is not repeated, and an interrupted
-    one continues from its last checkpoint: re-launching a sweep only redoes what is missing. A config
-    that changed what the run computes is refused first (kd_lightning.resume), before anything is written.
+    The run owns its folder while it runs (kd_lightning.run_folder): a second run into it stops at once,
+    and a folder that holds earlier work is continued only with resume=auto or replaced only with
+    overwrite=true. results.json says `running` (start, host, pid, the config's hash) from the start.
+    With resume=auto a finished run (results.json `ok` for this same config hash) is not repeated, and an
+    unfinished one continues from its last checkpoint: re-launching a sweep only redoes what is missing. A
+    config that changed what the run computes is refused first (kd_lightning.resume), before anything is
+    written.
     """
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    previous = out / "results.json"
+    owner = _is_rank_zero()
+    if owner:  # the other ranks of a DDP run exist only while rank 0 owns the folder
+        run_folder.claim(out)
+    try:
+        return _run_in_folder(cfg, out, owner)
+    finally:
+        if owner:
+            run_folder.release(out)
+
+
+def _run_in_folder(cfg: DictConfig, out: Path, owner: bool) -> dict[str, Any]:
     accepted: list[str] = []
+    digest = config_hash(cfg)
     if resume_mode(cfg) == "auto":
         accepted = check_resume(cfg, out)
         if accepted:
             log.info("resume=auto: continuing %s with accepted changes: %s", out, "; ".join(accepted))
-        done = read_results(previous) if previous.is_file() else {}
-        # Only rank 0 decides: the other ranks of a DDP run exist only when rank 0 goes on.
-        if done.get("status") == "ok" and not accepted and _is_rank_zero():
+        done = (run_folder.previous_results(out) or {}) if owner else {}
+        same = done.get("config_hash") == digest if "config_hash" in done else not accepted
+        if done.get("status") == "ok" and same:
             log.info("resume=auto: %s already finished with this config, not repeating it", out)
             return done
+    elif owner:
+        run_folder.refuse_to_replace(out, resume_mode(cfg), bool(cfg.get("overwrite")))
     results: dict[str, Any] = {
         "status": "running",
         "seed": cfg.get("seed"),
         **run_labels(cfg),
         "output_dir": str(out),
+        "config_hash": digest,
+        **{f"run_{k}": v for k, v in run_folder.owner_record().items()},
     }
     if accepted:
         results["resume_accepted"] = accepted
+    if owner:
+        write_json_atomic(out / "results.json", results)
     runner = None
     previous_sigterm = raise_on_sigterm()
     try:
@@ -211,9 +237,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
-        if _is_rank_zero():
+        if owner:
+            results["run_ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             write_json_atomic(out / "results.json", results)
-    if cfg.get("print_summary", True) and _is_rank_zero() and runner is not None:
+    if cfg.get("print_summary", True) and owner and runner is not None:
         if results["status"] == "dry_run":
             print(results.get("dry_run_summary") or f"dry run: built and checked; nothing trained ({out})")
         elif runner.summary is not None:

@@ -22,10 +22,13 @@ rows twice (the others wait, then read).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
+from kd_lightning.errors import ConfigError, safe_name
 from kd_lightning.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,44 @@ DTYPES = {
     "int32": torch.int32,
 }
 FORMAT = "kd_lightning.teacher_store/1"
+
+
+class StoreSpaceError(ConfigError):
+    """A disk store does not fit on its filesystem (raised before anything is computed)."""
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def reserve(path: Path, nbytes: int, label: str) -> None:
+    """Allocate `nbytes` for `path` now (posix_fallocate), or raise StoreSpaceError naming the folder and the
+    bytes needed. A filesystem that cannot reserve space (EOPNOTSUPP) keeps a sparse file, as before."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, max(1, int(nbytes)))
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        os.close(fd)
+        fd = -1
+        path.unlink(missing_ok=True)  # nothing half-allocated is left behind
+        free = shutil.disk_usage(path.parent).free
+        raise StoreSpaceError(
+            f"teacher store {label} needs {_size(nbytes)} in {path.parent} but that filesystem has "
+            f"{_size(free)} free ({os.strerror(e.errno)}): free space there, point teacher_cache.dir at a "
+            "larger disk, or make the store smaller (teacher_cache.dtype=float16, teacher_cache.logits_topk=K "
+            "for logit terms, or teacher_cache.mode=memory)"
+        ) from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def file_digest(path: str | Path) -> str:
@@ -94,7 +136,7 @@ class TapStore:
     """The outputs of one teacher for one tap: `rows[slot]`, a filled flag per slot, in RAM or in a file."""
 
     def __init__(self, key: Mapping[str, Any], shape: tuple[int, ...], folder: Path | None, label: str):
-        self.key, self.label = dict(key), label
+        self.key, self.label = dict(key), safe_name("a teacher store's name (teacher-tap)", label)
         self.shape = (int(key["slots"]), *shape)
         self.dtype = DTYPES[key["dtype"]]
         self.folder = folder
@@ -137,6 +179,10 @@ class TapStore:
         if meta is None:
             for p in (self.path, self.filled_path):
                 p.unlink(missing_ok=True)
+        # Every block of both files is allocated before they are mapped: a memory map that the disk
+        # cannot back kills the process with SIGBUS on first touch, with no error and no results.json.
+        reserve(self.path, expected, self.label)
+        reserve(self.filled_path, self.shape[0], self.label)
         self.rows = torch.from_file(str(self.path), shared=True, size=self._numel(), dtype=self.dtype).view(
             self.shape
         )

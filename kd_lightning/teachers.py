@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd_lightning.errors import ConfigError, as_int, choices
+from kd_lightning.errors import ConfigError, as_int, choices, safe_name
 from kd_lightning.fit_cache import fit_once, keyed_path
 from kd_lightning.models import create_model, load_weights
 from kd_lightning.models.weights import safe_load
@@ -167,6 +167,7 @@ def build_teachers(
     paths, weights, archs = {}, {}, {}
     for name in selected:
         where = f"teachers.members.{name}"
+        safe_name(f"teachers.members.{name}: the teacher name", name)  # it names the teacher's cache files
         spec = specs[name] = parse(MemberSpec, members_cfg[name], where)
         if offset and not spec.checkpoint:
             spec = specs[name] = replace(spec, fit=replace(spec.fit, seed=spec.fit.seed + offset))
@@ -211,10 +212,15 @@ def build_teachers(
     members, aliases, checkpoints, unfitted = {}, {}, {}, []
     for name, spec in specs.items():
         path, arch = paths[name], archs[name]
+        # weights the model starts from are not fetched when a checkpoint replaces them all (or for a
+        # random-weights control): a teacher loaded from its file needs no download and no source model
+        from_file = path is not None and not spec.random_weights
         with torch.random.fork_rng(devices=[]):  # a random-weights teacher depends on its seed alone
             torch.manual_seed(spec.fit.seed)
             built = {
-                k: v for k, v in arch.items() if not (spec.random_weights and k in ("weights", "pretrained"))
+                k: v
+                for k, v in arch.items()
+                if not ((spec.random_weights or from_file) and k in ("weights", "pretrained"))
             }
             model = create_model(built, num_classes, input_shape)
         if spec.random_weights:

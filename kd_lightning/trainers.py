@@ -4,6 +4,7 @@ multi-process fit, a one-device trainer for the test."""
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,44 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from kd_lightning.build import instantiate
 from kd_lightning.errors import ConfigError
+from kd_lightning.files import atomic_write
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions); nothing partial was left."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written whole or not at all: to a temporary name in their own folder, flushed to disk,
+    then renamed. Lightning's own save writes the temporary file in the system's temp folder and copies it
+    across filesystems (fsspec's local transaction), so a disk that fills during the copy leaves a truncated
+    checkpoint under its final name, which resume=auto would then read."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        import torch
+
+        path = Path(path)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+
+        try:
+            atomic_write(path, write)
+        except OSError as e:
+            kept = sorted(p.name for p in path.parent.glob("*.ckpt"))
+            raise CheckpointSaveError(
+                e.errno,
+                f"could not save checkpoint {path} ({e.strerror or e}); nothing partial was left, the earlier "
+                f"checkpoints are intact ({', '.join(kept) or 'none yet'}). Free space in {path.parent} and "
+                "continue with resume=auto",
+            ) from e
 
 
 def _instantiate_all(node: DictConfig | None, group: str) -> list[Any]:
@@ -33,7 +69,10 @@ def build_trainer(cfg: DictConfig, validation: bool = True) -> pl.Trainer:
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = _instantiate_all(cfg.get("logger"), "logger")
-    return instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    extra: dict[str, Any] = {}
+    if not cfg.trainer.get("plugins"):
+        extra["plugins"] = [AtomicCheckpointIO()]
+    return instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, **extra)
 
 
 def _without_validation(callbacks: DictConfig) -> DictConfig:

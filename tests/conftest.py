@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import subprocess
@@ -56,9 +57,15 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def make_cfg(tmp_path: Path, cache_dir: Path):
-    def _make(*overrides: str, fast: bool = True) -> DictConfig:
+    """Each call composes a run with its own folder (`run`, then `run-2`, ...), as kd-train gives every run
+    its own; `out="run"` puts it in a given one (resume tests continue a run in its folder)."""
+    calls = []
+
+    def _make(*overrides: str, fast: bool = True, out: str | None = None) -> DictConfig:
+        calls.append(out)
+        folder = out or ("run" if len(calls) == 1 else f"run-{len(calls)}")
         return compose_cfg(
-            [*(fast_overrides(list(overrides)) if fast else []), *overrides], tmp_path / "run", cache_dir
+            [*(fast_overrides(list(overrides)) if fast else []), *overrides], tmp_path / folder, cache_dir
         )
 
     return _make
@@ -126,3 +133,17 @@ def built_module(cfg, data: str):
     dm = instantiate_datamodule(cfg.data)
     dm.setup("fit")
     return build_module(cfg, dm, build_teacher_ensemble(cfg, dm, data)), dm
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str = "64k"):
+    """A real filesystem of `size` bytes mounted at `path` (tmpfs; needs root), unmounted afterwards; the
+    test is skipped where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip()[:80]})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -99,3 +99,53 @@ def test_evaluate_robustness_in_a_run_and_kd_eval_later_agree(make_cfg, tmp_path
     assert [r["acc"] for r in again["robustness"]] == pytest.approx([r["acc"] for r in first["robustness"]])
     bad = run_cli(str(tmp_path / "nowhere"), cwd=tmp_path, module="kd_lightning.eval_cli")
     assert bad.returncode == 2 and "not a finished kd-train run folder" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "payload,pattern",
+    [
+        ({"train_subset": {"_target_": "pathlib.Path.touch", "self": "{x}"}}, r"data\.train_subset holds a _target_"),
+        ({"augment": {"crop_padding": [{"_target_": "pathlib.Path.touch", "self": "{x}"}]}},
+         r"data\.augment\.crop_padding\[0\] holds a _target_"),
+        ({"_target_": "pathlib.Path.touch", "self": "{x}"}, r"not one of kd_lightning's datamodules"),
+    ],
+    ids=["value", "nested", "datamodule"],
+)  # fmt: skip
+def test_kd_eval_never_runs_code_from_a_run_folder(make_cfg, tmp_path, payload, pattern):
+    """A shared run folder is data: a `_target_` in its recorded config is refused and nothing runs."""
+    import yaml
+
+    from kd_lightning.eval_cli import main
+
+    res = run(make_cfg("teachers=none", "distill=none", "trainer.max_epochs=1"))
+    marker = tmp_path / "pwned"
+    recorded = tmp_path / "run" / "config.resolved.yaml"
+    cfg = yaml.safe_load(recorded.read_text())
+    text = json.dumps(payload).replace("{x}", str(marker))
+    cfg["data"].update(json.loads(text))
+    recorded.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as stop:
+        main([res["output_dir"], "--corruptions", "", "--severities", "0"])
+    assert stop.value.code == 2
+    assert not marker.exists()
+    with pytest.raises(ConfigError, match=pattern):
+        from kd_lightning.eval_cli import load_run
+
+        load_run(tmp_path / "run")
+    assert not marker.exists()
+
+
+def test_transforms_come_from_an_allowlist_with_plain_arguments(tmp_path):
+    from kd_lightning.build import instantiate_datamodule
+
+    marker = tmp_path / "pwned"
+    touch = {"_target_": "pathlib.Path.touch", "self": str(marker)}
+    base = {"_target_": "kd_lightning.data.ImageFolderDataModule", "root": str(tmp_path), "image_size": None}
+    for transforms, pattern in (
+        ([touch], r"train_transforms\[0\]\._target_='pathlib.Path.touch' is not an allowed transform"),
+        ([{"_target_": "torchvision.transforms.v2.RandomApply", "transforms": [touch]}], "not an allowed"),
+        ([{"_target_": "torchvision.transforms.v2.RandomCrop", "size": touch}], r"train_transforms\[0\]\.size=.*numbers, strings"),
+    ):
+        with pytest.raises(ConfigError, match=pattern):
+            instantiate_datamodule({**base, "train_transforms": transforms, "eval_transforms": transforms})
+    assert not marker.exists()

@@ -146,3 +146,19 @@ def test_load_pretrained_keeps_the_body_and_reinitialises_a_head_of_another_size
         load_pretrained(wider, tmp_path / "src.pt")
     with pytest.raises(ConfigError, match="resolved by kd-train"):
         create_model({"name": "cnn1d", "pretrained": {"data": {}}}, 3, (1, 40))
+
+
+def test_load_model_on_an_empty_or_edited_file_names_the_problem(tmp_path: Path):
+    from kd_lightning.models import load_model
+
+    empty = tmp_path / "student.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"student\.pt is empty \(0 bytes\)"):
+        load_model(empty)
+    spec = {"name": "mlp", "hidden": [6]}
+    path = save_model(create_model(spec, 3, (4,)), tmp_path / "m.pt", spec, 3, (4,))
+    obj = torch.load(path, weights_only=True)
+    obj["arch"]["hidden"] = [7]  # the file's architecture edited by hand
+    torch.save(obj, path)
+    with pytest.raises(ConfigError, match=r"do not fit the architecture it records .*shape mismatches"):
+        load_model(path)

@@ -100,6 +100,30 @@ def test_killed_mid_epoch_then_resume_auto_matches_uninterrupted_run(tmp_path, c
     again = _launch(run_dir, cache_dir, "resume=auto")
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0 and "already finished" in out
+    if sig != signal.SIGKILL:
+        return
+    # Extended by an epoch and killed half-way: results.json says so, and the same command continues the
+    # run to its new end instead of reporting the 4-epoch results as final.
+    extend = ("trainer.max_epochs=5", "resume=auto", "resume_accept=[trainer.max_epochs,scheduler]")
+    proc = _launch(run_dir, cache_dir, *extend)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        rec = json.loads((run_dir / "results.json").read_text())
+        if rec["status"] == "running" and rec["config_hash"] != res["config_hash"]:
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert proc.poll() is None, "the extension finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "running"
+    again = _launch(run_dir, cache_dir, *extend)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0 and "already finished" not in out, out[-3000:]
+    extended = json.loads((run_dir / "results.json").read_text())
+    assert extended["status"] == "ok" and extended["config_hash"] != res["config_hash"]
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 4
+    assert extended["test_acc"] is not None and extended["fit_seconds"] != res["fit_seconds"]
 
 
 def test_non_finite_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(make_cfg):
@@ -147,3 +171,78 @@ def test_failed_sweep_job_leaves_the_others_intact(tmp_path, cache_dir):
         for p in sweep.rglob("results.json")
     }
     assert statuses == {"mse": "ok", "nope": "config_error", "cosine": "ok"}  # ...and every other job ran
+
+
+def test_a_checkpoint_that_cannot_be_saved_leaves_no_partial_file_and_the_status_says_why(make_cfg, monkeypatch):
+    import errno
+
+    real = torch.save
+    calls = {"n": 0}
+
+    def disk_fills_after_epoch_0(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:  # epoch 0's two checkpoints (best, last) fit; from epoch 1 the disk is full
+            f.write(b"the first half of a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_fills_after_epoch_0)
+    cfg = make_cfg("trainer.max_epochs=3")
+    with pytest.raises(OSError, match="could not save checkpoint .*epoch001.ckpt .*No space left"):
+        run(cfg)
+    monkeypatch.undo()
+    out = Path(cfg.paths.output_dir)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch000.ckpt", "last.ckpt"]
+    assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "failed" and "No space left on device" in res["error"] and "resume=auto" in res["error"]
+
+
+def test_a_disk_that_fills_during_a_checkpoint_save_leaves_no_truncated_checkpoint(make_cfg, tmp_path):
+    """On a real filesystem that fills up: Lightning's own save copies a temporary file from the system's
+    temp folder and leaves a truncated checkpoint under its final name; ours leaves none."""
+    from .conftest import small_filesystem
+
+    probe = make_cfg("trainer.max_epochs=1", "logger=none")
+    run(probe)
+    size = (Path(probe.paths.output_dir) / "checkpoints" / "last.ckpt").stat().st_size
+    with small_filesystem(tmp_path / "small", size=f"{int(2.6 * size) // 4096 * 4096 + 4096}") as small:
+        cfg = make_cfg("trainer.max_epochs=3", "logger=none", out="small/run")
+        with pytest.raises(OSError, match="could not save checkpoint"):
+            run(cfg)
+        ckpts = sorted((small / "run" / "checkpoints").glob("*.ckpt"))
+        for p in ckpts:  # whatever is there is whole
+            assert torch.load(p, map_location="cpu", weights_only=True)["epoch"] >= 0
+        assert not [p for p in (small / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+        res = json.loads((small / "run" / "results.json").read_text())
+        assert res["status"] == "failed" and "No space left" in res["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_second_run_into_a_live_folder_stops_at_once_and_changes_nothing(tmp_path, cache_dir):
+    folder = tmp_path / "shared"
+    first = _launch(folder, cache_dir, "seed=0")
+    owner = folder / ".kd" / "owner.json"
+    deadline = time.time() + 300
+    while not owner.is_file() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert owner.is_file() and first.poll() is None
+    overrides = (folder / ".hydra" / "overrides.yaml").read_text() if (folder / ".hydra").is_dir() else None
+    second = _launch(folder, cache_dir, "seed=1")
+    out, _ = second.communicate(timeout=300)
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert second.returncode == 2 and len(lines) == 1, out[-2000:]
+    assert f"{folder} is in use by another run (pid {first.pid} on " in lines[0]
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out[-2000:]
+    res = json.loads((folder / "results.json").read_text())
+    assert res["status"] == "ok" and res["seed"] == 0 and res["run_pid"] == first.pid
+    if overrides is not None:
+        assert (folder / ".hydra" / "overrides.yaml").read_text() == overrides
+    assert "seed=0" in (folder / ".hydra" / "overrides.yaml").read_text()
+    # The finished run is not replaced by a later one without resume=auto or overwrite=true either.
+    third = _launch(folder, cache_dir, "seed=1")
+    out, _ = third.communicate(timeout=300)
+    assert third.returncode == 2 and "holds a finished run" in out and "overwrite=true" in out
+    assert json.loads((folder / "results.json").read_text()) == res

@@ -454,3 +454,54 @@ def test_a_slow_rank_still_fills_its_share_when_the_other_rank_has_written_first
     assert not errors, errors
     assert stores[0].complete and bool((stores[0].filled == 1).all())
     torch.testing.assert_close(stores[0].read(torch.arange(16), "cpu").flatten(), torch.arange(16).float())
+
+
+def test_a_disk_store_that_does_not_fit_is_one_clear_error_before_anything_is_mapped(tmp_path, monkeypatch):
+    """Space is reserved before the files are mapped: no SIGBUS on first touch, no file left half-made."""
+    import errno
+    import os
+
+    from kd_lightning.store import StoreSpaceError
+
+    from .conftest import small_filesystem
+
+    key = store_key({"d": 1}, 100_000, "abc", "embed", "fc:input", "float32", "32")
+    try:  # a real full filesystem where one can be mounted, a refused allocation otherwise
+        small = small_filesystem(tmp_path / "small")
+        folder = small.__enter__()
+    except pytest.skip.Exception:
+        small, folder = None, tmp_path / "small"
+
+        def full(fd, offset, length):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "posix_fallocate", full)
+    try:
+        with pytest.raises(StoreSpaceError, match=r"t-embed needs 25\.6 MB in .*small but that filesystem has"):
+            TapStore(key, (64,), folder, "t-embed")
+        assert not list(folder.glob("*.bin")) and not list(folder.glob("*.filled"))
+    finally:
+        if small is not None:
+            small.__exit__(None, None, None)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_sweep_job_whose_store_does_not_fit_fails_clearly_and_the_others_run(tmp_path, cache_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import FAST, ROOT, small_filesystem
+
+    with small_filesystem(tmp_path / "small") as small:
+        sweep = tmp_path / "sweep"
+        env = {**os.environ, "KD_CACHE_DIR": str(cache_dir), "PYTHONWARNINGS": "ignore"}
+        cmd = [sys.executable, "-m", "kd_lightning.train", "-m", *FAST, "teacher_cache.mode=disk",
+               f"teacher_cache.dir={small},{tmp_path / 'roomy'}", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and proc.returncode != -7  # a failed job, not a SIGBUS (-7)
+    results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert [r["status"] for r in results] == ["config_error", "ok"], proc.stderr[-2000:]
+    assert "needs" in results[0]["error"] and str(small) in results[0]["error"]

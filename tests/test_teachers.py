@@ -202,3 +202,13 @@ def test_a_teacher_fit_does_not_depend_on_the_seed_of_the_run_that_fitted_it():
         weights.append(model.state_dict())
     for k, v in weights[0].items():
         torch.testing.assert_close(weights[1][k], v)
+
+
+@pytest.mark.parametrize("name", ["../x", "../../../../x", "/abs/dir/teacher", ".hidden", "a/b"])
+def test_a_teacher_name_that_would_be_a_path_is_refused(tmp_path: Path, name):
+    """Member names become cache file names: one that is a path would write outside the cache."""
+    cfg = {"members": {name: _member(fit_if_missing=True)}}
+    calls = []
+    with pytest.raises(ConfigError, match=r"becomes a file name: use letters, digits"):
+        build_teachers(cfg, 3, (4,), "d", {}, tmp_path / "cache", lambda *a: calls.append(a))
+    assert calls == [] and not (tmp_path / "x").exists() and list(tmp_path.iterdir()) == []

@@ -181,13 +181,66 @@ class _ImageFiles(Dataset):
         return self.transform(img), label, i
 
 
+# The torchvision transforms a config may name (`torchvision.transforms.v2.<Name>`, or the same name under
+# torchvision.transforms), built with plain arguments only: numbers, strings, booleans and lists of them.
+# An allowlist rather than Hydra's instantiate: a config (a shared run folder's, for kd-eval) names data,
+# never code to run. ToTensor and Normalize are listed so that the end-of-pipeline check can explain them.
+TRANSFORMS = (
+    "AugMix", "AutoAugment", "CenterCrop", "ColorJitter", "GaussianBlur", "Grayscale", "Normalize", "Pad",
+    "RandAugment", "RandomAdjustSharpness", "RandomAffine", "RandomAutocontrast", "RandomCrop",
+    "RandomEqualize", "RandomGrayscale", "RandomHorizontalFlip", "RandomInvert", "RandomPerspective",
+    "RandomPosterize", "RandomResizedCrop", "RandomRotation", "RandomSolarize", "RandomVerticalFlip",
+    "Resize", "ToTensor", "TrivialAugmentWide",
+)  # fmt: skip
+_PREFIXES = ("torchvision.transforms.v2.", "torchvision.transforms.")
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    return isinstance(value, list | tuple) and all(_plain(v) for v in value)
+
+
+def build_transform(spec: Any, where: str) -> Any:
+    """One transform from `{_target_: torchvision.transforms.v2.<Name>, <arg>: <plain value>, ...}`."""
+    from torchvision.transforms import v2
+
+    if not isinstance(spec, Mapping) or "_target_" not in spec:
+        raise ConfigError(
+            f"{where} must be a mapping with _target_ (e.g. "
+            f"{{_target_: torchvision.transforms.v2.RandomResizedCrop, size: 224}}), got {spec!r}"
+        )
+    target = str(spec["_target_"])
+    name = next((target[len(p) :] for p in _PREFIXES if target.startswith(p)), None)
+    if name not in TRANSFORMS:
+        raise ConfigError(
+            f"{where}._target_={target!r} is not an allowed transform; valid: torchvision.transforms.v2."
+            f"{{{', '.join(TRANSFORMS)}}}"
+        )
+    kwargs = {k: v for k, v in spec.items() if k != "_target_"}
+    for k, v in kwargs.items():
+        if not _plain(v):
+            raise ConfigError(f"{where}.{k}={v!r}: transform arguments are numbers, strings or lists of them")
+    if isinstance(kwargs.get("interpolation"), str):
+        try:
+            kwargs["interpolation"] = v2.InterpolationMode(kwargs["interpolation"].lower())
+        except ValueError:
+            modes = ", ".join(m.value for m in v2.InterpolationMode)
+            raise ConfigError(f"{where}.interpolation={kwargs['interpolation']!r}; valid: {modes}") from None
+    if isinstance(kwargs.get("policy"), str):
+        kwargs["policy"] = v2.AutoAugmentPolicy(kwargs["policy"].lower())
+    try:
+        return getattr(v2, name)(**kwargs)
+    except Exception as e:
+        raise ConfigError(f"{where} ({target}): {e}".replace("\n", " ")) from None
+
+
 def image_pipeline(
     specs: list[Any] | None, image_size: int | None, key: str
 ) -> Callable[[Any], torch.Tensor]:
     """A PIL image → uint8 (C, H, W) tensor: the `specs` (torchvision transforms, each a mapping with
-    `_target_` and its arguments, applied in order), or Resize + CenterCrop to `image_size` when null.
-    Normalisation is not part of it: the data module normalises batches on their device."""
-    import hydra
+    `_target_` and its arguments, applied in order; see TRANSFORMS), or Resize + CenterCrop to `image_size`
+    when null. Normalisation is not part of it: the data module normalises batches on their device."""
     from torchvision.transforms import v2
 
     if specs is None:
@@ -199,20 +252,7 @@ def image_pipeline(
             raise ConfigError(
                 f"data.{key} must be a list of transforms ({{_target_: ..., args}}), got {specs!r}"
             )
-        steps = []
-        for i, spec in enumerate(specs):
-            if not isinstance(spec, Mapping) or "_target_" not in spec:
-                raise ConfigError(
-                    f"data.{key}[{i}] must be a mapping with _target_ (e.g. "
-                    f"{{_target_: torchvision.transforms.v2.RandomResizedCrop, size: 224}}), got {spec!r}"
-                )
-            try:
-                steps.append(hydra.utils.instantiate(dict(spec)))
-            except Exception as e:
-                cause = e.__cause__ or e
-                raise ConfigError(
-                    f"data.{key}[{i}] ({spec['_target_']}): {cause}".replace("\n", " ")
-                ) from None
+        steps = [build_transform(spec, f"data.{key}[{i}]") for i, spec in enumerate(specs)]
     return v2.Compose([*steps, v2.PILToTensor(), _PlainTensor()])
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses.logits import soft_logits
+from kd_lightning.losses.logits import same_logits, soft_logits
 from kd_lightning.losses.registry import register_loss
 
 
@@ -79,6 +79,7 @@ class KL(nn.Module):
         return self.per_sample(s, t).mean()  # = kl_div(reduction="batchmean") · T²
 
     def per_sample(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        same_logits("kl", s, t)
         T = self.temperature
         log_p_s = F.log_softmax(soft_logits(s, self.standardize) / T, dim=1)
         log_p_t = F.log_softmax(soft_logits(t, self.standardize) / T, dim=1)
@@ -96,4 +97,5 @@ class SoftMSE(nn.Module):
         self.temperature = float(temperature)
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        same_logits("soft_mse", s, t)
         return F.mse_loss(s.float(), F.softmax(t.float() / self.temperature, dim=-1))

@@ -31,6 +31,16 @@ def standardize_logits(z: torch.Tensor) -> torch.Tensor:
     return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-7)
 
 
+def same_logits(method: str, s: torch.Tensor, t: torch.Tensor) -> None:
+    """Student and teacher logits of one shape: broadcasting (B, C) against (B, 1) would give a number
+    that means nothing, without an error."""
+    if s.shape != t.shape:
+        raise ConfigError(
+            f"{method} compares student logits of shape {tuple(s.shape)} with teacher outputs of shape "
+            f"{tuple(t.shape)}: both must be (batch, classes); check the teacher's architecture and tap"
+        )
+
+
 def soft_logits(z: torch.Tensor, standardize: bool) -> torch.Tensor:
     """Logits as (B, C) float32, standardized when asked (before the temperature)."""
     z = z.flatten(1).float()
@@ -55,6 +65,7 @@ class DKD(nn.Module):
         self.standardize = bool(standardize)
 
     def forward(self, s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, epoch: int = 0) -> torch.Tensor:
+        same_logits("dkd", s, t)
         T = self.temperature
         zs, zt = soft_logits(s, self.standardize) / T, soft_logits(t, self.standardize) / T
         target = F.one_hot(y, zs.shape[1]).bool()
@@ -89,6 +100,7 @@ class DIST(nn.Module):
         self.temperature = as_float("dist temperature", temperature, 0.0, open_low=True)
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        same_logits("dist", s, t)
         T = self.temperature
         ys, yt = (s.flatten(1).float() / T).softmax(1), (t.flatten(1).float() / T).softmax(1)
         inter = 1 - _pearson_rows(ys, yt).mean()

@@ -52,6 +52,10 @@ def safe_load(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ConfigError(
+            f"{path} is empty (0 bytes): a save or a copy was cut short; write or fetch the file again"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -104,12 +108,27 @@ def load_weights(
             f"{owner}: checkpoint {path} has a {sd[head].shape[0]}-class head but the dataset has "
             f"{model.get_submodule(head[: -len('.weight')]).out_features} classes; use a checkpoint made for this dataset"
         )
+    file_arch = obj.get("arch") if isinstance(obj, Mapping) else None
+    _check_fits(model, sd, path, owner, file_arch, arch)
+    model.load_state_dict(sd, strict=True)
+    return dict(obj) if isinstance(obj, Mapping) else {}
+
+
+def _check_fits(
+    model: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    owner: str,
+    file_arch: Any,
+    arch: Mapping[str, Any] | None,
+) -> None:
+    """A ConfigError naming the keys when `sd` does not load strictly into `model` (never torch's raw
+    size-mismatch RuntimeError)."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     mismatched = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or mismatched:
-        file_arch = obj.get("arch") if isinstance(obj, Mapping) else None
         archs = ""
         if isinstance(file_arch, Mapping):
             archs = f": the file was made for arch {dict(file_arch)}"
@@ -127,8 +146,6 @@ def load_weights(
             if keys
         )
         raise ConfigError(f"{owner}: checkpoint {path} does not fit {type(model).__name__}{archs} ({detail})")
-    model.load_state_dict(sd, strict=True)
-    return dict(obj) if isinstance(obj, Mapping) else {}
 
 
 def save_model(
@@ -165,6 +182,22 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     arch = dict(obj["arch"])
     arch.pop("weights", None)  # the file holds the weights already
     arch.pop("pretrained", None)
-    model = create_model(arch, int(obj["num_classes"]), tuple(obj["input_shape"]))
-    model.load_state_dict(obj["state_dict"], strict=True)
+    try:
+        model = create_model(arch, int(obj["num_classes"]), tuple(obj["input_shape"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(
+            f"{path}: its recorded architecture cannot be built ({type(e).__name__}: {e})"
+        ) from None
+    sd = obj.get("state_dict")
+    if not isinstance(sd, Mapping):
+        raise ConfigError(f"{path} holds no state_dict; expected a model file written by kd_lightning")
+    try:
+        _check_fits(model, sd, path, "load_model", None, None)
+    except ConfigError as e:
+        detail = str(e).rsplit(" (", 1)[-1].rstrip(")")
+        raise ConfigError(
+            f"{path}: its weights do not fit the architecture it records ({dict(arch)}): {detail}; the file "
+            "was edited or damaged, export it again"
+        ) from None
+    model.load_state_dict(sd, strict=True)
     return model
