@@ -140,7 +140,9 @@ def small_filesystem(path: Path, size: str = "64k"):
     """A real filesystem of `size` bytes mounted at `path` (tmpfs; needs root), unmounted afterwards; the
     test is skipped where mounting is not allowed."""
     path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip()[:80]})")
     try:

@@ -144,7 +144,10 @@ def test_transforms_come_from_an_allowlist_with_plain_arguments(tmp_path):
     for transforms, pattern in (
         ([touch], r"train_transforms\[0\]\._target_='pathlib.Path.touch' is not an allowed transform"),
         ([{"_target_": "torchvision.transforms.v2.RandomApply", "transforms": [touch]}], "not an allowed"),
-        ([{"_target_": "torchvision.transforms.v2.RandomCrop", "size": touch}], r"train_transforms\[0\]\.size=.*numbers, strings"),
+        (
+            [{"_target_": "torchvision.transforms.v2.RandomCrop", "size": touch}],
+            r"train_transforms\[0\]\.size=.*numbers, strings",
+        ),
     ):
         with pytest.raises(ConfigError, match=pattern):
             instantiate_datamodule({**base, "train_transforms": transforms, "eval_transforms": transforms})

@@ -184,10 +184,18 @@ def test_bad_rho_or_label_loss_is_named(key, value, named):
 
 def test_teacher_logits_of_the_wrong_shape_are_refused_before_training():
     """A teacher outputting (B, 1) would broadcast into KL against (B, 10) without any error."""
-    spec = {"student_tap": "logits", "teacher_tap": "logits", "distance": "kl", "adapter": "none", "combine": "mean"}
+    spec = {
+        "student_tap": "logits",
+        "teacher_tap": "logits",
+        "distance": "kl",
+        "adapter": "none",
+        "combine": "mean",
+    }
     with pytest.raises(ConfigError, match=r"reads the teachers' logits, but \{'t': \(1,\)\}.*10 classes"):
         Term("kd", spec, (10,), {"t": (1,)}, {"t": 1.0}, {"num_classes": 10})
     from kd_lightning.losses import create_loss
 
-    with pytest.raises(ConfigError, match=r"kl compares student logits of shape \(8, 10\) with teacher .*\(8, 1\)"):
+    with pytest.raises(
+        ConfigError, match=r"kl compares student logits of shape \(8, 10\) with teacher .*\(8, 1\)"
+    ):
         create_loss("kl")(torch.randn(8, 10), torch.randn(8, 1))

@@ -173,7 +173,9 @@ def test_failed_sweep_job_leaves_the_others_intact(tmp_path, cache_dir):
     assert statuses == {"mse": "ok", "nope": "config_error", "cosine": "ok"}  # ...and every other job ran
 
 
-def test_a_checkpoint_that_cannot_be_saved_leaves_no_partial_file_and_the_status_says_why(make_cfg, monkeypatch):
+def test_a_checkpoint_that_cannot_be_saved_leaves_no_partial_file_and_the_status_says_why(
+    make_cfg, monkeypatch
+):
     import errno
 
     real = torch.save
@@ -195,7 +197,11 @@ def test_a_checkpoint_that_cannot_be_saved_leaves_no_partial_file_and_the_status
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch000.ckpt", "last.ckpt"]
     assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["status"] == "failed" and "No space left on device" in res["error"] and "resume=auto" in res["error"]
+    assert (
+        res["status"] == "failed"
+        and "No space left on device" in res["error"]
+        and "resume=auto" in res["error"]
+    )
 
 
 def test_a_disk_that_fills_during_a_checkpoint_save_leaves_no_truncated_checkpoint(make_cfg, tmp_path):

@@ -32,7 +32,9 @@ def test_resume_refuses_a_changed_config_and_accepts_named_keys(make_cfg):
     assert run(make_cfg("resume=auto", out="run"))["fit_seconds"] == done["fit_seconds"]
     # Accepted: the finished run continues to the new max_epochs instead of being skipped.
     res = run(
-        make_cfg("resume=auto", "trainer.max_epochs=3", "resume_accept=[trainer.max_epochs,scheduler]", out="run")
+        make_cfg(
+            "resume=auto", "trainer.max_epochs=3", "resume_accept=[trainer.max_epochs,scheduler]", out="run"
+        )
     )
     assert res["status"] == "ok" and res["resumed_from"].endswith("last.ckpt")
     assert res["resume_accepted"] == ["scheduler.T_max: 2 → 3", "trainer.max_epochs: 2 → 3"]

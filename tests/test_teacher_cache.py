@@ -477,7 +477,9 @@ def test_a_disk_store_that_does_not_fit_is_one_clear_error_before_anything_is_ma
 
         monkeypatch.setattr(os, "posix_fallocate", full)
     try:
-        with pytest.raises(StoreSpaceError, match=r"t-embed needs 25\.6 MB in .*small but that filesystem has"):
+        with pytest.raises(
+            StoreSpaceError, match=r"t-embed needs 25\.6 MB in .*small but that filesystem has"
+        ):
             TapStore(key, (64,), folder, "t-embed")
         assert not list(folder.glob("*.bin")) and not list(folder.glob("*.filled"))
     finally:
