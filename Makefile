@@ -34,10 +34,11 @@ format: $(STAMP)
 bench-accuracy: $(STAMP)  ## gallo2020 with controls, landro2021 every teacher subset × combine mode; 3 teacher fits × 3 seeds, 95% CIs
 	$(PY) bench/accuracy.py $(ARGS)
 
-bench: $(STAMP)  ## throughput (student, KD live / stored, hand loop, torchdistill) and store scale (sweep, DDP, memory); median [min-max] of 5 reps
+bench: $(STAMP)  ## throughput (student, KD live / stored, hand loop, torchdistill), store scale (sweep, DDP, memory), integrity costs (fingerprint of 100k files, checksums of a 1 GB store); median [min-max] of 5 reps
 	$(PY) -c "import torchdistill" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) bench/throughput.py $(ARGS)
 	$(PY) bench/scale.py
+	$(PY) bench/integrity.py
 
 bench-papers: $(STAMP)  ## rahbar2020, thapa2022, ye2019, landro2021 reproductions with controls; teacher fits × seeds, tables + PNG plots
 	$(PY) bench/papers.py $(ARGS)

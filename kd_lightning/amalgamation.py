@@ -39,6 +39,7 @@ from torch import nn
 
 from kd_lightning.build import to_dict
 from kd_lightning.data.base import TensorDataModule
+from kd_lightning.data.fingerprint import data_key
 from kd_lightning.errors import ConfigError, safe_name
 from kd_lightning.fit_cache import fit_once, keyed_path
 from kd_lightning.fitting import fit_accelerator, quiet_trainer
@@ -51,7 +52,6 @@ from kd_lightning.models.multitask import (
 )
 from kd_lightning.runners import RunContext, register_runner
 from kd_lightning.specs import AmalgamationSpec, MultiTaskTeacherSpec, as_plain, parse
-from kd_lightning.teachers import data_identity
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,11 @@ def fit_or_load_teacher(
     cache_dir: str | Path,
     accelerator: str,
 ) -> tuple[MultiTaskNet, Path]:
-    key = {"teacher": as_plain(spec), "data": data_identity(data_cfg), "order": "fit.seed"}
+    key = {
+        "teacher": as_plain(spec),
+        "data": data_key(data_cfg, dm.content_fingerprint()),
+        "order": "fit.seed",
+    }
     path = keyed_path(Path(cache_dir) / "teachers" / f"{dm.name}-multitask", name, key)
 
     def fit() -> None:

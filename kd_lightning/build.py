@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch import nn
 
 from kd_lightning.data.base import TensorDataModule
+from kd_lightning.data.fingerprint import data_key
 from kd_lightning.errors import ConfigError, choices
 from kd_lightning.fitting import fit_accelerator, fit_model
 from kd_lightning.models import create_model
@@ -29,7 +30,7 @@ from kd_lightning.specs import CacheSpec, FitSpec, PerfSpec, parse
 from kd_lightning.store import TapStore, TopKLogitsStore, file_digest, model_digest, store_key
 from kd_lightning.taps import FeatureTaps, stages
 from kd_lightning.teacher_cache import TeacherOutputs
-from kd_lightning.teachers import TeacherEnsemble, build_teachers, data_identity
+from kd_lightning.teachers import TeacherEnsemble, build_teachers
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +178,12 @@ def resolve_pretrained_models(cfg: DictConfig) -> None:
             "pre-trained %s on %s: source test acc %.4f → %s", arch.get("name"), source.describe(), acc, path
         )
 
+    def content_of(data_cfg: Mapping[str, Any]) -> str | None:
+        return instantiate_datamodule(data_cfg).content_fingerprint()
+
     student = to_dict(cfg.student) or {}
     if isinstance(student.get("pretrained"), Mapping | str):
-        resolved = resolve_pretrained("student", student, cfg.paths.cache_dir, fit)
+        resolved = resolve_pretrained("student", student, cfg.paths.cache_dir, fit, content_of)
         with open_dict(cfg):
             cfg.student.pretrained = resolved["pretrained"]
             if resolved.get("weights"):  # a torchvision weights name given as `pretrained`
@@ -188,7 +192,9 @@ def resolve_pretrained_models(cfg: DictConfig) -> None:
     for name, member in members.items():
         arch = (member or {}).get("arch") or {}
         if isinstance(arch, Mapping) and arch.get("pretrained") is not None:
-            resolved = resolve_pretrained(f"teachers.members.{name}.arch", arch, cfg.paths.cache_dir, fit)
+            resolved = resolve_pretrained(
+                f"teachers.members.{name}.arch", arch, cfg.paths.cache_dir, fit, content_of
+            )
             with open_dict(cfg):
                 cfg.teachers.members[name].arch.pretrained = resolved["pretrained"]
                 if resolved.get("weights"):
@@ -211,6 +217,7 @@ def build_teacher_ensemble(cfg: DictConfig, dm: TensorDataModule, data_name: str
         cfg.paths.cache_dir,
         fit,
         dry_run=bool(cfg.get("dry_run")),
+        content=dm.content_fingerprint(),
     )
 
 
@@ -415,7 +422,7 @@ def build_teacher_outputs(
         if spec.mode == "disk"
         else None
     )
-    identity = data_identity(to_dict(cfg.data))
+    identity = data_key(to_dict(cfg.data), dm.content_fingerprint())
     precision = str(cfg.trainer.get("precision", "32"))
     k = spec.logits_topk
     stores: dict[str, dict[str, TapStore | TopKLogitsStore]] = {}

@@ -2,6 +2,7 @@
 
     kd-cache experiment=landro2021 teacher_cache.mode=disk                    # every teacher of the pool
     kd-cache -m experiment=landro2021 teacher_cache.mode=disk 'teachers.use=[cnn_a],[cnn_b]'
+    kd-cache --verify experiment=landro2021 teacher_cache.mode=disk           # check every block, repair
 
 It builds what kd-train builds up to the fit (data, teachers, the student's taps and the objective, which
 decide which taps are stored), then runs the precompute stage in this process; nothing is trained. The
@@ -36,8 +37,12 @@ def precision_context(precision: str, device: torch.device) -> Any:
     return MixedPrecision(precision, "cuda" if device.type == "cuda" else "cpu").forward_context()
 
 
-def fill_stores(cfg: DictConfig) -> dict[str, Any]:
-    """Build the run's teacher outputs and fill them; returns {files, computed}."""
+VERIFY = False  # `kd-cache --verify`: check every block of every complete store before filling
+
+
+def fill_stores(cfg: DictConfig, verify: bool = False) -> dict[str, Any]:
+    """Build the run's teacher outputs and fill them; returns {files, computed} and, with `verify`, the
+    number of blocks whose rows did not match their checksums (recomputed by the fill)."""
     settings = check_config(cfg)
     if (to_dict(cfg.get("teacher_cache")) or {}).get("mode") != "disk":
         raise ConfigError("kd-cache fills files that later runs read: set teacher_cache.mode=disk")
@@ -51,6 +56,9 @@ def fill_stores(cfg: DictConfig) -> dict[str, Any]:
             "this config stores no teacher outputs (no teachers, no distillation terms, or data.augment draws "
             "a fresh view every step: set data.augment.views=K)"
         )
+    mismatched = None
+    if verify:  # stores up to 1 GiB were checked whole when opened; the others are now
+        mismatched = sum(len(getattr(s, "repaired", [])) for s in outputs.all()) + outputs.check(full=True)
     gpu = str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     teachers.to(device)
@@ -60,22 +68,32 @@ def fill_stores(cfg: DictConfig) -> dict[str, Any]:
             lambda slots: dm.slot_inputs(slots, device),
             batch_size=dm.eval_batch_size,
         )
-    return {"files": outputs.files(), "computed": computed}
+    return {"files": outputs.files(), "computed": computed, "mismatched": mismatched}
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     try:
-        done = fill_stores(cfg)
+        done = fill_stores(cfg, verify=VERIFY)
     except ConfigError as e:
         print(f"\nConfiguration error: {e}", file=sys.stderr)
         sys.exit(2)
+    if done["mismatched"] is not None:
+        bad = done["mismatched"]
+        print(
+            f"verified every block of {len(done['files'])} store file(s): "
+            + (f"{bad} block(s) did not match their checksums and were recomputed" if bad else "all match")
+        )
     print(f"teacher outputs: {done['computed']} teacher passes computed; stores:")
     for f in done["files"]:
         print(f"  {f}")
 
 
 def main() -> None:
+    global VERIFY
+    if "--verify" in sys.argv[1:]:
+        VERIFY = True
+        sys.argv.remove("--verify")
     try:
         check_composition(sys.argv[1:], CONF_DIR)
     except ConfigError as e:

@@ -155,7 +155,10 @@ class Term(nn.Module):
                 self.losses[k] = create_loss(distance, injected, **loss_kwargs)
             except ConfigError as e:
                 term_keys = [f for f in TermSpec.__dataclass_fields__ if f != "options"]
-                raise ConfigError(f"distill.terms.{name}: {e} (term keys: {choices(term_keys)})") from None
+                who = f" (teacher {k!r})" if k != "combined" and len(targets) > 1 else ""
+                raise ConfigError(
+                    f"distill.terms.{name}{who}: {e} (term keys: {choices(term_keys)})"
+                ) from None
         self.extras = forward_extras(next(iter(self.losses.values()))) if len(self.losses) else ()
         stages = [loss.pre_stage() for loss in self.losses.values() if hasattr(loss, "pre_stage")]
         self.pre_stage_only = bool(stages) and all(st.only for st in stages)  # the fit skips this term

@@ -18,10 +18,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from kd_lightning.data.fingerprint import data_key
 from kd_lightning.errors import ConfigError
 from kd_lightning.fit_cache import fit_once, keyed_path
 from kd_lightning.specs import FitSpec, PretrainedSpec, parse
-from kd_lightning.teachers import data_identity
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +39,25 @@ def _torchvision_weights(name: str) -> list[str]:
 
 
 def pretrained_cache_path(
-    cache_dir: str | Path, arch: Mapping[str, Any], data: Mapping[str, Any], fit: FitSpec
+    cache_dir: str | Path,
+    arch: Mapping[str, Any],
+    data: Mapping[str, Any],
+    fit: FitSpec,
+    content: str | None = None,
 ) -> Path:
-    key = {"arch": arch, "fit": fit.identity(), "data": data_identity(data)}
+    key = {"arch": arch, "fit": fit.identity(), "data": data_key(data, content)}
     return keyed_path(Path(cache_dir) / "pretrained", str(arch.get("name")), key)
 
 
 def resolve_pretrained(
-    owner: str, spec: Mapping[str, Any], cache_dir: str | Path, fit_fn: SourceFitFn | None
+    owner: str,
+    spec: Mapping[str, Any],
+    cache_dir: str | Path,
+    fit_fn: SourceFitFn | None,
+    content_of: Callable[[Mapping[str, Any]], str | None] | None = None,
 ) -> dict[str, Any]:
-    """`spec` with `pretrained` as a checkpoint path (fitted on the source task first when needed)."""
+    """`spec` with `pretrained` as a checkpoint path (fitted on the source task first when needed).
+    `content_of(data)`: the fingerprint of the source task's files (None for generated data)."""
     spec = dict(spec)
     p = spec.get("pretrained")
     if p is None:
@@ -72,7 +81,8 @@ def resolve_pretrained(
     if ps.checkpoint:
         path = Path(ps.checkpoint)
     elif ps.data is not None and ps.data.get("_target_"):
-        path = pretrained_cache_path(cache_dir, arch, ps.data, ps.fit)
+        content = content_of(ps.data) if content_of is not None else None
+        path = pretrained_cache_path(cache_dir, arch, ps.data, ps.fit, content)
     else:
         raise ConfigError(
             f"{owner}.pretrained needs a checkpoint path, or `data` (the source task's data config, with "

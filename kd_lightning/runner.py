@@ -33,6 +33,7 @@ from kd_lightning.build import (
     to_dict,
 )
 from kd_lightning.data.base import TensorDataModule
+from kd_lightning.data.fingerprint import note_changes
 from kd_lightning.distributed import leave_process_group, pin_ddp_children_to_job
 from kd_lightning.errors import ConfigError, as_int
 from kd_lightning.evaluation import robustness_summary
@@ -128,6 +129,9 @@ def stage_data(cfg: DictConfig, seed: int) -> TensorDataModule:
     dm.prepare_data()
     dm.setup("fit")
     log.info("data %s", dm.describe())
+    listings = dm.content_listings()
+    if listings and _is_rank_zero():  # data read from disk: say so when it changed since the last run
+        note_changes(dm.name, listings, cfg.paths.cache_dir)
     return dm
 
 

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import shutil
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,10 @@ DTYPES = {
     "int16": torch.int16,  # class indices of top-K logits
     "int32": torch.int32,
 }
-FORMAT = "kd_lightning.teacher_store/1"
+FORMAT = "kd_lightning.teacher_store/2"  # /2: per-block checksums (stores of /1 have none: made anew)
+BLOCK_BYTES = 1 << 22  # checksum granularity: 4 MiB of rows
+VERIFY_AT_OPEN_BYTES = 1 << 30  # a complete store up to 1 GiB is checked whole when opened, a larger one by
+# a sample of this many bytes of its blocks; `kd-cache --verify` checks every block (bench/integrity.py: cost)
 
 
 class StoreSpaceError(ConfigError):
@@ -192,6 +196,9 @@ class TapStore:
         if meta is None:
             self._write_meta(complete=False)
         self._complete = bool(meta and meta.get("complete"))
+        if self._complete:
+            self._sums = list(meta.get("sums") or [])
+            self.check(full=self.rows.numel() * self.dtype.itemsize <= VERIFY_AT_OPEN_BYTES)
 
     def _read_meta(self) -> dict[str, Any] | None:
         if not self.meta_path.is_file():
@@ -203,8 +210,10 @@ class TapStore:
             return None
         return meta if isinstance(meta, dict) else None
 
-    def _write_meta(self, complete: bool) -> None:
+    def _write_meta(self, complete: bool, sums: list[int] | None = None) -> None:
         meta = {"key": self.key, "shape": list(self.shape), "dtype": self.key["dtype"], "complete": complete}
+        if sums is not None:
+            meta.update(block_rows=self.block_rows(), sums=sums)
         atomic_write(self.meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1, sort_keys=True)))
 
     def refresh(self) -> None:
@@ -212,6 +221,7 @@ class TapStore:
         if self.meta_path is not None:
             meta = self._read_meta()
             self._complete = bool(meta and meta.get("complete") and meta.get("key") == self.key)
+            self._sums = list((meta or {}).get("sums") or [])
 
     # --- rows ----------------------------------------------------------------------------------
     @property
@@ -236,8 +246,67 @@ class TapStore:
                 f"teacher store {self.path or self.label} is not filled; cannot mark it complete"
             )
         if self.meta_path is not None:
-            self._write_meta(complete=True)
+            self._sums = self.checksums()
+            self._write_meta(complete=True, sums=self._sums)
         self._complete = True
+
+    # --- integrity ----------------------------------------------------------------------------
+    def block_rows(self) -> int:
+        """Rows per checksummed block (4 MiB of rows, at least one row)."""
+        row = max(1, math.prod(self.shape[1:]) * self.dtype.itemsize)
+        return max(1, BLOCK_BYTES // row)
+
+    def n_blocks(self) -> int:
+        return math.ceil(self.shape[0] / self.block_rows())
+
+    def checksums(self, blocks: list[int] | None = None) -> list[int]:
+        """crc32 of each block's bytes (all blocks, or those listed)."""
+        flat = self.rows.view(-1).view(torch.uint8).numpy()
+        step = self.block_rows() * (flat.size // max(1, self.shape[0]))
+        chosen = range(self.n_blocks()) if blocks is None else blocks
+        return [zlib.crc32(flat[b * step : (b + 1) * step]) for b in chosen]
+
+    def check(self, full: bool = True) -> list[int]:
+        """Verify the rows of a complete store against the checksums recorded when it was completed (every
+        block, or a random sample of VERIFY_AT_OPEN_BYTES); the blocks that differ are reported in one
+        line and their rows marked missing, so the next precompute recomputes them. Returns those blocks."""
+        if self.path is None or not self._complete:
+            return []
+        n = self.n_blocks()
+        if len(getattr(self, "_sums", [])) != n:
+            log.warning("teacher store %s has no checksums for its rows; recomputing it", self.path)
+            bad = list(range(n))
+        else:
+            if full:
+                blocks = list(range(n))
+            else:
+                per = max(
+                    1,
+                    VERIFY_AT_OPEN_BYTES // (self.block_rows() * self.rows[0].numel() * self.dtype.itemsize),
+                )
+                blocks = sorted(torch.randperm(n)[:per].tolist())
+            sums = self.checksums(blocks)
+            bad = [b for b, s in zip(blocks, sums, strict=True) if s != self._sums[b]]
+            if bad:
+                r = self.block_rows()
+                spans = ", ".join(f"{b * r}-{min((b + 1) * r, self.shape[0]) - 1}" for b in bad[:6])
+                log.warning(
+                    "teacher store %s: %d of %d blocks do not match their checksums (rows %s%s); recomputing "
+                    "those rows",
+                    self.path,
+                    len(bad),
+                    n,
+                    spans,
+                    ", ..." if len(bad) > 6 else "",
+                )
+        if bad:
+            self.repaired = [*getattr(self, "repaired", []), *bad]
+            r = self.block_rows()
+            for b in bad:
+                self.filled[b * r : (b + 1) * r] = 0
+            self._write_meta(complete=False)
+            self._complete = False
+        return bad
 
     def read(self, slots: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         """One gather for the batch, moved to the device as float32 (the losses compute in float32)."""
@@ -305,6 +374,13 @@ class TopKLogitsStore:
     def mark_complete(self) -> None:
         for p in self.parts:
             p.mark_complete()
+
+    def check(self, full: bool = True) -> list[int]:
+        return [b for p in self.parts for b in p.check(full)]
+
+    @property
+    def repaired(self) -> list[int]:
+        return [b for p in self.parts for b in getattr(p, "repaired", [])]
 
     def read(self, slots: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         return rebuild_logits(

@@ -73,7 +73,7 @@ def resolve_tap(
                 f"tap 'stem' (the input of the first stage) needs a model that declares its stages (stage_taps); "
                 f"{owner} ({type(model).__name__}) does not: name a module with '<module>:input' instead"
             )
-        spec = f"{stages(model)[0]}:input"
+        spec = getattr(model, "stem_tap", None) or f"{stages(model)[0]}:input"
     elif STAGE.fullmatch(spec):
         spec = stage_tap(model, int(spec[len("stage") :]), owner)
     elif PREACT.fullmatch(spec):
@@ -185,9 +185,11 @@ class FeatureTaps:
         return hook
 
     def _pre_hook(self, keys: list[str]):
-        def hook(_module: nn.Module, inputs: Any) -> None:
+        def hook(module: nn.Module, inputs: Any) -> None:
+            # an in-place module (torchvision's ReLU(inplace=True)) would overwrite the input it is given
+            x = inputs[0].clone() if getattr(module, "inplace", False) else inputs[0]
             for k in keys:
-                self._store[k] = inputs[0]
+                self._store[k] = x
 
         return hook
 

@@ -52,6 +52,13 @@ class TeacherOutputs:
     def complete(self) -> bool:
         return self._complete
 
+    def check(self, full: bool = True) -> int:
+        """Verify every complete store against its checksums (kd_lightning.store.TapStore.check); the rows
+        of blocks that differ are marked missing for the next `fill`. Returns the number of such blocks."""
+        bad = sum(len(s.check(full)) for s in self.all())
+        self._complete = all(s.complete for s in self.all())
+        return bad
+
     def files(self) -> list[str]:
         return sorted(f for s in self.all() for f in s.files())
 

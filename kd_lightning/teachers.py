@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kd_lightning.data.fingerprint import data_key
 from kd_lightning.errors import ConfigError, as_int, choices, safe_name
 from kd_lightning.fit_cache import fit_once, keyed_path
 from kd_lightning.models import create_model, load_weights
@@ -102,20 +103,20 @@ class TeacherEnsemble(nn.Module):
         return sum(self.weights[n] * feats[n]["logits"].float() for n in self.members)
 
 
-def data_identity(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a data config that decides which samples a teacher is fitted on."""
-    ignore = {"batch_size", "eval_batch_size", "num_workers", "download", "root", "cache_dir"}
-    return {k: v for k, v in data_cfg.items() if k not in ignore}
-
-
 def teacher_cache_path(
-    cache_dir: str | Path, data_name: str, member: str, spec: MemberSpec, data_cfg: Mapping[str, Any]
+    cache_dir: str | Path,
+    data_name: str,
+    member: str,
+    spec: MemberSpec,
+    data_cfg: Mapping[str, Any],
+    content: str | None = None,
 ) -> Path:
+    """The fitted weights' file, keyed by the arch, the fit and the data (config and content fingerprint)."""
     # "order": fits made before the batches followed the fit seed (they followed the run's) are not reused
     key = {
         "arch": spec.arch,
         "fit": spec.fit.identity(),
-        "data": data_identity(data_cfg),
+        "data": data_key(data_cfg, content),
         "order": "fit.seed",
     }
     return keyed_path(Path(cache_dir) / "teachers" / data_name, member, key)
@@ -133,6 +134,7 @@ def build_teachers(
     cache_dir: str | Path,
     fit_fn: FitFn | None = None,
     dry_run: bool = False,
+    content: str | None = None,
 ) -> TeacherEnsemble | None:
     """Build the ensemble from `teachers.members` (restricted to `teachers.use`), fitting missing members.
 
@@ -189,7 +191,7 @@ def build_teachers(
             paths[name], archs[name] = None, spec.arch
             continue
         else:
-            path = teacher_cache_path(cache_dir, data_name, name, spec, data_cfg)
+            path = teacher_cache_path(cache_dir, data_name, name, spec, data_cfg, content)
             archs[name] = spec.arch
             if not path.is_file() and not spec.fit_if_missing:
                 raise ConfigError(

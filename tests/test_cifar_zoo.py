@@ -91,12 +91,16 @@ def test_stage_taps_are_repdistillers_feature_layers_and_expand_multi_layer_term
     vgg = create_model({"name": "vgg8"}, 10, (3, 32, 32)).eval()
     vgg_feats = FeatureTaps(vgg, ["stage1", "stage4"])(x)
     assert vgg_feats["stage1"].min() >= 0 and vgg_feats["stage1"].shape[-1] == 16  # after the block's ReLU
-    cnn = create_model({"name": "cnn"}, 10, (3, 32, 32))
-    assert (
-        FeatureTaps(cnn, ["stage1"]).specs["stage1"] == FeatureTaps(cnn, ["map"]).specs["map"]
-    )  # its last map
-    with pytest.raises(ConfigError, match=r"tap 'stage2'.*has 1 stage\(s\): stage1 = map"):
-        FeatureTaps(cnn, ["stage2"])
+    cnn = create_model({"name": "cnn"}, 10, (3, 32, 32)).eval()  # its two conv blocks are its stages
+    cnn_feats = FeatureTaps(cnn, ["stem", "stage1", "stage2", "map", "preact2"])(x)
+    torch.testing.assert_close(cnn_feats["stage2"], cnn_feats["map"])  # the last stage is its last map
+    torch.testing.assert_close(cnn_feats["stem"], x)  # the input of the first block
+    torch.testing.assert_close(cnn_feats["stage2"], torch.relu(cnn_feats["preact2"]))
+    assert cnn_feats["stage1"].shape == (2, 32, 32, 32)
+    with pytest.raises(
+        ConfigError, match=r"tap 'stage3'.*has 2 stage\(s\): stage1 = features.2, stage2 = features.6"
+    ):
+        FeatureTaps(cnn, ["stage3"])
     term = {"distance": "at", "weight": 1000.0, "student_tap": "stages", "teacher_tap": "stages"}
     teachers = SimpleNamespace(members={"t": vgg})  # 4 stages; the ResNet student has 3: zipped to 3
     expanded = expand_stage_terms({"terms": {"at": term, "kd": {"distance": "kl"}}}, resnet, teachers)[

@@ -271,3 +271,55 @@ def test_imagefolder_feeds_amalgamation(make_cfg, tmp_path: Path):
     )
     res = run(cfg)
     assert res["status"] == "ok" and set(res["task_acc"]) == {"parity", "ge5"}
+
+
+@pytest.mark.slow
+def test_caches_follow_the_data_same_size_other_labels_and_an_image_fixed_in_place(
+    make_cfg, tmp_path, caplog
+):
+    """Two folders with the same class names and image count but opposite labels, one cache: the second
+    run fits and stores its own (its teachers score on its own data); fixing one image in place does too,
+    and the log says why."""
+    import json
+    import logging
+    import shutil
+
+    from PIL import Image
+
+    from kd_lightning.runner import run
+
+    a = write_png_classes(tmp_path / "A", ["cat", "dog"], 12, seed=1)
+    b = tmp_path / "B"  # A's images with the labels swapped: same names, same sizes, opposite classes
+    for src, dst in (("cat", "dog"), ("dog", "cat")):
+        shutil.copytree(a / src, b / dst)
+    cache = tmp_path / "cache"
+    common = ("data=imagefolder", "data.image_size=12", "data.val_fraction=0.2", "teachers.use=[cnn_s]",
+              "teacher_cache.mode=disk", "distill=kd", "trainer.max_epochs=1", f"paths.cache_dir={cache}")  # fmt: skip
+    first = run(make_cfg(*common, f"data.root={a}"))
+    second = run(make_cfg(*common, f"data.root={b}"))
+    assert second["teacher_checkpoints"] != first["teacher_checkpoints"]
+    assert second["teacher_forward_samples"] > 0 and set(second["teacher_store_files"]).isdisjoint(
+        first["teacher_store_files"]
+    )
+    assert second["teacher_test_acc"]["cnn_s"] >= 0.75  # A's teacher would score about 0 on B
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(b / "cat" / "3.png")  # one image fixed in place
+    caplog.set_level(logging.WARNING)
+    third = run(make_cfg(*common, f"data.root={b}"))
+    assert "data changed in" in caplog.text and "1 files modified, 0 added, 0 removed" in caplog.text
+    assert (
+        third["teacher_checkpoints"] != second["teacher_checkpoints"] and third["teacher_forward_samples"] > 0
+    )
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "ok"
+
+
+def test_a_moved_cifar_folder_keeps_its_fingerprint_and_another_one_does_not(tmp_path):
+    first, other = tmp_path / "first", tmp_path / "other"
+    write_cifar(first, 10)
+    before = CIFARDataModule(root=str(first)).content_fingerprint()
+    moved = tmp_path / "elsewhere" / "cifar"
+    moved.parent.mkdir()
+    first.rename(moved)
+    assert CIFARDataModule(root=str(moved)).content_fingerprint() == before
+    write_cifar(other, 10)  # same files, same sizes, other contents and times
+    assert CIFARDataModule(root=str(other)).content_fingerprint() != before
+    assert DigitsDataModule().content_fingerprint() is None  # generated: its config is its identity

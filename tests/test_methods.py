@@ -679,3 +679,128 @@ def test_crd_whole_bank_and_gathered_scores_agree():
     whole = crd(s, t, index=index)
     crd.full_bank_ratio = 0  # force the gather path
     assert crd(s, t, index=index).item() == pytest.approx(whole.item(), rel=1e-5)
+
+
+def test_ickd_embeds_the_student_as_the_authors_code_value_and_gradient():
+    """ICKD.py's Embed: a 1x1 convolution without bias, then BatchNorm2d in training mode (batch statistics,
+    biased variance, eps 1e-5, affine weight and bias), then the row-normalised channel Gram matrices."""
+    B, Cs, Ct = 4, 5, 6
+    ickd = create_loss("ickd", {"student_shape": (Cs, 4, 4), "teacher_shape": (Ct, 2, 2)})
+    conv, bn = ickd.embed
+    with torch.no_grad():
+        bn.weight.copy_(rand(Ct).abs() + 0.5)
+        bn.bias.copy_(rand(Ct))
+    s, t = rand(B, Cs, 4, 4).requires_grad_(True), rand(B, Ct, 2, 2)
+    got = ickd.train()(s, t)
+    (g_got,) = torch.autograd.grad(got, s)
+
+    x = s.double()
+    w, gamma, beta = conv.weight.double().view(Ct, Cs), bn.weight.double(), bn.bias.double()
+    e = torch.einsum("oc,bchw->bohw", w, x)  # the 1x1 convolution
+    mean = e.mean((0, 2, 3), keepdim=True)
+    var = ((e - mean) ** 2).mean((0, 2, 3), keepdim=True)  # batch norm: the biased batch variance
+    e = (e - mean) / torch.sqrt(var + 1e-5) * gamma.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
+    fs, ft = e.reshape(B, Ct, -1), t.double().reshape(B, Ct, -1)
+    gs = F.normalize(fs @ fs.transpose(1, 2), dim=2)
+    gt = F.normalize(ft @ ft.transpose(1, 2), dim=2)
+    expect = ((gs - gt) ** 2).reshape(B, -1).sum() / (Ct * B)
+    (g_expect,) = torch.autograd.grad(expect, s)
+    assert got.item() == pytest.approx(expect.item(), rel=1e-5)
+    torch.testing.assert_close(g_got, g_expect, rtol=1e-4, atol=1e-7)
+    # without the batch norm (the earlier port) the value and the gradient differ
+    plain = F.normalize(
+        (
+            torch.einsum("oc,bchw->bohw", w, x).reshape(B, Ct, -1)
+            @ torch.einsum("oc,bchw->bohw", w, x).reshape(B, Ct, -1).transpose(1, 2)
+        ),
+        dim=2,
+    )
+    assert ((plain - gt) ** 2).sum().item() / (Ct * B) != pytest.approx(got.item(), rel=1e-3)
+
+
+def _composed_objective(make_cfg, *overrides, student, teacher):
+    """The objective a run of these overrides builds for given tap shapes (no data, no models)."""
+    from omegaconf import OmegaConf
+
+    cfg = make_cfg(*overrides)
+    distill = OmegaConf.to_container(cfg.distill, resolve=True)
+    return build_objective(distill, student, {"t": teacher}, {"t": 1.0}, {"num_classes": 5})
+
+
+@pytest.mark.parametrize("epoch", [0, 9, 30])
+def test_dkd_ls_config_is_the_authors_command_value_and_gradient(make_cfg, epoch):
+    """The logit-standardization authors' DKD+LS (README command; tools/train.py): DKD's alpha and beta × 9
+    (alpha 9, beta 72), T = 2, on z-scored logits (std with Bessel's correction, + 1e-7), CE weight 1,
+    min(e / 20, 1) with e counted from 1."""
+    obj = _composed_objective(make_cfg, "distill=dkd_ls", student={"logits": (5,)}, teacher={"logits": (5,)})
+    zs, zt, y = rand(6, 5).requires_grad_(True), rand(6, 5) * 4, torch.tensor([0, 1, 2, 3, 4, 1])
+    got, _ = obj({"logits": zs}, {"t": {"logits": zt}}, y, epoch=epoch)
+    (g_got,) = torch.autograd.grad(got, zs)
+
+    def z(v):
+        v = v.double()
+        return (v - v.mean(1, keepdim=True)) / (v.std(1, keepdim=True) + 1e-7)
+
+    T, alpha, beta = 2.0, 9.0, 72.0
+    a, b = z(zs) / T, z(zt) / T
+    target = F.one_hot(y, 5).bool()
+    ps, pt = a.softmax(1), b.softmax(1)
+    bs = torch.stack([ps[target], 1 - ps[target]], 1)
+    bt = torch.stack([pt[target], 1 - pt[target]], 1)
+    tckd = (bt * (bt.log() - bs.log())).sum() / len(y) * T * T
+    qs, qt = (a - 1000.0 * target).log_softmax(1), (b - 1000.0 * target).softmax(1)
+    nckd = (qt * (qt.clamp_min(1e-300).log() - qs)).sum() / len(y) * T * T
+    expect = F.cross_entropy(zs.double(), y) + min((epoch + 1) / 20, 1.0) * (alpha * tckd + beta * nckd)
+    (g_expect,) = torch.autograd.grad(expect, zs)
+    assert got.item() == pytest.approx(expect.item(), rel=1e-5)
+    torch.testing.assert_close(g_got, g_expect.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_reviewkd_weighs_as_mdistiller_on_cifar100_and_on_imagenet(make_cfg, tmp_path):
+    from omegaconf import OmegaConf
+
+    from .conftest import FAST_TRAINER, compose_cfg
+
+    cifar = OmegaConf.to_container(make_cfg("distill=reviewkd").distill, resolve=True)["terms"]["reviewkd"]
+    assert (cifar["weight"], cifar["warmup"], cifar["student_tap"]) == (5.0, 20, ["stage*", "map"])
+    cfg = compose_cfg(
+        [*FAST_TRAINER, "experiment=imagenet/resnet34_resnet18", "distill=reviewkd", "data.root=/x"],
+        tmp_path / "run", tmp_path / "cache",
+    )  # fmt: skip
+    imagenet = OmegaConf.to_container(cfg.distill, resolve=True)
+    term = imagenet["terms"]["reviewkd"]
+    assert (imagenet["ce_weight"], term["weight"], term["warmup"]) == (1.0, 1.0, 1)
+    assert term["student_tap"] == ["preact*", "map"] and term["teacher_tap"] == ["preact*", "map"]
+    dkd = OmegaConf.to_container(
+        compose_cfg([*FAST_TRAINER, "experiment=imagenet/resnet34_resnet18", "distill=dkd", "data.root=/x"],
+                    tmp_path / "run", tmp_path / "cache").distill, resolve=True)["terms"]["dkd"]  # fmt: skip
+    assert (dkd["beta"], dkd["temperature"], dkd["warmup"]) == (0.5, 1.0, 1)  # mdistiller's r34_r18 DKD
+    # the term: weight × min(e / warmup, 1) × HCL of the fused student maps against the teacher's
+    from kd_lightning.losses.review import hcl
+
+    shapes = {"student": ((2, 4, 4), (3, 2, 2), (3, 2, 2)), "teacher": ((4, 4, 4), (5, 2, 2), (6, 2, 2))}
+    spec = {**cifar, "student_tap": ["stage1", "stage2", "map"], "teacher_tap": ["preact1", "preact2", "map"]}
+    obj = build_objective(
+        {"ce_weight": 0.0, "terms": {"reviewkd": spec}},
+        {"stage1": shapes["student"][0], "stage2": shapes["student"][1], "map": shapes["student"][2]},
+        {
+            "t": {
+                "preact1": shapes["teacher"][0],
+                "preact2": shapes["teacher"][1],
+                "map": shapes["teacher"][2],
+            }
+        },
+        {"t": 1.0},
+    )
+    loss = obj.terms["reviewkd"].losses["t"].eval()
+    s = [rand(2, *sh).requires_grad_(True) for sh in shapes["student"]]
+    t = [rand(2, *sh) for sh in shapes["teacher"]]
+    got, _ = obj({"logits": rand(2, 5), **dict(zip(("stage1", "stage2", "map"), s, strict=True))},
+                 {"t": dict(zip(("preact1", "preact2", "map"), t, strict=True))}, torch.zeros(2, dtype=torch.long),
+                 epoch=3)  # fmt: skip
+    expect = 5.0 * (4 / 20) * hcl(loss.fuse(s), [t[0], t[1], t[2].mean((2, 3), keepdim=True)])
+    assert got.item() == pytest.approx(expect.item(), rel=1e-6)
+    g_got = torch.autograd.grad(got, s, retain_graph=True)
+    g_expect = torch.autograd.grad(expect, s)
+    for a, b in zip(g_got, g_expect, strict=True):
+        torch.testing.assert_close(a, b)

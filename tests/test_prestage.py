@@ -174,3 +174,15 @@ def test_fsp_trains_the_students_feature_layers_in_its_pre_stage_and_the_fit_ski
     x = dm.prepare_batch(next(iter(dm.train_dataloader())), train=False).x
     _, parts = module.objective(module.taps(x), None, torch.zeros(len(x), dtype=torch.long))
     assert set(parts) == {"ce"}
+
+
+def test_fsp_on_the_generic_cnn_names_the_channels_to_set_or_runs_when_they_match(make_cfg):
+    """cnn declares its conv blocks as stages: FSP reads [stem, stage1, stage2] of it."""
+    from kd_lightning.errors import ConfigError
+    from kd_lightning.train import run
+
+    with pytest.raises(ConfigError, match=r"teacher 'cnn_s'.*stage1: 32 vs 16.*student.channels=\[16, 32\]"):
+        run(make_cfg("distill=fsp", "student=cnn", "+trainer.fast_dev_run=true"))
+    res = run(make_cfg("distill=fsp", "student=cnn", "student.channels=[16,32]", "teachers.use=[cnn_s]",
+                       "distill.terms.fsp.init_epochs=1", "+trainer.fast_dev_run=true"))  # fmt: skip
+    assert res["status"] == "ok" and res["pre_stage_terms"] == ["fsp"]

@@ -58,15 +58,15 @@ def test_a_model_without_pre_activations_and_an_unknown_wildcard_are_clear_error
     mlp = create_model({"name": "mlp"}, 10, (1, 8, 8))
     with pytest.raises(ConfigError, match="declares no pre-activation features"):
         FeatureTaps(mlp, ["preact1"])
-    with pytest.raises(ConfigError, match="has 1 stage"):
-        FeatureTaps(create_model({"name": "cnn"}, 10, (1, 8, 8)), ["preact2"])
+    with pytest.raises(ConfigError, match="has 2 stage"):  # cnn's two conv blocks (channels [32, 64])
+        FeatureTaps(create_model({"name": "cnn"}, 10, (1, 8, 8)), ["preact3"])
     cnn = create_model({"name": "cnn"}, 10, (1, 8, 8))
     term = {"distance": "reviewkd", "student_tap": ["layer*", "map"], "teacher_tap": ["preact*", "map"]}
     with pytest.raises(ConfigError, match="unknown wildcard 'layer\\*'; valid: stage\\*, preact\\*"):
         expand_stage_terms({"terms": {"r": term}}, cnn, None)
     out = expand_stage_terms({"terms": {"r": {**term, "student_tap": ["stage*", "map"]}}}, cnn, None)
-    assert out["terms"]["r"]["student_tap"] == ["stage1", "map"]
-    assert out["terms"]["r"]["teacher_tap"] == ["preact1", "map"]
+    assert out["terms"]["r"]["student_tap"] == ["stage1", "stage2", "map"]
+    assert out["terms"]["r"]["teacher_tap"] == ["preact1", "preact2", "map"]
 
 
 # --- AB ---------------------------------------------------------------------------------------------------
@@ -114,7 +114,9 @@ def test_ab_trains_its_connector_and_the_students_layers_first_then_ce_alone(mak
     cfg = make_cfg("distill=ab", "student=cnn", "student.channels=[8,16]", "distill.terms.ab.init_epochs=1")
     module, dm = built_module(cfg, "digits")
     term = module.objective.terms["ab"]
-    assert term.student_tap == ["preact1"] and term.teacher_tap == ["preact1"] and term.pre_stage_only
+    # cnn declares its two conv blocks as stages: one connector stage each
+    assert term.student_tap == ["preact1", "preact2"] and term.teacher_tap == ["preact1", "preact2"]
+    assert term.pre_stage_only
     losses = dict(term.losses)
     assert len(losses) == 2  # one connector per teacher
     before = {k: v.clone() for k, v in module.student.state_dict().items()}
@@ -215,5 +217,9 @@ def test_reviewkd_on_1d_signals_and_a_resnet_pair_reads_the_stages_it_should(mak
     cfg = make_cfg("distill=reviewkd", "student=cnn", "student.channels=[8,16]", "teachers.use=[cnn_s]")
     module, dm = built_module(cfg, "digits")
     term = module.objective.terms["reviewkd"]
-    assert term.student_tap == ["stage1", "map"] and term.teacher_tap == ["preact1", "map"]
+    assert term.student_tap == ["stage1", "stage2", "map"] and term.teacher_tap == [
+        "preact1",
+        "preact2",
+        "map",
+    ]
     assert module.needs_teachers

@@ -292,6 +292,17 @@ def test_kd_cache_fills_the_stores_and_the_run_after_it_runs_no_teacher(tmp_path
     run = run_cli(*FAST, *stores, f"hydra.run.dir={tmp_path / 'run'}", cwd=ROOT, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["teacher_forward_samples"] == 0
+    # Bytes flipped in the middle of a store's data file: kd-cache --verify finds them and recomputes them.
+    victim = sorted((tmp_path / "stores").rglob("*.bin"))[0]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 8] = bytes(b ^ 0x5A for b in raw[len(raw) // 2 : len(raw) // 2 + 8])
+    victim.write_bytes(bytes(raw))
+    verified = run_cli("--verify", *FAST, *stores, cwd=ROOT, env=env, module="kd_lightning.cache_cli")
+    assert verified.returncode == 0, verified.stderr[-3000:]
+    assert "1 block(s) did not match their checksums and were recomputed" in verified.stdout
+    assert "blocks do not match their checksums" in verified.stdout + verified.stderr  # the one line
+    clean = run_cli("--verify", *FAST, *stores, cwd=ROOT, env=env, module="kd_lightning.cache_cli")
+    assert "all match" in clean.stdout and "0 teacher passes computed" in clean.stdout
     wrong = run_cli(*FAST, cwd=ROOT, env=env, module="kd_lightning.cache_cli")  # mode memory
     assert wrong.returncode == 2 and "set teacher_cache.mode=disk" in wrong.stderr
 
@@ -507,3 +518,37 @@ def test_a_sweep_job_whose_store_does_not_fit_fails_clearly_and_the_others_run(t
     results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
     assert [r["status"] for r in results] == ["config_error", "ok"], proc.stderr[-2000:]
     assert "needs" in results[0]["error"] and str(small) in results[0]["error"]
+
+
+def test_flipped_bytes_in_a_store_are_caught_and_only_their_block_recomputed(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import kd_lightning.store as store_module
+
+    monkeypatch.setattr(store_module, "BLOCK_BYTES", 4 * 3 * 4)  # 4 rows of 3 float32 a block: 3 blocks
+    values = torch.randn(10, 3)
+
+    def outputs():
+        return TeacherOutputs({"t": {"embed": TapStore(_key(10), (3,), tmp_path, "t-embed")}})
+
+    def run_teacher(x, member):
+        runs.append(len(x))
+        return {"embed": values[x.long().flatten()]}
+
+    runs: list[int] = []
+    first = outputs()
+    first.fill(run_teacher, lambda slots: slots.float().view(-1, 1))
+    path = first.stores["t"]["embed"].path
+    del first
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one byte in the middle of the data file: row 5, the second block
+    path.write_bytes(bytes(raw))
+    caplog.set_level(logging.WARNING)
+    runs.clear()
+    again = outputs()
+    assert not again.complete and "1 of 3 blocks do not match their checksums (rows 4-7)" in caplog.text
+    again.fill(run_teacher, lambda slots: slots.float().view(-1, 1))
+    assert runs == [4] and again.complete  # that block's rows only
+    torch.testing.assert_close(again.get(torch.arange(10), "cpu")["t"]["embed"], values)
+    caplog.clear()
+    assert outputs().complete and "checksums" not in caplog.text  # repaired for good

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from kd_lightning.data.batch import Batch, collate_samples
+from kd_lightning.data.fingerprint import Listings, content_digest
 from kd_lightning.errors import ConfigError, as_float, as_int, as_seed
 from kd_lightning.specs import AugmentSpec, parse
 
@@ -179,6 +180,19 @@ class TensorDataModule(pl.LightningDataModule):
     def load(self) -> dict[str, np.ndarray]:
         """Return {'x_train', 'y_train', 'x_test', 'y_test'}; x as (N, C, ...) float32 or uint8."""
         raise NotImplementedError
+
+    # --- what the data is, for cache keys -----------------------------------------------------
+    def content_listings(self) -> Listings | None:
+        """The files the data is read from (kd_lightning.data.fingerprint); None for data generated in
+        memory, whose config is its identity. Datasets read from disk override it."""
+        return None
+
+    def content_fingerprint(self) -> str | None:
+        """The fingerprint of the data's files (computed once per datamodule), None for generated data."""
+        if not hasattr(self, "_fingerprint"):
+            listings = self.content_listings()
+            self._fingerprint = content_digest(listings) if listings is not None else None
+        return self._fingerprint
 
     # --- shapes ---------------------------------------------------------------------------
     @property

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from kd_lightning.data.base import TensorDataModule
+from kd_lightning.data.fingerprint import FileListing, Listings, scan_tree
 from kd_lightning.errors import ConfigError, as_float, as_int
 
 _NUMPY_GLOBALS = {
@@ -73,6 +74,13 @@ class CIFARDataModule(TensorDataModule):
 
         ds = torchvision.datasets.CIFAR10 if self.classes == 10 else torchvision.datasets.CIFAR100
         ds(str(self.root), train=True, download=True)
+
+    def content_listings(self) -> Listings | None:
+        folder_name, train_files, test_files, _ = self._LAYOUT[self.classes]
+        names = [f"{folder_name}/{f}" for f in train_files + test_files]
+        if not all((self.root / n).is_file() for n in names):
+            return None  # load() names what is missing
+        return {"": FileListing.of(self.root, names)}
 
     def load(self) -> dict[str, np.ndarray]:
         folder_name, train_files, test_files, label_key = self._LAYOUT[self.classes]
@@ -142,6 +150,12 @@ class MNISTDataModule(TensorDataModule):
 
         ds = torchvision.datasets.MNIST if self.variant == "mnist" else torchvision.datasets.FashionMNIST
         ds(str(self.root), train=True, download=True)
+
+    def content_listings(self) -> Listings | None:
+        found = [self._find(s) for pair in self._FILES.values() for s in pair]
+        if None in found:
+            return None  # load() names what is missing
+        return {"": FileListing.of(self.root, [str(p.relative_to(self.root)) for p in found])}
 
     def load(self) -> dict[str, np.ndarray]:
         out = {}
@@ -320,8 +334,13 @@ class ImageFolderDataModule(TensorDataModule):
         self.train_transform = image_pipeline(train_transforms, self.image_size, "train_transforms")
         self.eval_transform = image_pipeline(eval_transforms, self.image_size, "eval_transforms")
         self.mean_std = (tuple(mean), tuple(std))
+        self._listings: Listings = {}
 
-    def _scan(self, root: Path, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    def _scan(
+        self, root: Path, classes: list[str] | None = None, tag: str = "train"
+    ) -> tuple[list[tuple[str, int]], list[str]]:
+        """(path, class id) of every image under `root`'s class folders, and the class names. The files'
+        names, sizes and times are kept too: they fingerprint the data (`content_listings`)."""
         from torchvision.datasets.folder import IMG_EXTENSIONS
 
         if not root.is_dir():
@@ -335,16 +354,22 @@ class ImageFolderDataModule(TensorDataModule):
             raise ConfigError(
                 f"{root} has classes {unknown} that the training folder lacks; valid: {classes}"
             )
-        samples = [
-            (str(p), i)
-            for i, c in enumerate(classes)
-            if (root / c).is_dir()
-            for p in sorted((root / c).rglob("*"))
-            if p.suffix.lower() in IMG_EXTENSIONS
-        ]
+        listing = scan_tree(root, IMG_EXTENSIONS)
+        index = {c: i for i, c in enumerate(classes)}
+        keep = [i for i, r in enumerate(listing.rel) if "/" in r and r.split("/", 1)[0] in index]
+        listing = FileListing(root, [listing.rel[i] for i in keep], listing.size[keep], listing.mtime[keep])
+        self._listings[tag] = listing
+        samples = [(str(root / r), index[r.split("/", 1)[0]]) for r in listing.rel]
         if not samples:
             raise ConfigError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {root}")
         return samples, classes
+
+    def content_listings(self) -> Listings:
+        if "train" not in self._listings:
+            _, classes = self._scan(self.root)
+            if self.test_root is not None:
+                self._scan(self.test_root, classes, "test")
+        return dict(self._listings)
 
     def _keep_classes(self, samples: list[tuple[str, int]], lookup: torch.Tensor) -> list[tuple[str, int]]:
         return [(path, int(lookup[label])) for path, label in samples if lookup[label] >= 0]
@@ -356,7 +381,7 @@ class ImageFolderDataModule(TensorDataModule):
         gen = torch.Generator().manual_seed(self.split_seed)
         order = [samples[i] for i in torch.randperm(len(samples), generator=gen).tolist()]
         if self.test_root is not None:
-            test, _ = self._scan(self.test_root, classes)
+            test, _ = self._scan(self.test_root, classes, "test")
         else:
             n_test = max(1, int(round(self.test_fraction * len(order))))
             test, order = order[:n_test], order[n_test:]

@@ -1,6 +1,7 @@
 """Methods on feature maps (B, C, H, W) or (B, C, L). Channel counts may differ between student and
 teacher (`shape_free`). Spatial sizes may differ: AT (mode code) and NST average-pool the larger map to the
-smaller's size (RepDistiller's computation); AT's paper mode and ICKD resize the student map to the teacher's.
+smaller's size (RepDistiller's computation); AT's paper mode resizes the student map to the teacher's, and
+ICKD's channel Gram matrix does not depend on the spatial size at all.
 
 - AT, Attention Transfer (Zagoruyko & Komodakis, ICLR 2017): Q = Σ_c |A_c|^p flattened and
   L2-normalised per sample. `mode: code` (the authors' released code and RepDistiller) is the mean
@@ -9,10 +10,11 @@ smaller's size (RepDistiller's computation); AT's paper mode and ICKD resize the
 - NST, Neuron Selectivity Transfer (Huang & Wang, 2017): each channel's spatial response, L2-normalised,
   is a sample; the loss is the squared MMD between the student's and the teacher's channel samples with
   the polynomial kernel k(x, y) = (xᵀy + c)^d (paper: d = 2, c = 0), averaged over the batch.
-- ICKD, inter-channel correlation (Liu et al., ICCV 2021): per sample the channel Gram matrix G = F Fᵀ
-  (C × C, positions summed), each row L2-normalised; loss Σ (G_S − G_T)² / (C_T · B), the normalisation
-  of the authors' code. The student map first goes through a trainable 1 × 1 convolution to the
-  teacher's channel count (part of the loss; no bias: our choice). Spatial sizes may differ.
+- ICKD, inter-channel correlation (Liu et al., ICCV 2021), as the authors' code computes it
+  (Cifar100/distiller_zoo/ICKD.py): the student map goes through their `Embed`, a trainable 1 × 1
+  convolution without bias to the teacher's channel count followed by a batch norm (part of the loss);
+  per sample the channel Gram matrix G = F Fᵀ (C × C, positions summed), each row L2-normalised; loss
+  Σ (G_S − G_T)² / (C_T · B). Nothing is resized: G is C × C whatever the spatial sizes.
 """
 
 from __future__ import annotations
@@ -108,8 +110,10 @@ class ICKD(nn.Module):
                 f"ickd needs feature maps on both sides ((C, L) or (C, H, W)), got student {tuple(student_shape)} "
                 f"and teacher {tuple(teacher_shape)}; tap a convolutional layer (student_tap=map, teacher_tap=map)"
             )
-        conv = nn.Conv2d if len(student_shape) == 3 else nn.Conv1d
-        self.embed = conv(student_shape[0], teacher_shape[0], kernel_size=1, bias=False)
+        conv, bn = (nn.Conv2d, nn.BatchNorm2d) if len(student_shape) == 3 else (nn.Conv1d, nn.BatchNorm1d)
+        self.embed = nn.Sequential(
+            conv(student_shape[0], teacher_shape[0], kernel_size=1, bias=False), bn(teacher_shape[0])
+        )
 
     @staticmethod
     def gram(x: torch.Tensor) -> torch.Tensor:
@@ -152,9 +156,16 @@ class FSP(nn.Module):
             )
         s_c, t_c = [s[0] for s in student_shape], [t[0] for t in teacher_shape]
         if s_c != t_c:
+            differ = [
+                f"{'stem' if i == 0 else f'stage{i}'}: {a} vs {b}"
+                for i, (a, b) in enumerate(zip(s_c, t_c))
+                if a != b
+            ]
             raise ConfigError(
-                f"fsp needs the same channels in the student's and the teacher's maps (student {s_c}, teacher {t_c});"
-                " RepDistiller refuses such pairs too: use a same-width pair (e.g. resnet56 → resnet20)"
+                f"fsp needs the same channels in the student's and the teacher's maps [stem, stage1, ...]: student "
+                f"{s_c}, teacher {t_c} ({'; '.join(differ)}). Give the student the teacher's widths (student=cnn: "
+                f"student.channels={t_c[1:]}), or a teacher of the student's (teachers.use=[...]); RepDistiller "
+                "refuses such pairs too (a same-width pair: resnet56 → resnet20)"
             )
         self.init_epochs = as_int("fsp init_epochs", init_epochs, 1)
 

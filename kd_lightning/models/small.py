@@ -153,10 +153,14 @@ def _conv_block(
     return [conv(cin, cout, k, stride=stride, padding=k // 2, bias=False), bn(cout), nn.ReLU()]
 
 
-def _declare_preact(model: Classifier) -> Classifier:
-    """The one stage's pre-activation feature: the output of the last batch norm (before its ReLU)."""
-    bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
-    model.preact_taps = (bns[-1],)
+def _declare_stages(model: Classifier) -> Classifier:
+    """Each conv block is a stage: its output is the block's ReLU (`stage<k>`), its pre-activation the
+    block's batch norm (`preact<k>`), and `stem` is the network's input (the input of the first block), so
+    that multi-stage terms (AT, NST, FSP, AB, ReviewKD) read every block of these CNNs too."""
+    named = list(model.named_modules())
+    model.stage_taps = tuple(n for n, m in named if isinstance(m, nn.ReLU))
+    model.preact_taps = tuple(n for n, m in named if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d))
+    model.stem_tap = next(n for n, m in named if isinstance(m, nn.Conv1d | nn.Conv2d)) + ":input"
     return model
 
 
@@ -184,7 +188,7 @@ def cnn(
             size //= 2
         cin = c
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return _declare_preact(Classifier(nn.Sequential(*layers), cin, num_classes))
+    return _declare_stages(Classifier(nn.Sequential(*layers), cin, num_classes))
 
 
 @register_model
@@ -210,4 +214,4 @@ def cnn1d(
     with torch.no_grad():
         dim = body.eval()(torch.zeros(1, *input_shape)).shape[1]
     body.train()
-    return _declare_preact(Classifier(body, dim, num_classes))
+    return _declare_stages(Classifier(body, dim, num_classes))

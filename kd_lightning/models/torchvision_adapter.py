@@ -69,4 +69,11 @@ def torchvision_model(
         raise ConfigError(
             f"small_input=true is supported for ResNet-style torchvision models only, not {name!r}"
         )
+    if isinstance(model, torchvision.models.ResNet):
+        # layer1..layer4 are the stages (mdistiller's ImageNet features); a stage's pre-activation is the
+        # input of its last block's ReLU at that block's last call (the sum before the final ReLU)
+        model.stage_taps = ("layer1", "layer2", "layer3", "layer4")
+        model.preact_taps = tuple(
+            f"layer{i}.{len(getattr(model, f'layer{i}')) - 1}.relu:input" for i in range(1, 5)
+        )
     return model
