@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from kd_lightning.data.fingerprint import content_digest, scan_tree
 from kd_lightning.store import TapStore, store_key
 
