@@ -1,7 +1,7 @@
 """Build hook: the wheel carries the top-level `conf/` as package data `kd_lightning/conf`.
 
 `conf/` stays where users read and edit it (the repository's top level); a wheel or `pip install .`
-gets a copy inside the package, which `kd_lightning.config_files.CONF_DIR` finds. Everything else is
+gets a copy inside the package, which `kd_lightning.config.conf_files.CONF_DIR` finds. Everything else is
 declared in pyproject.toml.
 """
 

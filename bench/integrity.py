@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from kd_lightning.data.fingerprint import content_digest, scan_tree
-from kd_lightning.store import TapStore, store_key
+from kd_lightning.teachers.store import TapStore, store_key
 
 
 def spread(values: list[float]) -> str:

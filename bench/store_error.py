@@ -23,10 +23,11 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
-from kd_lightning.build import build_teacher_ensemble, instantiate_datamodule  # noqa: E402
+from kd_lightning.config.resolvers import register_resolvers  # noqa: E402
+from kd_lightning.data.from_config import instantiate_datamodule  # noqa: E402
+from kd_lightning.engine.build import build_teacher_ensemble  # noqa: E402
 from kd_lightning.losses import create_loss  # noqa: E402
-from kd_lightning.resolvers import register_resolvers  # noqa: E402
-from kd_lightning.store import stored_as  # noqa: E402
+from kd_lightning.teachers.store import stored_as  # noqa: E402
 
 LOGIT_LOSSES = {"kd T=4": ("kl", {"temperature": 4.0}), "kd T=1": ("kl", {"temperature": 1.0}),
                 "dkd": ("dkd", {"warmup": 0}), "soft_mse": ("soft_mse", {})}  # fmt: skip

@@ -43,15 +43,15 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kd_lightning.config.optim import build_optim  # noqa: E402
+from kd_lightning.core.module import DistillationModule  # noqa: E402
+from kd_lightning.core.objective import Objective, build_objective  # noqa: E402
 from kd_lightning.data.base import TensorDataModule  # noqa: E402
 from kd_lightning.models import create_model  # noqa: E402
-from kd_lightning.module import DistillationModule  # noqa: E402
-from kd_lightning.objective import Objective, build_objective  # noqa: E402
-from kd_lightning.optim import build_optim  # noqa: E402
-from kd_lightning.store import TapStore, store_key  # noqa: E402
-from kd_lightning.taps import FeatureTaps  # noqa: E402
-from kd_lightning.teacher_cache import TeacherOutputs  # noqa: E402
-from kd_lightning.teachers import TeacherEnsemble  # noqa: E402
+from kd_lightning.models.taps import FeatureTaps  # noqa: E402
+from kd_lightning.teachers.ensemble import TeacherEnsemble  # noqa: E402
+from kd_lightning.teachers.outputs import TeacherOutputs  # noqa: E402
+from kd_lightning.teachers.store import TapStore, store_key  # noqa: E402
 
 T, ALPHA, LR = 4.0, 0.9, 1e-3
 WORKLOADS = {

@@ -127,7 +127,8 @@ def built_module(cfg, data: str):
     """The distillation module a run would train (seeded), and its data module set up for fitting."""
     import pytorch_lightning as pl
 
-    from kd_lightning.build import build_module, build_teacher_ensemble, instantiate_datamodule
+    from kd_lightning.data.from_config import instantiate_datamodule
+    from kd_lightning.engine.build import build_module, build_teacher_ensemble
 
     pl.seed_everything(0)
     dm = instantiate_datamodule(cfg.data)

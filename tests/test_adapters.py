@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from kd_lightning.adapters import Adapter, make_adapter
 from kd_lightning.errors import ConfigError
+from kd_lightning.losses.adapters import Adapter, make_adapter
 
 
 def test_vector_adapter_is_linear_and_trainable():

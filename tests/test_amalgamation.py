@@ -4,7 +4,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kd_lightning.amalgamation import (
+from kd_lightning.data import DigitsDataModule
+from kd_lightning.errors import ConfigError
+from kd_lightning.runners.amalgamation import (
     BlockStage,
     MultiTaskNet,
     check_amalgamation_cfg,
@@ -15,8 +17,6 @@ from kd_lightning.amalgamation import (
     task_labels,
     taylor_channel_weights,
 )
-from kd_lightning.data import DigitsDataModule
-from kd_lightning.errors import ConfigError
 
 TEACHERS = {
     "a": {"tasks": ["digit", "parity"], "channels": [8, 8], "fit": {"max_epochs": 2, "seed": 1}},
@@ -165,20 +165,20 @@ def test_the_student_never_uses_labels(tmp_path):
     [("baseline=true", "baseline=true"), ("evaluate=robustness", "evaluate"), ("perf.compile=true", "perf")],
 )
 def test_settings_the_amalgamation_runner_would_ignore_are_refused(make_cfg, override, named):
-    from kd_lightning.runner import run
+    from kd_lightning.runners.run import run
 
     with pytest.raises(ConfigError, match=f"runner=amalgamation does not use .*{named}"):
         run(make_cfg("experiment=ye2019", "dry_run=true", override, fast=False))
 
 
 def test_amalgamation_dry_run_builds_nothing(make_cfg):
-    from kd_lightning.runner import run
+    from kd_lightning.runners.run import run
 
     assert run(make_cfg("experiment=ye2019", "dry_run=true", fast=False))["status"] == "dry_run"
 
 
 def test_end_to_end_only_skips_the_layer_wise_stages_and_fit_seed_refits_the_teachers(tmp_path, monkeypatch):
-    import kd_lightning.amalgamation as am
+    import kd_lightning.runners.amalgamation as am
 
     def no_stage(*args, **kwargs):
         raise AssertionError("block stage ran with block_epochs=0")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kd_lightning.models import create_model
-from kd_lightning.train import run
+from kd_lightning.runners.run import run
 
 from .conftest import FAST_TRAINER, ROOT, compose_cfg, write_cifar
 
@@ -88,7 +88,7 @@ def test_pair_carries_the_protocol_and_trains_a_batch(
 def test_the_protocols_learning_rate_schedule():
     from omegaconf import OmegaConf
 
-    from kd_lightning.optim import build_optim
+    from kd_lightning.config.optim import build_optim
 
     cfg = compose_cfg(["experiment=cifar100/vgg13_vgg8"], Path("/tmp/unused"), Path("/tmp/unused"))
     setup = build_optim(OmegaConf.to_container(cfg.optim), OmegaConf.to_container(cfg.scheduler))
@@ -174,8 +174,8 @@ def test_fitnet_sp_and_dkd_read_what_the_references_read_in_a_pair(tmp_path, cac
     """FitNet: stage 2 through RepDistiller's ConvReg, MSE; SP: the last stage's maps; DKD: mdistiller's β."""
     import torch.nn.functional as F
 
-    from kd_lightning.objective import build_objective
-    from kd_lightning.taps import FeatureTaps
+    from kd_lightning.core.objective import build_objective
+    from kd_lightning.models.taps import FeatureTaps
 
     cfg = compose_cfg(
         ["experiment=cifar100/vgg13_MobileNetV2", "distill=[fitnet,sp,dkd]"], tmp_path, cache_dir

@@ -78,8 +78,8 @@ def test_torchvision_source_reaches_torchvisions_model_of_the_same_name():
 def test_stage_taps_are_repdistillers_feature_layers_and_expand_multi_layer_terms():
     from types import SimpleNamespace
 
-    from kd_lightning.build import expand_stage_terms
-    from kd_lightning.taps import FeatureTaps
+    from kd_lightning.core.stage_terms import expand_stage_terms
+    from kd_lightning.models.taps import FeatureTaps
 
     x = torch.randn(2, 3, 32, 32)
     resnet = create_model({"name": "resnet8"}, 10, (3, 32, 32)).eval()

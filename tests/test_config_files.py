@@ -2,7 +2,7 @@
 
 import pytest
 
-from kd_lightning.config_files import check_config_dirs, check_config_file, config_dirs_from_argv
+from kd_lightning.config.conf_files import check_config_dirs, check_config_file, config_dirs_from_argv
 from kd_lightning.errors import ConfigError
 
 from .conftest import CONF

@@ -226,7 +226,7 @@ def test_imagefolder_runs_with_class_subset_views_cache_and_robustness(make_cfg,
     import json
 
     from kd_lightning.models import load_model
-    from kd_lightning.runner import run
+    from kd_lightning.runners.run import run
 
     root = write_png_classes(tmp_path / "images", ["a", "b", "c", "d"], 10)
     cfg = make_cfg(
@@ -256,7 +256,7 @@ def test_imagefolder_runs_with_class_subset_views_cache_and_robustness(make_cfg,
 
 @pytest.mark.slow
 def test_imagefolder_feeds_amalgamation(make_cfg, tmp_path: Path):
-    from kd_lightning.runner import run
+    from kd_lightning.runners.run import run
 
     root = write_png_classes(tmp_path / "digits", [str(d) for d in range(10)], 4)
     tiny = [
@@ -286,7 +286,7 @@ def test_caches_follow_the_data_same_size_other_labels_and_an_image_fixed_in_pla
 
     from PIL import Image
 
-    from kd_lightning.runner import run
+    from kd_lightning.runners.run import run
 
     a = write_png_classes(tmp_path / "A", ["cat", "dog"], 12, seed=1)
     b = tmp_path / "B"  # A's images with the labels swapped: same names, same sizes, opposite classes

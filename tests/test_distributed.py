@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_lightning.build import build_module, build_teacher_ensemble, instantiate_datamodule
-from kd_lightning.distributed import num_nodes_from_env, spawns_children, torchrun_argv
+from kd_lightning.data.from_config import instantiate_datamodule
+from kd_lightning.engine.build import build_module, build_teacher_ensemble
+from kd_lightning.engine.distributed import num_nodes_from_env, spawns_children, torchrun_argv
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import load_model
 

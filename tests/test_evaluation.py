@@ -17,7 +17,7 @@ from kd_lightning.evaluation import (
 from kd_lightning.evaluation.corruptions import CONTRAST, DROPOUT, NOISE_STD
 from kd_lightning.evaluation.robustness import robustness_summary
 from kd_lightning.evaluation.run_eval import check_eval_cfg
-from kd_lightning.train import run
+from kd_lightning.runners.run import run
 
 from .conftest import run_cli
 
@@ -89,7 +89,7 @@ def test_evaluate_robustness_in_a_run_and_kd_eval_later_agree(make_cfg, tmp_path
     assert res["metrics"]["student"]["acc"] == pytest.approx(res["test_acc"], abs=1e-6)
     assert set(res["agreement"]) == {"student", "cnn_s", "cnn_l"}  # against the ensemble
     assert (out / "robustness.png").stat().st_size > 0 and (out / "robustness.csv").is_file()
-    proc = run_cli("--severities", "0,2", str(out), cwd=tmp_path, module="kd_lightning.eval_cli")
+    proc = run_cli("--severities", "0,2", str(out), cwd=tmp_path, module="kd_lightning.cli.eval")
     assert proc.returncode == 0, proc.stderr
     again = json.loads((out / "eval" / "evaluation.json").read_text())
     first = json.loads((out / "evaluation.json").read_text())
@@ -97,7 +97,7 @@ def test_evaluate_robustness_in_a_run_and_kd_eval_later_agree(make_cfg, tmp_path
     for model, metrics in first["clean"].items():
         assert again["clean"][model] == pytest.approx(metrics, rel=1e-5)
     assert [r["acc"] for r in again["robustness"]] == pytest.approx([r["acc"] for r in first["robustness"]])
-    bad = run_cli(str(tmp_path / "nowhere"), cwd=tmp_path, module="kd_lightning.eval_cli")
+    bad = run_cli(str(tmp_path / "nowhere"), cwd=tmp_path, module="kd_lightning.cli.eval")
     assert bad.returncode == 2 and "not a finished kd-train run folder" in bad.stderr
 
 
@@ -115,7 +115,7 @@ def test_kd_eval_never_runs_code_from_a_run_folder(make_cfg, tmp_path, payload, 
     """A shared run folder is data: a `_target_` in its recorded config is refused and nothing runs."""
     import yaml
 
-    from kd_lightning.eval_cli import main
+    from kd_lightning.cli.eval import main
 
     res = run(make_cfg("teachers=none", "distill=none", "trainer.max_epochs=1"))
     marker = tmp_path / "pwned"
@@ -129,14 +129,14 @@ def test_kd_eval_never_runs_code_from_a_run_folder(make_cfg, tmp_path, payload, 
     assert stop.value.code == 2
     assert not marker.exists()
     with pytest.raises(ConfigError, match=pattern):
-        from kd_lightning.eval_cli import load_run
+        from kd_lightning.cli.eval import load_run
 
         load_run(tmp_path / "run")
     assert not marker.exists()
 
 
 def test_transforms_come_from_an_allowlist_with_plain_arguments(tmp_path):
-    from kd_lightning.build import instantiate_datamodule
+    from kd_lightning.data.from_config import instantiate_datamodule
 
     marker = tmp_path / "pwned"
     touch = {"_target_": "pathlib.Path.touch", "self": str(marker)}

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf.errors import OmegaConfBaseException
 
-from kd_lightning.config_files import check_config_dirs
+from kd_lightning.config.conf_files import check_config_dirs
 from kd_lightning.errors import ConfigError
-from kd_lightning.train import run
+from kd_lightning.runners.run import run
 
 from .conftest import CONF, FAST, compose_cfg
 

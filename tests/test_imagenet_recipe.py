@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 from kd_lightning.data import ImageFolderDataModule
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import create_model
-from kd_lightning.train import run
+from kd_lightning.runners.run import run
 
 from .conftest import FAST_TRAINER, compose_cfg
 

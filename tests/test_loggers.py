@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kd_lightning.runner import run
+from kd_lightning.runners.run import run
 
 BASE = ("teachers=none", "distill=none", "callbacks=none", "trainer.max_epochs=2")
 

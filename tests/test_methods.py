@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kd_lightning.core.objective import build_objective
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import create_loss
-from kd_lightning.objective import build_objective
 
 torch.set_default_dtype(torch.float32)
 G = torch.Generator().manual_seed(0)
@@ -630,7 +630,7 @@ MULTI_ONLY = {"camkd", "aekd"}  # they weigh two or more teachers: with one, a c
 @pytest.mark.parametrize("teachers", ["two", "one"])
 @pytest.mark.parametrize("name", [*CONFIGS, "[kd,at]", "[crd,kd]"])
 def test_each_method_config_trains_a_few_batches(make_cfg, name, teachers):
-    from kd_lightning.train import run
+    from kd_lightning.runners.run import run
 
     maps = any(m in name for m in MAP_METHODS)
     cfg = make_cfg(
@@ -657,7 +657,7 @@ def test_each_method_config_trains_a_few_batches(make_cfg, name, teachers):
 
 @pytest.mark.slow
 def test_a_gated_feature_term_trains_with_two_teachers_and_its_gate_is_in_the_checkpoint(make_cfg):
-    from kd_lightning.train import run
+    from kd_lightning.runners.run import run
 
     cfg = make_cfg("distill=landro2021", "distill.terms.feat.combine=gate", "trainer.max_epochs=1",
                    "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1")  # fmt: skip

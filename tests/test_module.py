@@ -5,10 +5,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from kd_lightning.build import build_module, build_teacher_ensemble, instantiate_datamodule
+from kd_lightning.data.from_config import instantiate_datamodule
+from kd_lightning.engine.build import build_module, build_teacher_ensemble
+from kd_lightning.engine.trainers import build_trainer
 from kd_lightning.models import load_model
-from kd_lightning.runner import run
-from kd_lightning.trainers import build_trainer
+from kd_lightning.runners.run import run
 
 
 class ModeProbe(pl.Callback):

@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kd_lightning.config.specs import TermSpec
+from kd_lightning.core.objective import Objective, Term, active_terms, build_objective
 from kd_lightning.errors import ConfigError
-from kd_lightning.objective import Objective, Term, active_terms, build_objective
-from kd_lightning.specs import TermSpec
 
 
 def term(combine: str, shapes: dict, weights: dict | None = None, **spec) -> Term:

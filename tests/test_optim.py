@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kd_lightning.config.optim import OptimSetup, build_optim
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.errors import ConfigError
-from kd_lightning.optim import OptimSetup, build_optim
-from kd_lightning.runner import run
+from kd_lightning.runners.run import run
 
 from .conftest import compose_cfg
 

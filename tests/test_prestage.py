@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kd_lightning.engine.prestage import run_pre_stages
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import create_loss
-from kd_lightning.prestage import run_pre_stages
 
 from .conftest import built_module
 
@@ -165,7 +165,7 @@ def test_fsp_trains_the_students_feature_layers_in_its_pre_stage_and_the_fit_ski
     after = module.student.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("layer") for k in changed) and "conv1.weight" in changed
-    from kd_lightning.prestage import PreStageModule, declared_pre_stages
+    from kd_lightning.engine.prestage import PreStageModule, declared_pre_stages
 
     trained = {id(p) for p in PreStageModule(module, declared_pre_stages(module)).parameters_trained()}
     assert not trained & {id(p) for p in module.student.fc.parameters()}  # the classifier stays out
@@ -179,7 +179,7 @@ def test_fsp_trains_the_students_feature_layers_in_its_pre_stage_and_the_fit_ski
 def test_fsp_on_the_generic_cnn_names_the_channels_to_set_or_runs_when_they_match(make_cfg):
     """cnn declares its conv blocks as stages: FSP reads [stem, stage1, stage2] of it."""
     from kd_lightning.errors import ConfigError
-    from kd_lightning.train import run
+    from kd_lightning.runners.run import run
 
     with pytest.raises(ConfigError, match=r"teacher 'cnn_s'.*stage1: 32 vs 16.*student.channels=\[16, 32\]"):
         run(make_cfg("distill=fsp", "student=cnn", "+trainer.fast_dev_run=true"))

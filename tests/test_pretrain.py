@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from kd_lightning.engine.pretrain import resolve_pretrained
 from kd_lightning.errors import ConfigError
-from kd_lightning.pretrain import resolve_pretrained
 
 SOURCE = {"_target_": "kd_lightning.data.DigitsDataModule", "class_subset": [0, 1, 2, 3, 4]}
 
@@ -58,7 +58,7 @@ def test_a_run_given_torchvision_weights_as_pretrained_builds_with_those_weights
     """`student.pretrained=IMAGENET1K_V1` reaches torchvision as weights= (the download is intercepted)."""
     import torchvision
 
-    from kd_lightning.build import resolve_pretrained_models
+    from kd_lightning.engine.build import resolve_pretrained_models
 
     cfg = make_cfg("student=torchvision", "student.name=resnet18", "student.pretrained=IMAGENET1K_V1")
     resolve_pretrained_models(cfg)
@@ -71,7 +71,7 @@ def test_a_run_given_torchvision_weights_as_pretrained_builds_with_those_weights
         return real(name, weights=None, **kw)
 
     monkeypatch.setattr(torchvision.models, "get_model", fake_get_model)
-    from kd_lightning.build import model_spec
+    from kd_lightning.engine.build import model_spec
     from kd_lightning.models import create_model
 
     create_model(model_spec(cfg.student), 10, (1, 8, 8))

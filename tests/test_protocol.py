@@ -7,7 +7,7 @@ import torch
 
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.errors import ConfigError
-from kd_lightning.train import run
+from kd_lightning.runners.run import run
 
 
 class ZeroHeadAtFitEnd(pl.Callback):

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_lightning.config_files import CONF_DIR, _first_job, check_composition
+from kd_lightning.config.conf_files import CONF_DIR, _first_job, check_composition
 from kd_lightning.errors import ConfigError
-from kd_lightning.train import run
+from kd_lightning.runners.run import run
 
 from .conftest import ROOT, compose_cfg
 
@@ -81,8 +81,8 @@ def test_readme_command(command, tmp_path, cache_dir, monkeypatch):
     if args is None:  # kd-report, kd-eval, kd-cache: the entry point exists and knows the options used
         scripts = (ROOT / "pyproject.toml").read_text()
         assert re.search(rf'^{re.escape(words[0])} = "', scripts, flags=re.M), f"no entry point {words[0]}"
-        module = {"kd-report": "report", "kd-eval": "eval_cli", "kd-cache": "cache_cli"}[words[0]]
-        source = (ROOT / "kd_lightning" / f"{module}.py").read_text()
+        module = {"kd-report": "report", "kd-eval": "eval", "kd-cache": "cache"}[words[0]]
+        source = (ROOT / "kd_lightning" / "cli" / f"{module}.py").read_text()
         for option in re.findall(r"--[a-z][a-z-]*", command):
             assert f'"{option}"' in source, f"{words[0]} does not accept {option}"
         return

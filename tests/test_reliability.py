@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_lightning.train import run
+from kd_lightning.runners.run import run
 
 from .conftest import FAST, ROOT
 
@@ -143,7 +143,7 @@ def test_non_finite_loss_stops_with_clear_message_and_keeps_last_good_checkpoint
 
 
 def test_results_json_is_written_atomically(tmp_path):
-    from kd_lightning.results import write_json_atomic
+    from kd_lightning.runners.results import write_json_atomic
 
     path = write_json_atomic(tmp_path / "r.json", {"a": float("nan"), "b": [1.0, math.inf]})
     assert json.loads(path.read_text()) == {"a": None, "b": [1.0, None]}  # valid JSON, no NaN tokens

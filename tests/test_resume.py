@@ -1,4 +1,4 @@
-"""resume=auto against a changed config, SLURM requeues, and what dry_run builds (kd_lightning.resume)."""
+"""resume=auto against a changed config, SLURM requeues, and what dry_run builds (kd_lightning.engine.resume)."""
 
 import json
 import os
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from kd_lightning.engine.resume import newest_checkpoint, resume_mode
 from kd_lightning.errors import ConfigError
-from kd_lightning.resume import newest_checkpoint, resume_mode
-from kd_lightning.train import run
+from kd_lightning.runners.run import run
 
 from .conftest import FAST, compose_cfg
 

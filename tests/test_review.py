@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kd_lightning.engine.prestage import run_pre_stages
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import create_loss
 from kd_lightning.models import create_model
-from kd_lightning.prestage import run_pre_stages
-from kd_lightning.taps import FeatureTaps
+from kd_lightning.models.taps import FeatureTaps
 
 from .conftest import built_module
 
@@ -36,7 +36,7 @@ def rand(*shape: int) -> torch.Tensor:
 )
 def test_preact_taps_are_each_stage_before_its_last_relu(name, shape, post):
     model = create_model({"name": name}, 10, shape).eval()
-    from kd_lightning.taps import stages
+    from kd_lightning.models.taps import stages
 
     k = len(stages(model))
     keys = [f"stage{i}" for i in range(1, k + 1)] + [f"preact{i}" for i in range(1, k + 1)]
@@ -53,7 +53,7 @@ def test_preact_taps_are_each_stage_before_its_last_relu(name, shape, post):
 
 
 def test_a_model_without_pre_activations_and_an_unknown_wildcard_are_clear_errors():
-    from kd_lightning.build import expand_stage_terms
+    from kd_lightning.core.stage_terms import expand_stage_terms
 
     mlp = create_model({"name": "mlp"}, 10, (1, 8, 8))
     with pytest.raises(ConfigError, match="declares no pre-activation features"):

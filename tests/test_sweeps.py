@@ -6,11 +6,11 @@ import os
 import pytest
 from omegaconf import OmegaConf
 
+from kd_lightning.cli.report import write_report
+from kd_lightning.config.resolvers import register_resolvers
+from kd_lightning.config.sweeps import sweep_string, teacher_subsets
 from kd_lightning.errors import ConfigError
-from kd_lightning.report import write_report
-from kd_lightning.resolvers import register_resolvers
-from kd_lightning.results import teacher_set_label
-from kd_lightning.sweeps import sweep_string, teacher_subsets
+from kd_lightning.runners.results import teacher_set_label
 
 from .conftest import FAST, ROOT, compose_cfg, run_cli
 
@@ -46,7 +46,7 @@ def test_sweep_config_expands_the_chosen_pool(tmp_path, cache_dir):
 
 def test_the_no_teacher_point_trains_the_student_alone(tmp_path, cache_dir):
     """teachers.use=[] (sweep_include_none=true): the job's distill terms go, CE with weight 1 stays."""
-    from kd_lightning.train import run
+    from kd_lightning.runners.run import run
 
     cfg = compose_cfg(
         ["experiment=landro2021", "teachers.use=[]", "dry_run=true", "logger=none"], tmp_path, cache_dir
@@ -101,7 +101,7 @@ def test_parallel_teacher_subset_sweep_report_and_notebook(tmp_path, cache_dir):
     ):
         assert (sweep / name).stat().st_size > 0, name
 
-    cli = run_cli(str(sweep), "--out", str(tmp_path / "rep"), cwd=ROOT, module="kd_lightning.report")
+    cli = run_cli(str(sweep), "--out", str(tmp_path / "rep"), cwd=ROOT, module="kd_lightning.cli.report")
     assert cli.returncode == 0 and "cnn_s+cnn_l" in cli.stdout and "(tied)" in cli.stdout  # n = 1: no winner
 
     nbformat = pytest.importorskip("nbformat")

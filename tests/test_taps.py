@@ -4,7 +4,7 @@ from torch import nn
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import create_model
-from kd_lightning.taps import FeatureTaps, resolve_tap
+from kd_lightning.models.taps import FeatureTaps, resolve_tap
 
 
 def net() -> nn.Module:

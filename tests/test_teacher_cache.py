@@ -9,11 +9,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from kd_lightning.build import build_module, build_teacher_ensemble, instantiate_datamodule
 from kd_lightning.data.batch import Batch
+from kd_lightning.data.from_config import instantiate_datamodule
+from kd_lightning.engine.build import build_module, build_teacher_ensemble
 from kd_lightning.models import load_model, save_model
-from kd_lightning.store import TapStore, store_key
-from kd_lightning.teacher_cache import Ranks, TeacherOutputs
+from kd_lightning.teachers.outputs import Ranks, TeacherOutputs
+from kd_lightning.teachers.store import TapStore, store_key
 
 
 class RecordLosses(pl.Callback):
@@ -286,7 +287,7 @@ def test_kd_cache_fills_the_stores_and_the_run_after_it_runs_no_teacher(tmp_path
 
     env = {"KD_CACHE_DIR": str(cache_dir), "KD_OUTPUT_ROOT": str(tmp_path / "out")}
     stores = [f"teacher_cache.dir={tmp_path / 'stores'}", "teacher_cache.mode=disk"]
-    filled = run_cli(*FAST, *stores, cwd=ROOT, env=env, module="kd_lightning.cache_cli")
+    filled = run_cli(*FAST, *stores, cwd=ROOT, env=env, module="kd_lightning.cli.cache")
     assert filled.returncode == 0, filled.stderr[-3000:]
     assert "teacher passes computed" in filled.stdout and len(list((tmp_path / "stores").rglob("*.bin"))) == 2
     run = run_cli(*FAST, *stores, f"hydra.run.dir={tmp_path / 'run'}", cwd=ROOT, env=env)
@@ -297,13 +298,13 @@ def test_kd_cache_fills_the_stores_and_the_run_after_it_runs_no_teacher(tmp_path
     raw = bytearray(victim.read_bytes())
     raw[len(raw) // 2 : len(raw) // 2 + 8] = bytes(b ^ 0x5A for b in raw[len(raw) // 2 : len(raw) // 2 + 8])
     victim.write_bytes(bytes(raw))
-    verified = run_cli("--verify", *FAST, *stores, cwd=ROOT, env=env, module="kd_lightning.cache_cli")
+    verified = run_cli("--verify", *FAST, *stores, cwd=ROOT, env=env, module="kd_lightning.cli.cache")
     assert verified.returncode == 0, verified.stderr[-3000:]
     assert "1 block(s) did not match their checksums and were recomputed" in verified.stdout
     assert "blocks do not match their checksums" in verified.stdout + verified.stderr  # the one line
-    clean = run_cli("--verify", *FAST, *stores, cwd=ROOT, env=env, module="kd_lightning.cache_cli")
+    clean = run_cli("--verify", *FAST, *stores, cwd=ROOT, env=env, module="kd_lightning.cli.cache")
     assert "all match" in clean.stdout and "0 teacher passes computed" in clean.stdout
-    wrong = run_cli(*FAST, cwd=ROOT, env=env, module="kd_lightning.cache_cli")  # mode memory
+    wrong = run_cli(*FAST, cwd=ROOT, env=env, module="kd_lightning.cli.cache")  # mode memory
     assert wrong.returncode == 2 and "set teacher_cache.mode=disk" in wrong.stderr
 
 
@@ -313,7 +314,7 @@ BOUNDS = {"float16": 2e-3, "bfloat16": 1e-2}
 
 def test_compact_stores_change_each_loss_within_the_documented_bounds(make_cfg):
     from kd_lightning.losses import create_loss
-    from kd_lightning.store import stored_as
+    from kd_lightning.teachers.store import stored_as
 
     cfg = make_cfg()
     dm = instantiate_datamodule(cfg.data)
@@ -357,8 +358,8 @@ def test_compact_stores_change_each_loss_within_the_documented_bounds(make_cfg):
 
 def test_topk_store_round_trip_and_refuses_feature_taps(make_cfg, tmp_path):
     from kd_lightning.errors import ConfigError
-    from kd_lightning.runner import run
-    from kd_lightning.store import TopKLogitsStore, stored_as
+    from kd_lightning.runners.run import run
+    from kd_lightning.teachers.store import TopKLogitsStore, stored_as
 
     logits = torch.randn(6, 10) * 3
     store = TopKLogitsStore(_key(), 10, 3, tmp_path, "t-logits")
@@ -402,7 +403,7 @@ def test_sigkill_during_the_precompute_then_a_rerun_completes_the_same_store(tmp
     env = {**os.environ, "KD_CACHE_DIR": str(cache_dir), "KD_OUTPUT_ROOT": str(tmp_path / "out")}
 
     def kd_cache(folder, **kw):
-        cmd = [sys.executable, "-m", "kd_lightning.cache_cli", *args, f"teacher_cache.dir={folder}"]
+        cmd = [sys.executable, "-m", "kd_lightning.cli.cache", *args, f"teacher_cache.dir={folder}"]
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
     whole = kd_cache(tmp_path / "whole")
@@ -472,7 +473,7 @@ def test_a_disk_store_that_does_not_fit_is_one_clear_error_before_anything_is_ma
     import errno
     import os
 
-    from kd_lightning.store import StoreSpaceError
+    from kd_lightning.teachers.store import StoreSpaceError
 
     from .conftest import small_filesystem
 
@@ -523,7 +524,7 @@ def test_a_sweep_job_whose_store_does_not_fit_fails_clearly_and_the_others_run(t
 def test_flipped_bytes_in_a_store_are_caught_and_only_their_block_recomputed(tmp_path, monkeypatch, caplog):
     import logging
 
-    import kd_lightning.store as store_module
+    import kd_lightning.teachers.store as store_module
 
     monkeypatch.setattr(store_module, "BLOCK_BYTES", 4 * 3 * 4)  # 4 rows of 3 float32 a block: 3 blocks
     values = torch.randn(10, 3)

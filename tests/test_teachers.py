@@ -5,10 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_lightning.config.specs import MemberSpec, parse
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import create_model, save_model
-from kd_lightning.specs import MemberSpec, parse
-from kd_lightning.teachers import TeacherEnsemble, build_teachers, teacher_cache_path
+from kd_lightning.teachers.ensemble import TeacherEnsemble
+from kd_lightning.teachers.members import build_teachers, teacher_cache_path
 
 
 def small_teacher(seed: int) -> nn.Module:
@@ -142,7 +143,7 @@ def test_unknown_member_key_is_reported(tmp_path: Path):
 
 def test_teacher_fit_seed_refits_every_fitted_member_with_shifted_seeds(make_cfg):
     """teachers.fit_seed: one sweep axis for teacher variance; each fit is cached apart, 0 is the default set."""
-    from kd_lightning.train import run
+    from kd_lightning.runners.run import run
 
     base = run(make_cfg("dry_run=true"))
     shifted = run(make_cfg("dry_run=true", "teachers.fit_seed=1"))
@@ -155,7 +156,7 @@ def test_teacher_fit_seed_refits_every_fitted_member_with_shifted_seeds(make_cfg
 
 def test_teacher_fit_seed_with_only_teachers_from_files_is_refused(make_cfg, tmp_path):
     from kd_lightning.models import create_model, save_model
-    from kd_lightning.train import run
+    from kd_lightning.runners.run import run
 
     spec = {"name": "cnn", "channels": [4, 8]}
     path = save_model(create_model(spec, 10, (1, 8, 8)), tmp_path / "t.pt", spec, 10, (1, 8, 8))
@@ -165,7 +166,7 @@ def test_teacher_fit_seed_with_only_teachers_from_files_is_refused(make_cfg, tmp
 
 
 def test_random_weights_teacher_is_an_untrained_seeded_control(make_cfg, tmp_path):
-    from kd_lightning.train import run
+    from kd_lightning.runners.run import run
 
     r = run(make_cfg("teachers.use=[cnn_s]", "teachers.members.cnn_s.random_weights=true", "distill=kd"))
     assert r["status"] == "ok" and r["teacher_checkpoints"] == {"cnn_s": "random weights (seed 101)"}
@@ -187,9 +188,9 @@ def test_random_weights_teacher_is_an_untrained_seeded_control(make_cfg, tmp_pat
 
 def test_a_teacher_fit_does_not_depend_on_the_seed_of_the_run_that_fitted_it():
     """The cache key has no run seed, so the fit must not have one either: its batches follow its own seed."""
+    from kd_lightning.config.specs import FitSpec
     from kd_lightning.data import DigitsDataModule
-    from kd_lightning.fitting import fit_model
-    from kd_lightning.specs import FitSpec
+    from kd_lightning.engine.fitting import fit_model
 
     fit = FitSpec(max_epochs=1, lr=0.01, seed=7)
     weights = []

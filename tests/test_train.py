@@ -10,7 +10,7 @@ import pytest
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import create_model, save_model
-from kd_lightning.train import run
+from kd_lightning.runners.run import run
 
 from .conftest import FAST, ROOT, run_cli
 
@@ -261,7 +261,7 @@ def test_ye2019_runs_without_labels_and_reports_each_chosen_task(make_cfg):
 
 
 def test_a_torchvision_name_as_student_choice_names_the_way_to_choose_it():
-    from kd_lightning.config_files import CONF_DIR, check_composition
+    from kd_lightning.config.conf_files import CONF_DIR, check_composition
 
     with pytest.raises(
         ConfigError, match=r"'resnet18' is a torchvision model: student=torchvision student.name=resnet18"

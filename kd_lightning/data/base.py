@@ -19,10 +19,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from kd_lightning.config.specs import AugmentSpec, parse
 from kd_lightning.data.batch import Batch, collate_samples
 from kd_lightning.data.fingerprint import Listings, content_digest
 from kd_lightning.errors import ConfigError, as_float, as_int, as_seed
-from kd_lightning.specs import AugmentSpec, parse
 
 
 class EpochSeededSampler(DistributedSampler):

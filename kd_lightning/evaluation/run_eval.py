@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from kd_lightning.config.specs import EvalSpec, parse
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError
 from kd_lightning.evaluation.corruptions import check_corruptions
 from kd_lightning.evaluation.robustness import Predictor, evaluate_models, plot_robustness, robustness_table
-from kd_lightning.specs import EvalSpec, parse
-from kd_lightning.teachers import TeacherEnsemble
+from kd_lightning.teachers.ensemble import TeacherEnsemble
 
 
 def check_eval_cfg(cfg: Mapping[str, Any] | None, input_shape: tuple[int, ...]) -> EvalSpec:

@@ -19,8 +19,8 @@ from torch import nn
 
 from kd_lightning.errors import ConfigError, as_float, as_int
 from kd_lightning.losses.maps import pool_to_smaller
+from kd_lightning.losses.protocol import PreStage
 from kd_lightning.losses.registry import register_loss
-from kd_lightning.prestage import PreStage
 
 
 def _layers(dims: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning.errors import ConfigError, as_float, as_int
+from kd_lightning.losses.protocol import PreStage
 from kd_lightning.losses.registry import register_loss
-from kd_lightning.prestage import PreStage
 
 
 def _check_map(x: torch.Tensor, method: str) -> None:
@@ -139,7 +139,7 @@ class FSP(nn.Module):
     matrices G between consecutive maps of the list [stem, stage1, …, stageK] (taps `all_stages`), and the
     sum over pairs of the mean squared difference between the student's and the teacher's G. RepDistiller
     trains it only in its init stage (the student's layers but the classifier, 30 epochs) and sets it to 0
-    afterwards: here the pre-stage (kd_lightning.prestage, `only`), the term's weight scaling it. Each map
+    afterwards: here the pre-stage (kd_lightning.engine.prestage, `only`), the term's weight scaling it. Each map
     must have as many channels in the student as in the teacher (RepDistiller refuses other pairs)."""
 
     shape_free = True

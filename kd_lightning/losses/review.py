@@ -8,7 +8,7 @@
   summed over every element, weighted 2^(i − n + 1) for stage i of n (the deepest 1, each shallower half
   the next), divided by the batch size and scaled by 3/1000. RepDistiller trains it only in its init stage
   (connector and the student's layers but its classifier, 30 epochs) and adds no term afterwards: here the
-  pre-stage (kd_lightning.prestage, `only`), the term's weight scaling it. Taps [preact*] on both sides.
+  pre-stage (kd_lightning.engine.prestage, `only`), the term's weight scaling it. Taps [preact*] on both sides.
 - `reviewkd`, "Distilling knowledge via knowledge review" (Chen et al., CVPR 2021), as mdistiller runs it.
   The student's stage maps (after their ReLU) and its globally pooled last map are fused from the deepest
   level up by attention-based fusion (ABF): at each level a 1×1 convolution + BN to `mid` channels
@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_lightning.adapters import ConvReg
 from kd_lightning.errors import ConfigError, as_float, as_int
+from kd_lightning.losses.adapters import ConvReg
+from kd_lightning.losses.protocol import PreStage
 from kd_lightning.losses.registry import register_loss
-from kd_lightning.prestage import PreStage
 
 
 def _map_lists(

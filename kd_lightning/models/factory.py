@@ -11,7 +11,13 @@ from torch import nn
 from kd_lightning.errors import ConfigError, choices
 from kd_lightning.models.registry import call_model_fn, get_model_fn, list_models
 from kd_lightning.models.torchvision_adapter import torchvision_model, torchvision_names
-from kd_lightning.models.weights import load_pretrained, load_weights
+from kd_lightning.models.weights import (
+    MODEL_FILE_FORMAT,
+    check_fits,
+    load_pretrained,
+    load_weights,
+    safe_load,
+)
 
 # Keys of a model spec that are not arguments of the architecture function.
 SPEC_KEYS = {"name", "source", "checkpoint", "weights", "small_input", "taps", "pretrained"}
@@ -66,3 +72,32 @@ def _pretrained_path(value: Any, name: str) -> str:
         f"model {name!r}: pretrained must be a checkpoint path here, got {value!r} (a pretrained mapping "
         "{checkpoint, fit_if_missing, data, fit} is resolved by kd-train before the model is built)"
     )
+
+
+def load_model(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a model saved by `save_model` (a student exported by kd-train loads alone, no teachers)."""
+    obj = safe_load(path)
+    if not (isinstance(obj, Mapping) and obj.get("format") == MODEL_FILE_FORMAT):
+        raise ConfigError(f"{path} is not a kd_lightning model file (format {MODEL_FILE_FORMAT!r})")
+    arch = dict(obj["arch"])
+    arch.pop("weights", None)  # the file holds the weights already
+    arch.pop("pretrained", None)
+    try:
+        model = create_model(arch, int(obj["num_classes"]), tuple(obj["input_shape"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(
+            f"{path}: its recorded architecture cannot be built ({type(e).__name__}: {e})"
+        ) from None
+    sd = obj.get("state_dict")
+    if not isinstance(sd, Mapping):
+        raise ConfigError(f"{path} holds no state_dict; expected a model file written by kd_lightning")
+    try:
+        check_fits(model, sd, path, "load_model", None, None)
+    except ConfigError as e:
+        detail = str(e).rsplit(" (", 1)[-1].rstrip(")")
+        raise ConfigError(
+            f"{path}: its weights do not fit the architecture it records ({dict(arch)}): {detail}; the file "
+            "was edited or damaged, export it again"
+        ) from None
+    model.load_state_dict(sd, strict=True)
+    return model

@@ -109,12 +109,12 @@ def load_weights(
             f"{model.get_submodule(head[: -len('.weight')]).out_features} classes; use a checkpoint made for this dataset"
         )
     file_arch = obj.get("arch") if isinstance(obj, Mapping) else None
-    _check_fits(model, sd, path, owner, file_arch, arch)
+    check_fits(model, sd, path, owner, file_arch, arch)
     model.load_state_dict(sd, strict=True)
     return dict(obj) if isinstance(obj, Mapping) else {}
 
 
-def _check_fits(
+def check_fits(
     model: nn.Module,
     sd: Mapping[str, torch.Tensor],
     path: str | os.PathLike,
@@ -170,34 +170,3 @@ def save_model(
         "meta": dict(meta or {}),
     }
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
-
-
-def load_model(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a model saved by `save_model` (a student exported by kd-train loads alone, no teachers)."""
-    obj = safe_load(path)
-    if not (isinstance(obj, Mapping) and obj.get("format") == MODEL_FILE_FORMAT):
-        raise ConfigError(f"{path} is not a kd_lightning model file (format {MODEL_FILE_FORMAT!r})")
-    from kd_lightning.models.factory import create_model
-
-    arch = dict(obj["arch"])
-    arch.pop("weights", None)  # the file holds the weights already
-    arch.pop("pretrained", None)
-    try:
-        model = create_model(arch, int(obj["num_classes"]), tuple(obj["input_shape"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(
-            f"{path}: its recorded architecture cannot be built ({type(e).__name__}: {e})"
-        ) from None
-    sd = obj.get("state_dict")
-    if not isinstance(sd, Mapping):
-        raise ConfigError(f"{path} holds no state_dict; expected a model file written by kd_lightning")
-    try:
-        _check_fits(model, sd, path, "load_model", None, None)
-    except ConfigError as e:
-        detail = str(e).rsplit(" (", 1)[-1].rstrip(")")
-        raise ConfigError(
-            f"{path}: its weights do not fit the architecture it records ({dict(arch)}): {detail}; the file "
-            "was edited or damaged, export it again"
-        ) from None
-    model.load_state_dict(sd, strict=True)
-    return model

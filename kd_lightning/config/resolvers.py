@@ -1,11 +1,11 @@
-"""OmegaConf resolvers used by the configs; registered when kd_lightning.train is imported."""
+"""OmegaConf resolvers used by the configs; registered by the commands (kd_lightning.cli)."""
 
 from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from kd_lightning.distributed import num_nodes_from_env
-from kd_lightning.sweeps import resolve_subsets
+from kd_lightning.config.sweeps import resolve_subsets
+from kd_lightning.engine.distributed import num_nodes_from_env
 
 RESOLVERS = {
     "kd_subsets": resolve_subsets,  # ${kd_subsets:${teachers.members}[,min[,max]]} → "[a],[b],[a,b]"

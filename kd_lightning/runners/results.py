@@ -73,8 +73,8 @@ def teacher_set_label(cfg: DictConfig) -> str:
 
 
 def distance_label(cfg: DictConfig) -> str:
-    from kd_lightning.build import no_teacher_point
-    from kd_lightning.objective import active_terms
+    from kd_lightning.core.objective import active_terms
+    from kd_lightning.engine.build import no_teacher_point
 
     if no_teacher_point(cfg):
         return "none"

@@ -5,146 +5,35 @@ Everything here runs before training, so configuration errors surface before the
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
-from hydra.errors import InstantiationException
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from torch import nn
 
+from kd_lightning.config.hydra import to_dict
+from kd_lightning.config.optim import build_optim
+from kd_lightning.config.specs import CacheSpec, FitSpec, PerfSpec, parse
+from kd_lightning.core.module import DistillationModule
+from kd_lightning.core.objective import Objective, build_objective
+from kd_lightning.core.stage_terms import expand_stage_terms
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.data.fingerprint import data_key
-from kd_lightning.errors import ConfigError, choices
-from kd_lightning.fitting import fit_accelerator, fit_model
+from kd_lightning.data.from_config import instantiate_datamodule
+from kd_lightning.engine.fitting import fit_accelerator, fit_model
+from kd_lightning.engine.pretrain import resolve_pretrained
+from kd_lightning.errors import ConfigError
 from kd_lightning.models import create_model
-from kd_lightning.module import DistillationModule
-from kd_lightning.objective import Objective, build_objective
-from kd_lightning.optim import build_optim
-from kd_lightning.pretrain import resolve_pretrained
-from kd_lightning.specs import CacheSpec, FitSpec, PerfSpec, parse
-from kd_lightning.store import TapStore, TopKLogitsStore, file_digest, model_digest, store_key
-from kd_lightning.taps import FeatureTaps, stages
-from kd_lightning.teacher_cache import TeacherOutputs
-from kd_lightning.teachers import TeacherEnsemble, build_teachers
+from kd_lightning.models.taps import FeatureTaps
+from kd_lightning.teachers.ensemble import TeacherEnsemble
+from kd_lightning.teachers.members import build_teachers
+from kd_lightning.teachers.outputs import TeacherOutputs
+from kd_lightning.teachers.store import TapStore, TopKLogitsStore, file_digest, model_digest, store_key
 
 log = logging.getLogger(__name__)
-
-
-def to_dict(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig | ListConfig) else cfg
-
-
-def instantiate(cfg: Any, where: str, **kwargs: Any) -> Any:
-    """hydra.utils.instantiate, with our own ConfigErrors unwrapped and other failures named by key."""
-    try:
-        return hydra.utils.instantiate(cfg, **kwargs)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, ConfigError):
-            raise e.__cause__ from None
-        raise ConfigError(f"{where}: {e}".replace("\n", " ")) from None
-
-
-# The datamodules of kd_lightning.data, under every name a config may give them.
-def our_datamodules() -> dict[str, type[TensorDataModule]]:
-    import kd_lightning.data as data
-
-    out: dict[str, type[TensorDataModule]] = {}
-    for name in data.__all__:
-        cls = getattr(data, name)
-        if isinstance(cls, type) and issubclass(cls, TensorDataModule) and cls is not TensorDataModule:
-            out[f"kd_lightning.data.{name}"] = cls
-            out[f"{cls.__module__}.{cls.__qualname__}"] = cls
-    return out
-
-
-TRANSFORM_KEYS = ("train_transforms", "eval_transforms")
-
-
-def datamodule_class(target: Any, allowed: Iterable[str] | None = None) -> type[TensorDataModule]:
-    """The class `data._target_` names. `allowed=None` (kd-train: the user's own config): ours, or any
-    TensorDataModule subclass. Otherwise (a run folder read back by kd-eval) only ours and the names in
-    `allowed`, checked before anything is imported: a recorded config is data, never code."""
-    if not isinstance(target, str) or not target:
-        raise ConfigError("data._target_ is missing: pick a dataset with data=<name>")
-    ours = our_datamodules()
-    if target in ours:
-        return ours[target]
-    if allowed is not None and target not in set(allowed):
-        names = sorted(n for n in ours if n.count(".") == 2)
-        raise ConfigError(
-            f"data._target_={target!r} is not one of kd_lightning's datamodules ({', '.join(names)}); a class "
-            "of your own is used only when you name it on the command line (kd-eval --datamodule CLASS)"
-        )
-    try:
-        cls = hydra.utils.get_class(target)
-    except Exception as e:
-        raise ConfigError(f"data._target_={target!r} cannot be imported: {e}".replace("\n", " ")) from None
-    if not (isinstance(cls, type) and issubclass(cls, TensorDataModule)):
-        raise ConfigError(
-            f"data._target_={target!r} is not a TensorDataModule subclass (kd_lightning.data.TensorDataModule)"
-        )
-    return cls
-
-
-def _nested_target(value: Any, where: str) -> str | None:
-    """The key of the first `_target_` nested anywhere in `value`, or None."""
-    if isinstance(value, Mapping):
-        if "_target_" in value:
-            return where
-        for k, v in value.items():
-            found = _nested_target(v, f"{where}.{k}")
-            if found:
-                return found
-    elif isinstance(value, list | tuple):
-        for i, v in enumerate(value):
-            found = _nested_target(v, f"{where}[{i}]")
-            if found:
-                return found
-    return None
-
-
-def instantiate_datamodule(
-    data_cfg: Mapping[str, Any], allowed: Iterable[str] | None = None
-) -> TensorDataModule:
-    """`data` as its datamodule. Unknown keys are a ConfigError listing the valid ones; the class comes from
-    `datamodule_class` (see `allowed`); no value is instantiated: a `_target_` nested in a value is refused
-    (Hydra's recursive instantiation would run it), and the transform lists are built by the datamodule from
-    an allowlist of torchvision transforms (kd_lightning.data.vision.image_pipeline)."""
-    data_cfg = dict(to_dict(data_cfg))
-    data_cfg.pop("name", None)
-    cls = datamodule_class(data_cfg.pop("_target_", None), allowed)
-    valid = set()
-    for klass in cls.__mro__:
-        if klass is object or not hasattr(klass, "__init__"):
-            continue
-        valid |= {p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "kwargs")}
-        if klass is TensorDataModule:
-            break
-    unknown = sorted(set(data_cfg) - valid - {"_partial_", "_convert_", "_recursive_"})
-    if unknown:
-        raise ConfigError(
-            f"data has unknown key(s) {unknown}; valid keys for {cls.__name__}: {choices(valid)}"
-        )
-    for key in ("_partial_", "_convert_", "_recursive_"):
-        data_cfg.pop(key, None)
-    for key, value in data_cfg.items():
-        if key in TRANSFORM_KEYS:
-            continue
-        found = _nested_target(value, f"data.{key}")
-        if found:
-            raise ConfigError(
-                f"{found} holds a _target_: data values are settings, never objects to build (only "
-                f"data.train_transforms / data.eval_transforms name classes, from torchvision's transforms)"
-            )
-    try:
-        return cls(**data_cfg)
-    except TypeError as e:
-        raise ConfigError(f"data ({cls.__name__}): {e}") from None
 
 
 def model_spec(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -283,90 +172,6 @@ def build_module(
         teacher_outputs=outputs,
         channels_last=perf.channels_last and images,
     )
-
-
-def expand_stage_terms(
-    distill: Mapping[str, Any], student: nn.Module, teachers: TeacherEnsemble | None
-) -> dict[str, Any]:
-    """A term whose taps are `stages` becomes one term per stage, `<name>1` … `<name>K`, each with the
-    term's weight: RepDistiller sums AT's and NST's per-stage losses and weighs the sum. K is the fewest
-    stages among the student and the teachers (RepDistiller zips the two lists); a model that declares no
-    stages has one, its last feature map (kd_lightning.taps.stages). A term whose taps are `all_stages`
-    stays one term and reads the list [stem, stage1, …, stageK] (FSP's consecutive pairs). In a list of
-    taps, `stage*` and `preact*` become stage1 … stageK and preact1 … preactK (ReviewKD, AB)."""
-    terms = distill.get("terms") or {}
-
-    def wildcard(tap: Any) -> bool:
-        return (
-            isinstance(tap, Sequence) and not isinstance(tap, str) and any(str(x).endswith("*") for x in tap)
-        )
-
-    staged = [
-        n
-        for n, t in terms.items()
-        if isinstance(t, Mapping)
-        and any(
-            t.get(k) in ("stages", "all_stages") or wildcard(t.get(k)) for k in ("student_tap", "teacher_tap")
-        )
-    ]
-    if not staged:
-        return dict(distill)
-    models = [student, *(teachers.members.values() if teachers is not None else [])]
-    n_stages = min(len(stages(m)) for m in models)
-    expanded: dict[str, Any] = {}
-    for name, term in terms.items():
-        if name not in staged:
-            expanded[name] = term
-            continue
-        if any(wildcard(term.get(k)) for k in ("student_tap", "teacher_tap")):
-            expanded[name] = {
-                **term,
-                **{
-                    k: _expand_taps(term.get(k), k, name, n_stages)
-                    for k in ("student_tap", "teacher_tap")
-                    if term.get(k) is not None
-                },
-            }
-            continue
-        if term.get("student_tap") == "all_stages":  # one term reading [stem, stage1, …, stageK] (FSP)
-            if (term.get("teacher_tap") or "all_stages") != "all_stages":
-                raise ConfigError(
-                    f"distill.terms.{name}: student_tap all_stages needs teacher_tap all_stages, got "
-                    f"{term.get('teacher_tap')!r}"
-                )
-            taps = ["stem", *(f"stage{i}" for i in range(1, n_stages + 1))]
-            expanded[name] = {**term, "student_tap": taps, "teacher_tap": taps}
-            continue
-        if (term.get("student_tap"), term.get("teacher_tap") or "stages") != ("stages", "stages"):
-            raise ConfigError(
-                f"distill.terms.{name}: student_tap and teacher_tap must both be 'stages' (one term per stage), "
-                f"got {term.get('student_tap')!r} and {term.get('teacher_tap')!r}"
-            )
-        for i in range(1, n_stages + 1):
-            expanded[f"{name}{i}"] = {**term, "student_tap": f"stage{i}", "teacher_tap": f"stage{i}"}
-    return {**distill, "terms": expanded}
-
-
-_WILDCARDS = ("stage*", "preact*")
-
-
-def _expand_taps(taps: Any, key: str, name: str, k: int) -> list[str]:
-    if isinstance(taps, str):
-        raise ConfigError(
-            f"distill.terms.{name}.{key}={taps!r}: the other tap is a list with stage* or preact*; make this one "
-            "a list too"
-        )
-    out: list[str] = []
-    for tap in map(str, taps):
-        if tap.endswith("*"):
-            if tap not in _WILDCARDS:
-                raise ConfigError(
-                    f"distill.terms.{name}.{key}: unknown wildcard {tap!r}; valid: {', '.join(_WILDCARDS)}"
-                )
-            out += [f"{tap[:-1]}{i}" for i in range(1, k + 1)]
-        else:
-            out.append(tap)
-    return out
 
 
 def apply_perf(perf: PerfSpec, models: Iterable[nn.Module], images: bool) -> None:

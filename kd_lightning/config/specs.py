@@ -172,7 +172,7 @@ class FitSpec:
                 f"{where}.lr and {where}.weight_decay set the default Adam fit; with {where}.optim given, "
                 f"set them inside it ({where}.optim.lr, {where}.optim.weight_decay)"
             )
-        from kd_lightning.optim import build_optim
+        from kd_lightning.config.optim import build_optim
 
         try:
             build_optim(self.optim, self.scheduler)

@@ -1,4 +1,5 @@
-"""Pre-stages: what a method trains before distillation starts, one mechanism for every method.
+"""Pre-stages: what a method trains before distillation starts, one mechanism for every method (the
+record a loss returns, `PreStage`, is kd_lightning.losses.protocol's).
 
 Some methods need a part trained first (RepDistiller's `init` stage, 30 epochs). A loss class declares it
 by a method `pre_stage() -> PreStage`: the stage's loss on (adapted student feature, teacher target),
@@ -15,26 +16,18 @@ A resumed run skips it: what it trained is in the checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # imported at run time by the callers; avoids a cycle with kd_lightning.losses
-    from kd_lightning.module import DistillationModule
+from kd_lightning.losses.protocol import PreStage
 
-
-@dataclass(frozen=True)
-class PreStage:
-    epochs: int
-    loss: Callable[[Any, Any], torch.Tensor]  # (adapted student feature(s), teacher target(s))
-    module: nn.Module | None = None  # trained in the stage, frozen (requires_grad False) outside it
-    student: bool = False  # the student's layers except its classifier train too
-    only: bool = False  # the term acts in this stage alone (weighted by the term's weight)
+if TYPE_CHECKING:
+    from kd_lightning.core.module import DistillationModule
 
 
 def student_feature_parameters(student: nn.Module) -> list[nn.Parameter]:
@@ -105,7 +98,7 @@ class PreStageModule(pl.LightningModule):
 
 def run_pre_stages(distill: DistillationModule, dm: Any, accelerator: str) -> dict[str, Any]:
     """Trains every pre-stage the objective declares; returns what results.json records (empty if none)."""
-    from kd_lightning.fitting import quiet_trainer
+    from kd_lightning.engine.fitting import quiet_trainer
 
     stages = declared_pre_stages(distill)
     if not stages:

@@ -21,10 +21,11 @@ from kd_lightning.errors import ConfigError
 
 
 def _find_conf_dir() -> Path:
-    packaged = Path(__file__).resolve().parent / "conf"
+    package = Path(__file__).resolve().parents[1]  # kd_lightning/
+    packaged = package / "conf"
     if (packaged / "train.yaml").is_file():
         return packaged
-    return Path(__file__).resolve().parents[1] / "conf"
+    return package.parent / "conf"
 
 
 CONF_DIR = _find_conf_dir()

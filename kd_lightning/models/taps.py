@@ -9,7 +9,7 @@ A tap spec is one of:
 - `<module name>:input`: that module's (first) input;
 - `stage<k>`: the k-th stage's output of a model that declares its stages (`stage_taps`, the CIFAR zoo:
   layer1..3 of a CIFAR ResNet, ...); `stage1` of any other model is its `map`; `last_stage` the last. A term whose taps are
-  `stages` becomes one term per stage (kd_lightning.build.expand_stage_terms), as RepDistiller sums AT
+  `stages` becomes one term per stage (kd_lightning.core.stage_terms), as RepDistiller sums AT
   and NST over the stages. `stem`: the first stage's input (RepDistiller's feat[0] of its ResNets); a
   term whose taps are `all_stages` reads the list [stem, stage1, …, stageK] at once (FSP).
 - `preact<k>`: the k-th stage's output before its last ReLU (RepDistiller's and mdistiller's `preact`
@@ -17,7 +17,7 @@ A tap spec is one of:
   a VGG stage's ReLU, or what the model lists in `preact_taps` (WRN: the next batch norm, as RepDistiller;
   cnn, cnn1d: the last batch norm). In a list of taps, `stage*` and `preact*` stand for stage1 … stageK
   and preact1 … preactK, K the fewest stages among the student and the teachers
-  (kd_lightning.build.expand_stage_terms).
+  (kd_lightning.core.stage_terms).
 Aliases (a dict alias → spec, from the model's `taps` config) let terms name one role, say `embed`,
 across teachers of different architectures.
 """

@@ -1,4 +1,4 @@
-"""TeacherEnsemble: frozen members (eval always, no gradients), forwarded under inference mode.
+"""The teacher members of a run, built from `teachers.members` (kd_lightning.teachers.ensemble holds them).
 
 Members are built from config: `{arch, checkpoint, taps, weight, fit_if_missing, fit}`. A member
 whose checkpoint is missing can be fitted first (supervised, on the same data) and cached on disk,
@@ -9,98 +9,22 @@ a stale teacher.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from kd_lightning.config.specs import FitSpec, MemberSpec, parse
 from kd_lightning.data.fingerprint import data_key
 from kd_lightning.errors import ConfigError, as_int, choices, safe_name
-from kd_lightning.fit_cache import fit_once, keyed_path
 from kd_lightning.models import create_model, load_weights
 from kd_lightning.models.weights import safe_load
-from kd_lightning.specs import FitSpec, MemberSpec, parse
-from kd_lightning.taps import FeatureTaps
+from kd_lightning.teachers.ensemble import TeacherEnsemble
+from kd_lightning.teachers.fit_cache import fit_once, keyed_path
 
 log = logging.getLogger(__name__)
-
-Features = dict[str, torch.Tensor]
-
-
-class TeacherEnsemble(nn.Module):
-    """Frozen teachers. `forward(x)` returns `{member: {tap: tensor}}`, tensors usable as loss targets."""
-
-    def __init__(
-        self,
-        members: Mapping[str, nn.Module],
-        aliases: Mapping[str, Mapping[str, str]] | None = None,
-        weights: Mapping[str, float] | None = None,
-        checkpoints: Mapping[str, str] | None = None,
-    ):
-        super().__init__()
-        if not members:
-            raise ConfigError("a teacher ensemble needs at least one member")
-        self.members = nn.ModuleDict(dict(members))
-        self.aliases = {n: dict((aliases or {}).get(n, {})) for n in self.members}
-        w = {n: float((weights or {}).get(n, 1.0)) for n in self.members}
-        total = sum(w.values())
-        if total <= 0 or any(v < 0 for v in w.values()):
-            raise ConfigError(f"teacher weights must be non-negative and not all zero, got {w}")
-        self.weights = {n: v / total for n, v in w.items()}
-        self.checkpoints = dict(checkpoints or {})
-        self.unfitted: list[str] = []  # dry_run: members that a real run would fit first (fresh weights here)
-        self._taps: dict[str, FeatureTaps] = {}
-        self.requires_grad_(False)
-        super().train(False)
-        self.configure_taps([])
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.members)
-
-    @torch.no_grad()
-    def fingerprint(self) -> torch.Tensor:
-        """Per-teacher sum and sum of squares of all weights and buffers (float64): equal weights, equal print."""
-        rows = []
-        for name in self.names:
-            tensors = [*self.members[name].parameters(), *self.members[name].buffers()]
-            flat = [t.detach().double().flatten() for t in tensors if t.is_floating_point()]
-            cat = torch.cat(flat) if flat else torch.zeros(1, dtype=torch.float64)
-            rows.append(torch.stack([cat.sum(), cat.square().sum()]))
-        return torch.stack(rows)
-
-    def train(self, mode: bool = True) -> TeacherEnsemble:
-        """Teachers stay in eval mode whatever the caller asks (Lightning calls .train() every epoch)."""
-        return super().train(False)
-
-    def configure_taps(self, taps: Iterable[str]) -> None:
-        """Hook the features every member must return (the output is always returned as `logits`)."""
-        for t in self._taps.values():
-            t.remove()
-        taps = sorted(set(taps))
-        self._taps = {
-            name: FeatureTaps(m, taps, aliases=self.aliases[name], owner=f"teacher {name!r}")
-            for name, m in self.members.items()
-        }
-
-    def tap_module(self, member: str, tap: str) -> str:
-        """The module a member's tap reads (`fc:input`, `logits`, ...), after its aliases."""
-        return self._taps[member].specs[tap]
-
-    def forward(self, x: torch.Tensor, names: Iterable[str] | None = None) -> dict[str, Features]:
-        """`{member: {tap: tensor}}` for every member, or for `names` only."""
-        chosen = self._taps if names is None else {n: self._taps[n] for n in names}
-        with torch.inference_mode():
-            out = {name: taps(x) for name, taps in chosen.items()}
-        # Inference tensors cannot be saved for backward; a clone outside inference mode can.
-        return {name: {k: v.clone() for k, v in feats.items()} for name, feats in out.items()}
-
-    def combined_logits(self, feats: Mapping[str, Features]) -> torch.Tensor:
-        """Weighted mean of the members' logits (weights normalised to sum to one)."""
-        return sum(self.weights[n] * feats[n]["logits"].float() for n in self.members)
 
 
 def teacher_cache_path(

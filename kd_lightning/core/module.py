@@ -15,12 +15,12 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd_lightning.config.optim import OptimSetup
+from kd_lightning.core.objective import Objective
 from kd_lightning.data.batch import Batch
-from kd_lightning.objective import Objective
-from kd_lightning.optim import OptimSetup
-from kd_lightning.taps import FeatureTaps
-from kd_lightning.teacher_cache import Ranks, TeacherOutputs
-from kd_lightning.teachers import TeacherEnsemble
+from kd_lightning.models.taps import FeatureTaps
+from kd_lightning.teachers.ensemble import TeacherEnsemble
+from kd_lightning.teachers.outputs import Ranks, TeacherOutputs
 
 
 class DistillationModule(pl.LightningModule):

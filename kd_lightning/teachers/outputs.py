@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from kd_lightning.store import TapStore, TopKLogitsStore
+from kd_lightning.teachers.store import TapStore, TopKLogitsStore
 
 log = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from kd_lightning.config.optim import OptimSetup, adam_cosine, build_optim
+from kd_lightning.config.specs import FitSpec, as_plain
+from kd_lightning.core.module import DistillationModule
+from kd_lightning.core.objective import Objective
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.models import create_model, save_model
-from kd_lightning.module import DistillationModule
-from kd_lightning.objective import Objective
-from kd_lightning.optim import OptimSetup, adam_cosine, build_optim
-from kd_lightning.specs import FitSpec, as_plain
-from kd_lightning.taps import FeatureTaps
+from kd_lightning.models.taps import FeatureTaps
 
 
 def fit_accelerator(cfg: Any) -> str:

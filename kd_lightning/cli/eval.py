@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kd_lightning.build import instantiate_datamodule
+from kd_lightning.data.from_config import instantiate_datamodule
 from kd_lightning.errors import ConfigError
 from kd_lightning.evaluation.corruptions import CORRUPTIONS
 from kd_lightning.evaluation.robustness import plot_robustness, robustness_table
 from kd_lightning.evaluation.run_eval import check_eval_cfg, evaluate_and_write
 from kd_lightning.models import load_model
-from kd_lightning.results import read_results
+from kd_lightning.runners.results import read_results
 
 RESOLVED = "config.resolved.yaml"
 
@@ -61,8 +61,8 @@ def load_run(run_dir: Path, datamodules: list[str] | None = None) -> tuple[Any, 
     The run is rebuilt from what it wrote, read as data: the datamodule must be one of kd_lightning's (or a
     class named in `datamodules`, from the command line, never from the folder), no `_target_` in the file
     is instantiated, transforms come from an allowlist, models from the registry and weights with
-    weights_only=True (kd_lightning.build.instantiate_datamodule, kd_lightning.models)."""
-    from kd_lightning.teachers import build_teachers
+    weights_only=True (kd_lightning.data.from_config, kd_lightning.models)."""
+    from kd_lightning.teachers.members import build_teachers
 
     for name in (RESOLVED, "student.pt", "results.json"):
         if not (run_dir / name).is_file():

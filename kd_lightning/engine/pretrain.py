@@ -18,10 +18,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from kd_lightning.config.specs import FitSpec, PretrainedSpec, parse
 from kd_lightning.data.fingerprint import data_key
 from kd_lightning.errors import ConfigError
-from kd_lightning.fit_cache import fit_once, keyed_path
-from kd_lightning.specs import FitSpec, PretrainedSpec, parse
+from kd_lightning.teachers.fit_cache import fit_once, keyed_path
 
 log = logging.getLogger(__name__)
 

@@ -126,3 +126,10 @@ def torchrun_argv(argv: list[str], env: Mapping[str, str] = os.environ) -> list[
         )
     rank = env.get("RANK", "0")
     return [] if rank == "0" else ["hydra.output_subdir=null", f"hydra.job.name=train_rank{rank}"]
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0 (Lightning's rank, set from the launcher's environment)."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_lightning.adapters import make_adapter
+from kd_lightning.config.specs import LABEL_LOSSES, DistillSpec, TermSpec, parse
 from kd_lightning.errors import ConfigError, choices
 from kd_lightning.losses import create_loss, forward_extras, loss_class
-from kd_lightning.prestage import PreStage
-from kd_lightning.specs import LABEL_LOSSES, DistillSpec, TermSpec, parse
+from kd_lightning.losses.adapters import make_adapter
+from kd_lightning.losses.protocol import PreStage
 
 Shape = tuple[int, ...]
 
@@ -211,7 +211,7 @@ class Term(nn.Module):
         return torch.cat([t.flatten(1) for t in ts], 1) if ts[0].dim() == 2 else torch.cat(ts, 1)
 
     def pre_stages(self) -> list[tuple[str, PreStage]]:
-        """(loss key, its pre-stage) for each of this term's losses that declares one (kd_lightning.prestage)."""
+        """(loss key, its pre-stage) for each of this term's losses that declares one (kd_lightning.engine.prestage)."""
         return [(k, loss.pre_stage()) for k, loss in self.losses.items() if hasattr(loss, "pre_stage")]
 
     def pre_stage_loss(
@@ -277,7 +277,7 @@ class Objective(nn.Module):
                 label = parts["label_mse"] = F.mse_loss(logits, F.one_hot(y, logits.shape[1]).float())
             total = total + self.ce_weight * label
         for name, term in self.terms.items():
-            if term.pre_stage_only:  # it acted in its pre-stage (kd_lightning.prestage)
+            if term.pre_stage_only:  # it acted in its pre-stage (kd_lightning.engine.prestage)
                 continue
             t_feats = {m: read_tap(feats, term.teacher_tap) for m, feats in teachers.items()}
             ctx = {"y": y, "index": index, "epoch": epoch, "x": x}

@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_lightning.build import to_dict
+from kd_lightning.config.hydra import to_dict
+from kd_lightning.config.specs import AmalgamationSpec, MultiTaskTeacherSpec, as_plain, parse
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.data.fingerprint import data_key
+from kd_lightning.engine.fitting import fit_accelerator, quiet_trainer
 from kd_lightning.errors import ConfigError, safe_name
-from kd_lightning.fit_cache import fit_once, keyed_path
-from kd_lightning.fitting import fit_accelerator, quiet_trainer
 from kd_lightning.models.multitask import (
     MultiTaskNet,
     check_tasks,
@@ -51,7 +51,7 @@ from kd_lightning.models.multitask import (
     task_labels,
 )
 from kd_lightning.runners import RunContext, register_runner
-from kd_lightning.specs import AmalgamationSpec, MultiTaskTeacherSpec, as_plain, parse
+from kd_lightning.teachers.fit_cache import fit_once, keyed_path
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,12 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from kd_lightning.build import build_module, build_teacher_ensemble, resolve_pretrained_models, to_dict
-from kd_lightning.config_files import CONF_DIR, check_composition
+from kd_lightning.config.conf_files import CONF_DIR, check_composition
+from kd_lightning.config.hydra import to_dict
+from kd_lightning.config.resolvers import register_resolvers
+from kd_lightning.engine.build import build_module, build_teacher_ensemble, resolve_pretrained_models
 from kd_lightning.errors import ConfigError
-from kd_lightning.resolvers import register_resolvers
-from kd_lightning.runner import check_config, stage_data
+from kd_lightning.runners.run import check_config, stage_data
 
 register_resolvers()
 

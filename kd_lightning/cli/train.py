@@ -1,0 +1,105 @@
+"""kd-train: the Hydra entry point. Compose, run (kd_lightning.runners.run), report configuration errors.
+
+Writes into the run's output dir: results.json (always, also on failure), config.resolved.yaml,
+student.pt (the student alone: loads with `kd_lightning.models.load_model`) and Lightning checkpoints.
+Every configuration error, from composition to the last check before training, ends the same way:
+one line naming the key and what would be valid, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from kd_lightning.config.conf_files import (
+    CONF_DIR,
+    check_composition,
+    check_config_dirs,
+    config_dirs_from_argv,
+)
+from kd_lightning.config.resolvers import register_resolvers
+from kd_lightning.engine import run_folder
+from kd_lightning.engine.distributed import job_scope, launched_as_rank_zero, torchrun_argv
+from kd_lightning.engine.resume import RunInterrupted, resume_command, resume_mode
+from kd_lightning.errors import ConfigError
+from kd_lightning.runners.run import run
+
+register_resolvers()
+
+__all__ = ["main", "run"]
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> float | None:
+    """Returns val_acc, the objective for Hydra sweepers (Optuna)."""
+    if cfg.get("print_config"):
+        print(OmegaConf.to_yaml(cfg, resolve=False))
+    try:
+        with job_scope():
+            return run(cfg).get("val_acc")
+    except ConfigError as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra marks this job failed and goes on with the others
+        config_error_exit(e)
+    except RunInterrupted as e:  # the whole command stops, also a multirun
+        print(
+            f"\nInterrupted ({e}); results.json says status interrupted. Resume with:\n  {resume_command(Path(cfg.paths.output_dir))}",
+            file=sys.stderr,
+        )
+        sys.exit(e.exit_code)
+
+
+def config_error_exit(e: ConfigError) -> None:
+    print(f"\nConfiguration error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def explicit_folder(argv: list[str]) -> Path | None:
+    """The folder a command line names for its run (`hydra.run.dir=`) or its sweep (`hydra.sweep.dir=`)."""
+    key = "hydra.sweep.dir=" if ("-m" in argv or "--multirun" in argv) else "hydra.run.dir="
+    found = [a[len(key) :] for a in argv if a.startswith(key)]
+    return Path(found[-1]) if found else None
+
+
+def claim_before_hydra(argv: list[str], cfg: DictConfig | None) -> Path | None:
+    """Own the run's (or the sweep's) folder before Hydra writes its files there: a second command into a
+    live folder, or one that would replace a finished run, stops here and changes nothing. Ranks other
+    than 0 (Lightning's DDP children, torchrun's other ranks) share rank 0's folder and claim nothing."""
+    folder = explicit_folder(argv)
+    if folder is None or cfg is None or not launched_as_rank_zero():
+        return None
+    run_folder.claim(folder)
+    if "-m" not in argv and "--multirun" not in argv:
+        try:
+            run_folder.refuse_to_replace(folder, resume_mode(cfg), bool(cfg.get("overwrite")))
+        except ConfigError:
+            run_folder.release(folder)
+            raise
+    return folder
+
+
+def main() -> None:
+    """`kd-train`: check the YAML files and the composition first, then hand over to Hydra."""
+    argv = sys.argv[1:]
+    folder = None
+    try:
+        check_config_dirs(config_dirs_from_argv(argv, CONF_DIR))
+        cfg = check_composition(argv, CONF_DIR)
+        sys.argv += torchrun_argv(argv)
+        folder = claim_before_hydra(argv, cfg)
+    except ConfigError as e:
+        config_error_exit(e)
+    try:
+        hydra_main()
+    finally:
+        if folder is not None:
+            run_folder.release(folder)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The distillation core: the objective (weighted terms over taps), stage terms, and the LightningModule."""

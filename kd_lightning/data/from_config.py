@@ -1,0 +1,111 @@
+"""A datamodule from the `data` group: our classes (or the user's own, where allowed), plain values only."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import hydra
+
+from kd_lightning.config.hydra import to_dict
+from kd_lightning.data.base import TensorDataModule
+from kd_lightning.errors import ConfigError, choices
+
+
+# The datamodules of kd_lightning.data, under every name a config may give them.
+def our_datamodules() -> dict[str, type[TensorDataModule]]:
+    import kd_lightning.data as data
+
+    out: dict[str, type[TensorDataModule]] = {}
+    for name in data.__all__:
+        cls = getattr(data, name)
+        if isinstance(cls, type) and issubclass(cls, TensorDataModule) and cls is not TensorDataModule:
+            out[f"kd_lightning.data.{name}"] = cls
+            out[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return out
+
+
+TRANSFORM_KEYS = ("train_transforms", "eval_transforms")
+
+
+def datamodule_class(target: Any, allowed: Iterable[str] | None = None) -> type[TensorDataModule]:
+    """The class `data._target_` names. `allowed=None` (kd-train: the user's own config): ours, or any
+    TensorDataModule subclass. Otherwise (a run folder read back by kd-eval) only ours and the names in
+    `allowed`, checked before anything is imported: a recorded config is data, never code."""
+    if not isinstance(target, str) or not target:
+        raise ConfigError("data._target_ is missing: pick a dataset with data=<name>")
+    ours = our_datamodules()
+    if target in ours:
+        return ours[target]
+    if allowed is not None and target not in set(allowed):
+        names = sorted(n for n in ours if n.count(".") == 2)
+        raise ConfigError(
+            f"data._target_={target!r} is not one of kd_lightning's datamodules ({', '.join(names)}); a class "
+            "of your own is used only when you name it on the command line (kd-eval --datamodule CLASS)"
+        )
+    try:
+        cls = hydra.utils.get_class(target)
+    except Exception as e:
+        raise ConfigError(f"data._target_={target!r} cannot be imported: {e}".replace("\n", " ")) from None
+    if not (isinstance(cls, type) and issubclass(cls, TensorDataModule)):
+        raise ConfigError(
+            f"data._target_={target!r} is not a TensorDataModule subclass (kd_lightning.data.TensorDataModule)"
+        )
+    return cls
+
+
+def _nested_target(value: Any, where: str) -> str | None:
+    """The key of the first `_target_` nested anywhere in `value`, or None."""
+    if isinstance(value, Mapping):
+        if "_target_" in value:
+            return where
+        for k, v in value.items():
+            found = _nested_target(v, f"{where}.{k}")
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            found = _nested_target(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def instantiate_datamodule(
+    data_cfg: Mapping[str, Any], allowed: Iterable[str] | None = None
+) -> TensorDataModule:
+    """`data` as its datamodule. Unknown keys are a ConfigError listing the valid ones; the class comes from
+    `datamodule_class` (see `allowed`); no value is instantiated: a `_target_` nested in a value is refused
+    (Hydra's recursive instantiation would run it), and the transform lists are built by the datamodule from
+    an allowlist of torchvision transforms (kd_lightning.data.vision.image_pipeline)."""
+    data_cfg = dict(to_dict(data_cfg))
+    data_cfg.pop("name", None)
+    cls = datamodule_class(data_cfg.pop("_target_", None), allowed)
+    valid = set()
+    for klass in cls.__mro__:
+        if klass is object or not hasattr(klass, "__init__"):
+            continue
+        valid |= {p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "kwargs")}
+        if klass is TensorDataModule:
+            break
+    unknown = sorted(set(data_cfg) - valid - {"_partial_", "_convert_", "_recursive_"})
+    if unknown:
+        raise ConfigError(
+            f"data has unknown key(s) {unknown}; valid keys for {cls.__name__}: {choices(valid)}"
+        )
+    for key in ("_partial_", "_convert_", "_recursive_"):
+        data_cfg.pop(key, None)
+    for key, value in data_cfg.items():
+        if key in TRANSFORM_KEYS:
+            continue
+        found = _nested_target(value, f"data.{key}")
+        if found:
+            raise ConfigError(
+                f"{found} holds a _target_: data values are settings, never objects to build (only "
+                f"data.train_transforms / data.eval_transforms name classes, from torchvision's transforms)"
+            )
+    try:
+        return cls(**data_cfg)
+    except TypeError as e:
+        raise ConfigError(f"data ({cls.__name__}): {e}") from None

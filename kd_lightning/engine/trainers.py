@@ -1,0 +1,160 @@
+"""The Lightning Trainers of a run: the configured one (callbacks and loggers from config) and, after a
+multi-process fit, a one-device trainer for the test."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ProgressBar
+from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
+from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from kd_lightning.config.hydra import instantiate
+from kd_lightning.errors import ConfigError
+from kd_lightning.files import atomic_write
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions); nothing partial was left."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written whole or not at all: to a temporary name in their own folder, flushed to disk,
+    then renamed. Lightning's own save writes the temporary file in the system's temp folder and copies it
+    across filesystems (fsspec's local transaction), so a disk that fills during the copy leaves a truncated
+    checkpoint under its final name, which resume=auto would then read."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        import torch
+
+        path = Path(path)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+
+        try:
+            atomic_write(path, write)
+        except OSError as e:
+            kept = sorted(p.name for p in path.parent.glob("*.ckpt"))
+            raise CheckpointSaveError(
+                e.errno,
+                f"could not save checkpoint {path} ({e.strerror or e}); nothing partial was left, the earlier "
+                f"checkpoints are intact ({', '.join(kept) or 'none yet'}). Free space in {path.parent} and "
+                "continue with resume=auto",
+            ) from e
+
+
+def _instantiate_all(node: DictConfig | None, group: str) -> list[Any]:
+    if not node:
+        return []
+    return [instantiate(c, f"{group}.{k}") for k, c in node.items() if c is not None and "_target_" in c]
+
+
+def build_trainer(cfg: DictConfig, validation: bool = True) -> pl.Trainer:
+    """The configured Trainer. Without a validation split (`validation=False`), a checkpoint callback that
+    monitors a val/ metric keeps the last epoch instead; any other callback that monitors one is an error."""
+    callbacks_cfg = cfg.get("callbacks")
+    if not validation and callbacks_cfg:
+        callbacks_cfg = _without_validation(callbacks_cfg)
+    callbacks = _instantiate_all(callbacks_cfg, "callbacks")
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    loggers = _instantiate_all(cfg.get("logger"), "logger")
+    extra: dict[str, Any] = {}
+    if not cfg.trainer.get("plugins"):
+        extra["plugins"] = [AtomicCheckpointIO()]
+    return instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, **extra)
+
+
+def _without_validation(callbacks: DictConfig) -> DictConfig:
+    callbacks = OmegaConf.create(OmegaConf.to_container(callbacks, resolve=True))
+    for name, cb in callbacks.items():
+        monitor = cb.get("monitor") if isinstance(cb, DictConfig) else None
+        if not (isinstance(monitor, str) and monitor.startswith("val/")):
+            continue
+        if str(cb.get("_target_", "")).endswith("ModelCheckpoint"):
+            cb.monitor = None  # save_top_k=1 then keeps the newest: the last epoch
+        else:
+            raise ConfigError(
+                f"callbacks.{name} monitors {monitor}, but data.val_fraction=0 leaves no validation split; "
+                f"remove it (callbacks.{name}=null) or set data.val_fraction > 0"
+            )
+    return callbacks
+
+
+def evaluation_trainer(trainer: pl.Trainer) -> pl.Trainer:
+    """After a multi-process fit, rank 0 tests alone on one device: every test sample counted exactly once
+    (a DistributedSampler would pad the test set with repeats)."""
+    if trainer.world_size == 1:
+        return trainer
+    root = trainer.strategy.root_device
+    return pl.Trainer(
+        accelerator="gpu" if root.type == "cuda" else root.type,
+        devices=[root.index] if root.type == "cuda" else 1,
+        precision=trainer.precision,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=trainer.default_root_dir,
+    )
+
+
+def finish_loggers(trainer: pl.Trainer) -> None:
+    """End each logger's run with the job. Lightning leaves a W&B run open, and the next job of a multirun
+    in the same process would then log into it; MLflow and the file loggers are closed by Lightning."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
+class CSVLogger(LightningCSVLogger):
+    """Lightning's CSVLogger, except that a resumed run keeps the rows of the epochs it does not redo.
+
+    Lightning's deletes metrics.csv whenever its folder exists, and kd_lightning resumes a run in its own
+    folder: the metrics of every epoch before the interruption would be lost. `resume_epoch` (set by the
+    runner when it resumes from a checkpoint saved at the end of that epoch) keeps the rows up to it and
+    drops the rows of the partial epoch that is redone."""
+
+    resume_epoch: int | None = None
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is not None:
+            return self._experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        rows, header = [], []
+        if self.resume_epoch is not None and path.is_file():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                header = list(reader.fieldnames or [])
+                rows = [
+                    r for r in reader if not r.get("epoch") or int(float(r["epoch"])) <= self.resume_epoch
+                ]
+        writer = super().experiment  # deletes metrics.csv
+        if header:
+            with open(path, "w", newline="") as f:
+                out = csv.DictWriter(f, fieldnames=header)
+                out.writeheader()
+                out.writerows(rows)
+            writer.metrics_keys = header
+        return writer
+
+
+def keep_metrics_until(trainer: pl.Trainer, epoch: int) -> None:
+    """Resuming from a checkpoint saved at the end of `epoch`: the file loggers keep the earlier rows."""
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            logger.resume_epoch = epoch
