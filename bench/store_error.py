@@ -24,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
 from kd_lightning.config.resolvers import register_resolvers  # noqa: E402
+from kd_lightning.config.run_spec import parse_run  # noqa: E402
 from kd_lightning.data.from_config import instantiate_datamodule  # noqa: E402
 from kd_lightning.engine.build import build_teacher_ensemble  # noqa: E402
 from kd_lightning.losses import create_loss  # noqa: E402
@@ -47,9 +48,10 @@ def outputs(data: str) -> tuple[dict, dict, torch.Tensor]:
         cfg.hydra.runtime.output_dir = cfg.paths.output_dir
         cfg.hydra.runtime.cwd = str(ROOT)
     HydraConfig.instance().set_config(cfg)
-    dm = instantiate_datamodule(cfg.data)
+    spec = parse_run(cfg)
+    dm = instantiate_datamodule(spec.data.config)
     dm.setup("fit")
-    teachers = build_teacher_ensemble(cfg, dm, dm.name)
+    teachers = build_teacher_ensemble(spec, dm)
     teachers.configure_taps(["logits", "embed"])
     x = torch.cat([dm.prepare_batch(b, train=False).x for b in dm.iter_split("train")])
     feats = teachers(x, names=[teacher, student])

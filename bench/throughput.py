@@ -50,7 +50,9 @@ from kd_lightning.data.base import TensorDataModule  # noqa: E402
 from kd_lightning.models import create_model  # noqa: E402
 from kd_lightning.models.taps import FeatureTaps  # noqa: E402
 from kd_lightning.teachers.ensemble import TeacherEnsemble  # noqa: E402
+from kd_lightning.teachers.feed import TeacherFeed  # noqa: E402
 from kd_lightning.teachers.outputs import TeacherOutputs  # noqa: E402
+from kd_lightning.teachers.precompute import TeacherPrecompute  # noqa: E402
 from kd_lightning.teachers.store import TapStore, store_key  # noqa: E402
 
 T, ALPHA, LR = 4.0, 0.9, 1e-3
@@ -144,18 +146,18 @@ def build(work: dict, dm: TensorDataModule, with_teachers: bool, cache: bool):
             {m: {"logits": TapStore(key(m), (work["classes"],), None, f"{m}-logits")} for m in teachers.names}
         )
     optim = build_optim({"_target_": "torch.optim.Adam", "_partial_": True, "lr": LR}, None)
-    module = DistillationModule(
-        student, objective, teachers, taps, work["classes"], optim, teacher_outputs=outputs
-    )
+    feed = TeacherFeed(teachers, outputs) if teachers is not None else None
+    module = DistillationModule(student, objective, feed, taps, work["classes"], optim)
     return module, teachers
 
 
 def time_ours(work, dm, with_teachers: bool, cache: bool, warmup: int) -> float:
     module, _ = build(work, dm, with_teachers, cache)
     timer = StepTimer(warmup)
+    precompute = [TeacherPrecompute(module.feed)] if module.feed is not None else []  # as a run adds it
     trainer = pl.Trainer(
         max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer],
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer, *precompute],
     )  # fmt: skip
     trainer.fit(module, datamodule=dm)
     return statistics.median(timer.times)

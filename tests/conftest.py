@@ -127,13 +127,27 @@ def built_module(cfg, data: str):
     """The distillation module a run would train (seeded), and its data module set up for fitting."""
     import pytorch_lightning as pl
 
-    from kd_lightning.data.from_config import instantiate_datamodule
     from kd_lightning.engine.build import build_module, build_teacher_ensemble
 
+    spec, dm = built_data(cfg)
     pl.seed_everything(0)
-    dm = instantiate_datamodule(cfg.data)
+    return build_module(spec, dm, build_teacher_ensemble(spec, dm)), dm
+
+
+def built_data(cfg, shuffle_seed: int | None = None):
+    """The run's spec (stage 0) and its datamodule, set up; the datamodule shuffled by `shuffle_seed`
+    (None: torch's initial seed, as a datamodule built outside a run)."""
+    import pytorch_lightning as pl
+
+    from kd_lightning.config.run_spec import parse_run
+    from kd_lightning.data.from_config import instantiate_datamodule
+
+    spec = parse_run(cfg)
+    pl.seed_everything(0)
+    dm = instantiate_datamodule(spec.data.config, shuffle_seed=shuffle_seed)
+    dm.prepare_data()
     dm.setup("fit")
-    return build_module(cfg, dm, build_teacher_ensemble(cfg, dm, data)), dm
+    return spec, dm
 
 
 @contextlib.contextmanager

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.errors import ConfigError
@@ -128,17 +127,25 @@ def test_entangled_block_stage_is_feature_error_plus_kl_through_the_teachers_rem
     assert not list(plain.attention.parameters())
 
 
-@pytest.mark.slow
-def test_the_student_never_uses_labels(tmp_path):
-    """Same seed, training labels shuffled after the teachers were fitted: the very same student."""
-    cfg = OmegaConf.create(
+def _run_spec(amalgamation: dict, tmp_path):
+    """The RunSpec of an amalgamation run on digits, its teachers cached under tmp_path."""
+    from kd_lightning.config.run_spec import parse_run
+
+    return parse_run(
         {
-            "amalgamation": CFG,
-            "trainer": {"accelerator": "cpu"},
-            "paths": {"cache_dir": str(tmp_path)},
+            "amalgamation": amalgamation,
+            "data": {"_target_": "DigitsDataModule"},
+            "trainer": {"accelerator": "cpu", "max_epochs": 1},
+            "paths": {"cache_dir": str(tmp_path), "output_dir": str(tmp_path / "out")},
             "seed": 0,
         }
     )
+
+
+@pytest.mark.slow
+def test_the_student_never_uses_labels(tmp_path):
+    """Same seed, training labels shuffled after the teachers were fitted: the very same student."""
+    spec_of_run = _run_spec(CFG, tmp_path)
     data_cfg = {"_target_": "DigitsDataModule"}
     results = []
     for shuffle in (False, True):
@@ -151,7 +158,7 @@ def test_the_student_never_uses_labels(tmp_path):
         if shuffle:
             y = dm.splits["train"].y
             dm.splits["train"].y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
-        results.append(run_amalgamation(a, cfg, dm, tmp_path / f"out{int(shuffle)}", data_cfg))
+        results.append(run_amalgamation(a, spec_of_run, dm, tmp_path / f"out{int(shuffle)}"))
     assert results[0]["task_acc"] == results[1]["task_acc"]
     assert set(results[0]["task_acc"]) == {"parity", "ge5"}
     assert set(results[0]["teacher_test_acc"]) == {"a:parity", "b:ge5"}
@@ -190,18 +197,8 @@ def test_end_to_end_only_skips_the_layer_wise_stages_and_fit_seed_refits_the_tea
     results = []
     for fit_seed in (0, 1):
         plain = {**CFG, "block_epochs": 0, "head_epochs": 0, "finetune_epochs": 1, "fit_seed": fit_seed}
-        cfg = OmegaConf.create(
-            {
-                "amalgamation": plain,
-                "trainer": {"accelerator": "cpu"},
-                "paths": {"cache_dir": str(tmp_path)},
-                "seed": 0,
-            }
-        )
         a = check_amalgamation_cfg(plain)
-        results.append(
-            run_amalgamation(a, cfg, dm, tmp_path / f"out{fit_seed}", {"_target_": "DigitsDataModule"})
-        )
+        results.append(run_amalgamation(a, _run_spec(plain, tmp_path), dm, tmp_path / f"out{fit_seed}"))
     assert [r["teacher_fit_seed"] for r in results] == [0, 1]
     for name in TEACHERS:
         paths = [r["teacher_checkpoints"][name] for r in results]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kd_lightning.config.specs import TermSpec
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import create_model, load_weights
 
@@ -103,10 +104,8 @@ def test_stage_taps_are_repdistillers_feature_layers_and_expand_multi_layer_term
         FeatureTaps(cnn, ["stage3"])
     term = {"distance": "at", "weight": 1000.0, "student_tap": "stages", "teacher_tap": "stages"}
     teachers = SimpleNamespace(members={"t": vgg})  # 4 stages; the ResNet student has 3: zipped to 3
-    expanded = expand_stage_terms({"terms": {"at": term, "kd": {"distance": "kl"}}}, resnet, teachers)[
-        "terms"
-    ]
+    expanded = expand_stage_terms({"terms": {"at": term, "kd": {"distance": "kl"}}}, resnet, teachers).terms
     assert list(expanded) == ["at1", "at2", "at3", "kd"]
-    assert expanded["at2"] == {**term, "student_tap": "stage2", "teacher_tap": "stage2"}
+    assert expanded["at2"] == TermSpec(**{**term, "student_tap": "stage2", "teacher_tap": "stage2"})
     with pytest.raises(ConfigError, match="student_tap and teacher_tap must both be 'stages'"):
         expand_stage_terms({"terms": {"at": {**term, "teacher_tap": "map"}}}, resnet, teachers)

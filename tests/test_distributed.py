@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_lightning.data.from_config import instantiate_datamodule
 from kd_lightning.engine.build import build_module, build_teacher_ensemble
 from kd_lightning.engine.distributed import num_nodes_from_env, spawns_children, torchrun_argv
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import load_model
 
-from .conftest import FAST, ROOT, run_cli
+from .conftest import FAST, ROOT, built_data, run_cli
 
 DDP = ["trainer=ddp_cpu", "trainer.devices=2"]
 # a train set of 1024 = 16 steps of 64: DDP's sampler pads nothing, so 2×32 and 1×64 see the same batches
@@ -147,11 +146,9 @@ def test_bf16_mixed_on_cpu_teachers_under_autocast(make_cfg, cache_dir):
     import pytorch_lightning as pl
 
     cfg = make_cfg("trainer.precision=bf16-mixed", "distill=[feature,kd]")
-    dm = instantiate_datamodule(cfg.data)
-    dm.prepare_data()
-    dm.setup("fit")
-    teachers = build_teacher_ensemble(cfg, dm, "digits")
-    module = build_module(cfg, dm, teachers)
+    spec, dm = built_data(cfg)
+    teachers = build_teacher_ensemble(spec, dm)
+    module = build_module(spec, dm, teachers)
     seen: dict[str, torch.dtype] = {}
     teacher = teachers.members["cnn_l"]
 

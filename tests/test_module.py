@@ -5,11 +5,14 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from kd_lightning.config.run_spec import parse_run
 from kd_lightning.data.from_config import instantiate_datamodule
 from kd_lightning.engine.build import build_module, build_teacher_ensemble
 from kd_lightning.engine.trainers import build_trainer
 from kd_lightning.models import load_model
 from kd_lightning.runners.run import run
+
+from .conftest import built_data
 
 
 class ModeProbe(pl.Callback):
@@ -23,11 +26,9 @@ class ModeProbe(pl.Callback):
 
 
 def _build(cfg):
-    pl.seed_everything(0)
-    dm = instantiate_datamodule(cfg.data)
-    dm.setup("fit")
-    teachers = build_teacher_ensemble(cfg, dm, "digits")
-    return dm, build_module(cfg, dm, teachers)
+    spec, dm = built_data(cfg)
+    teachers = build_teacher_ensemble(spec, dm)
+    return dm, build_module(spec, dm, teachers)
 
 
 def test_teachers_frozen_in_eval_and_out_of_optimizer_and_checkpoint(make_cfg, tmp_path):
@@ -35,7 +36,7 @@ def test_teachers_frozen_in_eval_and_out_of_optimizer_and_checkpoint(make_cfg, t
     dm, module = _build(cfg)
     before = {k: v.clone() for k, v in module.teachers.state_dict().items()}
     probe = ModeProbe()
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(parse_run(cfg))
     trainer.callbacks.append(probe)
     trainer.fit(module, datamodule=dm)
 

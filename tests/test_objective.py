@@ -2,8 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kd_lightning.config.run_spec import parse_distill
 from kd_lightning.config.specs import TermSpec
-from kd_lightning.core.objective import Objective, Term, active_terms, build_objective
+from kd_lightning.core.objective import Objective, Term, build_objective
 from kd_lightning.errors import ConfigError
 
 
@@ -67,7 +68,7 @@ def test_a_list_of_taps_must_name_taps(tap):
     with pytest.raises(
         ConfigError, match="distill.terms.f.student_tap: a list of taps must name one or more"
     ):
-        active_terms({"terms": {"f": {"student_tap": tap}}})
+        parse_distill({"terms": {"f": {"student_tap": tap}}}, no_teacher=False)
 
 
 def test_a_list_of_taps_is_for_methods_that_read_several_maps():
@@ -136,7 +137,9 @@ def test_terms_without_teachers_is_an_error():
 
 
 def test_null_term_is_switched_off_and_unknown_term_key_is_reported():
-    assert active_terms({"terms": {"a": None, "b": {"weight": 1}}}) == {"b": TermSpec(weight=1.0)}
+    assert parse_distill({"terms": {"a": None, "b": {"weight": 1}}}, no_teacher=False).terms == {
+        "b": TermSpec(weight=1.0)
+    }
     with pytest.raises(ConfigError, match="distill.terms.feat.*wieght"):
         term("per_teacher", {"a": (4,)}, wieght=3)
 

@@ -58,11 +58,12 @@ def test_a_run_given_torchvision_weights_as_pretrained_builds_with_those_weights
     """`student.pretrained=IMAGENET1K_V1` reaches torchvision as weights= (the download is intercepted)."""
     import torchvision
 
+    from kd_lightning.config.run_spec import parse_run
     from kd_lightning.engine.build import resolve_pretrained_models
 
     cfg = make_cfg("student=torchvision", "student.name=resnet18", "student.pretrained=IMAGENET1K_V1")
-    resolve_pretrained_models(cfg)
-    assert cfg.student.weights == "IMAGENET1K_V1" and cfg.student.pretrained is None
+    spec = resolve_pretrained_models(parse_run(cfg))
+    assert spec.student["weights"] == "IMAGENET1K_V1" and spec.student["pretrained"] is None
     seen = []
     real = torchvision.models.get_model
 
@@ -71,8 +72,7 @@ def test_a_run_given_torchvision_weights_as_pretrained_builds_with_those_weights
         return real(name, weights=None, **kw)
 
     monkeypatch.setattr(torchvision.models, "get_model", fake_get_model)
-    from kd_lightning.engine.build import model_spec
     from kd_lightning.models import create_model
 
-    create_model(model_spec(cfg.student), 10, (1, 8, 8))
+    create_model(spec.student, 10, (1, 8, 8))
     assert seen == ["IMAGENET1K_V1"]

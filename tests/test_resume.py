@@ -74,10 +74,10 @@ def test_a_killed_runs_results_say_running_and_resume_continues_it(make_cfg):
 
 def test_a_slurm_requeued_job_resumes_by_itself(make_cfg, tmp_path, monkeypatch):
     cfg = make_cfg()
-    assert resume_mode(cfg) is None
+    assert resume_mode(cfg.resume) is None
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    assert resume_mode(cfg) == "auto"
-    assert resume_mode(make_cfg("resume=null")) == "auto"
+    assert resume_mode(cfg.resume) == "auto"
+    assert resume_mode(make_cfg("resume=null").resume) == "auto"
     # The newest of last.ckpt and Lightning's SLURM requeue checkpoint is the one resumed from.
     (tmp_path / "checkpoints").mkdir()
     last = tmp_path / "checkpoints" / "last.ckpt"

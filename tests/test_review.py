@@ -65,8 +65,8 @@ def test_a_model_without_pre_activations_and_an_unknown_wildcard_are_clear_error
     with pytest.raises(ConfigError, match="unknown wildcard 'layer\\*'; valid: stage\\*, preact\\*"):
         expand_stage_terms({"terms": {"r": term}}, cnn, None)
     out = expand_stage_terms({"terms": {"r": {**term, "student_tap": ["stage*", "map"]}}}, cnn, None)
-    assert out["terms"]["r"]["student_tap"] == ["stage1", "stage2", "map"]
-    assert out["terms"]["r"]["teacher_tap"] == ["preact1", "preact2", "map"]
+    assert out.terms["r"].student_tap == ["stage1", "stage2", "map"]
+    assert out.terms["r"].teacher_tap == ["preact1", "preact2", "map"]
 
 
 # --- AB ---------------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ from omegaconf import OmegaConf
 
 from kd_lightning.cli.report import write_report
 from kd_lightning.config.resolvers import register_resolvers
+from kd_lightning.config.run_spec import parse_run
 from kd_lightning.config.sweeps import sweep_string, teacher_subsets
 from kd_lightning.errors import ConfigError
-from kd_lightning.runners.results import teacher_set_label
 
 from .conftest import FAST, ROOT, compose_cfg, run_cli
 
@@ -62,7 +62,7 @@ def test_the_no_teacher_point_trains_the_student_alone(tmp_path, cache_dir):
 )
 def test_teacher_set_label(tmp_path, cache_dir, use, label):
     cfg = compose_cfg(["experiment=landro2021", f"teachers.use={use}"], tmp_path, cache_dir)
-    assert teacher_set_label(cfg) == label
+    assert parse_run(cfg).teachers.label == label
 
 
 @pytest.mark.slow

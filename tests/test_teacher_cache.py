@@ -10,11 +10,13 @@ import pytorch_lightning as pl
 import torch
 
 from kd_lightning.data.batch import Batch
-from kd_lightning.data.from_config import instantiate_datamodule
 from kd_lightning.engine.build import build_module, build_teacher_ensemble
 from kd_lightning.models import load_model, save_model
 from kd_lightning.teachers.outputs import Ranks, TeacherOutputs
+from kd_lightning.teachers.precompute import TeacherPrecompute
 from kd_lightning.teachers.store import TapStore, store_key
+
+from .conftest import built_data
 
 
 class RecordLosses(pl.Callback):
@@ -27,17 +29,15 @@ class RecordLosses(pl.Callback):
 
 def _fit(make_cfg, *overrides: str, epochs: int = 2, hook=None):
     cfg = make_cfg(*overrides, "callbacks=none")
+    spec, dm = built_data(cfg, shuffle_seed=0)
+    teachers = build_teacher_ensemble(spec, dm)
     pl.seed_everything(0)
-    dm = instantiate_datamodule(cfg.data)
-    dm.shuffle_seed = 0
-    dm.prepare_data()
-    dm.setup("fit")
-    teachers = build_teacher_ensemble(cfg, dm, "digits")
-    pl.seed_everything(0)
-    module = build_module(cfg, dm, teachers)
+    module = build_module(spec, dm, teachers)
     rec = RecordLosses()
+    precompute = TeacherPrecompute(module.feed)  # what a run adds to its Trainer: fills the stores, counts
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, limit_val_batches=0, callbacks=[rec], deterministic=True)  # fmt: skip
+                         enable_progress_bar=False, limit_val_batches=0, callbacks=[rec, precompute],
+                         deterministic=True)  # fmt: skip
     calls = {"n": 0}
     forward = teachers.forward
 
@@ -49,6 +49,7 @@ def _fit(make_cfg, *overrides: str, epochs: int = 2, hook=None):
     if hook is not None:
         hook(module)
     trainer.fit(module, datamodule=dm)
+    module.precompute = precompute
     return rec.losses, calls["n"], module, len(dm.train_dataloader())
 
 
@@ -59,8 +60,8 @@ def test_stored_and_live_teachers_give_the_same_losses(make_cfg):
     assert torch.allclose(torch.tensor(live), torch.tensor(cached), rtol=1e-5, atol=1e-6)
     n = module.teacher_outputs.all()[0].shape[0]
     assert live_calls == 2 * 2 * n  # two epochs, two teachers, every sample
-    assert cached_calls == 2 * n and module.live_teacher_samples == 0  # each teacher once, before the fit
-    assert module.teacher_forward_by_rank == [2 * n]
+    assert cached_calls == 2 * n and module.feed.live_samples == 0  # each teacher once, before the fit
+    assert module.precompute.forward_by_rank == [2 * n]
     assert {tuple(sorted(t)) for t in module.teacher_outputs.stores.values()} == {("embed", "logits")}
 
 
@@ -194,10 +195,8 @@ def test_augmentation_turns_the_cache_off(make_cfg, caplog):
 
     caplog.set_level(logging.INFO)
     cfg = make_cfg("student=cnn", "+data.augment={crop_padding: 1, hflip: true}")
-    dm = instantiate_datamodule(cfg.data)
-    dm.prepare_data()
-    dm.setup("fit")
-    module = build_module(cfg, dm, build_teacher_ensemble(cfg, dm, "digits"))
+    spec, dm = built_data(cfg)
+    module = build_module(spec, dm, build_teacher_ensemble(spec, dm))
     assert module.teacher_outputs is None and "teachers run live" in caplog.text
 
 
@@ -206,9 +205,7 @@ AUG_VIEWS = ["student=cnn", "+data.augment={crop_padding: 1, hflip: true, views:
 
 def test_consistent_teaching_views_are_recorded_and_repeat(make_cfg):
     cfg = make_cfg(*AUG_VIEWS)
-    dm = instantiate_datamodule(cfg.data)
-    dm.shuffle_seed = 0
-    dm.setup("fit")
+    _, dm = built_data(cfg, shuffle_seed=0)
     x, y, index, _ = dm.splits["train"].__getitems__(list(range(16)))
     views = {e: dm.epoch_views(e)[:16] for e in range(6)}
     assert len({tuple(v.tolist()) for v in views.values()}) > 1  # the view shown changes with the epoch
@@ -317,9 +314,8 @@ def test_compact_stores_change_each_loss_within_the_documented_bounds(make_cfg):
     from kd_lightning.teachers.store import stored_as
 
     cfg = make_cfg()
-    dm = instantiate_datamodule(cfg.data)
-    dm.setup("fit")
-    teachers = build_teacher_ensemble(cfg, dm, "digits")
+    spec, dm = built_data(cfg)
+    teachers = build_teacher_ensemble(spec, dm)
     teachers.configure_taps(["embed"])
     batch = dm.prepare_batch(next(dm.iter_split("train", batch_size=256)), train=False)
     x, y = batch.x, batch.y  # one batch of 256 (RKD's angle term is cubic in the batch size)

@@ -195,11 +195,12 @@ def test_a_teacher_fit_does_not_depend_on_the_seed_of_the_run_that_fitted_it():
     fit = FitSpec(max_epochs=1, lr=0.01, seed=7)
     weights = []
     for run_seed in (0, 1, 0):
-        dm = DigitsDataModule(batch_size=64)
+        dm = DigitsDataModule(
+            batch_size=64, shuffle_seed=run_seed
+        )  # a run's datamodule, shuffled by its seed
         dm.setup()
-        dm.shuffle_seed = run_seed  # what a run with this seed sets before fitting its teachers
         model, _ = fit_model({"name": "mlp", "hidden": [16]}, dm, fit)
-        assert dm.shuffle_seed == run_seed  # restored for the run's own training
+        assert dm.shuffle_seed == run_seed  # the run's own datamodule is left as it was
         weights.append(model.state_dict())
     for k, v in weights[0].items():
         torch.testing.assert_close(weights[1][k], v)

@@ -20,11 +20,11 @@ import torch
 from omegaconf import DictConfig
 
 from kd_lightning.config.conf_files import CONF_DIR, check_composition
-from kd_lightning.config.hydra import to_dict
 from kd_lightning.config.resolvers import register_resolvers
+from kd_lightning.config.run_spec import parse_run
 from kd_lightning.engine.build import build_module, build_teacher_ensemble, resolve_pretrained_models
 from kd_lightning.errors import ConfigError
-from kd_lightning.runners.run import check_config, stage_data
+from kd_lightning.runners.run import check_accelerator, stage_data
 
 register_resolvers()
 
@@ -44,13 +44,14 @@ VERIFY = False  # `kd-cache --verify`: check every block of every complete store
 def fill_stores(cfg: DictConfig, verify: bool = False) -> dict[str, Any]:
     """Build the run's teacher outputs and fill them; returns {files, computed} and, with `verify`, the
     number of blocks whose rows did not match their checksums (recomputed by the fill)."""
-    settings = check_config(cfg)
-    if (to_dict(cfg.get("teacher_cache")) or {}).get("mode") != "disk":
+    spec = parse_run(cfg)
+    if spec.cache.mode != "disk":
         raise ConfigError("kd-cache fills files that later runs read: set teacher_cache.mode=disk")
-    dm = stage_data(cfg, settings.seed)
-    resolve_pretrained_models(cfg)
-    teachers = build_teacher_ensemble(cfg, dm, dm.name)
-    module = build_module(cfg, dm, teachers)
+    check_accelerator(spec)
+    dm = stage_data(spec)
+    spec = resolve_pretrained_models(spec)
+    teachers = build_teacher_ensemble(spec, dm)
+    module = build_module(spec, dm, teachers)
     outputs = module.teacher_outputs
     if outputs is None:
         raise ConfigError(
@@ -60,10 +61,10 @@ def fill_stores(cfg: DictConfig, verify: bool = False) -> dict[str, Any]:
     mismatched = None
     if verify:  # stores up to 1 GiB were checked whole when opened; the others are now
         mismatched = sum(len(getattr(s, "repaired", [])) for s in outputs.all()) + outputs.check(full=True)
-    gpu = str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    gpu = spec.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     teachers.to(device)
-    with precision_context(str(cfg.trainer.get("precision", "32")), device):
+    with precision_context(spec.trainer.precision, device):
         computed = outputs.fill(
             lambda x, m: teachers(x, names=[m])[m],
             lambda slots: dm.slot_inputs(slots, device),

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from kd_lightning.config.run_spec import RunSpec, TeachersSpec, parse_run
 from kd_lightning.data.from_config import instantiate_datamodule
 from kd_lightning.errors import ConfigError
 from kd_lightning.evaluation.corruptions import CORRUPTIONS
@@ -20,6 +22,7 @@ from kd_lightning.evaluation.robustness import plot_robustness, robustness_table
 from kd_lightning.evaluation.run_eval import check_eval_cfg, evaluate_and_write
 from kd_lightning.models import load_model
 from kd_lightning.runners.results import read_results
+from kd_lightning.teachers.members import build_teachers
 
 RESOLVED = "config.resolved.yaml"
 
@@ -37,51 +40,48 @@ def read_recorded_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def recorded_teachers(cfg: dict[str, Any], used: dict[str, str]) -> dict[str, Any]:
+def recorded_teachers(spec: RunSpec, used: dict[str, str]) -> TeachersSpec:
     """The members a run used, each pointed at the file the run loaded (results.json's teacher_checkpoints):
     nothing is fitted or downloaded for them here."""
-    members = (cfg.get("teachers") or {}).get("members") or {}
+    members = spec.teachers.members
     unknown = sorted(set(used) - set(members))
     if unknown:
         raise ConfigError(f"teachers {unknown} of results.json are not in the recorded teachers.members")
-    out = {}
+    chosen = {}
     for name in (n for n in members if n in used):  # the run's order (results.json sorts its keys)
-        source = used[name]
-        member = dict(members[name] or {})
-        if not member.get("random_weights") and not str(source).startswith("torchvision weights"):
-            member["checkpoint"] = source
-        member["fit_if_missing"] = False
-        out[name] = member
-    return out
+        member, source = members[name], str(used[name])
+        if not member.random_weights and not source.startswith("torchvision weights"):
+            member = replace(member, checkpoint=source)
+        chosen[name] = replace(member, fit_if_missing=False)
+    return TeachersSpec(chosen)
 
 
 def load_run(run_dir: Path, datamodules: list[str] | None = None) -> tuple[Any, Any, Any, dict[str, Any]]:
     """(datamodule, student, teachers or None, results) of a finished kd-train run.
 
-    The run is rebuilt from what it wrote, read as data: the datamodule must be one of kd_lightning's (or a
-    class named in `datamodules`, from the command line, never from the folder), no `_target_` in the file
-    is instantiated, transforms come from an allowlist, models from the registry and weights with
+    The run is rebuilt from what it wrote, read as data, through the typed specs of any run
+    (kd_lightning.config.run_spec): the datamodule must be one of kd_lightning's (or a class named in
+    `datamodules`, from the command line, never from the folder), no `_target_` in the file is
+    instantiated, transforms come from an allowlist, models from the registry and weights with
     weights_only=True (kd_lightning.data.from_config, kd_lightning.models)."""
-    from kd_lightning.teachers.members import build_teachers
-
     for name in (RESOLVED, "student.pt", "results.json"):
         if not (run_dir / name).is_file():
             raise ConfigError(f"{run_dir} is not a finished kd-train run folder: {name} is missing")
     results = read_results(run_dir / "results.json")
-    cfg = read_recorded_config(run_dir / RESOLVED)
-    dm = instantiate_datamodule(cfg["data"], allowed=datamodules or [])
+    spec = parse_run(read_recorded_config(run_dir / RESOLVED))
+    dm = instantiate_datamodule(spec.data.config, allowed=datamodules or [])
     dm.setup("fit")
     student = load_model(run_dir / "student.pt")
     teachers = None
     used = results.get("teacher_checkpoints") or {}
     if used:
         teachers = build_teachers(
-            {"members": recorded_teachers(cfg, used)},
+            recorded_teachers(spec, used),
             dm.num_classes,
             dm.input_shape,
             str(results.get("data") or dm.name),
-            cfg["data"],
-            (cfg.get("paths") or {}).get("cache_dir") or ".",
+            spec.data.config,
+            spec.paths.cache_dir,
         )
     return dm, student, teachers, results
 

@@ -76,7 +76,7 @@ def claim_before_hydra(argv: list[str], cfg: DictConfig | None) -> Path | None:
     run_folder.claim(folder)
     if "-m" not in argv and "--multirun" not in argv:
         try:
-            run_folder.refuse_to_replace(folder, resume_mode(cfg), bool(cfg.get("overwrite")))
+            run_folder.refuse_to_replace(folder, resume_mode(cfg.get("resume")), bool(cfg.get("overwrite")))
         except ConfigError:
             run_folder.release(folder)
             raise

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 from omegaconf import OmegaConf
 
 from kd_lightning.config.sweeps import resolve_subsets
-from kd_lightning.engine.distributed import num_nodes_from_env
+
+
+def num_nodes_from_env() -> int:
+    """KD_NUM_NODES, else SLURM's node count, else torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE, else 1."""
+    env = os.environ
+    if env.get("KD_NUM_NODES"):
+        return int(env["KD_NUM_NODES"])
+    for key in ("SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
+        if env.get(key):
+            return int(env[key])
+    if env.get("WORLD_SIZE") and env.get("LOCAL_WORLD_SIZE"):
+        return max(1, int(env["WORLD_SIZE"]) // int(env["LOCAL_WORLD_SIZE"]))
+    return 1
+
 
 RESOLVERS = {
     "kd_subsets": resolve_subsets,  # ${kd_subsets:${teachers.members}[,min[,max]]} → "[a],[b],[a,b]"

@@ -215,7 +215,7 @@ class DistillSpec:
     ce_weight: float = num(1.0, 0.0)
     rho: float | None = num(None, 0.0, 1.0)
     label_loss: str = one_of("ce", *LABEL_LOSSES)
-    terms: dict[str, Any] | None = None
+    terms: dict[str, TermSpec] = mapping()  # the active terms (kd_lightning.config.run_spec.parse_distill)
 
 
 @dataclass(frozen=True)

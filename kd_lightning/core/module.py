@@ -1,9 +1,12 @@
-"""DistillationModule: student + frozen TeacherEnsemble + Objective, as a LightningModule.
+"""DistillationModule: the student, the Objective and the steps, as a LightningModule.
 
-The teachers are deliberately *not* registered as a submodule: Lightning's per-epoch `.train()`,
-the optimizer, DDP's gradient sync, `sync_batchnorm` and the checkpoint's state_dict never see them.
-`_apply` is extended so `.to(device)` / dtype casts still move them with the module. Resuming
-therefore needs nothing from the checkpoint for the teachers: they are rebuilt from their own files.
+Teacher features reach the steps through one interface, a TeacherFeed (kd_lightning.teachers.feed: the
+stores once complete, else the frozen teachers live); filling the stores and counting the teachers'
+work is the TeacherPrecompute callback's (kd_lightning.teachers.precompute). The teachers are
+deliberately *not* registered as a submodule: Lightning's per-epoch `.train()`, the optimizer, DDP's
+gradient sync, `sync_batchnorm` and the checkpoint's state_dict never see them. `_apply` is extended so
+`.to(device)` / dtype casts still move them with the module. Resuming therefore needs nothing from the
+checkpoint for the teachers: they are rebuilt from their own files.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from kd_lightning.core.objective import Objective
 from kd_lightning.data.batch import Batch
 from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.teachers.ensemble import TeacherEnsemble
-from kd_lightning.teachers.outputs import Ranks, TeacherOutputs
+from kd_lightning.teachers.feed import TeacherFeed
+from kd_lightning.teachers.outputs import TeacherOutputs
 
 
 class DistillationModule(pl.LightningModule):
@@ -28,21 +32,17 @@ class DistillationModule(pl.LightningModule):
         self,
         student: nn.Module,
         objective: Objective,
-        teachers: TeacherEnsemble | None,
+        feed: TeacherFeed | None,
         student_taps: FeatureTaps,
         num_classes: int,
         optim: OptimSetup,
-        teacher_outputs: TeacherOutputs | None = None,
         channels_last: bool = False,
     ):
         super().__init__()
         self.student = student
         self.objective = objective
-        object.__setattr__(self, "teachers", teachers)  # not a submodule: see the module docstring
-        # teachers' outputs on the training set, read by slot (None: teachers run on every batch)
-        object.__setattr__(self, "teacher_outputs", teacher_outputs)
-        self.live_teacher_samples = 0  # training samples the teachers ran on during the steps
-        self.teacher_forward_by_rank: list[int] = []  # set at the end of the fit
+        object.__setattr__(self, "feed", feed)  # not a submodule: see the module docstring
+        teachers = feed.teachers if feed is not None else None
         self.taps = student_taps
         self.optim = optim
         self.num_classes = num_classes
@@ -64,62 +64,14 @@ class DistillationModule(pl.LightningModule):
             )
             self.test_agreement = MulticlassAccuracy(num_classes, average="micro")
 
-    def teacher_features(
-        self, x: torch.Tensor, slots: torch.Tensor | None
-    ) -> dict[str, dict[str, torch.Tensor]]:
-        """From the teacher-output stores once they are complete (one gather per store); live otherwise."""
-        outputs = self.teacher_outputs
-        if outputs is not None and slots is not None and outputs.complete:
-            return outputs.get(slots, x.device)
-        self.live_teacher_samples += len(x) * len(self.teachers.names)  # per teacher, as the stores count
-        return self.teachers(x)
+    @property
+    def teachers(self) -> TeacherEnsemble | None:
+        return self.feed.teachers if self.feed is not None else None
 
-    def fill_teacher_outputs(self) -> None:
-        """The precompute stage: every rank fills its share of the missing rows, then all read the stores."""
-        outputs, trainer = self.teacher_outputs, self.trainer
-        ranks = Ranks(trainer.global_rank, trainer.world_size, trainer.strategy.barrier)
-        if ranks.world > 1:
-            outputs.share_between_ranks()
-            ranks.barrier()  # every rank has opened the shared files before rank 0 locks them to fill
-        dm = trainer.datamodule
-
-        def run_teacher(x: torch.Tensor, member: str) -> dict[str, torch.Tensor]:
-            return self.teachers(x, names=[member])[member]
-
-        with trainer.precision_plugin.forward_context():  # the same autocast as the training steps
-            outputs.fill(
-                run_teacher, lambda slots: dm.slot_inputs(slots, self.device), ranks, dm.eval_batch_size
-            )
-
-    def on_fit_end(self) -> None:
-        """Teacher forward passes on training data, per rank (precompute and live), for results.json."""
-        mine = self.live_teacher_samples + (self.teacher_outputs.computed if self.teacher_outputs else 0)
-        counts = torch.tensor([mine], device=self.device)
-        if self.trainer.world_size > 1:
-            counts = self.all_gather(counts).flatten()
-            self.trainer.strategy.barrier()
-            if self.trainer.is_global_zero and self.teacher_outputs is not None:
-                self.teacher_outputs.remove_scratch()
-        self.teacher_forward_by_rank = [int(c) for c in counts.cpu()]
-
-    def on_fit_start(self) -> None:
-        """Under DDP every rank must hold the same frozen teachers: compare their fingerprints once; then
-        fill the teacher-output stores (all ranks, sharded)."""
-        self.check_teachers_agree()
-        if self.teacher_outputs is not None:
-            self.fill_teacher_outputs()
-
-    def check_teachers_agree(self) -> None:
-        if self.teachers is None or self.trainer.world_size == 1:
-            return
-        mine = self.teachers.fingerprint().to(self.device)
-        every = self.all_gather(mine)  # (world_size, n_teachers, 2)
-        if not torch.allclose(every, mine.expand_as(every), rtol=1e-9, atol=0.0):
-            raise RuntimeError(
-                f"the teachers differ between ranks (fingerprints {every.tolist()}); every rank must load the "
-                f"same teacher files ({self.teachers.checkpoints}): put paths.cache_dir on a shared filesystem "
-                "or give each teacher an explicit checkpoint"
-            )
+    @property
+    def teacher_outputs(self) -> TeacherOutputs | None:
+        """The stores of the teachers' outputs (None: the teachers run on every batch)."""
+        return self.feed.outputs if self.feed is not None else None
 
     # --- teachers travel with the module without being part of it ---------------------------
     def _apply(self, fn, *args, **kwargs):
@@ -139,7 +91,7 @@ class DistillationModule(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x, y = self._input(batch), batch.y
         s_feats = self.taps(x)
-        t_feats = self.teacher_features(x, batch.cache_slot) if self.needs_teachers else None
+        t_feats = self.feed.features(x, batch.cache_slot) if self.needs_teachers else None
         loss, parts = self.objective(s_feats, t_feats, y, index=batch.index, epoch=self.current_epoch, x=x)
         if not torch.isfinite(loss):
             raise FloatingPointError(

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_lightning.config.run_spec import as_distill
 from kd_lightning.config.specs import LABEL_LOSSES, DistillSpec, TermSpec, parse
 from kd_lightning.errors import ConfigError, choices
 from kd_lightning.losses import create_loss, forward_extras, loss_class
@@ -246,12 +247,12 @@ class Objective(nn.Module):
             )
 
     @staticmethod
-    def student_taps(distill_cfg: Mapping[str, Any]) -> list[str]:
-        return sorted({n for t in active_terms(distill_cfg).values() for n in tap_names(t.student_tap)})
+    def student_taps(distill: DistillSpec | Mapping[str, Any]) -> list[str]:
+        return sorted({n for t in as_distill(distill).terms.values() for n in tap_names(t.student_tap)})
 
     @staticmethod
-    def teacher_taps(distill_cfg: Mapping[str, Any]) -> list[str]:
-        return sorted({n for t in active_terms(distill_cfg).values() for n in tap_names(t.tap)})
+    def teacher_taps(distill: DistillSpec | Mapping[str, Any]) -> list[str]:
+        return sorted({n for t in as_distill(distill).terms.values() for n in tap_names(t.tap)})
 
     @property
     def uses_teachers(self) -> bool:
@@ -286,28 +287,8 @@ class Objective(nn.Module):
         return total, parts
 
 
-def active_terms(distill_cfg: Mapping[str, Any]) -> dict[str, TermSpec]:
-    """Terms of the config, minus those switched off with `null` (so `distill.terms.x=null` removes x)."""
-    terms = distill_cfg.get("terms") or {}
-    if not isinstance(terms, Mapping):
-        raise ConfigError(
-            f"distill.terms must be a mapping of term name → settings, got {type(terms).__name__}"
-        )
-    out = {}
-    for name, spec in terms.items():
-        if spec is None:
-            continue
-        term = out[str(name)] = parse(TermSpec, spec, f"distill.terms.{name}")
-        for key, tap in (("student_tap", term.student_tap), ("teacher_tap", term.teacher_tap)):
-            if isinstance(tap, list) and (not tap or not all(isinstance(x, str) and x for x in tap)):
-                raise ConfigError(
-                    f"distill.terms.{name}.{key}: a list of taps must name one or more taps, got {tap!r}"
-                )
-    return out
-
-
 def build_objective(
-    distill_cfg: Mapping[str, Any],
+    distill: DistillSpec | Mapping[str, Any],
     student_shapes: Mapping[str, Shape],
     teacher_shapes: Mapping[str, Mapping[str, Shape]] | None,
     teacher_weights: Mapping[str, float] | None,
@@ -317,8 +298,8 @@ def build_objective(
 
     `distill.rho` (optional, in [0, 1]) mixes the two sides: the label loss gets weight 1 − ρ and every
     term's weight is multiplied by ρ (ρ = 1: teachers only, ρ = 0: labels only)."""
-    d = parse(DistillSpec, distill_cfg, "distill")
-    terms_cfg = active_terms(distill_cfg)
+    d = as_distill(distill)
+    terms_cfg = dict(d.terms)
     ce_weight, rho = d.ce_weight, d.rho
     if rho is not None:
         ce_weight = 1.0 - rho

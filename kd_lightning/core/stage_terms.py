@@ -3,76 +3,73 @@ wildcards in tap lists, expanded to the stages the student and every teacher hav
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
 
+from kd_lightning.config.run_spec import as_distill
+from kd_lightning.config.specs import DistillSpec, TermSpec
 from kd_lightning.errors import ConfigError
 from kd_lightning.models.taps import stages
 from kd_lightning.teachers.ensemble import TeacherEnsemble
 
 
 def expand_stage_terms(
-    distill: Mapping[str, Any], student: nn.Module, teachers: TeacherEnsemble | None
-) -> dict[str, Any]:
+    distill: DistillSpec | Mapping[str, Any], student: nn.Module, teachers: TeacherEnsemble | None
+) -> DistillSpec:
     """A term whose taps are `stages` becomes one term per stage, `<name>1` … `<name>K`, each with the
     term's weight: RepDistiller sums AT's and NST's per-stage losses and weighs the sum. K is the fewest
     stages among the student and the teachers (RepDistiller zips the two lists); a model that declares no
-    stages has one, its last feature map (kd_lightning.taps.stages). A term whose taps are `all_stages`
-    stays one term and reads the list [stem, stage1, …, stageK] (FSP's consecutive pairs). In a list of
-    taps, `stage*` and `preact*` become stage1 … stageK and preact1 … preactK (ReviewKD, AB)."""
-    terms = distill.get("terms") or {}
+    stages has one, its last feature map (kd_lightning.models.taps.stages). A term whose taps are
+    `all_stages` stays one term and reads the list [stem, stage1, …, stageK] (FSP's consecutive pairs). In
+    a list of taps, `stage*` and `preact*` become stage1 … stageK and preact1 … preactK (ReviewKD, AB)."""
+    distill = as_distill(distill)
 
     def wildcard(tap: Any) -> bool:
-        return (
-            isinstance(tap, Sequence) and not isinstance(tap, str) and any(str(x).endswith("*") for x in tap)
-        )
+        return isinstance(tap, list) and any(str(x).endswith("*") for x in tap)
 
     staged = [
         n
-        for n, t in terms.items()
-        if isinstance(t, Mapping)
-        and any(
-            t.get(k) in ("stages", "all_stages") or wildcard(t.get(k)) for k in ("student_tap", "teacher_tap")
-        )
+        for n, t in distill.terms.items()
+        if any(tap in ("stages", "all_stages") or wildcard(tap) for tap in (t.student_tap, t.teacher_tap))
     ]
     if not staged:
-        return dict(distill)
+        return distill
     models = [student, *(teachers.members.values() if teachers is not None else [])]
     n_stages = min(len(stages(m)) for m in models)
-    expanded: dict[str, Any] = {}
-    for name, term in terms.items():
+    expanded: dict[str, TermSpec] = {}
+    for name, term in distill.terms.items():
         if name not in staged:
             expanded[name] = term
             continue
-        if any(wildcard(term.get(k)) for k in ("student_tap", "teacher_tap")):
-            expanded[name] = {
-                **term,
-                **{
-                    k: _expand_taps(term.get(k), k, name, n_stages)
-                    for k in ("student_tap", "teacher_tap")
-                    if term.get(k) is not None
-                },
-            }
+        if wildcard(term.student_tap) or wildcard(term.teacher_tap):
+            expanded[name] = replace(
+                term,
+                student_tap=_expand_taps(term.student_tap, "student_tap", name, n_stages),
+                teacher_tap=None
+                if term.teacher_tap is None
+                else _expand_taps(term.teacher_tap, "teacher_tap", name, n_stages),
+            )
             continue
-        if term.get("student_tap") == "all_stages":  # one term reading [stem, stage1, …, stageK] (FSP)
-            if (term.get("teacher_tap") or "all_stages") != "all_stages":
+        if term.student_tap == "all_stages":  # one term reading [stem, stage1, …, stageK] (FSP)
+            if (term.teacher_tap or "all_stages") != "all_stages":
                 raise ConfigError(
                     f"distill.terms.{name}: student_tap all_stages needs teacher_tap all_stages, got "
-                    f"{term.get('teacher_tap')!r}"
+                    f"{term.teacher_tap!r}"
                 )
             taps = ["stem", *(f"stage{i}" for i in range(1, n_stages + 1))]
-            expanded[name] = {**term, "student_tap": taps, "teacher_tap": taps}
+            expanded[name] = replace(term, student_tap=taps, teacher_tap=taps)
             continue
-        if (term.get("student_tap"), term.get("teacher_tap") or "stages") != ("stages", "stages"):
+        if (term.student_tap, term.teacher_tap or "stages") != ("stages", "stages"):
             raise ConfigError(
                 f"distill.terms.{name}: student_tap and teacher_tap must both be 'stages' (one term per stage), "
-                f"got {term.get('student_tap')!r} and {term.get('teacher_tap')!r}"
+                f"got {term.student_tap!r} and {term.teacher_tap!r}"
             )
         for i in range(1, n_stages + 1):
-            expanded[f"{name}{i}"] = {**term, "student_tap": f"stage{i}", "teacher_tap": f"stage{i}"}
-    return {**distill, "terms": expanded}
+            expanded[f"{name}{i}"] = replace(term, student_tap=f"stage{i}", teacher_tap=f"stage{i}")
+    return replace(distill, terms=expanded)
 
 
 _WILDCARDS = ("stage*", "preact*")

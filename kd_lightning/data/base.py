@@ -9,7 +9,7 @@ dataset read from disk supports them as an in-memory one does.
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -142,7 +142,12 @@ class TensorDataModule(pl.LightningDataModule):
         augment: dict | None = None,
         num_workers: int = 0,
         class_subset: list[int] | None = None,
+        shuffle_seed: int | None = None,
+        test_each_epoch: bool = False,
     ):
+        """`shuffle_seed` (the run's seed; None: torch's initial seed) orders the training batches;
+        `test_each_epoch` (the run's setting) makes the validation loop also test, for the per-epoch test
+        curve. Both come from the run, not from the `data` group."""
         super().__init__()
         self.batch_size = as_int("data.batch_size", batch_size, 1)
         self.eval_batch_size = as_int("data.eval_batch_size", eval_batch_size or max(self.batch_size, 256), 1)
@@ -169,9 +174,8 @@ class TensorDataModule(pl.LightningDataModule):
         )
         if self.class_subset is not None and len(set(self.class_subset)) != len(self.class_subset):
             raise ConfigError(f"data.class_subset has repeated ids: {self.class_subset}")
-        self.shuffle_seed: int | None = None  # set by the run (its seed); else torch's initial seed
-        # set by the run (`test_each_epoch`): the validation loop also tests, for the per-epoch test curve
-        self.test_each_epoch = False
+        self.shuffle_seed = None if shuffle_seed is None else as_seed("seed", shuffle_seed)
+        self.test_each_epoch = bool(test_each_epoch)
         self.splits: dict[str, Dataset] = {}
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None
@@ -405,15 +409,14 @@ class TensorDataModule(pl.LightningDataModule):
         on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return on_gpu
 
-    @contextlib.contextmanager
-    def shuffled_by(self, seed: int) -> Iterator[None]:
-        """Within the block, training batches are shuffled by `seed` instead of the run's seed: a teacher
-        fitted during a run must not depend on which run (which seed) happened to fit it first."""
-        saved, self.shuffle_seed = self.shuffle_seed, int(seed)
-        try:
-            yield
-        finally:
-            self.shuffle_seed = saved
+    def reshuffled(self, seed: int) -> TensorDataModule:
+        """The same data (splits shared, nothing reloaded) with its training batches shuffled by `seed`: a
+        teacher fitted during a run must not depend on which run (which seed) happened to fit it first. A
+        copy, so the run's own datamodule never changes."""
+        other = copy.copy(self)
+        other.shuffle_seed = int(seed)
+        other.trainer = None
+        return other
 
     def _trainer_epoch(self) -> int | None:
         trainer = getattr(self, "trainer", None)

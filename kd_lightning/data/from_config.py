@@ -72,8 +72,12 @@ def _nested_target(value: Any, where: str) -> str | None:
     return None
 
 
+# What a run passes to its datamodule beside the `data` group (not keys a user writes there).
+RUN_ARGUMENTS = ("shuffle_seed", "test_each_epoch")
+
+
 def instantiate_datamodule(
-    data_cfg: Mapping[str, Any], allowed: Iterable[str] | None = None
+    data_cfg: Mapping[str, Any], allowed: Iterable[str] | None = None, **run: Any
 ) -> TensorDataModule:
     """`data` as its datamodule. Unknown keys are a ConfigError listing the valid ones; the class comes from
     `datamodule_class` (see `allowed`); no value is instantiated: a `_target_` nested in a value is refused
@@ -89,6 +93,7 @@ def instantiate_datamodule(
         valid |= {p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "kwargs")}
         if klass is TensorDataModule:
             break
+    valid -= set(RUN_ARGUMENTS)
     unknown = sorted(set(data_cfg) - valid - {"_partial_", "_convert_", "_recursive_"})
     if unknown:
         raise ConfigError(
@@ -105,7 +110,10 @@ def instantiate_datamodule(
                 f"{found} holds a _target_: data values are settings, never objects to build (only "
                 f"data.train_transforms / data.eval_transforms name classes, from torchvision's transforms)"
             )
+    unexpected = sorted(set(run) - set(RUN_ARGUMENTS))
+    if unexpected:
+        raise TypeError(f"instantiate_datamodule: unexpected run arguments {unexpected}")
     try:
-        return cls(**data_cfg)
+        return cls(**data_cfg, **run)
     except TypeError as e:
         raise ConfigError(f"data ({cls.__name__}): {e}") from None

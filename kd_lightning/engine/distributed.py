@@ -14,10 +14,12 @@ import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import OmegaConf, open_dict, read_write
 
+from kd_lightning.config.resolvers import num_nodes_from_env  # noqa: F401  (the node count: trainer=multinode)
 from kd_lightning.errors import ConfigError
 from kd_lightning.files import atomic_write
 
@@ -27,20 +29,7 @@ JOB_CONFIG = "ddp_job"
 _EXTERNAL_LAUNCH = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
 
 
-def num_nodes_from_env() -> int:
-    """KD_NUM_NODES, else SLURM's node count, else torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE, else 1."""
-    env = os.environ
-    if env.get("KD_NUM_NODES"):
-        return int(env["KD_NUM_NODES"])
-    for key in ("SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
-        if env.get(key):
-            return int(env[key])
-    if env.get("WORLD_SIZE") and env.get("LOCAL_WORLD_SIZE"):
-        return max(1, int(env["WORLD_SIZE"]) // int(env["LOCAL_WORLD_SIZE"]))
-    return 1
-
-
-def spawns_children(trainer_cfg: DictConfig) -> bool:
+def spawns_children(trainer_cfg: Mapping[str, Any]) -> bool:
     """True when Lightning will re-run the command line to start more ranks on this node."""
     strategy = str(trainer_cfg.get("strategy", "auto"))
     if "ddp" not in strategy or "spawn" in strategy or "fork" in strategy:
@@ -55,12 +44,13 @@ def spawns_children(trainer_cfg: DictConfig) -> bool:
     )
 
 
-def pin_ddp_children_to_job(cfg: DictConfig, out: Path) -> Path | None:
-    """Rank 0, before `trainer.fit`: make the ranks Lightning re-launches run exactly this job."""
-    if not HydraConfig.initialized() or not spawns_children(cfg.trainer):
+def pin_ddp_children_to_job(trainer: Mapping[str, Any], config: Mapping[str, Any], out: Path) -> Path | None:
+    """Rank 0, before `trainer.fit`: make the ranks Lightning re-launches run exactly this job (`config`, the
+    run's resolved config; `trainer`, its Trainer arguments)."""
+    if not HydraConfig.initialized() or not spawns_children(trainer):
         return None
     path = out / ".kd" / f"{JOB_CONFIG}.yaml"
-    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    resolved = OmegaConf.create(dict(config))
     atomic_write(path, lambda tmp: OmegaConf.save(resolved, tmp))
     sys.argv[1:] = ["--config-path", str(path.parent), "--config-name", JOB_CONFIG]
     hydra_cfg = HydraConfig.get()

@@ -21,11 +21,6 @@ from kd_lightning.models import create_model, save_model
 from kd_lightning.models.taps import FeatureTaps
 
 
-def fit_accelerator(cfg: Any) -> str:
-    """Fits inside a run (teachers, source tasks, baseline) use the run's accelerator, on one device."""
-    return str(cfg.trainer.get("accelerator", "cpu"))
-
-
 def supervised_module(model: nn.Module, num_classes: int, optim: OptimSetup) -> DistillationModule:
     """The model alone, trained with cross-entropy (a DistillationModule without teachers or terms)."""
     return DistillationModule(model, Objective(1.0, {}), None, FeatureTaps(model, []), num_classes, optim)
@@ -64,8 +59,7 @@ def fit_supervised(
     module = supervised_module(model, dm.num_classes, optim)
     trainer = quiet_trainer(max_epochs, accelerator)
     t0 = time.perf_counter()
-    with dm.shuffled_by(seed):  # the fit's own seed orders its batches, not the run's
-        trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm.reshuffled(seed))  # the fit's own seed orders its batches
     acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test/acc"])
     torch.random.set_rng_state(rng)
     if out_path is not None:

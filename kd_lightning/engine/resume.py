@@ -21,8 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import OmegaConf
 
 from kd_lightning.errors import ConfigError
 
@@ -50,9 +49,8 @@ def requeued_by_slurm() -> bool:
     return int(os.environ.get("SLURM_RESTART_COUNT") or 0) >= 1
 
 
-def resume_mode(cfg: DictConfig) -> str | None:
+def resume_mode(resume: str | None) -> str | None:
     """`resume`, with a SLURM requeue of a run that did not say `resume` treated as `auto`."""
-    resume = cfg.get("resume")
     if resume is None and requeued_by_slurm():
         log.info(
             "SLURM requeued this job (SLURM_RESTART_COUNT=%s): resuming it", os.environ["SLURM_RESTART_COUNT"]
@@ -128,36 +126,23 @@ def comparable(plain: Mapping[str, Any]) -> dict[str, Any]:
     return _relative_to_paths(out, paths)
 
 
-def resolved_plain(cfg: DictConfig) -> dict[str, Any] | None:
-    """The config without Hydra's node, every interpolation resolved (None when one does not resolve)."""
-    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    try:
-        return OmegaConf.to_container(plain, resolve=True)
-    except OmegaConfBaseException:
-        return None  # stage 0 of the run reports it
-
-
-def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str | None:
+def config_hash(plain: Mapping[str, Any]) -> str:
     """What results.json records of the config it was made with: a hash of what resume=auto compares."""
     import hashlib
     import json
 
-    plain = resolved_plain(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
-    if plain is None:
-        return None
     text = json.dumps(comparable(plain), sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def config_changes(cfg: DictConfig, out: Path) -> list[tuple[str, Any, Any]]:
-    """(key, the run's value, the new value) for every key that differs from the run's resolved config
-    and changes what the run computes. Empty when the run has no recorded config."""
+def config_changes(new: Mapping[str, Any], out: Path) -> list[tuple[str, Any, Any]]:
+    """(key, the run's value, the new value) for every key of the resolved config `new` that differs from
+    the run's recorded one and changes what the run computes. Empty when the run has no recorded config."""
     recorded = out / "config.resolved.yaml"
     if not recorded.is_file():
         return []
     old = OmegaConf.to_container(OmegaConf.load(recorded), resolve=False)
-    new = resolved_plain(cfg)
-    if new is None or not isinstance(old, Mapping):
+    if not isinstance(old, Mapping):
         return []
     diffs: list[tuple[str, Any, Any]] = []
     _diff(comparable(old), comparable(new), "", diffs)
@@ -169,13 +154,10 @@ def config_changes(cfg: DictConfig, out: Path) -> list[tuple[str, Any, Any]]:
     ]
 
 
-def check_resume(cfg: DictConfig, out: Path) -> list[str]:
+def check_resume(new: Mapping[str, Any], accept: list[str], out: Path) -> list[str]:
     """resume=auto: refuse a config that changed what the run computes, unless `resume_accept` names the
     keys. Returns the accepted changes ("key: old → new"). Raised before anything is written."""
-    accept = cfg.get("resume_accept") or []
-    if isinstance(accept, str):
-        accept = [accept]
-    changes = config_changes(cfg, out)
+    changes = config_changes(new, out)
     refused = [c for c in changes if not _covered(c[0], list(accept))]
     if refused:
         lines = "; ".join(f"{k}: {_short(a)} (run) → {_short(b)} (now)" for k, a, b in refused[:12])

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from kd_lightning.config.hydra import instantiate
+from kd_lightning.config.run_spec import RunSpec
 from kd_lightning.errors import ConfigError
 from kd_lightning.files import atomic_write
 
@@ -53,42 +54,46 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from e
 
 
-def _instantiate_all(node: DictConfig | None, group: str) -> list[Any]:
+def _instantiate_all(node: Mapping[str, Any] | None, group: str) -> list[Any]:
     if not node:
         return []
-    return [instantiate(c, f"{group}.{k}") for k, c in node.items() if c is not None and "_target_" in c]
+    return [
+        instantiate(c, f"{group}.{k}") for k, c in node.items() if isinstance(c, Mapping) and "_target_" in c
+    ]
 
 
-def build_trainer(cfg: DictConfig, validation: bool = True) -> pl.Trainer:
-    """The configured Trainer. Without a validation split (`validation=False`), a checkpoint callback that
-    monitors a val/ metric keeps the last epoch instead; any other callback that monitors one is an error."""
-    callbacks_cfg = cfg.get("callbacks")
-    if not validation and callbacks_cfg:
-        callbacks_cfg = _without_validation(callbacks_cfg)
-    callbacks = _instantiate_all(callbacks_cfg, "callbacks")
-    if not cfg.trainer.get("enable_progress_bar", True):
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    loggers = _instantiate_all(cfg.get("logger"), "logger")
+def build_trainer(
+    spec: RunSpec, validation: bool = True, callbacks: Iterable[pl.Callback] = ()
+) -> pl.Trainer:
+    """The configured Trainer, with the run's own `callbacks` (the teacher precompute) after the configured
+    ones. Without a validation split (`validation=False`), a checkpoint callback that monitors a val/
+    metric keeps the last epoch instead; any other callback that monitors one is an error."""
+    configured = spec.callbacks if validation else _without_validation(spec.callbacks)
+    made = _instantiate_all(configured, "callbacks")
+    if not spec.trainer.options.get("enable_progress_bar", True):
+        made = [c for c in made if not isinstance(c, ProgressBar)]
+    loggers = _instantiate_all(spec.logger, "logger")
     extra: dict[str, Any] = {}
-    if not cfg.trainer.get("plugins"):
+    if not spec.trainer.options.get("plugins"):
         extra["plugins"] = [AtomicCheckpointIO()]
-    return instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, **extra)
+    return instantiate(
+        spec.trainer.options, "trainer", callbacks=[*made, *callbacks], logger=loggers or False, **extra
+    )
 
 
-def _without_validation(callbacks: DictConfig) -> DictConfig:
-    callbacks = OmegaConf.create(OmegaConf.to_container(callbacks, resolve=True))
+def _without_validation(callbacks: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
     for name, cb in callbacks.items():
-        monitor = cb.get("monitor") if isinstance(cb, DictConfig) else None
-        if not (isinstance(monitor, str) and monitor.startswith("val/")):
-            continue
-        if str(cb.get("_target_", "")).endswith("ModelCheckpoint"):
-            cb.monitor = None  # save_top_k=1 then keeps the newest: the last epoch
-        else:
-            raise ConfigError(
-                f"callbacks.{name} monitors {monitor}, but data.val_fraction=0 leaves no validation split; "
-                f"remove it (callbacks.{name}=null) or set data.val_fraction > 0"
-            )
-    return callbacks
+        monitor = cb.get("monitor") if isinstance(cb, Mapping) else None
+        if isinstance(monitor, str) and monitor.startswith("val/"):
+            if not str(cb.get("_target_", "")).endswith("ModelCheckpoint"):
+                raise ConfigError(
+                    f"callbacks.{name} monitors {monitor}, but data.val_fraction=0 leaves no validation split; "
+                    f"remove it (callbacks.{name}=null) or set data.val_fraction > 0"
+                )
+            cb = {**cb, "monitor": None}  # save_top_k=1 then keeps the newest: the last epoch
+        out[name] = cb
+    return out
 
 
 def evaluation_trainer(trainer: pl.Trainer) -> pl.Trainer:

@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_lightning.config.hydra import to_dict
+from kd_lightning.config.run_spec import RunSpec
 from kd_lightning.config.specs import AmalgamationSpec, MultiTaskTeacherSpec, as_plain, parse
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.data.fingerprint import data_key
-from kd_lightning.engine.fitting import fit_accelerator, quiet_trainer
+from kd_lightning.engine.fitting import quiet_trainer
 from kd_lightning.errors import ConfigError, safe_name
 from kd_lightning.models.multitask import (
     MultiTaskNet,
@@ -321,10 +321,10 @@ def fit_or_load_teacher(
         pl.seed_everything(spec.fit.seed, verbose=False)
         model = MultiTaskNet(dm.input_shape, spec.tasks, spec.channels, spec.kernel_size)
         t0 = time.perf_counter()
-        with dm.shuffled_by(spec.fit.seed):  # the fit's own seed orders its batches, not the run's
-            quiet_trainer(spec.fit.max_epochs, accelerator).fit(
-                SupervisedMultiTask(model, spec.fit.lr, spec.fit.weight_decay), datamodule=dm
-            )
+        quiet_trainer(spec.fit.max_epochs, accelerator).fit(  # the fit's own seed orders its batches
+            SupervisedMultiTask(model, spec.fit.lr, spec.fit.weight_decay),
+            datamodule=dm.reshuffled(spec.fit.seed),
+        )
         acc = task_accuracy(model, dm, spec.tasks)
         save_multitask(
             model, path, dm.input_shape, {"test_acc": acc, "fit_seconds": time.perf_counter() - t0}
@@ -337,22 +337,22 @@ def fit_or_load_teacher(
     return model.eval(), path
 
 
-def run_amalgamation(
-    a: AmalgamationSpec, cfg: Any, dm: TensorDataModule, out: Path, data_cfg: Mapping[str, Any]
-) -> dict[str, Any]:
+def run_amalgamation(a: AmalgamationSpec, spec: RunSpec, dm: TensorDataModule, out: Path) -> dict[str, Any]:
     """The whole method; returns the entries of results.json (student's and teachers' task accuracies)."""
-    accelerator = fit_accelerator(cfg)
+    accelerator = spec.trainer.fit_accelerator
     teachers, paths = {}, {}
-    for name, spec in a.teachers.items():
+    for name, member in a.teachers.items():
         # teacher variance: amalgamation.fit_seed shifts every teacher's fit seed (each fit cached apart)
-        spec = dataclasses.replace(spec, fit=dataclasses.replace(spec.fit, seed=spec.fit.seed + a.fit_seed))
+        member = dataclasses.replace(
+            member, fit=dataclasses.replace(member.fit, seed=member.fit.seed + a.fit_seed)
+        )
         teachers[name], paths[name] = fit_or_load_teacher(
-            name, spec, dm, data_cfg, cfg.paths.cache_dir, accelerator
+            name, member, dm, spec.data.config, spec.paths.cache_dir, accelerator
         )
     # the teachers that hold a chosen task, and which of the chosen tasks each holds
     relevant = {n: [t for t in a.tasks if t in a.teachers[n].tasks] for n in teachers}
     relevant = {n: ts for n, ts in relevant.items() if ts}
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    pl.seed_everything(spec.seed, workers=True, verbose=False)
     student = MultiTaskNet(dm.input_shape, a.tasks, a.student.channels, a.student.kernel_size)
 
     def train_inputs() -> Iterable[torch.Tensor]:
@@ -392,9 +392,7 @@ def run_amalgamation(
     fit_seconds = time.perf_counter() - t0
     student_acc = task_accuracy(student, dm, a.tasks)
     teacher_acc = {n: task_accuracy(teachers[n], dm, a.teachers[n].tasks) for n in teachers}
-    save_multitask(
-        student, out / "student.pt", dm.input_shape, {"task_acc": student_acc, "seed": int(cfg.seed)}
-    )
+    save_multitask(student, out / "student.pt", dm.input_shape, {"task_acc": student_acc, "seed": spec.seed})
     return {
         "test_acc": sum(student_acc.values()) / len(student_acc),
         "task_acc": student_acc,
@@ -429,27 +427,21 @@ def print_task_table(results: Mapping[str, Any]) -> None:
 def run_amalgamation_job(ctx: RunContext) -> None:
     """runner=amalgamation (experiment=ye2019): its own training loop, stage by stage; no labels used."""
 
-    cfg = ctx.cfg
-    a = check_amalgamation_cfg(to_dict(cfg.get("amalgamation")))
-
-    def plain(key: str) -> dict[str, Any]:
-        return to_dict(cfg.get(key)) or {}
-
-    evaluate, perf = plain("evaluate"), plain("perf")
+    spec = ctx.spec
+    a = check_amalgamation_cfg(spec.amalgamation)
     unused = {  # settings of the generic runner that this one would silently ignore
-        "baseline=true": cfg.get("baseline") is True,
-        "evaluate.metrics/corruptions": bool(evaluate.get("metrics") or evaluate.get("corruptions")),
-        "perf.compile/channels_last": bool(perf.get("compile") or perf.get("channels_last")),
-        "teachers.members": bool(plain("teachers").get("members")),
-        "distill.terms": bool(plain("distill").get("terms")),
+        "baseline=true": spec.settings.baseline,
+        "evaluate.metrics/corruptions": spec.evaluation.active,
+        "perf.compile/channels_last": spec.perf.compile or spec.perf.channels_last,
+        "teachers.members": bool(spec.teachers.members),
+        "distill.terms": bool(spec.distill.terms),
     }
     if any(unused.values()):
         raise ConfigError(
             f"runner=amalgamation does not use {', '.join(k for k, v in unused.items() if v)}: its teachers, "
             "student and schedule are amalgamation.*; drop those settings (or use runner=distill)"
         )
-    if cfg.get("dry_run"):
+    if spec.settings.dry_run:
         ctx.results["status"] = "dry_run"
         return
-    data_cfg = to_dict(ctx.cfg.data)
-    ctx.results.update(run_amalgamation(a, ctx.cfg, ctx.dm, ctx.out, data_cfg))
+    ctx.results.update(run_amalgamation(a, spec, ctx.dm, ctx.out))

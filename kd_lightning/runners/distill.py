@@ -10,14 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig
 
-from kd_lightning.config.hydra import to_dict
 from kd_lightning.config.specs import EvalSpec
 from kd_lightning.core.module import DistillationModule
-from kd_lightning.engine.build import build_module, build_teacher_ensemble, model_spec
+from kd_lightning.engine.build import build_module, build_teacher_ensemble
 from kd_lightning.engine.distributed import leave_process_group, pin_ddp_children_to_job
-from kd_lightning.engine.fitting import fit_accelerator, fit_supervised
+from kd_lightning.engine.fitting import fit_supervised
 from kd_lightning.engine.prestage import run_pre_stages
 from kd_lightning.engine.resume import newest_checkpoint, resume_mode, sigterm_to_lightning
 from kd_lightning.engine.trainers import build_trainer, evaluation_trainer, finish_loggers, keep_metrics_until
@@ -28,13 +26,14 @@ from kd_lightning.models import save_model
 from kd_lightning.runners.registry import RunContext, register_runner
 from kd_lightning.runners.summary import print_summary
 from kd_lightning.teachers.ensemble import TeacherEnsemble
+from kd_lightning.teachers.precompute import TeacherPrecompute
 
 log = logging.getLogger("kd_lightning")
 
 
-def resume_path(cfg: DictConfig, out: Path) -> str | None:
+def resume_path(resume: str | None, out: Path) -> str | None:
     """resume=auto: the run folder's newest checkpoint when there is one (a fresh start otherwise)."""
-    resume = resume_mode(cfg)
+    resume = resume_mode(resume)
     if resume == "auto":
         last = newest_checkpoint(out)
         return str(last) if last is not None else None
@@ -56,6 +55,7 @@ class Built:
     module: DistillationModule
     trainer: pl.Trainer
     evaluation: EvalSpec
+    precompute: TeacherPrecompute | None  # fills the stores and counts the teachers' work (None: no teachers)
 
 
 @dataclass(frozen=True)
@@ -88,28 +88,31 @@ class Tested:
 
 
 def stage_build(ctx: RunContext) -> Built:
-    cfg, dm = ctx.cfg, ctx.dm
-    if cfg.get("amalgamation"):
+    spec, dm = ctx.spec, ctx.dm
+    if spec.amalgamation:
         raise ConfigError(
             "amalgamation is set but runner=distill: add runner=amalgamation (experiment=ye2019 does)"
         )
-    teachers = build_teacher_ensemble(cfg, dm, str(ctx.results.get("data") or dm.name))
-    pl.seed_everything(int(cfg.seed), workers=True)
-    module = build_module(cfg, dm, teachers)
-    evaluation = check_eval_cfg(to_dict(cfg.get("evaluate")), dm.input_shape)
-    dm.test_each_epoch = bool(cfg.get("test_each_epoch"))
-    return Built(teachers, module, build_trainer(cfg, validation="val" in dm.val_roles()), evaluation)
+    teachers = build_teacher_ensemble(spec, dm)
+    pl.seed_everything(spec.seed, workers=True)
+    module = build_module(spec, dm, teachers)
+    evaluation = check_eval_cfg(spec.evaluation, dm.input_shape)
+    precompute = TeacherPrecompute(module.feed) if module.feed is not None else None
+    trainer = build_trainer(
+        spec, validation="val" in dm.val_roles(), callbacks=[precompute] if precompute else []
+    )
+    return Built(teachers, module, trainer, evaluation, precompute)
 
 
 def stage_fit(ctx: RunContext, built: Built) -> Fitted:
     trainer = built.trainer
-    ckpt = resume_path(ctx.cfg, ctx.out)
-    pin_ddp_children_to_job(ctx.cfg, ctx.out)
+    ckpt = resume_path(ctx.spec.settings.resume, ctx.out)
+    pin_ddp_children_to_job(ctx.spec.trainer.options, ctx.spec.resolved, ctx.out)
     if ckpt is not None:
         keep_metrics_until(trainer, checkpoint_epoch(ckpt))
     t0 = time.perf_counter()
     # a method's pre-stage (FT's paraphraser) trains before the fit; a resumed run has it in the checkpoint
-    pre_stage = run_pre_stages(built.module, ctx.dm, fit_accelerator(ctx.cfg)) if ckpt is None else {}
+    pre_stage = run_pre_stages(built.module, ctx.dm, ctx.spec.trainer.fit_accelerator) if ckpt is None else {}
     with sigterm_to_lightning():
         trainer.fit(built.module, datamodule=ctx.dm, ckpt_path=ckpt)
     seconds = time.perf_counter() - t0
@@ -128,9 +131,8 @@ def stage_fit(ctx: RunContext, built: Built) -> Fitted:
         tests_here = trainer.is_global_zero
     outputs = built.module.teacher_outputs
     files = outputs.files() if outputs is not None else []
-    return Fitted(
-        val, best or None, seconds, ckpt, tests_here, built.module.teacher_forward_by_rank, files, pre_stage
-    )
+    by_rank = built.precompute.forward_by_rank if built.precompute is not None else [0] * trainer.world_size
+    return Fitted(val, best or None, seconds, ckpt, tests_here, by_rank, files, pre_stage)
 
 
 def stage_test(ctx: RunContext, built: Built, fitted: Fitted) -> Tested:
@@ -155,7 +157,7 @@ def stage_test(ctx: RunContext, built: Built, fitted: Fitted) -> Tested:
 
 def stage_report(ctx: RunContext, built: Built, tested: Tested) -> dict[str, Any]:
     """Stage 6: evaluation beyond accuracy, the student-alone baseline, the exported student."""
-    cfg, dm, out = ctx.cfg, ctx.dm, ctx.out
+    spec, dm, out = ctx.spec, ctx.dm, ctx.out
     results: dict[str, Any] = {}
     if built.evaluation.active:
         result = evaluate_and_write(
@@ -167,23 +169,23 @@ def stage_report(ctx: RunContext, built: Built, tested: Tested) -> dict[str, Any
             agreement=result.get("agreement", {}),
             robustness={m: s["mean"] for m, s in summary.items()},
         )
-    if cfg.get("baseline"):
+    if spec.settings.baseline:
         _, results["baseline_test_acc"] = fit_supervised(
-            model_spec(cfg.student),
+            spec.student,
             dm,
-            int(cfg.seed),
-            int(cfg.trainer.max_epochs),
+            spec.seed,
+            spec.trainer.max_epochs,
             built.module.optim,
-            fit_accelerator(cfg),
+            spec.trainer.fit_accelerator,
         )
     results["student_path"] = str(
         save_model(
             built.module.student,
             out / "student.pt",
-            model_spec(cfg.student),
+            spec.student,
             dm.num_classes,
             dm.input_shape,
-            meta={"test_acc": tested.test_acc, "seed": int(cfg.seed)},
+            meta={"test_acc": tested.test_acc, "seed": spec.seed},
         )
     )
     return results
@@ -194,7 +196,7 @@ def run_distillation(ctx: RunContext) -> None:
     """Student + frozen teachers + objective, fitted by the configured Lightning Trainer."""
     built = stage_build(ctx)
     ctx.results["teacher_checkpoints"] = built.teachers.checkpoints if built.teachers else {}
-    if ctx.cfg.get("dry_run"):
+    if ctx.spec.settings.dry_run:
         ctx.results.update(status="dry_run", dry_run_summary=dry_run_summary(ctx, built))
         return
     try:
@@ -239,10 +241,10 @@ def run_distillation(ctx: RunContext) -> None:
 
 def dry_run_summary(ctx: RunContext, built: Built) -> str:
     """One paragraph: what a real run of this config would train, on what, with which teachers."""
-    cfg, module, trainer = ctx.cfg, built.module, built.trainer
+    spec, module, trainer = ctx.spec, built.module, built.trainer
     n_params = sum(p.numel() for p in module.student.parameters())
     n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    student = model_spec(cfg.student).get("name")
+    student = spec.student.get("name")
     if built.teachers is None:
         teachers = "no teachers (the student learns from its labels alone)"
     else:
@@ -253,14 +255,14 @@ def dry_run_summary(ctx: RunContext, built: Built) -> str:
         teachers = f"{len(parts)} frozen teacher(s): " + "; ".join(parts)
     terms = ", ".join(f"{n} ({t.distance} on {t.student_tap})" for n, t in module.objective.terms.items())
     outputs = module.teacher_outputs
-    store = f"; teacher outputs stored ({cfg.teacher_cache.mode})" if outputs is not None else ""
+    store = f"; teacher outputs stored ({spec.cache.mode})" if outputs is not None else ""
     return (
         f"dry run, nothing trained: data {ctx.dm.describe()}; student {student} with {n_params:,} "
         f"parameters ({n_trainable:,} trainable with the adapters); {teachers}; objective "
         f"CE×{module.objective.ce_weight:g}"
         + (f" + {terms}" if terms else "")
         + store
-        + f"; {int(cfg.trainer.max_epochs)} epochs on {trainer.num_devices} {trainer.strategy.root_device.type}"
+        + f"; {spec.trainer.max_epochs} epochs on {trainer.num_devices} {trainer.strategy.root_device.type}"
         f" device(s), precision {trainer.precision}; output {ctx.out}."
     )
 

@@ -16,17 +16,21 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from kd_lightning.config.run_spec import RunSpec
+from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError, choices
 
 
 @dataclass
 class RunContext:
-    """What every runner gets: the config, the prepared datamodule, the run folder and the results so far."""
+    """What every runner gets: the run's spec, the prepared datamodule, the run folder, the results so far,
+    and the composed config itself (`cfg`, for what a runner of your own reads that the spec does not hold)."""
 
-    cfg: DictConfig
-    dm: Any  # TensorDataModule, set up
+    spec: RunSpec
+    dm: TensorDataModule  # set up
     out: Path
     results: dict[str, Any] = field(default_factory=dict)
+    cfg: DictConfig | None = None
 
 
 @dataclass(frozen=True)

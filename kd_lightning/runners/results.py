@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from kd_lightning.config.run_spec import RunSpec, parse_distill, parse_teachers
 from kd_lightning.files import atomic_write
 
 
@@ -58,40 +59,36 @@ def group_choices(cfg: DictConfig) -> dict[str, Any]:
     return {g: (cfg.get(g) or {}).get("name") if isinstance(cfg.get(g), DictConfig) else None for g in GROUPS}
 
 
-def teacher_set_label(cfg: DictConfig) -> str:
-    """`cnn_a+cnn_b`: the teachers this run uses, in pool order of `teachers.use` ("none" without any)."""
-    teachers = OmegaConf.to_container(cfg.teachers, resolve=True) if cfg.get("teachers") else {}
-    members = list(teachers.get("members") or {})
-    use = teachers.get("use")
-    used = members if use is None else ([use] if isinstance(use, str) else use)
-    spec = teachers.get("members") or {}
-
-    def name(u: str) -> str:  # a random-weight control is another teacher than the fitted one
-        return f"{u}(random)" if (spec.get(u) or {}).get("random_weights") else str(u)
-
-    return "+".join(name(u) for u in (used if isinstance(used, list) else []) if u in members) or "none"
-
-
-def distance_label(cfg: DictConfig) -> str:
-    from kd_lightning.core.objective import active_terms
-    from kd_lightning.engine.build import no_teacher_point
-
-    if no_teacher_point(cfg):
-        return "none"
-    terms = active_terms(OmegaConf.to_container(cfg.distill, resolve=True) or {})
-    return "+".join(sorted({t.distance for t in terms.values()})) or "none"
-
-
-def run_labels(cfg: DictConfig) -> dict[str, Any]:
-    """What results.json says a run is, before anything is checked: a broken key is reported by its owner
-    (the label reads "unknown"), never by the labelling."""
+def run_labels(cfg: DictConfig, spec: RunSpec | None = None) -> dict[str, Any]:
+    """What results.json says a run is: the group choices, the teacher set and the distance, from its spec;
+    before (or without) one, from the groups that parse, so that a broken key is reported by its owner and
+    the label reads "unknown", never by the labelling."""
     labels: dict[str, Any] = group_choices(cfg)
-    teachers = cfg.get("teachers")
-    if isinstance(teachers, DictConfig) and teachers.get("members"):
-        labels["teacher_fit_seed"] = teachers.get("fit_seed", 0)  # teachers.fit_seed: which fits of the set
-    for key, fn in (("teacher_set", teacher_set_label), ("distance", distance_label)):
-        try:
-            labels[key] = fn(cfg)
-        except Exception:
-            labels[key] = "unknown"
+    teachers = spec.teachers if spec is not None else _try(lambda: parse_teachers(_plain(cfg, "teachers")))
+    if teachers is not None and teachers.members:
+        labels["teacher_fit_seed"] = teachers.fit_seed  # teachers.fit_seed: which fits of the set
+    labels["teacher_set"] = teachers.label if teachers is not None else "unknown"
+    if spec is not None:
+        labels["distance"] = spec.distance_label
+    else:
+        distill = _try(
+            lambda: parse_distill(_plain(cfg, "distill"), bool(teachers and teachers.no_teacher_point))
+        )
+        labels["distance"] = (
+            "unknown"
+            if distill is None
+            else "+".join(sorted({t.distance for t in distill.terms.values()})) or "none"
+        )
     return labels
+
+
+def _plain(cfg: DictConfig, key: str) -> Any:
+    value = cfg.get(key)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _try(make: Any) -> Any:
+    try:
+        return make()
+    except Exception:
+        return None

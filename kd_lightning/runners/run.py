@@ -1,8 +1,9 @@
-"""One run, in stages: config → data → (runner: teachers → module → fit → test → report and export).
+"""One run, in stages: config → RunSpec → data → (runner: teachers → module → fit → test → report, export).
 
-`run(cfg)` owns what every run shares: the typed top-level settings, the output folder, resume=auto,
-results.json (written also on failure) and the summary. What happens once the data is ready is the
-runner's (`runner: distill` here; `runner: amalgamation` in kd_lightning.amalgamation). Each stage
+`run(cfg)` owns what every run shares: stage 0 (the composed config parsed into one RunSpec,
+kd_lightning.config.run_spec), the output folder, resume=auto, results.json (written also on failure) and
+the summary. What happens once the data is ready is the runner's (`runner: distill`,
+kd_lightning.runners.distill; `runner: amalgamation`, kd_lightning.runners.amalgamation). Each stage
 returns a typed object, so a stage can be tested, replaced or reused alone.
 """
 
@@ -11,22 +12,20 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from kd_lightning.config.resolvers import register_resolvers
-from kd_lightning.config.specs import items, mapping, parse, seed_field
+from kd_lightning.config.run_spec import RunSpec, parse_run
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.data.fingerprint import note_changes
-from kd_lightning.data.from_config import instantiate_datamodule
 from kd_lightning.engine import run_folder
-from kd_lightning.engine.build import resolve_pretrained_models
+from kd_lightning.engine.build import build_datamodule, resolve_pretrained_models
 from kd_lightning.engine.distributed import is_rank_zero
 from kd_lightning.engine.resume import (
     check_resume,
@@ -37,7 +36,7 @@ from kd_lightning.engine.resume import (
     resume_command,
     resume_mode,
 )
-from kd_lightning.errors import ConfigError, as_int
+from kd_lightning.errors import ConfigError
 from kd_lightning.runners.registry import RunContext, get_runner
 from kd_lightning.runners.results import run_labels, write_json_atomic
 
@@ -45,56 +44,11 @@ log = logging.getLogger("kd_lightning")
 register_resolvers()  # the configs' ${kd_...} resolvers, also for run() called through the API
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    """The top-level keys of conf/train.yaml that no group owns."""
-
-    seed: int = seed_field()
-    runner: str = "distill"
-    baseline: bool = False
-    test_each_epoch: bool = False
-    dry_run: bool = False
-    print_summary: bool = True
-    print_config: bool = False
-    resume: str | None = None
-    resume_accept: list[str] = items()
-    overwrite: bool = False
-    method_defaults: dict[str, Any] = mapping()
-
-    def check(self, where: str) -> None:
-        r = self.resume
-        if r not in (None, "auto") and not Path(r).is_file():
-            raise ConfigError(f"resume must be null, 'auto' or an existing checkpoint file, got {r!r}")
-
-
-def check_config(cfg: DictConfig) -> RunSettings:
-    """Stage 0: every value set and every interpolation resolvable, the top-level keys typed."""
-    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    try:
-        missing = sorted(OmegaConf.missing_keys(plain))
-        if not missing:
-            OmegaConf.to_container(plain, resolve=True)
-    except OmegaConfBaseException as e:  # an interpolation that does not resolve
-        raise ConfigError(f"{e.full_key}: {str(e).splitlines()[0]}") from None
-    if missing:
-        raise ConfigError(
-            f"{missing[0]} must be set: it has no default (add {missing[0]}=<value> to the command line)"
-            + (f"; also unset: {', '.join(missing[1:])}" if len(missing) > 1 else "")
-        )
-    names = {f.name for f in fields(RunSettings)}
-    top = {k: cfg.get(k) for k in names if k in cfg}
-    top = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in top.items()}
-    settings = parse(RunSettings, top, "config")
-    as_int("trainer.max_epochs", cfg.trainer.get("max_epochs"), 1)
-    check_accelerator(cfg)
-    return settings
-
-
-def check_accelerator(cfg: DictConfig) -> None:
+def check_accelerator(spec: RunSpec) -> None:
     """A GPU trainer on a machine without one fails here, in one line, not in Lightning's device setup."""
     import torch
 
-    accelerator = str(cfg.trainer.get("accelerator", "auto")).lower()
+    accelerator = spec.trainer.accelerator
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         choice = HydraConfig.get().runtime.choices.get("trainer") if HydraConfig.initialized() else None
         raise ConfigError(
@@ -105,27 +59,22 @@ def check_accelerator(cfg: DictConfig) -> None:
         )
 
 
-def stage_data(cfg: DictConfig, seed: int) -> TensorDataModule:
+def stage_data(spec: RunSpec) -> TensorDataModule:
     """Stage 1: the datamodule, set up (splits, normalisation); its shuffles follow the run's seed."""
-    dm = instantiate_datamodule(cfg.data)
-    dm.shuffle_seed = seed
+    dm = build_datamodule(spec)
     dm.prepare_data()
     dm.setup("fit")
     log.info("data %s", dm.describe())
     listings = dm.content_listings()
     if listings and is_rank_zero():  # data read from disk: say so when it changed since the last run
-        note_changes(dm.name, listings, cfg.paths.cache_dir)
+        note_changes(dm.name, listings, spec.paths.cache_dir)
     return dm
 
 
-def write_resolved_config(cfg: DictConfig, out: Path) -> None:
+def write_resolved_config(resolved: Mapping[str, Any], out: Path) -> None:
     """config.resolved.yaml: the run's config with every interpolation resolved (kd-eval rebuilds from it)."""
     if is_rank_zero():
-        plain = {k: v for k, v in cfg.items() if k != "hydra"}  # present when composed by the API
-        text = OmegaConf.to_yaml(
-            OmegaConf.create(OmegaConf.to_container(OmegaConf.create(plain), resolve=True))
-        )
-        (out / "config.resolved.yaml").write_text(text)
+        (out / "config.resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(dict(resolved))))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -152,23 +101,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run_in_folder(cfg: DictConfig, out: Path, owner: bool) -> dict[str, Any]:
+    resume = resume_mode(cfg.get("resume"))
+    try:  # stage 0: the whole config, typed, before anything is written
+        spec, problem = parse_run(cfg), None
+    except ConfigError as e:
+        spec, problem = None, e
     accepted: list[str] = []
-    digest = config_hash(cfg)
-    if resume_mode(cfg) == "auto":
-        accepted = check_resume(cfg, out)
-        if accepted:
-            log.info("resume=auto: continuing %s with accepted changes: %s", out, "; ".join(accepted))
-        done = (run_folder.previous_results(out) or {}) if owner else {}
-        same = done.get("config_hash") == digest if "config_hash" in done else not accepted
-        if done.get("status") == "ok" and same:
-            log.info("resume=auto: %s already finished with this config, not repeating it", out)
-            return done
+    digest = config_hash(spec.resolved) if spec is not None else None
+    if resume == "auto":
+        if spec is None:
+            if owner and run_folder.holds_work(out):
+                raise problem  # the folder's earlier work stays as it is
+        else:
+            accepted = check_resume(spec.resolved, spec.settings.resume_accept, out)
+            if accepted:
+                log.info("resume=auto: continuing %s with accepted changes: %s", out, "; ".join(accepted))
+            done = (run_folder.previous_results(out) or {}) if owner else {}
+            same = done.get("config_hash") == digest if "config_hash" in done else not accepted
+            if done.get("status") == "ok" and same:
+                log.info("resume=auto: %s already finished with this config, not repeating it", out)
+                return done
     elif owner:
-        run_folder.refuse_to_replace(out, resume_mode(cfg), bool(cfg.get("overwrite")))
+        run_folder.refuse_to_replace(out, resume, bool(cfg.get("overwrite")))
     results: dict[str, Any] = {
         "status": "running",
         "seed": cfg.get("seed"),
-        **run_labels(cfg),
+        **run_labels(cfg, spec),
         "output_dir": str(out),
         "config_hash": digest,
         **{f"run_{k}": v for k, v in run_folder.owner_record().items()},
@@ -180,13 +138,15 @@ def _run_in_folder(cfg: DictConfig, out: Path, owner: bool) -> dict[str, Any]:
     runner = None
     previous_sigterm = raise_on_sigterm()
     try:
-        settings = check_config(cfg)
-        runner = get_runner(settings.runner)
-        pl.seed_everything(settings.seed, workers=True)
-        dm = stage_data(cfg, settings.seed)
-        resolve_pretrained_models(cfg)
-        write_resolved_config(cfg, out)
-        runner.run(RunContext(cfg, dm, out, results))
+        if problem is not None:
+            raise problem
+        check_accelerator(spec)
+        runner = get_runner(spec.settings.runner)
+        pl.seed_everything(spec.seed, workers=True)
+        dm = stage_data(spec)
+        spec = resolve_pretrained_models(spec)
+        write_resolved_config(spec.resolved, out)
+        runner.run(RunContext(spec, dm, out, results, cfg))
         if results["status"] == "running":
             results["status"] = "ok"
     except ConfigError as e:
@@ -211,7 +171,7 @@ def _run_in_folder(cfg: DictConfig, out: Path, owner: bool) -> dict[str, Any]:
         if owner:
             results["run_ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             write_json_atomic(out / "results.json", results)
-    if cfg.get("print_summary", True) and owner and runner is not None:
+    if spec is not None and spec.settings.print_summary and owner and runner is not None:
         if results["status"] == "dry_run":
             print(results.get("dry_run_summary") or f"dry run: built and checked; nothing trained ({out})")
         elif runner.summary is not None:

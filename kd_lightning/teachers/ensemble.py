@@ -10,7 +10,8 @@ from torch import nn
 from kd_lightning.errors import ConfigError
 from kd_lightning.models.taps import FeatureTaps
 
-Features = dict[str, torch.Tensor]
+TapFeatures = dict[str, torch.Tensor]  # one model's features: {tap: tensor}
+TeacherFeatures = dict[str, TapFeatures]  # every member's: {member: {tap: tensor}}
 
 
 class TeacherEnsemble(nn.Module):
@@ -73,7 +74,7 @@ class TeacherEnsemble(nn.Module):
         """The module a member's tap reads (`fc:input`, `logits`, ...), after its aliases."""
         return self._taps[member].specs[tap]
 
-    def forward(self, x: torch.Tensor, names: Iterable[str] | None = None) -> dict[str, Features]:
+    def forward(self, x: torch.Tensor, names: Iterable[str] | None = None) -> TeacherFeatures:
         """`{member: {tap: tensor}}` for every member, or for `names` only."""
         chosen = self._taps if names is None else {n: self._taps[n] for n in names}
         with torch.inference_mode():
@@ -81,6 +82,6 @@ class TeacherEnsemble(nn.Module):
         # Inference tensors cannot be saved for backward; a clone outside inference mode can.
         return {name: {k: v.clone() for k, v in feats.items()} for name, feats in out.items()}
 
-    def combined_logits(self, feats: Mapping[str, Features]) -> torch.Tensor:
+    def combined_logits(self, feats: Mapping[str, TapFeatures]) -> torch.Tensor:
         """Weighted mean of the members' logits (weights normalised to sum to one)."""
         return sum(self.weights[n] * feats[n]["logits"].float() for n in self.members)

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from kd_lightning.config.specs import FitSpec, MemberSpec, parse
+from kd_lightning.config.run_spec import TeachersSpec, parse_teachers
+from kd_lightning.config.specs import FitSpec, MemberSpec
 from kd_lightning.data.fingerprint import data_key
-from kd_lightning.errors import ConfigError, as_int, choices, safe_name
+from kd_lightning.errors import ConfigError
 from kd_lightning.models import create_model, load_weights
 from kd_lightning.models.weights import safe_load
 from kd_lightning.teachers.ensemble import TeacherEnsemble
@@ -50,7 +51,7 @@ FitFn = Callable[[str, Mapping[str, Any], FitSpec, Path], None]
 
 
 def build_teachers(
-    teachers_cfg: Mapping[str, Any],
+    teachers: TeachersSpec | Mapping[str, Any],
     num_classes: int,
     input_shape: tuple[int, ...],
     data_name: str,
@@ -65,36 +66,22 @@ def build_teachers(
     Only a member with `checkpoint: null` is ever fitted, and only into the cache: an explicit checkpoint
     path that does not exist is a configuration error (a typo must not train and write a new teacher).
     With `dry_run` nothing is fitted: a member that would be is built with fresh weights (shapes only)
-    and listed in the ensemble's `unfitted`."""
-    members_cfg: Mapping[str, Any] = teachers_cfg.get("members") or {}
-    if not members_cfg:
+    and listed in the ensemble's `unfitted`. `teachers` is the parsed group (or the mapping to parse)."""
+    pool = teachers if isinstance(teachers, TeachersSpec) else parse_teachers(teachers)
+    if not pool.members:
         return None  # teachers=none, whatever an experiment's `use` says
-    use = teachers_cfg.get("use")
-    if use is None:
-        selected = list(members_cfg)
-    else:
-        selected = [use] if isinstance(use, str) else use
-        if not isinstance(selected, list | tuple) or not all(isinstance(u, str) for u in selected):
-            raise ConfigError(
-                f"teachers.use must be null or a list of teacher names from {choices(members_cfg)}, got {use!r}"
-            )
-        unknown = [u for u in selected if u not in members_cfg]
-        if unknown:
-            raise ConfigError(
-                f"teachers.use names unknown teacher(s) {unknown}; the pool has: {choices(members_cfg)}"
-            )
+    selected = pool.selected
     if not selected:
         return None
     # teacher variance: `teachers.fit_seed` is added to the fit seed of every member fitted here, so one
     # sweep axis (teachers.fit_seed=0,1,2) refits the whole set with other seeds (each fit cached apart)
-    offset = as_int("teachers.fit_seed", teachers_cfg.get("fit_seed") or 0, 0)
+    offset = pool.fit_seed
     # Check every selected member first, so that a typo in the second one fails before the first is fitted.
     specs: dict[str, MemberSpec] = {}
     paths, weights, archs = {}, {}, {}
     for name in selected:
         where = f"teachers.members.{name}"
-        safe_name(f"teachers.members.{name}: the teacher name", name)  # it names the teacher's cache files
-        spec = specs[name] = parse(MemberSpec, members_cfg[name], where)
+        spec = specs[name] = pool.members[name]
         if offset and not spec.checkpoint:
             spec = specs[name] = replace(spec, fit=replace(spec.fit, seed=spec.fit.seed + offset))
         weights[name] = spec.weight

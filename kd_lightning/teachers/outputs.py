@@ -1,6 +1,7 @@
-"""The teacher outputs a run reads: one TapStore per (teacher, tap), filled before the fit, read by slot.
+"""The teacher outputs a run reads: one store per (teacher, tap), filled before the fit, read by slot.
 
-`fill` is the precompute stage. It runs at the start of the fit on every rank: rank 0 takes the stores'
+`build_outputs` holds every rule about which stores a run has and where they live (mode, fresh augmentation,
+top-K, the folder, the key). `fill` is the precompute stage (driven by kd_lightning.teachers.precompute). It runs at the start of the fit on every rank: rank 0 takes the stores'
 file locks (a parallel job of a sweep that is filling the same teacher's store makes it wait, and then
 finds the store complete), every rank computes its 1/W share of the rows still missing, a barrier, rank 0
 marks the stores complete. From then on no rank runs a teacher on training data: `get` is one gather
@@ -14,15 +15,26 @@ from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from filelock import FileLock
 
-from kd_lightning.teachers.store import TapStore, TopKLogitsStore
+from kd_lightning.config.specs import CacheSpec
+from kd_lightning.data.base import TensorDataModule
+from kd_lightning.data.fingerprint import data_key
+from kd_lightning.errors import ConfigError
+from kd_lightning.teachers.ensemble import TeacherEnsemble, TeacherFeatures
+from kd_lightning.teachers.store import (
+    OutputStore,
+    TapStore,
+    TopKLogitsStore,
+    file_digest,
+    model_digest,
+    store_key,
+)
 
 log = logging.getLogger(__name__)
-
-Features = dict[str, dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -37,15 +49,13 @@ class Ranks:
 class TeacherOutputs:
     """`stores[member][tap]`; `complete` once every store is; `get(slots)` → {member: {tap: tensor}}."""
 
-    def __init__(
-        self, stores: Mapping[str, Mapping[str, TapStore | TopKLogitsStore]], scratch: Path | None = None
-    ):
+    def __init__(self, stores: Mapping[str, Mapping[str, OutputStore]], scratch: Path | None = None):
         self.stores = {m: dict(taps) for m, taps in stores.items()}
         self.scratch = scratch  # where RAM stores move to when several ranks must share them
         self.computed = 0  # samples this process ran a teacher on to fill the stores
         self._complete = all(s.complete for s in self.all())  # read on every training step
 
-    def all(self) -> list[TapStore | TopKLogitsStore]:
+    def all(self) -> list[OutputStore]:
         return [s for taps in self.stores.values() for s in taps.values()]
 
     @property
@@ -62,7 +72,7 @@ class TeacherOutputs:
     def files(self) -> list[str]:
         return sorted(f for s in self.all() for f in s.files())
 
-    def get(self, slots: torch.Tensor, device: torch.device | str) -> Features:
+    def get(self, slots: torch.Tensor, device: torch.device | str) -> TeacherFeatures:
         return {m: {tap: s.read(slots, device) for tap, s in taps.items()} for m, taps in self.stores.items()}
 
     def share_between_ranks(self) -> None:
@@ -130,3 +140,61 @@ class TeacherOutputs:
         if done:
             log.info("teacher outputs: computed %d samples on rank %d of %d", done, ranks.rank, ranks.world)
         return done
+
+
+def build_outputs(
+    cache: CacheSpec,
+    dm: TensorDataModule,
+    teachers: TeacherEnsemble,
+    taps: list[str],
+    shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
+    data_config: Mapping[str, Any],
+    precision: str,
+    scratch: Path,
+) -> TeacherOutputs | None:
+    """One store per (teacher, tap the terms read), or None where outputs cannot be stored: the rules.
+
+    - `teacher_cache.mode=none`, or a dry run's unfitted teachers (no checkpoint to key a store by): none;
+    - fresh augmentation (a new view every step): none, and the log says why (`data.augment.views=K` records
+      K views per sample, which the store holds);
+    - `disk`: files under `<teacher_cache.dir>/<dataset>/`, shared by every job and rank; `memory`: RAM for one
+      process, files in the run folder's `scratch` under DDP (TeacherOutputs.share_between_ranks);
+    - `logits_topk=K`: logit taps only, K below the class count;
+    - the key (kd_lightning.teachers.store.store_key): the data (config and content fingerprint), the slot
+      count, the teacher's bytes, the tap, the dtype and the trainer's precision."""
+    if cache.mode == "none" or teachers.unfitted:
+        return None
+    if dm.fresh_views:
+        log.info(
+            "teacher_cache.mode=%s is off: data.augment draws a new view of every sample each step, so teacher "
+            "outputs cannot be reused; teachers run live on every batch (set data.augment.views=K for "
+            "consistent teaching with K recorded views per sample, which the store can hold)",
+            cache.mode,
+        )
+        return None
+    folder = Path(cache.dir) / dm.name if cache.mode == "disk" else None
+    identity = data_key(data_config, dm.content_fingerprint())
+    k = cache.logits_topk
+    stores: dict[str, dict[str, OutputStore]] = {}
+    for m in teachers.names:
+        source = Path(teachers.checkpoints[m])
+        digest = file_digest(source) if source.is_file() else model_digest(teachers.members[m])
+        stores[m] = {}
+        for tap in taps:
+            module = teachers.tap_module(m, tap)
+            key = store_key(identity, dm.cache_slots, digest, tap, module, cache.dtype, precision)
+            if k is None:
+                stores[m][tap] = TapStore(key, shapes[m][tap], folder, label=f"{m}-{tap}")
+                continue
+            if module != "logits":
+                raise ConfigError(
+                    f"teacher_cache.logits_topk={k} keeps logits only, but a distill term reads teacher tap "
+                    f"{tap!r} ({module}); set teacher_cache.logits_topk=null or keep only logit terms"
+                )
+            if k >= dm.num_classes:
+                raise ConfigError(
+                    f"teacher_cache.logits_topk={k} must be smaller than the class count ({dm.num_classes}); "
+                    "or null to keep every logit"
+                )
+            stores[m][tap] = TopKLogitsStore(key, dm.num_classes, k, folder, label=f"{m}-{tap}")
+    return TeacherOutputs(stores, scratch=scratch)

@@ -32,7 +32,7 @@ import shutil
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from filelock import FileLock
@@ -134,6 +134,39 @@ def store_key(
 
 def key_digest(key: Mapping[str, Any]) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class OutputStore(Protocol):
+    """What a run fills and reads, one teacher's outputs for one tap by training slot: a TapStore (every
+    value) or a TopKLogitsStore (compact logits). TeacherOutputs and the precompute hold either."""
+
+    key: dict[str, Any]
+    label: str
+    folder: Path | None
+    path: Path | None
+    lock_path: Path | None
+    shape: tuple[int, ...]
+
+    @property
+    def complete(self) -> bool: ...
+
+    def refresh(self) -> None: ...
+
+    def missing_slots(self) -> torch.Tensor: ...
+
+    def write(self, slots: torch.Tensor, values: torch.Tensor) -> None: ...
+
+    def mark_complete(self) -> None: ...
+
+    def check(self, full: bool = True) -> list[int]: ...
+
+    def read(self, slots: torch.Tensor, device: torch.device | str) -> torch.Tensor: ...
+
+    def files(self) -> list[str]: ...
+
+    def moved(self, folder: Path) -> OutputStore: ...
+
+    def remove(self) -> None: ...
 
 
 class TapStore:

@@ -1,0 +1,300 @@
+"""Stage 0 of a run: the composed config, parsed once into one typed `RunSpec`.
+
+Every builder after this stage takes the spec (or the part of it that it needs), never the raw config:
+the data group (`DataSpec`), the teacher pool (`TeachersSpec`, each member a `MemberSpec`), the student's
+model spec, the objective (`DistillSpec` with `terms: dict[str, TermSpec]`), the teacher-output store
+(`CacheSpec`, its folder made explicit), `perf`, `evaluate`, the Trainer's arguments (`TrainerSpec`), the
+optimiser and schedule (Hydra partials, built in kd_lightning.config.optim), callbacks and loggers, the
+amalgamation block, the run folders and the top-level settings (`RunSettings`). `resolved` keeps the
+whole config as plain data, for what a run writes and compares (config.resolved.yaml, resume=auto, the
+configuration DDP children re-read).
+
+Parsing resolves every interpolation and names the first value left unset; each spec checks its own keys
+and values (kd_lightning.config.specs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from kd_lightning.config.resolvers import register_resolvers
+from kd_lightning.config.specs import (
+    CacheSpec,
+    DistillSpec,
+    EvalSpec,
+    MemberSpec,
+    PerfSpec,
+    TermSpec,
+    items,
+    mapping,
+    parse,
+    seed_field,
+)
+from kd_lightning.errors import ConfigError, as_int, choices, safe_name
+
+register_resolvers()  # the configs' ${kd_...} resolvers: resolving a config needs them
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The top-level keys of conf/train.yaml that no group owns."""
+
+    seed: int = seed_field()
+    runner: str = "distill"
+    baseline: bool = False
+    test_each_epoch: bool = False
+    dry_run: bool = False
+    print_summary: bool = True
+    print_config: bool = False
+    resume: str | None = None
+    resume_accept: list[str] = items()
+    overwrite: bool = False
+    method_defaults: dict[str, Any] = mapping()
+
+    def check(self, where: str) -> None:
+        r = self.resume
+        if r not in (None, "auto") and not Path(r).is_file():
+            raise ConfigError(f"resume must be null, 'auto' or an existing checkpoint file, got {r!r}")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """`data`: the datamodule class and its arguments (the class checks them: kd_lightning.data.from_config)."""
+
+    target: str | None
+    options: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The group as written (`_target_` and its keys), what cache keys are made from."""
+        return {"_target_": self.target, **self.options} if self.target else dict(self.options)
+
+
+@dataclass(frozen=True)
+class TeachersSpec:
+    """`teachers`: the pool (every member parsed), the subset a run uses and the fit-seed offset."""
+
+    members: dict[str, MemberSpec]
+    use: list[str] | None = None
+    fit_seed: int = 0
+
+    @property
+    def selected(self) -> list[str]:
+        return list(self.members) if self.use is None else list(self.use)
+
+    @property
+    def no_teacher_point(self) -> bool:
+        """`teachers.use=[]` with a pool: the same job without any teacher (sweep_include_none)."""
+        return self.use is not None and not self.use and bool(self.members)
+
+    @property
+    def label(self) -> str:
+        """`cnn_a+cnn_b`, in the order `teachers.use` names them ("none" without any); a random-weights control
+        is marked."""
+        used = [n for n in self.selected if n in self.members]
+        return "+".join(f"{n}(random)" if self.members[n].random_weights else n for n in used) or "none"
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    """`trainer`: the arguments of pl.Trainer (with its `_target_`), and the ones the run itself reads."""
+
+    options: dict[str, Any]
+
+    @property
+    def accelerator(self) -> str:
+        return str(self.options.get("accelerator", "auto")).lower()
+
+    @property
+    def precision(self) -> str:
+        return str(self.options.get("precision", "32"))
+
+    @property
+    def max_epochs(self) -> int:
+        return int(self.options["max_epochs"])
+
+    @property
+    def fit_accelerator(self) -> str:
+        """Fits inside a run (teachers, source tasks, baseline) use the run's accelerator, on one device."""
+        return str(self.options.get("accelerator", "cpu"))
+
+
+@dataclass(frozen=True)
+class PathsSpec:
+    output_dir: str
+    cache_dir: str
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    settings: RunSettings
+    data: DataSpec
+    student: dict[str, Any]
+    teachers: TeachersSpec
+    distill: DistillSpec
+    cache: CacheSpec
+    perf: PerfSpec
+    evaluation: EvalSpec
+    trainer: TrainerSpec
+    optim: dict[str, Any]
+    scheduler: dict[str, Any] | None
+    callbacks: dict[str, Any]
+    logger: dict[str, Any]
+    amalgamation: dict[str, Any] | None
+    paths: PathsSpec
+    resolved: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
+
+    @property
+    def distance_label(self) -> str:
+        """The distances the terms use (`mse+kl`), "none" without teachers."""
+        if self.teachers.no_teacher_point:
+            return "none"
+        return "+".join(sorted({t.distance for t in self.distill.terms.values()})) or "none"
+
+    def replace(self, **changes: Any) -> RunSpec:
+        return dataclasses.replace(self, **changes)
+
+
+def resolved_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The config without Hydra's node, every interpolation resolved; an unset value or an interpolation
+    that does not resolve is a ConfigError naming the key. Plain data (a recorded config read back with
+    yaml.safe_load) is taken as it is: nothing in it is resolved."""
+    if not isinstance(cfg, DictConfig):
+        return {k: v for k, v in dict(cfg).items() if k != "hydra"}
+    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    try:
+        missing = sorted(OmegaConf.missing_keys(plain))
+        if not missing:
+            return OmegaConf.to_container(plain, resolve=True)
+    except OmegaConfBaseException as e:  # an interpolation that does not resolve
+        raise ConfigError(f"{e.full_key}: {str(e).splitlines()[0]}") from None
+    raise ConfigError(
+        f"{missing[0]} must be set: it has no default (add {missing[0]}=<value> to the command line)"
+        + (f"; also unset: {', '.join(missing[1:])}" if len(missing) > 1 else "")
+    )
+
+
+def _group(plain: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = plain.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key} must be a mapping of settings, got {value!r}")
+    return dict(value)
+
+
+def parse_teachers(value: Mapping[str, Any] | None) -> TeachersSpec:
+    value = dict(value or {})
+    unknown = sorted(set(value) - {"members", "use", "fit_seed"})
+    if unknown:
+        raise ConfigError(f"teachers has unknown key(s) {unknown}; valid: fit_seed, members, use")
+    pool = value.get("members") or {}
+    if not isinstance(pool, Mapping):
+        raise ConfigError(f"teachers.members must map teacher names to their settings, got {pool!r}")
+    # a member's name becomes part of its cache files' names: it must be a plain name
+    members = {
+        safe_name(f"teachers.members.{n}: the teacher name", str(n)): parse(
+            MemberSpec, m, f"teachers.members.{n}"
+        )
+        for n, m in pool.items()
+    }
+    use = value.get("use")
+    if use is not None:
+        use = [use] if isinstance(use, str) else use
+        if not isinstance(use, list | tuple) or not all(isinstance(u, str) for u in use):
+            raise ConfigError(
+                f"teachers.use must be null or a list of teacher names from {choices(members)}, got {use!r}"
+            )
+        unknown = [u for u in use if u not in members]
+        if unknown and members:
+            raise ConfigError(
+                f"teachers.use names unknown teacher(s) {unknown}; the pool has: {choices(members)}"
+            )
+        use = list(use)
+    fit_seed = as_int("teachers.fit_seed", value.get("fit_seed") or 0, 0)
+    return TeachersSpec(members, use, fit_seed)
+
+
+def parse_distill(value: Mapping[str, Any] | None, no_teacher: bool) -> DistillSpec:
+    """`distill` with its active terms parsed (a term set to null is switched off); the no-teacher point of
+    a subset sweep drops every term and gives the label loss weight 1."""
+    value = dict(value or {})
+    if no_teacher:
+        value = {"ce_weight": 1.0, "terms": {}}
+    terms = value.get("terms") or {}
+    if not isinstance(terms, Mapping):
+        raise ConfigError(
+            f"distill.terms must be a mapping of term name → settings, got {type(terms).__name__}"
+        )
+    parsed: dict[str, TermSpec] = {}
+    for name, spec in terms.items():
+        if spec is None:
+            continue
+        term = parsed[str(name)] = parse(TermSpec, spec, f"distill.terms.{name}")
+        for key, tap in (("student_tap", term.student_tap), ("teacher_tap", term.teacher_tap)):
+            if isinstance(tap, list) and (not tap or not all(isinstance(x, str) and x for x in tap)):
+                raise ConfigError(
+                    f"distill.terms.{name}.{key}: a list of taps must name one or more taps, got {tap!r}"
+                )
+    return parse(DistillSpec, {**value, "terms": parsed}, "distill")
+
+
+def as_distill(value: DistillSpec | Mapping[str, Any] | None) -> DistillSpec:
+    """A DistillSpec, or a `distill` mapping parsed into one (the objective's API takes either)."""
+    return value if isinstance(value, DistillSpec) else parse_distill(value, no_teacher=False)
+
+
+def parse_cache(value: Any, cache_dir: str) -> CacheSpec:
+    if isinstance(value, str):
+        raise ConfigError(
+            f"teacher_cache={value!r}: teacher_cache is a group of keys now; use teacher_cache.mode={value}"
+        )
+    spec = parse(CacheSpec, value, "teacher_cache")
+    return dataclasses.replace(spec, dir=spec.dir or str(Path(cache_dir) / "teacher_outputs"))
+
+
+def parse_run(cfg: DictConfig | Mapping[str, Any]) -> RunSpec:
+    """Stage 0: the composed config (or a recorded one, as plain data) as a RunSpec."""
+    plain = resolved_config(cfg)
+    names = {f.name for f in fields(RunSettings)}
+    settings = parse(RunSettings, {k: plain[k] for k in names if k in plain}, "config")
+    paths = _group(plain, "paths")
+    for key in ("output_dir", "cache_dir"):
+        if not isinstance(paths.get(key), str):
+            raise ConfigError(f"paths.{key} must be a folder, got {paths.get(key)!r}")
+    data = _group(plain, "data")
+    data.pop("name", None)
+    teachers = parse_teachers(_group(plain, "teachers"))
+    trainer = _group(plain, "trainer")
+    as_int("trainer.max_epochs", trainer.get("max_epochs"), 1)
+    student = _group(plain, "student")
+    amalgamation = plain.get("amalgamation")
+    return RunSpec(
+        settings=settings,
+        data=DataSpec(data.pop("_target_", None), data),
+        student=student,
+        teachers=teachers,
+        distill=parse_distill(_group(plain, "distill"), teachers.no_teacher_point),
+        cache=parse_cache(plain.get("teacher_cache"), paths["cache_dir"]),
+        perf=parse(PerfSpec, plain.get("perf"), "perf"),
+        evaluation=parse(EvalSpec, plain.get("evaluate"), "evaluate"),
+        trainer=TrainerSpec(trainer),
+        optim=_group(plain, "optim"),
+        scheduler=plain.get("scheduler"),
+        callbacks=_group(plain, "callbacks"),
+        logger=_group(plain, "logger"),
+        amalgamation=dict(amalgamation) if isinstance(amalgamation, Mapping) else amalgamation,
+        paths=PathsSpec(paths["output_dir"], paths["cache_dir"]),
+        resolved=plain,
+    )

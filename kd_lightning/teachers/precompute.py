@@ -1,0 +1,65 @@
+"""The precompute stage and the teacher accounting, as a Lightning callback (the module holds the steps).
+
+`on_fit_start`, on every rank: under DDP, the ranks compare their teachers' weight fingerprints (a rank that
+read another file stops the run); then the stores are filled, each rank its 1/W share of the missing rows,
+under the training steps' autocast (kd_lightning.teachers.outputs.TeacherOutputs.fill). `on_fit_end`: the
+samples × teachers each rank ran to make training targets (`forward_by_rank`, results.json's
+`teacher_forward_samples`), and the RAM stores that DDP put in the run folder are removed.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+
+from kd_lightning.teachers.feed import TeacherFeed
+from kd_lightning.teachers.outputs import Ranks
+
+
+class TeacherPrecompute(pl.Callback):
+    def __init__(self, feed: TeacherFeed):
+        self.feed = feed
+        self.forward_by_rank: list[int] = []  # set at the end of the fit
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check_teachers_agree(trainer, pl_module)
+        outputs = self.feed.outputs
+        if outputs is None:
+            return
+        ranks = Ranks(trainer.global_rank, trainer.world_size, trainer.strategy.barrier)
+        if ranks.world > 1:
+            outputs.share_between_ranks()
+            ranks.barrier()  # every rank has opened the shared files before rank 0 locks them to fill
+        dm = trainer.datamodule
+        teachers = self.feed.teachers
+
+        def run_teacher(x: torch.Tensor, member: str) -> dict[str, torch.Tensor]:
+            return teachers(x, names=[member])[member]
+
+        with trainer.precision_plugin.forward_context():  # the same autocast as the training steps
+            outputs.fill(
+                run_teacher, lambda slots: dm.slot_inputs(slots, pl_module.device), ranks, dm.eval_batch_size
+            )
+
+    def check_teachers_agree(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Under DDP every rank must hold the same frozen teachers: compare their fingerprints once."""
+        teachers = self.feed.teachers
+        if trainer.world_size == 1:
+            return
+        mine = teachers.fingerprint().to(pl_module.device)
+        every = pl_module.all_gather(mine)  # (world_size, n_teachers, 2)
+        if not torch.allclose(every, mine.expand_as(every), rtol=1e-9, atol=0.0):
+            raise RuntimeError(
+                f"the teachers differ between ranks (fingerprints {every.tolist()}); every rank must load the "
+                f"same teacher files ({teachers.checkpoints}): put paths.cache_dir on a shared filesystem "
+                "or give each teacher an explicit checkpoint"
+            )
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        counts = torch.tensor([self.feed.computed_samples], device=pl_module.device)
+        if trainer.world_size > 1:
+            counts = pl_module.all_gather(counts).flatten()
+            trainer.strategy.barrier()
+            if trainer.is_global_zero and self.feed.outputs is not None:
+                self.feed.outputs.remove_scratch()
+        self.forward_by_rank = [int(c) for c in counts.cpu()]

@@ -1,0 +1,129 @@
+"""The package's layers (docs/ARCHITECTURE.md): imports point down, no import circle, every module imports."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import ROOT
+
+PACKAGE = ROOT / "kd_lightning"
+
+# Lower layers first. A module may import the modules of its own subpackage and of lower layers only;
+# subpackages of one layer do not import each other. The top-level modules `train`, `trainers` and
+# `optim` are the paths commands and YAML files name (`python -m kd_lightning.train`, `_target_`s).
+LAYERS = [
+    {"errors", "files"},
+    {"config"},
+    {"data", "models"},
+    {"losses"},
+    {"teachers"},
+    {"core", "evaluation"},
+    {"engine"},
+    {"runners"},
+    {"cli"},
+    {"train", "trainers", "optim", "__init__"},
+]
+RANK = {part: i for i, parts in enumerate(LAYERS) for part in parts}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """Every kd_lightning module `path` imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kd_lightning"):
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.startswith("kd_lightning")]
+        found |= {n for n in names if n in known}
+    return found
+
+
+def part(module: str) -> str:
+    """The layer unit of a module: its subpackage (`kd_lightning.teachers.store` → teachers)."""
+    pieces = module.split(".")
+    return pieces[1] if len(pieces) > 1 else "__init__"
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {m: imports(p, set(mods)) - {m} for m, p in mods.items()}
+
+
+def test_every_import_points_down_or_stays_in_its_subpackage():
+    wrong = []
+    for m, targets in graph().items():
+        for t in targets:
+            if t == "kd_lightning":  # the package's own __init__ holds the version only
+                continue
+            mine, theirs = part(m), part(t)
+            if mine != theirs and RANK[theirs] >= RANK[mine]:
+                wrong.append(f"{m} imports {t} ({mine}, layer {RANK[mine]} → {theirs}, layer {RANK[theirs]})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_circle():
+    g = graph()
+    circles, state = [], dict.fromkeys(g, 0)  # 0 unvisited, 1 on the path, 2 done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for t in sorted(g[m]):
+            if t not in g:
+                continue
+            if state[t] == 1:
+                circles.append(" → ".join([*path[path.index(t) :], t]))
+            elif state[t] == 0:
+                visit(t, [*path, t])
+        state[m] = 2
+
+    for m in sorted(g):
+        if state[m] == 0:
+            visit(m, [m])
+    assert not circles, "\n".join(circles)
+
+
+def test_the_check_sees_a_circle_and_an_upward_import(tmp_path, monkeypatch):
+    """The two checks above can fail: a planted circle and a planted upward import are caught."""
+    fake = tmp_path / "kd_lightning"
+    (fake / "data").mkdir(parents=True)
+    (fake / "engine").mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "data" / "__init__.py").write_text("")
+    (fake / "engine" / "__init__.py").write_text("")
+    (fake / "data" / "a.py").write_text("from kd_lightning.engine.b import x\n")
+    (fake / "engine" / "b.py").write_text("from kd_lightning.data.a import y\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    g = graph()
+    assert g["kd_lightning.data.a"] == {"kd_lightning.engine.b"} and g["kd_lightning.engine.b"] == {
+        "kd_lightning.data.a"
+    }
+    for check in (test_every_import_points_down_or_stays_in_its_subpackage, test_no_import_circle):
+        try:
+            check()
+        except AssertionError as e:
+            assert "kd_lightning.data.a" in str(e)
+        else:
+            raise AssertionError(f"{check.__name__} missed the planted problem")
+
+
+def test_every_module_imports_in_a_fresh_process():
+    names = sorted(modules())
+    code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\nprint('ok')"
+    done = subprocess.run(
+        [sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
