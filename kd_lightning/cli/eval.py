@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_lightning.config.run_spec import RunSpec, TeachersSpec, parse_run
+from kd_lightning.config.specs import Plain
 from kd_lightning.data.from_config import instantiate_datamodule
 from kd_lightning.errors import ConfigError
 from kd_lightning.evaluation.corruptions import CORRUPTIONS
@@ -27,7 +28,7 @@ from kd_lightning.teachers.members import build_teachers
 RESOLVED = "config.resolved.yaml"
 
 
-def read_recorded_config(path: Path) -> dict[str, Any]:
+def read_recorded_config(path: Path) -> dict[str, Plain]:
     """A run's config.resolved.yaml as plain data (yaml.safe_load: no tags, no interpolation, no objects)."""
     import yaml
 
@@ -56,7 +57,7 @@ def recorded_teachers(spec: RunSpec, used: dict[str, str]) -> TeachersSpec:
     return TeachersSpec(chosen)
 
 
-def load_run(run_dir: Path, datamodules: list[str] | None = None) -> tuple[Any, Any, Any, dict[str, Any]]:
+def load_run(run_dir: Path, datamodules: list[str] | None = None) -> tuple[Any, Any, Any, dict[str, Plain]]:
     """(datamodule, student, teachers or None, results) of a finished kd-train run.
 
     The run is rebuilt from what it wrote, read as data, through the typed specs of any run

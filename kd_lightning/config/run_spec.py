@@ -31,6 +31,7 @@ from kd_lightning.config.specs import (
     EvalSpec,
     MemberSpec,
     PerfSpec,
+    Plain,
     TermSpec,
     items,
     mapping,
@@ -72,7 +73,7 @@ class DataSpec:
     options: dict[str, Any]
 
     @property
-    def config(self) -> dict[str, Any]:
+    def config(self) -> dict[str, Plain]:
         """The group as written (`_target_` and its keys), what cache keys are made from."""
         return {"_target_": self.target, **self.options} if self.target else dict(self.options)
 
@@ -166,7 +167,7 @@ class RunSpec:
         return dataclasses.replace(self, **changes)
 
 
-def resolved_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+def resolved_config(cfg: DictConfig | Mapping[str, Plain]) -> dict[str, Plain]:
     """The config without Hydra's node, every interpolation resolved; an unset value or an interpolation
     that does not resolve is a ConfigError naming the key. Plain data (a recorded config read back with
     yaml.safe_load) is taken as it is: nothing in it is resolved."""
@@ -185,7 +186,7 @@ def resolved_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def _group(plain: Mapping[str, Any], key: str) -> dict[str, Any]:
+def _group(plain: Mapping[str, Plain], key: str) -> dict[str, Plain]:
     value = plain.get(key)
     if value is None:
         return {}
@@ -194,7 +195,7 @@ def _group(plain: Mapping[str, Any], key: str) -> dict[str, Any]:
     return dict(value)
 
 
-def parse_teachers(value: Mapping[str, Any] | None) -> TeachersSpec:
+def parse_teachers(value: Mapping[str, Plain] | None) -> TeachersSpec:
     value = dict(value or {})
     unknown = sorted(set(value) - {"members", "use", "fit_seed"})
     if unknown:
@@ -226,7 +227,7 @@ def parse_teachers(value: Mapping[str, Any] | None) -> TeachersSpec:
     return TeachersSpec(members, use, fit_seed)
 
 
-def parse_distill(value: Mapping[str, Any] | None, no_teacher: bool) -> DistillSpec:
+def parse_distill(value: Mapping[str, Plain] | None, no_teacher: bool) -> DistillSpec:
     """`distill` with its active terms parsed (a term set to null is switched off); the no-teacher point of
     a subset sweep drops every term and gives the label loss weight 1."""
     value = dict(value or {})
@@ -250,7 +251,7 @@ def parse_distill(value: Mapping[str, Any] | None, no_teacher: bool) -> DistillS
     return parse(DistillSpec, {**value, "terms": parsed}, "distill")
 
 
-def as_distill(value: DistillSpec | Mapping[str, Any] | None) -> DistillSpec:
+def as_distill(value: DistillSpec | Mapping[str, Plain] | None) -> DistillSpec:
     """A DistillSpec, or a `distill` mapping parsed into one (the objective's API takes either)."""
     return value if isinstance(value, DistillSpec) else parse_distill(value, no_teacher=False)
 
@@ -264,7 +265,7 @@ def parse_cache(value: Any, cache_dir: str) -> CacheSpec:
     return dataclasses.replace(spec, dir=spec.dir or str(Path(cache_dir) / "teacher_outputs"))
 
 
-def parse_run(cfg: DictConfig | Mapping[str, Any]) -> RunSpec:
+def parse_run(cfg: DictConfig | Mapping[str, Plain]) -> RunSpec:
     """Stage 0: the composed config (or a recorded one, as plain data) as a RunSpec."""
     plain = resolved_config(cfg)
     names = {f.name for f in fields(RunSettings)}

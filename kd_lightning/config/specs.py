@@ -23,6 +23,9 @@ from kd_lightning.errors import ConfigError, as_float, as_int, choices
 
 T = TypeVar("T")
 
+# A config or results value as plain data: what YAML and JSON hold (a resolved config, results.json).
+Plain = str | int | float | bool | None | list["Plain"] | dict[str, "Plain"]
+
 
 # --- field helpers ------------------------------------------------------------------------------
 def num(

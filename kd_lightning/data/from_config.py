@@ -9,6 +9,7 @@ from typing import Any
 import hydra
 
 from kd_lightning.config.hydra import to_dict
+from kd_lightning.config.specs import Plain
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError, choices
 
@@ -77,7 +78,7 @@ RUN_ARGUMENTS = ("shuffle_seed", "test_each_epoch")
 
 
 def instantiate_datamodule(
-    data_cfg: Mapping[str, Any], allowed: Iterable[str] | None = None, **run: Any
+    data_cfg: Mapping[str, Plain], allowed: Iterable[str] | None = None, **run: Any
 ) -> TensorDataModule:
     """`data` as its datamodule. Unknown keys are a ConfigError listing the valid ones; the class comes from
     `datamodule_class` (see `allowed`); no value is instantiated: a `_target_` nested in a value is refused

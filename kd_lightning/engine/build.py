@@ -10,14 +10,13 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from kd_lightning.config.optim import build_optim
 from kd_lightning.config.run_spec import RunSpec
-from kd_lightning.config.specs import FitSpec, PerfSpec
+from kd_lightning.config.specs import FitSpec, PerfSpec, Plain
 from kd_lightning.core.module import DistillationModule
 from kd_lightning.core.objective import Objective, build_objective
 from kd_lightning.core.stage_terms import expand_stage_terms
@@ -62,7 +61,7 @@ def resolve_pretrained_models(spec: RunSpec) -> RunSpec:
     pre-training on the source task first where the file is missing."""
     accelerator = spec.trainer.fit_accelerator
 
-    def fit(arch: Mapping[str, Any], data_cfg: Mapping[str, Any], fit_spec: FitSpec, path: Path) -> None:
+    def fit(arch: Mapping[str, Plain], data_cfg: Mapping[str, Plain], fit_spec: FitSpec, path: Path) -> None:
         source = instantiate_datamodule(data_cfg)
         source.setup("fit")
         _, acc = fit_model(
@@ -72,10 +71,10 @@ def resolve_pretrained_models(spec: RunSpec) -> RunSpec:
             "pre-trained %s on %s: source test acc %.4f → %s", arch.get("name"), source.describe(), acc, path
         )
 
-    def content_of(data_cfg: Mapping[str, Any]) -> str | None:
+    def content_of(data_cfg: Mapping[str, Plain]) -> str | None:
         return instantiate_datamodule(data_cfg).content_fingerprint()
 
-    def resolved(owner: str, arch: dict[str, Any]) -> dict[str, Any]:
+    def resolved(owner: str, arch: dict[str, Plain]) -> dict[str, Plain]:
         if not isinstance(arch.get("pretrained"), Mapping | str):
             return arch
         new = resolve_pretrained(owner, arch, spec.paths.cache_dir, fit, content_of)
@@ -102,7 +101,7 @@ def build_teacher_ensemble(spec: RunSpec, dm: TensorDataModule) -> TeacherEnsemb
     """The run's frozen teachers, fitting the members that are not fitted yet (on this data, cached)."""
     accelerator = spec.trainer.fit_accelerator
 
-    def fit(name: str, arch: Mapping[str, Any], fit_spec: FitSpec, path: Path) -> None:
+    def fit(name: str, arch: Mapping[str, Plain], fit_spec: FitSpec, path: Path) -> None:
         _, acc = fit_model(dict(arch), dm, fit_spec, accelerator, out_path=path, meta={"teacher": name})
         log.info("fitted teacher %s: test acc %.4f → %s", name, acc, path)
 

@@ -14,12 +14,12 @@ import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict, read_write
 
 from kd_lightning.config.resolvers import num_nodes_from_env  # noqa: F401  (the node count: trainer=multinode)
+from kd_lightning.config.specs import Plain
 from kd_lightning.errors import ConfigError
 from kd_lightning.files import atomic_write
 
@@ -29,7 +29,7 @@ JOB_CONFIG = "ddp_job"
 _EXTERNAL_LAUNCH = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
 
 
-def spawns_children(trainer_cfg: Mapping[str, Any]) -> bool:
+def spawns_children(trainer_cfg: Mapping[str, Plain]) -> bool:
     """True when Lightning will re-run the command line to start more ranks on this node."""
     strategy = str(trainer_cfg.get("strategy", "auto"))
     if "ddp" not in strategy or "spawn" in strategy or "fork" in strategy:
@@ -44,7 +44,9 @@ def spawns_children(trainer_cfg: Mapping[str, Any]) -> bool:
     )
 
 
-def pin_ddp_children_to_job(trainer: Mapping[str, Any], config: Mapping[str, Any], out: Path) -> Path | None:
+def pin_ddp_children_to_job(
+    trainer: Mapping[str, Plain], config: Mapping[str, Plain], out: Path
+) -> Path | None:
     """Rank 0, before `trainer.fit`: make the ranks Lightning re-launches run exactly this job (`config`, the
     run's resolved config; `trainer`, its Trainer arguments)."""
     if not HydraConfig.initialized() or not spawns_children(trainer):

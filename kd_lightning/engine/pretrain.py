@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kd_lightning.config.specs import FitSpec, PretrainedSpec, parse
+from kd_lightning.config.specs import FitSpec, Plain, PretrainedSpec, parse
 from kd_lightning.data.fingerprint import data_key
 from kd_lightning.errors import ConfigError
 from kd_lightning.teachers.fit_cache import fit_once, keyed_path
@@ -40,8 +40,8 @@ def _torchvision_weights(name: str) -> list[str]:
 
 def pretrained_cache_path(
     cache_dir: str | Path,
-    arch: Mapping[str, Any],
-    data: Mapping[str, Any],
+    arch: Mapping[str, Plain],
+    data: Mapping[str, Plain],
     fit: FitSpec,
     content: str | None = None,
 ) -> Path:
@@ -51,11 +51,11 @@ def pretrained_cache_path(
 
 def resolve_pretrained(
     owner: str,
-    spec: Mapping[str, Any],
+    spec: Mapping[str, Plain],
     cache_dir: str | Path,
     fit_fn: SourceFitFn | None,
-    content_of: Callable[[Mapping[str, Any]], str | None] | None = None,
-) -> dict[str, Any]:
+    content_of: Callable[[Mapping[str, Plain]], str | None] | None = None,
+) -> dict[str, Plain]:
     """`spec` with `pretrained` as a checkpoint path (fitted on the source task first when needed).
     `content_of(data)`: the fingerprint of the source task's files (None for generated data)."""
     spec = dict(spec)

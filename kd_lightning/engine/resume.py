@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from kd_lightning.config.specs import Plain
 from kd_lightning.errors import ConfigError
 
 log = logging.getLogger("kd_lightning")
@@ -86,7 +87,7 @@ def _covered(key: str, prefixes: tuple[str, ...] | list[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def _relative_to_paths(value: Any, paths: Mapping[str, Any]) -> Any:
+def _relative_to_paths(value: Any, paths: Mapping[str, Plain]) -> Any:
     """`value` with every string under one of the `paths.*` folders written relative to it
     (`${paths.output_dir}/checkpoints`), so that a run folder that was moved compares equal to itself."""
     prefixes = sorted(
@@ -108,7 +109,7 @@ def _relative_to_paths(value: Any, paths: Mapping[str, Any]) -> Any:
     return rel(value)
 
 
-def comparable(plain: Mapping[str, Any]) -> dict[str, Any]:
+def comparable(plain: Mapping[str, Plain]) -> dict[str, Plain]:
     """A resolved config as resume=auto compares it: without the neutral keys, folders relative to `paths`."""
     paths = plain.get("paths") if isinstance(plain.get("paths"), Mapping) else {}
     out: dict[str, Any] = {}
@@ -126,7 +127,7 @@ def comparable(plain: Mapping[str, Any]) -> dict[str, Any]:
     return _relative_to_paths(out, paths)
 
 
-def config_hash(plain: Mapping[str, Any]) -> str:
+def config_hash(plain: Mapping[str, Plain]) -> str:
     """What results.json records of the config it was made with: a hash of what resume=auto compares."""
     import hashlib
     import json
@@ -135,7 +136,7 @@ def config_hash(plain: Mapping[str, Any]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def config_changes(new: Mapping[str, Any], out: Path) -> list[tuple[str, Any, Any]]:
+def config_changes(new: Mapping[str, Plain], out: Path) -> list[tuple[str, Any, Any]]:
     """(key, the run's value, the new value) for every key of the resolved config `new` that differs from
     the run's recorded one and changes what the run computes. Empty when the run has no recorded config."""
     recorded = out / "config.resolved.yaml"
@@ -154,7 +155,7 @@ def config_changes(new: Mapping[str, Any], out: Path) -> list[tuple[str, Any, An
     ]
 
 
-def check_resume(new: Mapping[str, Any], accept: list[str], out: Path) -> list[str]:
+def check_resume(new: Mapping[str, Plain], accept: list[str], out: Path) -> list[str]:
     """resume=auto: refuse a config that changed what the run computes, unless `resume_accept` names the
     keys. Returns the accepted changes ("key: old → new"). Raised before anything is written."""
     changes = config_changes(new, out)

@@ -21,6 +21,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from kd_lightning.config.specs import Plain
 from kd_lightning.errors import ConfigError
 from kd_lightning.files import atomic_write
 
@@ -33,7 +34,7 @@ class FolderInUse(ConfigError):
     """Another live process owns the run folder."""
 
 
-def owner_record() -> dict[str, Any]:
+def owner_record() -> dict[str, Plain]:
     return {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -87,7 +88,7 @@ def _describe_owner(out: Path) -> str:
         return "its owner did not record itself yet"
 
 
-def previous_results(out: Path) -> dict[str, Any] | None:
+def previous_results(out: Path) -> dict[str, Plain] | None:
     path = out / "results.json"
     if not path.is_file():
         return None

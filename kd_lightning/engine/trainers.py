@@ -17,6 +17,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from kd_lightning.config.hydra import instantiate
 from kd_lightning.config.run_spec import RunSpec
+from kd_lightning.config.specs import Plain
 from kd_lightning.errors import ConfigError
 from kd_lightning.files import atomic_write
 
@@ -54,7 +55,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from e
 
 
-def _instantiate_all(node: Mapping[str, Any] | None, group: str) -> list[Any]:
+def _instantiate_all(node: Mapping[str, Plain] | None, group: str) -> list[Any]:
     if not node:
         return []
     return [
@@ -81,7 +82,7 @@ def build_trainer(
     )
 
 
-def _without_validation(callbacks: Mapping[str, Any]) -> dict[str, Any]:
+def _without_validation(callbacks: Mapping[str, Plain]) -> dict[str, Plain]:
     out = {}
     for name, cb in callbacks.items():
         monitor = cb.get("monitor") if isinstance(cb, Mapping) else None

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from kd_lightning.config.specs import Plain
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.evaluation.corruptions import check_corruptions, corrupt
 from kd_lightning.evaluation.metrics import classification_metrics
@@ -25,7 +26,7 @@ def evaluate_models(
     seed: int = 0,
     reference: str | None = None,
     device: torch.device | str = "cpu",
-) -> dict[str, Any]:
+) -> dict[str, Plain]:
     """`{"clean": {model: metrics}, "agreement": {model: top-1 agreement with reference},
     "robustness": [{model, corruption, severity, acc}]}` on the test split of `dm`.
 
@@ -67,7 +68,7 @@ def evaluate_models(
     return out
 
 
-def robustness_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+def robustness_summary(rows: Sequence[Mapping[str, Plain]]) -> dict[str, dict[str, float]]:
     """model → corruption → mean accuracy over the severities ≥ 1 (and `mean` over corruptions)."""
     acc: dict[str, dict[str, list[float]]] = {}
     for r in rows:
@@ -80,7 +81,7 @@ def robustness_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str,
     return out
 
 
-def robustness_table(result: Mapping[str, Any]) -> str:
+def robustness_table(result: Mapping[str, Plain]) -> str:
     """Markdown: per model, clean metrics and mean accuracy under each corruption (severities ≥ 1)."""
     summary = robustness_summary(result.get("robustness", []))
     corruptions = sorted({r["corruption"] for r in result.get("robustness", [])})
@@ -101,7 +102,7 @@ def robustness_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_robustness(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+def plot_robustness(rows: Sequence[Mapping[str, Plain]], path: str | Path, title: str = "") -> Path:
     """One panel per corruption: accuracy against severity, one line per model."""
     import matplotlib
 

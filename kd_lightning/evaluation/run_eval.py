@@ -6,12 +6,11 @@ import csv
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from kd_lightning.config.specs import EvalSpec, parse
+from kd_lightning.config.specs import EvalSpec, Plain, parse
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError
 from kd_lightning.evaluation.corruptions import check_corruptions
@@ -19,7 +18,7 @@ from kd_lightning.evaluation.robustness import Predictor, evaluate_models, plot_
 from kd_lightning.teachers.ensemble import TeacherEnsemble
 
 
-def check_eval_cfg(cfg: Mapping[str, Any] | None, input_shape: tuple[int, ...]) -> EvalSpec:
+def check_eval_cfg(cfg: Mapping[str, Plain] | None, input_shape: tuple[int, ...]) -> EvalSpec:
     """Validate `evaluate.*` before training (corruptions need signals or images)."""
     spec = parse(EvalSpec, cfg, "evaluate")
     check_corruptions(spec.corruptions, spec.severities)
@@ -56,7 +55,7 @@ def evaluate_and_write(
     eval_cfg: EvalSpec,
     out_dir: str | Path,
     device: torch.device | str = "cpu",
-) -> dict[str, Any]:
+) -> dict[str, Plain]:
     """Run the evaluation; write evaluation.json, evaluation.md and (with corruptions) robustness.csv/.png."""
     names = ["student", *(teachers.names if teachers is not None else [])]
     reference = "ensemble" if len(names) > 2 else (names[1] if len(names) > 1 else None)

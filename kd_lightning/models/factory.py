@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from kd_lightning.config.specs import Plain
 from kd_lightning.errors import ConfigError, choices
 from kd_lightning.models.registry import call_model_fn, get_model_fn, list_models
 from kd_lightning.models.torchvision_adapter import torchvision_model, torchvision_names
@@ -26,7 +27,7 @@ SPEC_KEYS = {"name", "source", "checkpoint", "weights", "small_input", "taps", "
 SOURCES = ("auto", "torchvision")
 
 
-def create_model(spec: Mapping[str, Any], num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+def create_model(spec: Mapping[str, Plain], num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
     """Build `spec.name` (registry or torchvision) and load `spec.checkpoint` when given."""
     spec = dict(spec)
     name = spec.get("name")

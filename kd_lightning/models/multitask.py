@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kd_lightning.config.specs import Plain
 from kd_lightning.errors import ConfigError, choices
 from kd_lightning.files import atomic_write
 from kd_lightning.models.weights import safe_load
@@ -91,7 +92,7 @@ class MultiTaskNet(nn.Module):
 
 
 def save_multitask(
-    model: MultiTaskNet, path: Path, input_shape: Sequence[int], meta: Mapping[str, Any]
+    model: MultiTaskNet, path: Path, input_shape: Sequence[int], meta: Mapping[str, Plain]
 ) -> Path:
     payload = {
         "format": FILE_FORMAT,

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kd_lightning.config.specs import Plain
 from kd_lightning.errors import ConfigError
 from kd_lightning.files import atomic_write
 from kd_lightning.models.torchvision_adapter import last_linear
@@ -91,7 +92,7 @@ def extract_state_dict(obj: Any, path: str | os.PathLike) -> dict[str, torch.Ten
 
 
 def load_weights(
-    model: nn.Module, path: str | os.PathLike, owner: str = "model", arch: Mapping[str, Any] | None = None
+    model: nn.Module, path: str | os.PathLike, owner: str = "model", arch: Mapping[str, Plain] | None = None
 ) -> dict[str, Any]:
     """Strictly load weights from our model file, a Lightning checkpoint or a plain state_dict.
 
@@ -120,7 +121,7 @@ def check_fits(
     path: str | os.PathLike,
     owner: str,
     file_arch: Any,
-    arch: Mapping[str, Any] | None,
+    arch: Mapping[str, Plain] | None,
 ) -> None:
     """A ConfigError naming the keys when `sd` does not load strictly into `model` (never torch's raw
     size-mismatch RuntimeError)."""
@@ -151,10 +152,10 @@ def check_fits(
 def save_model(
     model: nn.Module,
     path: str | os.PathLike,
-    spec: Mapping[str, Any],
+    spec: Mapping[str, Plain],
     num_classes: int,
     input_shape: tuple[int, ...],
-    meta: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Plain] | None = None,
 ) -> Path:
     """Write a self-describing model file (plain tensors and primitives: loads with weights_only=True).
 

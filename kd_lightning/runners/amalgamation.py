@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning.config.run_spec import RunSpec
-from kd_lightning.config.specs import AmalgamationSpec, MultiTaskTeacherSpec, as_plain, parse
+from kd_lightning.config.specs import AmalgamationSpec, MultiTaskTeacherSpec, Plain, as_plain, parse
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.data.fingerprint import data_key
 from kd_lightning.engine.fitting import quiet_trainer
@@ -256,7 +256,7 @@ def taylor_channel_weights(
 
 
 # --- the run -----------------------------------------------------------------------------------
-def check_amalgamation_cfg(cfg: Mapping[str, Any] | None) -> AmalgamationSpec:
+def check_amalgamation_cfg(cfg: Mapping[str, Plain] | None) -> AmalgamationSpec:
     """`amalgamation.*` parsed, with the checks that span keys: task names, coverage, block counts."""
     if not cfg:
         raise ConfigError(
@@ -305,7 +305,7 @@ def fit_or_load_teacher(
     name: str,
     spec: MultiTaskTeacherSpec,
     dm: TensorDataModule,
-    data_cfg: Mapping[str, Any],
+    data_cfg: Mapping[str, Plain],
     cache_dir: str | Path,
     accelerator: str,
 ) -> tuple[MultiTaskNet, Path]:
@@ -337,7 +337,7 @@ def fit_or_load_teacher(
     return model.eval(), path
 
 
-def run_amalgamation(a: AmalgamationSpec, spec: RunSpec, dm: TensorDataModule, out: Path) -> dict[str, Any]:
+def run_amalgamation(a: AmalgamationSpec, spec: RunSpec, dm: TensorDataModule, out: Path) -> dict[str, Plain]:
     """The whole method; returns the entries of results.json (student's and teachers' task accuracies)."""
     accelerator = spec.trainer.fit_accelerator
     teachers, paths = {}, {}
@@ -409,7 +409,7 @@ def run_amalgamation(a: AmalgamationSpec, spec: RunSpec, dm: TensorDataModule, o
     }
 
 
-def print_task_table(results: Mapping[str, Any]) -> None:
+def print_task_table(results: Mapping[str, Plain]) -> None:
     """Student vs each teacher on every chosen task (test accuracy, %)."""
     tasks = results.get("tasks") or []
     teachers = results.get("teacher_task_acc") or {}

@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from kd_lightning.config.run_spec import RunSpec
+from kd_lightning.config.specs import Plain
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError, choices
 
@@ -43,7 +44,7 @@ _RUNNERS: dict[str, Runner] = {}
 
 
 def register_runner(
-    name: str, summary: Callable[[Mapping[str, Any]], None] | None = None
+    name: str, summary: Callable[[Mapping[str, Plain]], None] | None = None
 ) -> Callable[[Callable[[RunContext], None]], Callable[[RunContext], None]]:
     def deco(fn: Callable[[RunContext], None]) -> Callable[[RunContext], None]:
         if name in _RUNNERS:

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kd_lightning.config.run_spec import RunSpec, parse_distill, parse_teachers
+from kd_lightning.config.specs import Plain
 from kd_lightning.files import atomic_write
 
 
@@ -30,7 +31,7 @@ def _clean(value: Any) -> Any:
     return str(value)  # never let an odd value cost the results file
 
 
-def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> Path:
+def write_json_atomic(path: str | Path, payload: Mapping[str, Plain]) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "w") as f:
             json.dump(_clean(payload), f, indent=2, sort_keys=True)
@@ -41,7 +42,7 @@ def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> Path:
     return atomic_write(path, write)
 
 
-def read_results(path: str | Path) -> dict[str, Any]:
+def read_results(path: str | Path) -> dict[str, Plain]:
     with open(path) as f:
         return json.load(f)
 
@@ -49,7 +50,7 @@ def read_results(path: str | Path) -> dict[str, Any]:
 GROUPS = ("data", "student", "teachers", "distill", "trainer", "optim", "scheduler", "experiment")
 
 
-def group_choices(cfg: DictConfig) -> dict[str, Any]:
+def group_choices(cfg: DictConfig) -> dict[str, Plain]:
     """The config-group choices of this run (from Hydra when available, else the configs' `name` keys)."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -59,7 +60,7 @@ def group_choices(cfg: DictConfig) -> dict[str, Any]:
     return {g: (cfg.get(g) or {}).get("name") if isinstance(cfg.get(g), DictConfig) else None for g in GROUPS}
 
 
-def run_labels(cfg: DictConfig, spec: RunSpec | None = None) -> dict[str, Any]:
+def run_labels(cfg: DictConfig, spec: RunSpec | None = None) -> dict[str, Plain]:
     """What results.json says a run is: the group choices, the teacher set and the distance, from its spec;
     before (or without) one, from the groups that parse, so that a broken key is reported by its owner and
     the label reads "unknown", never by the labelling."""

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.config.resolvers import register_resolvers
 from kd_lightning.config.run_spec import RunSpec, parse_run
+from kd_lightning.config.specs import Plain
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.data.fingerprint import note_changes
 from kd_lightning.engine import run_folder
@@ -71,13 +72,13 @@ def stage_data(spec: RunSpec) -> TensorDataModule:
     return dm
 
 
-def write_resolved_config(resolved: Mapping[str, Any], out: Path) -> None:
+def write_resolved_config(resolved: Mapping[str, Plain], out: Path) -> None:
     """config.resolved.yaml: the run's config with every interpolation resolved (kd-eval rebuilds from it)."""
     if is_rank_zero():
         (out / "config.resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(dict(resolved))))
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig) -> dict[str, Plain]:
     """One experiment; returns the results dict that it also writes to results.json.
 
     The run owns its folder while it runs (kd_lightning.run_folder): a second run into it stops at once,
@@ -100,7 +101,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             run_folder.release(out)
 
 
-def _run_in_folder(cfg: DictConfig, out: Path, owner: bool) -> dict[str, Any]:
+def _run_in_folder(cfg: DictConfig, out: Path, owner: bool) -> dict[str, Plain]:
     resume = resume_mode(cfg.get("resume"))
     try:  # stage 0: the whole config, typed, before anything is written
         spec, problem = parse_run(cfg), None

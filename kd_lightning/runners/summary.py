@@ -8,12 +8,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from kd_lightning.config.specs import Plain
+
 
 def _pct(v: Any) -> str:
     return "—" if v is None else f"{100 * float(v):.2f}%"
 
 
-def print_summary(results: Mapping[str, Any], console: Console | None = None) -> None:
+def print_summary(results: Mapping[str, Plain], console: Console | None = None) -> None:
     console = console or Console()
     title = f"kd_lightning · data={results.get('data')} student={results.get('student')} teachers={results.get('teachers')} distill={results.get('distill')} seed={results.get('seed')}"
     table = Table(title=title, title_justify="left")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from kd_lightning.config.run_spec import TeachersSpec, parse_teachers
-from kd_lightning.config.specs import FitSpec, MemberSpec
+from kd_lightning.config.specs import FitSpec, MemberSpec, Plain
 from kd_lightning.data.fingerprint import data_key
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import create_model, load_weights
@@ -33,7 +33,7 @@ def teacher_cache_path(
     data_name: str,
     member: str,
     spec: MemberSpec,
-    data_cfg: Mapping[str, Any],
+    data_cfg: Mapping[str, Plain],
     content: str | None = None,
 ) -> Path:
     """The fitted weights' file, keyed by the arch, the fit and the data (config and content fingerprint)."""
@@ -51,11 +51,11 @@ FitFn = Callable[[str, Mapping[str, Any], FitSpec, Path], None]
 
 
 def build_teachers(
-    teachers: TeachersSpec | Mapping[str, Any],
+    teachers: TeachersSpec | Mapping[str, Plain],
     num_classes: int,
     input_shape: tuple[int, ...],
     data_name: str,
-    data_cfg: Mapping[str, Any],
+    data_cfg: Mapping[str, Plain],
     cache_dir: str | Path,
     fit_fn: FitFn | None = None,
     dry_run: bool = False,
@@ -157,7 +157,7 @@ def build_teachers(
     return ensemble
 
 
-def check_weights_head(arch: Mapping[str, Any], num_classes: int, where: str) -> None:
+def check_weights_head(arch: Mapping[str, Plain], num_classes: int, where: str) -> None:
     """A teacher taken from torchvision weights keeps their classifier: it must have the data's classes.
     Checked from the weights' metadata, before anything is downloaded."""
     import torchvision
@@ -177,7 +177,7 @@ def check_weights_head(arch: Mapping[str, Any], num_classes: int, where: str) ->
         )
 
 
-def arch_from_file(path: Path, where: str) -> dict[str, Any]:
+def arch_from_file(path: Path, where: str) -> dict[str, Plain]:
     """The architecture recorded in a self-describing kd_lightning model file (a run's student.pt)."""
     obj = safe_load(path)
     arch = obj.get("arch") if isinstance(obj, Mapping) else None

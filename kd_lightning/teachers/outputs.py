@@ -15,12 +15,11 @@ from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from filelock import FileLock
 
-from kd_lightning.config.specs import CacheSpec
+from kd_lightning.config.specs import CacheSpec, Plain
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.data.fingerprint import data_key
 from kd_lightning.errors import ConfigError
@@ -148,7 +147,7 @@ def build_outputs(
     teachers: TeacherEnsemble,
     taps: list[str],
     shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
-    data_config: Mapping[str, Any],
+    data_config: Mapping[str, Plain],
     precision: str,
     scratch: Path,
 ) -> TeacherOutputs | None:
