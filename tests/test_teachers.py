@@ -9,7 +9,7 @@ from kd_lightning.config.specs import MemberSpec, parse
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import create_model, save_model
 from kd_lightning.teachers.ensemble import TeacherEnsemble
-from kd_lightning.teachers.members import build_teachers, teacher_cache_path
+from kd_lightning.teachers.members import build_teachers, fitted_teacher_path
 
 
 def small_teacher(seed: int) -> nn.Module:
@@ -112,7 +112,7 @@ def test_fit_if_missing_fits_once_then_reuses_the_cache(tmp_path: Path):
     build_teachers(cfg, 3, (4,), "d", {"x": 2}, tmp_path, fit)
     assert calls == ["t", "t"]
     other_fit = parse(MemberSpec, _member(fit_if_missing=True, fit={"max_epochs": 2}), "t")
-    other = teacher_cache_path(tmp_path, "d", "t", other_fit, {"x": 1})
+    other = fitted_teacher_path(tmp_path, "d", "t", other_fit, {"x": 1})
     assert other != Path(ens.checkpoints["t"])
 
 

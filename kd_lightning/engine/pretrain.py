@@ -21,7 +21,7 @@ from typing import Any
 from kd_lightning.config.specs import FitSpec, Plain, PretrainedSpec, parse
 from kd_lightning.data.fingerprint import data_key
 from kd_lightning.errors import ConfigError
-from kd_lightning.teachers.fit_cache import fit_once, keyed_path
+from kd_lightning.teachers.fit_once import fit_once, keyed_path
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ from kd_lightning.models.multitask import (
     task_labels,
 )
 from kd_lightning.runners import RunContext, register_runner
-from kd_lightning.teachers.fit_cache import fit_once, keyed_path
+from kd_lightning.teachers.fit_once import fit_once, keyed_path
 
 log = logging.getLogger(__name__)
 

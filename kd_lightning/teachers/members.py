@@ -23,12 +23,12 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.models import create_model, load_weights
 from kd_lightning.models.weights import safe_load
 from kd_lightning.teachers.ensemble import TeacherEnsemble
-from kd_lightning.teachers.fit_cache import fit_once, keyed_path
+from kd_lightning.teachers.fit_once import fit_once, keyed_path
 
 log = logging.getLogger(__name__)
 
 
-def teacher_cache_path(
+def fitted_teacher_path(
     cache_dir: str | Path,
     data_name: str,
     member: str,
@@ -102,7 +102,7 @@ def build_teachers(
             paths[name], archs[name] = None, spec.arch
             continue
         else:
-            path = teacher_cache_path(cache_dir, data_name, name, spec, data_cfg, content)
+            path = fitted_teacher_path(cache_dir, data_name, name, spec, data_cfg, content)
             archs[name] = spec.arch
             if not path.is_file() and not spec.fit_if_missing:
                 raise ConfigError(
