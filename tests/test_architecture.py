@@ -127,3 +127,23 @@ def test_every_module_imports_in_a_fresh_process():
         [sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_registries_import_every_module_of_their_subpackage_and_old_paths_work():
+    """A new model, loss or runner file is found without editing an __init__; the paths users wrote
+    before the subpackages still import."""
+    import importlib
+    import pkgutil
+
+    for package in ("kd_lightning.models", "kd_lightning.losses", "kd_lightning.runners"):
+        pkg = importlib.import_module(package)
+        missing = [
+            m.name for m in pkgutil.iter_modules(pkg.__path__) if f"{package}.{m.name}" not in sys.modules
+        ]
+        assert not missing, f"{package} did not import {missing}"
+    from kd_lightning.losses import register_loss  # noqa: F401
+    from kd_lightning.models import create_model, load_model, register_model  # noqa: F401
+    from kd_lightning.optim import warmup_cosine  # noqa: F401  (conf/scheduler YAML of users)
+    from kd_lightning.runners import RunContext, register_runner  # noqa: F401
+    from kd_lightning.train import main  # noqa: F401  (python -m kd_lightning.train)
+    from kd_lightning.trainers import CSVLogger  # noqa: F401  (conf/logger YAML of users)
