@@ -39,6 +39,7 @@ bench: $(STAMP)  ## throughput (student, KD live / stored, hand loop, torchdisti
 	$(PY) bench/throughput.py $(ARGS)
 	$(PY) bench/scale.py
 	$(PY) bench/integrity.py
+	$(PY) bench/startup.py
 
 bench-papers: $(STAMP)  ## rahbar2020, thapa2022, ye2019, landro2021 reproductions with controls; teacher fits × seeds, tables + PNG plots
 	$(PY) bench/papers.py $(ARGS)

@@ -6,9 +6,12 @@ never half of one; a crash mid-write leaves the previous file as it was.
 
 from __future__ import annotations
 
+import json
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object], suffix: str = "") -> Path:
@@ -24,3 +27,38 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], suffix: str 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _clean(value: Any) -> Any:
+    """A value JSON can hold: configs as containers, non-finite floats as null, anything odd as its text."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=False)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)  # never let an odd value cost the results file
+
+
+def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> Path:
+    """results.json and other records: valid JSON (no NaN tokens), flushed to disk, replaced atomically."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            json.dump(_clean(payload), f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    return atomic_write(path, write)
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)

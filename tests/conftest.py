@@ -164,3 +164,18 @@ def small_filesystem(path: Path, size: str = "64k"):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+class ReadResultsDuringFit(pl.Callback):
+    """Reads the run's results.json at the start of every training epoch after the first, as a user
+    watching a sweep would (into `SEEN`)."""
+
+    SEEN: list[dict] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        import json
+
+        if trainer.current_epoch > 0:
+            ReadResultsDuringFit.SEEN.append(
+                json.loads((Path(trainer.default_root_dir) / "results.json").read_text())
+            )

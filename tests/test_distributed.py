@@ -88,7 +88,8 @@ def test_torchrun_ranks_must_share_a_folder():
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_ddp_two_processes_one_folder_rank0_writes(tmp_path, cache_dir):
-    proc = run_cli(*FAST, *DDP, "baseline=true", cwd=ROOT, env=_env(tmp_path, cache_dir))
+    # verbose=true: Lightning's own lines (hidden by default) say how many processes it started
+    proc = run_cli(*FAST, *DDP, "baseline=true", "verbose=true", cwd=ROOT, env=_env(tmp_path, cache_dir))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Starting with 2 processes" in proc.stderr + proc.stdout
     [r] = _results(tmp_path / "outputs")  # one results.json, written by rank 0

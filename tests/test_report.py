@@ -102,3 +102,28 @@ def test_paired_interval_is_the_paired_t_interval():
     assert ttest_rel(shifted, b).pvalue == pytest.approx(0.05, rel=1e-6)
     with pytest.raises(ValueError):
         paired_interval(a, b[:3])
+
+
+def test_the_teacher_count_plot_never_pools_methods_and_says_only_what_it_draws(tmp_path, monkeypatch):
+    """A sweep over distill=kd,logit_mse: one line per method, not their mean; no 'gray' without a gray bar."""
+    import matplotlib.axes
+
+    from kd_lightning.cli.report import n_teacher_series
+
+    for seed in range(2):
+        for distill, acc in (("kd", 0.766), ("logit_mse", 0.647)):
+            folder = tmp_path / f"{distill}{seed}"
+            folder.mkdir()
+            r = {"status": "ok", "seed": seed, "data": "digits", "student": "mlp", "teacher_set": "cnn_s",
+                 "distill": distill, "distance": "kl", "test_acc": acc}  # fmt: skip
+            (folder / "results.json").write_text(json.dumps(r))
+    series = n_teacher_series(collect(tmp_path))
+    assert set(series) == {"distill=kd", "distill=logit_mse"}
+    assert [float(series[k]["mean"].iloc[0]) for k in sorted(series)] == pytest.approx([0.766, 0.647])
+    titles = []
+    real = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_title", lambda ax, t, *a, **k: titles.append(t) or real(ax, t, *a, **k)
+    )
+    write_report(tmp_path)
+    assert not any("gray" in t for t in titles)  # no student-alone bar here

@@ -118,3 +118,17 @@ def test_last_ckpt_is_the_last_epoch_even_when_val_acc_stopped_improving(make_cf
     out = Path(res["output_dir"])
     assert Path(res["best_checkpoint"]).name == "epoch000.ckpt"
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["epoch"] == 2
+
+
+def test_results_json_says_running_with_its_progress_while_a_run_goes(make_cfg):
+    from .conftest import ReadResultsDuringFit
+
+    ReadResultsDuringFit.SEEN.clear()
+    res = run(
+        make_cfg("trainer.max_epochs=3", "+callbacks.watch._target_=tests.conftest.ReadResultsDuringFit")
+    )
+    seen = ReadResultsDuringFit.SEEN
+    assert [s["status"] for s in seen] == ["running", "running"]
+    assert [s["progress"]["epochs_done"] for s in seen] == [1, 2] and seen[0]["progress"]["max_epochs"] == 3
+    assert seen[0]["run_pid"] == os.getpid() and seen[0]["config_hash"] == res["config_hash"]
+    assert res["status"] == "ok"

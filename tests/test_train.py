@@ -270,3 +270,73 @@ def test_a_torchvision_name_as_student_choice_names_the_way_to_choose_it():
     with pytest.raises(ConfigError) as e:
         check_composition(["student=nope"], CONF_DIR)
     assert "torchvision model" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_run_from_another_folder_reuses_the_per_user_cache_and_the_console_stays_quiet(tmp_path):
+    """No KD_CACHE_DIR: the cache is the user's (XDG_CACHE_HOME here), whatever folder a run starts from."""
+    env = {k: v for k, v in os.environ.items() if k != "KD_CACHE_DIR"}
+    env.update(
+        XDG_CACHE_HOME=str(tmp_path / "xdg"), PYTHONWARNINGS="ignore", KD_OUTPUT_ROOT=str(tmp_path / "out")
+    )
+    args = [*FAST, "teachers.use=[cnn_s]", "distill=kd"]
+    runs = []
+    for folder in ("first", "second"):
+        cwd = tmp_path / folder
+        cwd.mkdir()
+        done = subprocess.run([sys.executable, "-m", "kd_lightning.train", *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(done.stdout + done.stderr)
+    cache = tmp_path / "xdg" / "kd_lightning"
+    fitted = sorted((cache / "teachers" / "digits").glob("cnn_s-*.pt"))
+    assert len(fitted) == 1 and "not fitted yet, fitting it" in runs[0] and "fitting" not in runs[1]
+    for out in runs:  # Lightning's tips and device lines are not printed (verbose=true brings them back)
+        assert "Tip:" not in out and "GPU available" not in out and "Loading `train_dataloader`" not in out
+    listing = subprocess.run([sys.executable, "-m", "kd_lightning.cli.cache", "--list"], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert (
+        str(cache) in listing.stdout and "teachers/digits/" in listing.stdout and "rm -rf" in listing.stdout
+    )
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_in_training_says_why_in_two_lines_and_keeps_the_traceback(tmp_path, cache_dir):
+    run_dir = tmp_path / "nan"
+    proc = run_cli(*FAST, "trainer.max_epochs=3", "+callbacks.poison._target_=tests.conftest.PoisonWeightsAtEpoch",
+                   "+callbacks.poison.epoch=1", f"hydra.run.dir={run_dir}", cwd=ROOT,
+                   env=_cli_env(tmp_path, cache_dir))  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
+    said = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert (
+        said[-2].startswith("Training failed: non-finite training loss (nan) at epoch 1")
+        and "optim.lr" in said[-2]
+    )
+    assert f"The last good checkpoint is {run_dir / 'checkpoints' / 'last.ckpt'}" in said[-1]
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["status"] == "failed" and "Traceback" in res["traceback"]
+    assert "Traceback" in Path(res["log_file"]).read_text() and res["log_file"] in said[-1]
+
+
+def test_a_misspelt_key_lists_the_valid_ones_in_the_first_message_and_trainer_arguments_are_named():
+    from kd_lightning.cli.train import loss_options
+    from kd_lightning.config.conf_files import CONF_DIR, check_composition
+
+    with pytest.raises(
+        ConfigError,
+        match=r"'T' is not a key of distill.terms.kd .*the options of distance 'kl': standardize, temperature",
+    ):
+        check_composition(["distill=kd", "distill.terms.kd.T=0"], CONF_DIR, loss_options)
+    with pytest.raises(ConfigError, match=r"'max_epoch' is not a key of trainer .*max_epochs"):
+        check_composition(["trainer.max_epoch=3"], CONF_DIR)
+    from kd_lightning.config.run_spec import check_trainer
+
+    with pytest.raises(
+        ConfigError, match=r"trainer.devices=0 is not valid; give a positive number of devices, -1"
+    ):
+        check_trainer({"accelerator": "cpu", "devices": 0})
+    with pytest.raises(
+        ConfigError, match=r"trainer.precision='bf17-mixed' is not valid; valid: .*bf16-mixed"
+    ):
+        check_trainer({"precision": "bf17-mixed"})
+    check_trainer({"devices": "4", "num_nodes": 2, "precision": "bf16-mixed", "accelerator": "gpu"})

@@ -3,6 +3,7 @@
     kd-cache experiment=landro2021 teacher_cache.mode=disk                    # every teacher of the pool
     kd-cache -m experiment=landro2021 teacher_cache.mode=disk 'teachers.use=[cnn_a],[cnn_b]'
     kd-cache --verify experiment=landro2021 teacher_cache.mode=disk           # check every block, repair
+    kd-cache --list [paths.cache_dir=DIR]                                      # what the cache holds, sizes
 
 It builds what kd-train builds up to the fit (data, teachers, the student's taps and the objective, which
 decide which taps are stored), then runs the precompute stage in this process; nothing is trained. The
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -20,11 +22,12 @@ import torch
 from omegaconf import DictConfig
 
 from kd_lightning.config.conf_files import CONF_DIR, check_composition
-from kd_lightning.config.resolvers import register_resolvers
+from kd_lightning.config.resolvers import register_resolvers, user_cache_dir
 from kd_lightning.config.run_spec import parse_run
 from kd_lightning.engine.build import build_module, build_teacher_ensemble, resolve_pretrained_models
 from kd_lightning.errors import ConfigError
 from kd_lightning.runners.run import check_accelerator, stage_data
+from kd_lightning.teachers.store import human_size
 
 register_resolvers()
 
@@ -91,8 +94,37 @@ def hydra_main(cfg: DictConfig) -> None:
         print(f"  {f}")
 
 
+def list_cache(root: Path) -> list[str]:
+    """What the cache holds: each folder two levels down (`teachers/digits`, `teacher_outputs/mnist1d`, ...)
+    with its file count and size, the largest first."""
+    if not root.is_dir():
+        return [f"{root}: empty (nothing cached yet)"]
+    groups: dict[str, list[int]] = {}
+    for path in root.rglob("*"):
+        if path.is_file() and not path.name.endswith(".lock"):
+            rel = path.relative_to(root).parts
+            key = "/".join(rel[:2]) if len(rel) > 2 else rel[0] if len(rel) > 1 else "."
+            groups.setdefault(key, []).append(path.stat().st_size)
+    total = sum(sum(v) for v in groups.values())
+    lines = [f"{root}: {human_size(total)} in {sum(len(v) for v in groups.values())} files"]
+    for key, sizes in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
+        lines.append(f"  {human_size(sum(sizes)):>10}  {len(sizes):6d} files  {key}/")
+    lines.append(
+        f"to clear it: rm -rf {root} (or one of the folders above); everything is made again when needed"
+    )
+    return lines
+
+
+def cache_root(argv: list[str]) -> Path:
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("paths.cache_dir=")]
+    return Path(given[-1] if given else user_cache_dir())
+
+
 def main() -> None:
     global VERIFY
+    if "--list" in sys.argv[1:]:
+        print("\n".join(list_cache(cache_root(sys.argv[1:]))))
+        return
     if "--verify" in sys.argv[1:]:
         VERIFY = True
         sys.argv.remove("--verify")

@@ -210,25 +210,58 @@ def plot(df: pd.DataFrame, table: pd.DataFrame, out: Path, metric: str = "test_a
     ax.set_xticks(range(len(table)), labels, rotation=45, ha="right")
     ax.set_ylabel(f"student {metric} (%)")
     ax.set_ylim(0, 100)  # honest axis: bars start at 0
-    ax.set_title(_wrap("student accuracy (mean ± std over runs); gray = no teacher", fig), fontsize=10)
+    title = "student accuracy (mean ± std over runs)" + ("; gray = no teacher" if any(control) else "")
+    ax.set_title(_wrap(title, fig), fontsize=10)
     fig.tight_layout()
     paths.append(out / "accuracy_by_teacher_set.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
-    ok = df[df["status"] == "ok"] if "status" in df else df
-    if "n_teachers" in ok and not ok.empty:
-        g = ok.groupby("n_teachers")[metric].agg(["mean", "std"]).reset_index().fillna(0.0)
-        fig, ax = plt.subplots(figsize=(4.5, 3.5))
-        ax.errorbar(g["n_teachers"], 100 * g["mean"], yerr=100 * g["std"], marker="o", capsize=4)
+    series = n_teacher_series(df, metric)
+    if series:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for label, g in series.items():
+            ax.errorbar(
+                g["n_teachers"], 100 * g["mean"], yerr=100 * g["std"], marker="o", capsize=4, label=label
+            )
         ax.set_xlabel("number of teachers")
         ax.set_ylabel(f"student {metric} (%)")
-        ax.set_xticks(sorted(g["n_teachers"].unique()))  # 0 = the student alone, when the runs hold it
-        ax.set_title(_wrap("accuracy vs number of teachers", fig), fontsize=10)
+        # 0 = the student alone, when the runs hold it
+        ax.set_xticks(sorted({int(n) for g in series.values() for n in g["n_teachers"]}))
+        if len(series) > 1 or next(iter(series)):
+            ax.legend(fontsize=8)
+        ax.set_title(_wrap("accuracy vs number of teachers (mean ± std over runs)", fig), fontsize=10)
         fig.tight_layout()
         paths.append(out / "accuracy_vs_n_teachers.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths
+
+
+SERIES_KEYS = ("distill", "distance", "student", "data")
+
+
+def n_teacher_series(df: pd.DataFrame, metric: str = "test_acc") -> dict[str, pd.DataFrame]:
+    """Mean and std of `metric` per number of teachers, one series for each combination of the keys that
+    differ between the runs (method, distance, student, data): different methods are never pooled into
+    one point. The student-alone point (0 teachers) joins every series of its student and data."""
+    ok = df[df["status"] == "ok"] if "status" in df else df
+    if "n_teachers" not in ok or ok.empty or metric not in ok:
+        return {}
+    ok = ok[ok[metric].notna()]
+    taught, alone = ok[ok["n_teachers"] > 0], ok[ok["n_teachers"] == 0]
+    keys = [k for k in SERIES_KEYS if k in taught and taught[k].nunique(dropna=False) > 1]
+    out = {}
+    groups = taught.groupby(keys, dropna=False) if keys else [((), taught)]
+    for values, part in groups:
+        values = values if isinstance(values, tuple) else (values,)
+        label = " / ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+        base = alone
+        for k, v in zip(keys, values, strict=True):
+            if k in ("student", "data") and k in base:
+                base = base[base[k] == v]
+        both = pd.concat([base, part])
+        out[label] = both.groupby("n_teachers")[metric].agg(["mean", "std"]).reset_index().fillna(0.0)
+    return out
 
 
 def _wrap(title: str, fig) -> str:

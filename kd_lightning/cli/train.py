@@ -27,11 +27,10 @@ from kd_lightning.engine import run_folder
 from kd_lightning.engine.distributed import job_scope, launched_as_rank_zero, torchrun_argv
 from kd_lightning.engine.resume import RunInterrupted, resume_command, resume_mode
 from kd_lightning.errors import ConfigError
-from kd_lightning.runners.run import run
 
 register_resolvers()
 
-__all__ = ["main", "run"]
+__all__ = ["main"]
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
@@ -39,6 +38,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
     """Returns val_acc, the objective for Hydra sweepers (Optuna)."""
     if cfg.get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=False))
+    from kd_lightning.runners.run import run  # imports Lightning only once the run gets that far
+
     try:
         with job_scope():
             return run(cfg).get("val_acc")
@@ -52,6 +53,54 @@ def hydra_main(cfg: DictConfig) -> float | None:
             file=sys.stderr,
         )
         sys.exit(e.exit_code)
+    except Exception as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra marks this job failed and goes on with the others
+        said = failure_lines(e, Path(cfg.paths.output_dir))
+        if said is None:
+            raise  # not a failure a user's setting or data explains: the whole traceback helps more
+        print("\n" + "\n".join(said), file=sys.stderr)
+        sys.exit(1)
+
+
+def failure_lines(e: BaseException, out: Path) -> list[str] | None:
+    """Two lines for a failure the user's settings or data cause (non-finite loss, out of memory, a file that
+    cannot be read or written): the cause and what to change, then the last good checkpoint (or that there
+    is none) and where the full traceback is. None for anything else."""
+    text = f"{e}".strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    oom = isinstance(e, MemoryError) or "out of memory" in str(e).lower()
+    if isinstance(e, FloatingPointError):
+        cause = f"Training failed: {text}"
+    elif oom:
+        cause = (
+            f"Training failed: out of memory ({text}). Lower data.batch_size (and data.eval_batch_size), use "
+            "trainer.precision=bf16-mixed or 16-mixed, or smaller models"
+        )
+    elif isinstance(e, OSError):
+        cause = (
+            f"Training failed: {text}. A file could not be read or written: fix or remove it, or free space"
+        )
+    else:
+        return None
+    results = run_folder.previous_results(out) or {}
+    last, log_file = results.get("last_checkpoint"), results.get("log_file")
+    where = f"full traceback in {log_file}" if log_file else "full traceback in results.json"
+    if last:
+        return [cause, f"The last good checkpoint is {last} (resume=auto continues from it); {where}"]
+    return [cause, f"No checkpoint was written before the failure; {where}"]
+
+
+def loss_options(distance: str) -> list[str]:
+    """A distance's own options (its constructor's arguments), for the message about a misspelt term key."""
+    import inspect
+
+    try:
+        from kd_lightning.losses.registry import INJECTED, loss_class
+
+        params = inspect.signature(loss_class(distance).__init__).parameters
+    except Exception:
+        return []
+    return sorted(p for p in params if p not in ("self", "args", "kwargs", *INJECTED))
 
 
 def config_error_exit(e: ConfigError) -> None:
@@ -89,7 +138,7 @@ def main() -> None:
     folder = None
     try:
         check_config_dirs(config_dirs_from_argv(argv, CONF_DIR))
-        cfg = check_composition(argv, CONF_DIR)
+        cfg = check_composition(argv, CONF_DIR, loss_options)
         sys.argv += torchrun_argv(argv)
         folder = claim_before_hydra(argv, cfg)
     except ConfigError as e:

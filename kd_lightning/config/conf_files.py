@@ -11,7 +11,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,9 @@ def _first_job(overrides: list[str]) -> list[str] | None:
     return first
 
 
-def check_composition(argv: list[str], conf_dir: Path) -> Any:
+def check_composition(
+    argv: list[str], conf_dir: Path, options_of: Callable[[str], list[str]] | None = None
+) -> Any:
     """Compose the first job of `kd-train ARGV` with Hydra's compose API; raise ConfigError if it fails.
     Returns the composed config (None when the check is left to Hydra)."""
     from hydra import compose, initialize_config_dir
@@ -115,7 +118,43 @@ def check_composition(argv: list[str], conf_dir: Path) -> Any:
         text = str(e).split("Config search path")[0]  # Hydra's own message, without the search path
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         message = " ".join(lines[:2]) + (" " + ", ".join(lines[2:]) if lines[2:] else "")
+        misspelt = re.match(r"Could not override '([^']+)'", message)
+        if misspelt:
+            raise ConfigError(_unknown_key(misspelt.group(1), overrides, conf_dir, options_of)) from None
         raise ConfigError(message + _torchvision_hint(message)) from None
+
+
+def _unknown_key(
+    key: str, overrides: list[str], conf_dir: Path, options_of: Callable[[str], list[str]] | None
+) -> str:
+    """`x.y.z` is not a key: the message lists the keys `x.y` has (for a distill term, also its distance's
+    options: `options_of(distance)`, the command's, which knows the losses), and how to add a key on purpose."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    parent, _, leaf = key.rpartition(".")
+    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+    value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == key), "...")
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = compose("train", overrides=rest)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+    except Exception:
+        node = None
+    if node is None or not OmegaConf.is_dict(node):
+        return f"{key} is not a key of the config; to add it on purpose: +{key}={value}"
+    valid = sorted(str(k) for k in node)
+    extra = ""
+    term = re.fullmatch(r"distill\.terms\.[^.]+", parent)
+    if term and isinstance(node.get("distance"), str) and options_of is not None:
+        options = options_of(str(node.get("distance")))
+        valid = sorted(set(valid) - set(options))
+        if options:
+            extra = f"; the options of distance {node.get('distance')!r}: {', '.join(options)}"
+    return (
+        f"{leaf!r} is not a key of {parent or 'the config'} ({key}); valid keys: {', '.join(valid)}{extra}. "
+        f"To add a key on purpose: +{key}={value}"
+    )
 
 
 def _torchvision_hint(message: str) -> str:

@@ -22,9 +22,20 @@ def num_nodes_from_env() -> int:
     return 1
 
 
+def user_cache_dir() -> str:
+    """The per-user cache: $KD_CACHE_DIR, else the platform's user cache folder (~/.cache/kd_lightning on
+    Linux, as torch hub and Hugging Face keep theirs), shared by every folder a run starts from."""
+    if os.environ.get("KD_CACHE_DIR"):
+        return os.environ["KD_CACHE_DIR"]
+    import platformdirs
+
+    return platformdirs.user_cache_dir("kd_lightning", appauthor=False)
+
+
 RESOLVERS = {
     "kd_subsets": resolve_subsets,  # ${kd_subsets:${teachers.members}[,min[,max]]} → "[a],[b],[a,b]"
-    "kd_num_nodes": num_nodes_from_env,  # ${kd_num_nodes:} → nodes from KD_NUM_NODES / SLURM / torchrun
+    "kd_num_nodes": num_nodes_from_env,
+    "kd_user_cache": user_cache_dir,  # ${kd_user_cache:} → the per-user cache folder (paths.cache_dir)  # ${kd_num_nodes:} → nodes from KD_NUM_NODES / SLURM / torchrun
 }
 
 

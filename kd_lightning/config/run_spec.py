@@ -16,6 +16,7 @@ and values (kd_lightning.config.specs).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,6 +30,7 @@ from kd_lightning.config.specs import (
     CacheSpec,
     DistillSpec,
     EvalSpec,
+    LoaderSpec,
     MemberSpec,
     PerfSpec,
     Plain,
@@ -54,6 +56,7 @@ class RunSettings:
     dry_run: bool = False
     print_summary: bool = True
     print_config: bool = False
+    verbose: bool = False
     resume: str | None = None
     resume_accept: list[str] = items()
     overwrite: bool = False
@@ -127,6 +130,46 @@ class TrainerSpec:
         return str(self.options.get("accelerator", "cpu"))
 
 
+# What pl.Trainer accepts for the arguments a config sets most (the others are Lightning's to check).
+PRECISIONS = ("64", "64-true", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true",
+              "transformer-engine", "transformer-engine-float16")  # fmt: skip
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
+
+
+def check_trainer(options: Mapping[str, Plain]) -> None:
+    """trainer.devices, num_nodes, precision and accelerator, each named with its valid values before
+    Lightning sees them (its own messages name neither the key nor the choices)."""
+    devices = options.get("devices", "auto")
+    ok = (
+        (isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1))
+        or (
+            isinstance(devices, str)
+            and (devices == "auto" or re.fullmatch(r"-1|[1-9][0-9]*|[0-9]+(,[0-9]*)+", devices))
+        )
+        or (
+            isinstance(devices, list | tuple)
+            and devices
+            and all(isinstance(d, int) and d >= 0 for d in devices)
+        )
+    )
+    if not ok:
+        raise ConfigError(
+            f"trainer.devices={devices!r} is not valid; give a positive number of devices, -1 (every device), "
+            "'auto', or a list of device indices such as [0, 1]"
+        )
+    nodes = options.get("num_nodes", 1)
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise ConfigError(f"trainer.num_nodes={nodes!r} is not valid; give a positive number of nodes")
+    precision = str(options.get("precision", "32-true"))
+    if precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision!r} is not valid; valid: {', '.join(PRECISIONS)}")
+    accelerator = options.get("accelerator", "auto")
+    if isinstance(accelerator, str) and accelerator.lower() not in ACCELERATORS:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator!r} is not valid; valid: {', '.join(ACCELERATORS)}"
+        )
+
+
 @dataclass(frozen=True)
 class PathsSpec:
     output_dir: str
@@ -184,6 +227,40 @@ def resolved_config(cfg: DictConfig | Mapping[str, Plain]) -> dict[str, Plain]:
         f"{missing[0]} must be set: it has no default (add {missing[0]}=<value> to the command line)"
         + (f"; also unset: {', '.join(missing[1:])}" if len(missing) > 1 else "")
     )
+
+
+def nested_target(value: Any, where: str) -> str | None:
+    """The key of the first `_target_` nested anywhere in `value`, or None."""
+    if isinstance(value, Mapping):
+        if "_target_" in value:
+            return where
+        for k, v in value.items():
+            found = nested_target(v, f"{where}.{k}")
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            found = nested_target(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+TRANSFORM_KEYS = ("train_transforms", "eval_transforms")
+
+
+def refuse_nested_targets(data: Mapping[str, Plain]) -> None:
+    """A `_target_` nested in a data value is refused: data values are settings, never objects to build (a
+    recorded config is data, never code). Only the transform lists name classes, from an allowlist."""
+    for key, value in data.items():
+        if key in TRANSFORM_KEYS or key == "_target_":
+            continue
+        found = nested_target(value, f"data.{key}")
+        if found:
+            raise ConfigError(
+                f"{found} holds a _target_: data values are settings, never objects to build (only "
+                f"data.train_transforms / data.eval_transforms name classes, from torchvision's transforms)"
+            )
 
 
 def _group(plain: Mapping[str, Plain], key: str) -> dict[str, Plain]:
@@ -276,9 +353,14 @@ def parse_run(cfg: DictConfig | Mapping[str, Plain]) -> RunSpec:
             raise ConfigError(f"paths.{key} must be a folder, got {paths.get(key)!r}")
     data = _group(plain, "data")
     data.pop("name", None)
+    refuse_nested_targets(data)
+    # the keys every datamodule has, checked here already: a bad batch size answers before torch is imported
+    loader = {f.name for f in fields(LoaderSpec)}
+    parse(LoaderSpec, {k: v for k, v in data.items() if k in loader}, "data")
     teachers = parse_teachers(_group(plain, "teachers"))
     trainer = _group(plain, "trainer")
     as_int("trainer.max_epochs", trainer.get("max_epochs"), 1)
+    check_trainer(trainer)
     student = _group(plain, "student")
     amalgamation = plain.get("amalgamation")
     return RunSpec(

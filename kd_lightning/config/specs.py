@@ -208,6 +208,37 @@ class AugmentSpec:
     views: int | None = num(None, 1)
 
 
+@dataclass(frozen=True)
+class LoaderSpec:
+    """The `data` keys every datamodule has (kd_lightning.data.base.TensorDataModule): batches, the validation
+    split, subsets, normalisation, augmentation and loader workers. The datamodule checks them with this
+    spec, and stage 0 checks the ones a config sets, before anything heavy is imported."""
+
+    batch_size: int = num(128, 1)
+    eval_batch_size: int | None = num(None, 1)
+    # 0: no validation split, the whole training set trains (RepDistiller's and mdistiller's protocol)
+    val_fraction: float = num(0.1, 0.0, 1.0, open_high=True)
+    split_seed: int = seed_field()
+    train_subset: int | None = num(None, 1)
+    normalize: bool = True
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    num_workers: int = num(0, 0)
+    # a task made of some classes only, relabelled 0..k-1 in the order given (transfer-learning pairs)
+    class_subset: list[Any] | None = None
+
+    def check(self, where: str) -> None:
+        c = self.class_subset
+        if c is None:
+            return
+        if len(c) < 2:
+            raise ConfigError(
+                f"{where}.class_subset must be null or a list of at least 2 class ids, got {c!r}"
+            )
+        ids = [as_int(f"{where}.class_subset entries", v, 0) for v in c]
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"{where}.class_subset has repeated ids: {ids}")
+
+
 LABEL_LOSSES = ("ce", "mse")
 
 

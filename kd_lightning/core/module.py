@@ -96,8 +96,7 @@ class DistillationModule(pl.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.detach().item()}) at epoch {self.current_epoch}, step {self.global_step}: "
-                f"parts { ({k: float(v.detach()) for k, v in parts.items()}) }. Lower optim.lr or the term weights; "
-                "the last good checkpoint is kept"
+                f"parts { ({k: float(v.detach()) for k, v in parts.items()}) }. Lower optim.lr or the term weights"
             )
         self.train_acc.update(s_feats["logits"].detach(), y)
         # Epoch means are summed here and logged once per epoch: a `self.log` call costs about a

@@ -19,10 +19,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from kd_lightning.config.specs import AugmentSpec, parse
+from kd_lightning.config.specs import LoaderSpec, parse
 from kd_lightning.data.batch import Batch, collate_samples
 from kd_lightning.data.fingerprint import Listings, content_digest
-from kd_lightning.errors import ConfigError, as_float, as_int, as_seed
+from kd_lightning.errors import ConfigError, as_seed
 
 
 class EpochSeededSampler(DistributedSampler):
@@ -149,31 +149,35 @@ class TensorDataModule(pl.LightningDataModule):
         `test_each_epoch` (the run's setting) makes the validation loop also test, for the per-epoch test
         curve. Both come from the run, not from the `data` group."""
         super().__init__()
-        self.batch_size = as_int("data.batch_size", batch_size, 1)
-        self.eval_batch_size = as_int("data.eval_batch_size", eval_batch_size or max(self.batch_size, 256), 1)
-        # 0: no validation split, the whole training set trains (RepDistiller's and mdistiller's protocol)
-        self.val_fraction = as_float("data.val_fraction", val_fraction, 0.0, 1.0, open_high=True)
-        self.split_seed = as_seed("data.split_seed", split_seed)
-        self.train_subset = None if train_subset is None else as_int("data.train_subset", train_subset, 1)
-        self.normalize = bool(normalize)
-        aug = parse(AugmentSpec, augment, "data.augment")
-        self.crop_padding, self.hflip = aug.crop_padding, aug.hflip
-        # consistent teaching: a fixed number of recorded views per sample (None: a fresh view every step)
-        self.views = aug.views
-        self.view_params: torch.Tensor | None = None  # (n_train, views, 3), drawn once at setup
-        self.num_workers = as_int("data.num_workers", num_workers, 0)
-        # a task made of some classes only, relabelled 0..k-1 in the order given (transfer-learning pairs)
-        if class_subset is not None and (isinstance(class_subset, str | int) or len(class_subset) < 2):
-            raise ConfigError(
-                f"data.class_subset must be null or a list of at least 2 class ids, got {class_subset!r}"
-            )
-        self.class_subset = (
-            None
-            if class_subset is None
-            else [as_int("data.class_subset entries", c, 0) for c in class_subset]
+        spec = parse(
+            LoaderSpec,
+            {
+                "batch_size": batch_size,
+                "eval_batch_size": eval_batch_size,
+                "val_fraction": val_fraction,
+                "split_seed": split_seed,
+                "train_subset": train_subset,
+                "normalize": bool(normalize),
+                "augment": augment,
+                "num_workers": num_workers,
+                "class_subset": class_subset,
+            },
+            "data",
         )
-        if self.class_subset is not None and len(set(self.class_subset)) != len(self.class_subset):
-            raise ConfigError(f"data.class_subset has repeated ids: {self.class_subset}")
+        self.batch_size = spec.batch_size
+        self.eval_batch_size = spec.eval_batch_size or max(self.batch_size, 256)
+        self.val_fraction, self.split_seed, self.train_subset = (
+            spec.val_fraction,
+            spec.split_seed,
+            spec.train_subset,
+        )
+        self.normalize = spec.normalize
+        self.crop_padding, self.hflip = spec.augment.crop_padding, spec.augment.hflip
+        # consistent teaching: a fixed number of recorded views per sample (None: a fresh view every step)
+        self.views = spec.augment.views
+        self.view_params: torch.Tensor | None = None  # (n_train, views, 3), drawn once at setup
+        self.num_workers = spec.num_workers
+        self.class_subset = None if spec.class_subset is None else [int(c) for c in spec.class_subset]
         self.shuffle_seed = None if shuffle_seed is None else as_seed("seed", shuffle_seed)
         self.test_each_epoch = bool(test_each_epoch)
         self.splits: dict[str, Dataset] = {}

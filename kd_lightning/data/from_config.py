@@ -9,6 +9,7 @@ from typing import Any
 import hydra
 
 from kd_lightning.config.hydra import to_dict
+from kd_lightning.config.run_spec import refuse_nested_targets
 from kd_lightning.config.specs import Plain
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError, choices
@@ -25,9 +26,6 @@ def our_datamodules() -> dict[str, type[TensorDataModule]]:
             out[f"kd_lightning.data.{name}"] = cls
             out[f"{cls.__module__}.{cls.__qualname__}"] = cls
     return out
-
-
-TRANSFORM_KEYS = ("train_transforms", "eval_transforms")
 
 
 def datamodule_class(target: Any, allowed: Iterable[str] | None = None) -> type[TensorDataModule]:
@@ -54,23 +52,6 @@ def datamodule_class(target: Any, allowed: Iterable[str] | None = None) -> type[
             f"data._target_={target!r} is not a TensorDataModule subclass (kd_lightning.data.TensorDataModule)"
         )
     return cls
-
-
-def _nested_target(value: Any, where: str) -> str | None:
-    """The key of the first `_target_` nested anywhere in `value`, or None."""
-    if isinstance(value, Mapping):
-        if "_target_" in value:
-            return where
-        for k, v in value.items():
-            found = _nested_target(v, f"{where}.{k}")
-            if found:
-                return found
-    elif isinstance(value, list | tuple):
-        for i, v in enumerate(value):
-            found = _nested_target(v, f"{where}[{i}]")
-            if found:
-                return found
-    return None
 
 
 # What a run passes to its datamodule beside the `data` group (not keys a user writes there).
@@ -102,15 +83,7 @@ def instantiate_datamodule(
         )
     for key in ("_partial_", "_convert_", "_recursive_"):
         data_cfg.pop(key, None)
-    for key, value in data_cfg.items():
-        if key in TRANSFORM_KEYS:
-            continue
-        found = _nested_target(value, f"data.{key}")
-        if found:
-            raise ConfigError(
-                f"{found} holds a _target_: data values are settings, never objects to build (only "
-                f"data.train_transforms / data.eval_transforms name classes, from torchvision's transforms)"
-            )
+    refuse_nested_targets(data_cfg)
     unexpected = sorted(set(run) - set(RUN_ARGUMENTS))
     if unexpected:
         raise TypeError(f"instantiate_datamodule: unexpected run arguments {unexpected}")

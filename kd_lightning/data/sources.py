@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kd_lightning.config.resolvers import user_cache_dir
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError, as_float, as_int, as_seed
 from kd_lightning.files import atomic_write
@@ -57,7 +58,7 @@ class MNIST1DDataModule(TensorDataModule):
         data_seed: int = 42,
         train_split: float = 0.8,
         shuffle_seq: bool = False,
-        cache_dir: str = ".cache/kd_lightning",
+        cache_dir: str | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -67,7 +68,7 @@ class MNIST1DDataModule(TensorDataModule):
             "train_split": as_float("data.train_split", train_split, 0.0, 1.0, open_low=True, open_high=True),
             "shuffle_seq": bool(shuffle_seq),
         }
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = Path(cache_dir if cache_dir is not None else user_cache_dir())
 
     def cache_path(self) -> Path:
         key = hashlib.sha1(json.dumps(self.args, sort_keys=True).encode()).hexdigest()[:12]

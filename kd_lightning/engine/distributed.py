@@ -80,16 +80,19 @@ def job_scope() -> Iterator[None]:
     Lightning leaves LOCAL_RANK/WORLD_SIZE/MASTER_PORT in os.environ and the process group alive after
     launching ranks; the next job would then believe its ranks were started externally and wait forever.
     """
-    import torch.distributed as dist
+
+    def group() -> bool:  # torch not imported yet: no process group can exist (and none is imported here)
+        dist = sys.modules.get("torch.distributed")
+        return dist is not None and dist.is_available() and dist.is_initialized()
 
     before = {k: os.environ.get(k) for k in _DDP_ENV}
-    had_group = dist.is_available() and dist.is_initialized()
+    had_group = group()
     argv = list(sys.argv)
     try:
         yield
     finally:
-        if not had_group and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        if not had_group and group():
+            sys.modules["torch.distributed"].destroy_process_group()
         for key, value in before.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -121,7 +124,9 @@ def torchrun_argv(argv: list[str], env: Mapping[str, str] = os.environ) -> list[
 
 
 def is_rank_zero() -> bool:
-    """Whether this process is global rank 0 (Lightning's rank, set from the launcher's environment)."""
-    from pytorch_lightning.utilities import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
+    """Whether this process is global rank 0: Lightning's rank once Lightning runs, before that the
+    launcher's environment (what Lightning reads too), so that asking imports nothing."""
+    rank_zero = sys.modules.get("lightning_fabric.utilities.rank_zero")
+    if rank_zero is not None:
+        return getattr(rank_zero.rank_zero_only, "rank", 0) == 0
+    return launched_as_rank_zero()

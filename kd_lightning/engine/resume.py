@@ -30,7 +30,7 @@ log = logging.getLogger("kd_lightning")
 
 # Keys that do not change what a run computes: they may differ between a run and its resumption.
 NEUTRAL_KEYS = (
-    "resume", "resume_accept", "overwrite", "print_summary", "print_config", "dry_run", "paths", "logger",
+    "resume", "resume_accept", "overwrite", "print_summary", "print_config", "verbose", "dry_run", "paths", "logger",
     "callbacks.progress_bar", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.log_every_n_steps", "teacher_cache.mode", "teacher_cache.dir", "data.num_workers",
     "data.download", "data.cache_dir",

@@ -4,7 +4,9 @@ multi-process fit, a one-device trainer for the test."""
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,43 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"checkpoints are intact ({', '.join(kept) or 'none yet'}). Free space in {path.parent} and "
                 "continue with resume=auto",
             ) from e
+
+
+# Lightning's INFO lines (the device lines, its tips, "Loading `train_dataloader`...", "Trainer.fit stopped",
+# checkpoint restoring) and the seed line: hidden unless `verbose=true`.
+_CHATTY = (
+    "pytorch_lightning.utilities.rank_zero",
+    "lightning_fabric.utilities.rank_zero",
+    "lightning_fabric.utilities.seed",
+)
+
+
+def quiet_lightning(verbose: bool) -> None:
+    """Keep the console to what the run says itself: Lightning's informational lines and a deprecation
+    warning raised inside Lightning are shown only with `verbose`; its warnings (a real problem) always are."""
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+class RunProgress(pl.Callback):
+    """results.json, rewritten atomically after every training epoch (rank 0): `status: running` with
+    `progress` (epochs done of max_epochs), so that a sweep's progress can be read from its folders."""
+
+    def __init__(self, results: dict[str, Any], path: Path):
+        self.results, self.path = results, path
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        from kd_lightning.files import write_json_atomic
+
+        self.results["progress"] = {
+            "epochs_done": trainer.current_epoch + 1,
+            "max_epochs": trainer.max_epochs,
+        }
+        write_json_atomic(self.path, self.results)
 
 
 def _instantiate_all(node: Mapping[str, Plain] | None, group: str) -> list[Any]:
@@ -149,7 +188,12 @@ class CSVLogger(LightningCSVLogger):
                 rows = [
                     r for r in reader if not r.get("epoch") or int(float(r["epoch"])) <= self.resume_epoch
                 ]
-        writer = super().experiment  # deletes metrics.csv
+        with warnings.catch_warnings():  # "previous log files will be deleted": the rows are kept, below
+            if self.resume_epoch is not None:
+                warnings.filterwarnings(
+                    "ignore", message=".*Previous log files in this directory will be deleted"
+                )
+            writer = super().experiment  # deletes metrics.csv
         if header:
             with open(path, "w", newline="") as f:
                 out = csv.DictWriter(f, fieldnames=header)

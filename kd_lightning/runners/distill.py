@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,13 @@ from kd_lightning.engine.distributed import leave_process_group, pin_ddp_childre
 from kd_lightning.engine.fitting import fit_supervised
 from kd_lightning.engine.prestage import run_pre_stages
 from kd_lightning.engine.resume import newest_checkpoint, resume_mode, sigterm_to_lightning
-from kd_lightning.engine.trainers import build_trainer, evaluation_trainer, finish_loggers, keep_metrics_until
+from kd_lightning.engine.trainers import (
+    RunProgress,
+    build_trainer,
+    evaluation_trainer,
+    finish_loggers,
+    keep_metrics_until,
+)
 from kd_lightning.errors import ConfigError
 from kd_lightning.evaluation import robustness_summary
 from kd_lightning.evaluation.run_eval import check_eval_cfg, evaluate_and_write
@@ -98,9 +105,9 @@ def stage_build(ctx: RunContext) -> Built:
     module = build_module(spec, dm, teachers)
     evaluation = check_eval_cfg(spec.evaluation, dm.input_shape)
     precompute = TeacherPrecompute(module.feed) if module.feed is not None else None
-    trainer = build_trainer(
-        spec, validation="val" in dm.val_roles(), callbacks=[precompute] if precompute else []
-    )
+    progress = RunProgress(ctx.results, ctx.out / "results.json")
+    own = [precompute, progress] if precompute is not None else [progress]
+    trainer = build_trainer(spec, validation="val" in dm.val_roles(), callbacks=own)
     return Built(teachers, module, trainer, evaluation, precompute)
 
 
@@ -113,7 +120,9 @@ def stage_fit(ctx: RunContext, built: Built) -> Fitted:
     t0 = time.perf_counter()
     # a method's pre-stage (FT's paraphraser) trains before the fit; a resumed run has it in the checkpoint
     pre_stage = run_pre_stages(built.module, ctx.dm, ctx.spec.trainer.fit_accelerator) if ckpt is None else {}
-    with sigterm_to_lightning():
+    with sigterm_to_lightning(), warnings.catch_warnings():
+        if ckpt is not None:  # resuming in the run's own folder: its checkpoints are meant to be there
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
         trainer.fit(built.module, datamodule=ctx.dm, ckpt_path=ckpt)
     seconds = time.perf_counter() - t0
     if trainer.interrupted:

@@ -9,17 +9,21 @@ here instead of adding a branch to the generic one:
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
 from kd_lightning.config.run_spec import RunSpec
 from kd_lightning.config.specs import Plain
-from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError, choices
+
+if TYPE_CHECKING:  # the datamodule's class imports Lightning; the registry is read before that is needed
+    from kd_lightning.data.base import TensorDataModule
 
 
 @dataclass
@@ -55,7 +59,16 @@ def register_runner(
     return deco
 
 
+def discover() -> None:
+    """Import every module of kd_lightning.runners (each registers its runners): a new runner is a new file."""
+    here = Path(__file__).parent
+    for m in sorted(m.name for m in pkgutil.iter_modules([str(here)])):
+        importlib.import_module(f"kd_lightning.runners.{m}")
+
+
 def get_runner(name: Any) -> Runner:
+    if name not in _RUNNERS:
+        discover()
     if name not in _RUNNERS:
         raise ConfigError(f"runner={name!r}; valid: {choices(_RUNNERS)}")
     return _RUNNERS[name]

@@ -3,49 +3,13 @@
 
 from __future__ import annotations
 
-import json
-import math
-import os
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.config.run_spec import RunSpec, parse_distill, parse_teachers
 from kd_lightning.config.specs import Plain
-from kd_lightning.files import atomic_write
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, DictConfig | ListConfig):
-        value = OmegaConf.to_container(value, resolve=False)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)  # never let an odd value cost the results file
-
-
-def write_json_atomic(path: str | Path, payload: Mapping[str, Plain]) -> Path:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w") as f:
-            json.dump(_clean(payload), f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    return atomic_write(path, write)
-
-
-def read_results(path: str | Path) -> dict[str, Plain]:
-    with open(path) as f:
-        return json.load(f)
-
+from kd_lightning.files import read_results, write_json_atomic  # noqa: F401  (results.json's I/O)
 
 GROUPS = ("data", "student", "teachers", "distill", "trainer", "optim", "scheduler", "experiment")
 

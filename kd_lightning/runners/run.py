@@ -12,21 +12,18 @@ from __future__ import annotations
 import logging
 import signal
 import time
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.config.resolvers import register_resolvers
 from kd_lightning.config.run_spec import RunSpec, parse_run
 from kd_lightning.config.specs import Plain
-from kd_lightning.data.base import TensorDataModule
-from kd_lightning.data.fingerprint import note_changes
 from kd_lightning.engine import run_folder
-from kd_lightning.engine.build import build_datamodule, resolve_pretrained_models
 from kd_lightning.engine.distributed import is_rank_zero
 from kd_lightning.engine.resume import (
     check_resume,
@@ -38,6 +35,9 @@ from kd_lightning.engine.resume import (
     resume_mode,
 )
 from kd_lightning.errors import ConfigError
+
+if TYPE_CHECKING:  # Lightning and torch are imported when a run gets that far, not before stage 0
+    from kd_lightning.data.base import TensorDataModule
 from kd_lightning.runners.registry import RunContext, get_runner
 from kd_lightning.runners.results import run_labels, write_json_atomic
 
@@ -47,10 +47,8 @@ register_resolvers()  # the configs' ${kd_...} resolvers, also for run() called 
 
 def check_accelerator(spec: RunSpec) -> None:
     """A GPU trainer on a machine without one fails here, in one line, not in Lightning's device setup."""
-    import torch
-
     accelerator = spec.trainer.accelerator
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    if accelerator in ("gpu", "cuda") and not _cuda():
         choice = HydraConfig.get().runtime.choices.get("trainer") if HydraConfig.initialized() else None
         raise ConfigError(
             f"trainer.accelerator={accelerator}"
@@ -60,8 +58,36 @@ def check_accelerator(spec: RunSpec) -> None:
         )
 
 
+def write_traceback(text: str, out: Path) -> Path:
+    """The full traceback of a failed run, into the run's log file (Hydra's `<job>.log`), not the console;
+    into `<run>/error.log` when the run has no log file (run() called through the API)."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    for h in files:
+        h.acquire()
+        try:
+            h.stream.write(text)
+            h.flush()
+        finally:
+            h.release()
+    if files:
+        return Path(files[0].baseFilename)
+    path = out / "error.log"
+    with open(path, "a") as f:
+        f.write(text)
+    return path
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def stage_data(spec: RunSpec) -> TensorDataModule:
     """Stage 1: the datamodule, set up (splits, normalisation); its shuffles follow the run's seed."""
+    from kd_lightning.data.fingerprint import note_changes
+    from kd_lightning.engine.build import build_datamodule
+
     dm = build_datamodule(spec)
     dm.prepare_data()
     dm.setup("fit")
@@ -143,6 +169,12 @@ def _run_in_folder(cfg: DictConfig, out: Path, owner: bool) -> dict[str, Plain]:
             raise problem
         check_accelerator(spec)
         runner = get_runner(spec.settings.runner)
+        import pytorch_lightning as pl
+
+        from kd_lightning.engine.build import resolve_pretrained_models
+        from kd_lightning.engine.trainers import quiet_lightning
+
+        quiet_lightning(spec.settings.verbose)
         pl.seed_everything(spec.seed, workers=True)
         dm = stage_data(spec)
         spec = resolve_pretrained_models(spec)
@@ -156,7 +188,15 @@ def _run_in_folder(cfg: DictConfig, out: Path, owner: bool) -> dict[str, Plain]:
     except BaseException as e:
         stop = interruption(e)
         if stop is None:
-            results.update(status="failed", error=f"{type(e).__name__}: {e}")
+            last = newest_checkpoint(out) if owner else None
+            text = traceback.format_exc()
+            results.update(
+                status="failed",
+                error=f"{type(e).__name__}: {e}",
+                traceback=text,
+                last_checkpoint=str(last) if last else None,
+                log_file=str(write_traceback(text, out)) if owner else None,
+            )
             raise
         last = newest_checkpoint(out)
         results.update(

@@ -59,7 +59,7 @@ class StoreSpaceError(ConfigError):
     """A disk store does not fit on its filesystem (raised before anything is computed)."""
 
 
-def _size(n: float) -> str:
+def human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -83,8 +83,8 @@ def reserve(path: Path, nbytes: int, label: str) -> None:
         path.unlink(missing_ok=True)  # nothing half-allocated is left behind
         free = shutil.disk_usage(path.parent).free
         raise StoreSpaceError(
-            f"teacher store {label} needs {_size(nbytes)} in {path.parent} but that filesystem has "
-            f"{_size(free)} free ({os.strerror(e.errno)}): free space there, point teacher_cache.dir at a "
+            f"teacher store {label} needs {human_size(nbytes)} in {path.parent} but that filesystem has "
+            f"{human_size(free)} free ({os.strerror(e.errno)}): free space there, point teacher_cache.dir at a "
             "larger disk, or make the store smaller (teacher_cache.dtype=float16, teacher_cache.logits_topk=K "
             "for logit terms, or teacher_cache.mode=memory)"
         ) from None
