@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
+
+from kd_lightning.config.conf_files import compose_run
+from kd_lightning.data.generate import write_cifar  # noqa: F401  (the tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -38,16 +37,7 @@ def fast_overrides(overrides: list[str]) -> list[str]:
 
 
 def compose_cfg(overrides: list[str], out_dir: Path, cache_dir: Path) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(ROOT)
-        cfg.paths.output_dir = str(out_dir)
-        cfg.paths.cache_dir = str(cache_dir)
-        cfg.hydra.runtime.output_dir = str(out_dir)
-        cfg.hydra.runtime.cwd = str(ROOT)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    return compose_run(overrides, out_dir, cache_dir, cwd=ROOT)
 
 
 @pytest.fixture(scope="session")
@@ -98,29 +88,6 @@ class PoisonWeightsAtEpoch(pl.Callback):
             with torch.no_grad():
                 for p in pl_module.student.parameters():
                     p.fill_(float("nan"))
-
-
-def write_cifar(root: Path, classes: int, n_train: int = 10, n_test: int = 6) -> None:
-    """CIFAR-10/100 python batches (the format torchvision downloads) of random pixels and labels; each file's
-    first label is the last class, so that the class count reads right."""
-    rng = np.random.default_rng(0)
-    if classes == 10:
-        folder = root / "cifar-10-batches-py"
-        files = {f"data_batch_{i}": n_train for i in range(1, 6)} | {"test_batch": n_test}
-        key = b"labels"
-    else:
-        folder = root / "cifar-100-python"
-        files = {"train": n_train, "test": n_test}
-        key = b"fine_labels"
-    folder.mkdir(parents=True)
-    for name, n in files.items():
-        batch = {
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            key: list(rng.integers(0, classes, n)),
-        }
-        batch[key][0] = classes - 1
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
 
 
 def built_module(cfg, data: str):

@@ -18,7 +18,7 @@ from kd_lightning.engine.distributed import num_nodes_from_env, spawns_children,
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import load_model
 
-from .conftest import FAST, ROOT, built_data, run_cli
+from .conftest import FAST, FAST_TRAINER, ROOT, built_data, run_cli
 
 DDP = ["trainer=ddp_cpu", "trainer.devices=2"]
 # a train set of 1024 = 16 steps of 64: DDP's sampler pads nothing, so 2×32 and 1×64 see the same batches
@@ -231,3 +231,28 @@ def test_ddp_precompute_shards_the_store_once_and_a_second_run_runs_no_teacher(t
         (p - q).abs().max().item() for p, q in zip(live.parameters(), stored.parameters(), strict=True)
     )
     assert diff < 1e-4, f"weights differ by {diff}"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ddp_fills_each_recorded_view_of_an_image_folder_once(tmp_path, cache_dir):
+    """data.train_transforms with data.augment.views=3 under two processes: the ranks split the (image, view)
+    rows of the disk store between them, each row computed once, and no teacher runs during training."""
+    from .test_data import write_png_classes
+    from .test_views import CROP_FLIP, EVAL, _hydra
+
+    root = write_png_classes(tmp_path / "images", ["a", "b", "c"], 8, size=14)
+    proc = run_cli(
+        *FAST_TRAINER, *DDP, "data=imagefolder", f"data.root={root}", "data.image_size=null",
+        f"data.train_transforms={_hydra(CROP_FLIP)}", f"data.eval_transforms={_hydra(EVAL)}",
+        "data.augment={views: 3}", "data.batch_size=8", "student=cnn", "teachers.use=[cnn_s]",
+        "teachers.members.cnn_s.fit.max_epochs=1", "distill=kd", "teacher_cache.mode=disk",
+        f"teacher_cache.dir={tmp_path / 'stores'}", f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=ROOT, env=_env(tmp_path, cache_dir),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads((tmp_path / "run" / "results.json").read_text())
+    by_rank = r["teacher_forward_samples_by_rank"]
+    assert len(by_rank) == 2 and sum(by_rank) == 3 * r["train_samples"]  # every view once, none live
+    assert abs(by_rank[0] - by_rank[1]) <= 1
+    assert [Path(f).with_suffix(".filled").exists() for f in r["teacher_store_files"]] == [True]

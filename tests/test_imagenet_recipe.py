@@ -88,22 +88,29 @@ def _imagenet_like(root: Path) -> None:
     _pngs(root / "val", ["n00000000", "n00000999"], 2, seed=1)
 
 
-@pytest.mark.slow
-def test_imagenet_recipe_runs_on_a_png_folder_with_torchvisions_teacher(tmp_path, cache_dir, monkeypatch):
-    _imagenet_like(tmp_path / "imagenet")
+def _plant_resnet34(tmp_path: Path, monkeypatch) -> torch.nn.Module:
+    """A random ResNet-34 saved as torchvision's IMAGENET1K_V1 file in a TORCH_HOME of the test's own."""
     teacher = create_model({"name": "resnet34", "source": "torchvision"}, 1000, (3, 224, 224)).eval()
     hub = tmp_path / "torch_home" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
     torch.save(teacher.state_dict(), hub / "resnet34-b627a593.pth")  # IMAGENET1K_V1's file name
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    cfg = compose_cfg(
-        [
-            *FAST_TRAINER, "experiment=imagenet/resnet34_resnet18", "trainer.max_epochs=1",
-            "+trainer.limit_train_batches=1", f"data.root={tmp_path / 'imagenet' / 'train'}",
-            f"data.test_root={tmp_path / 'imagenet' / 'val'}", "data.batch_size=3", "data.num_workers=0",
-        ],
-        tmp_path / "run", cache_dir,
-    )  # fmt: skip
+    return teacher
+
+
+def _recipe(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        *FAST_TRAINER, "experiment=imagenet/resnet34_resnet18", "trainer.max_epochs=1",
+        f"data.root={tmp_path / 'imagenet' / 'train'}", f"data.test_root={tmp_path / 'imagenet' / 'val'}",
+        "data.batch_size=3", "data.num_workers=0", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_imagenet_recipe_runs_on_a_png_folder_with_torchvisions_teacher(tmp_path, cache_dir, monkeypatch):
+    _imagenet_like(tmp_path / "imagenet")
+    teacher = _plant_resnet34(tmp_path, monkeypatch)
+    cfg = compose_cfg(_recipe(tmp_path, "+trainer.limit_train_batches=1"), tmp_path / "run", cache_dir)
     assert (cfg.optim.lr, cfg.optim.weight_decay, list(cfg.scheduler.milestones)) == (0.1, 1e-4, [30, 60, 90])
     assert (cfg.distill.ce_weight, cfg.distill.terms.kd.weight, cfg.distill.terms.kd.temperature) == (
         0.5,
@@ -134,3 +141,21 @@ def test_a_torchvision_weights_teacher_must_have_the_datas_classes(tmp_path, cac
     with pytest.raises(ConfigError, match=r"weights IMAGENET1K_V1 classify 1000 classes, the data has 3"):
         run(cfg)
     assert not (tmp_path / "empty_torch_home").exists()
+
+
+@pytest.mark.slow
+def test_imagenet_recipe_with_recorded_views_runs_the_teacher_once_per_view(tmp_path, cache_dir, monkeypatch):
+    """RandomResizedCrop + flip recorded as K = 2 views per image in a disk store (the teacher's top-10
+    logits: 1000 classes); the second run trains on the stored views and runs no teacher."""
+    _imagenet_like(tmp_path / "imagenet")
+    _plant_resnet34(tmp_path, monkeypatch)
+    views = ["data.augment.views=2", "teacher_cache.mode=disk", f"teacher_cache.dir={tmp_path / 'stores'}"]
+    first, second = (
+        run(compose_cfg(_recipe(tmp_path, *views), tmp_path / name, cache_dir))
+        for name in ("first", "second")
+    )
+    assert first["status"] == second["status"] == "ok" and first["train_samples"] == 6
+    assert first["teacher_forward_samples"] == 6 * 2  # every view of every image once, none live
+    assert second["teacher_forward_samples"] == 0
+    files = first["teacher_store_files"]
+    assert files == second["teacher_store_files"] and any("-top10-" in f for f in files)

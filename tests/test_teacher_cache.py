@@ -132,7 +132,7 @@ def test_a_store_killed_half_way_is_completed_and_equals_an_uninterrupted_one(tm
         return TeacherOutputs({"t": {"embed": TapStore(_key(), (3,), folder, "t-embed")}})
 
     whole = outputs(tmp_path / "a")
-    whole.fill(run_teacher, lambda slots: slots.float().view(-1, 1), batch_size=4)
+    whole.fill(run_teacher, lambda chunks: (c.float().view(-1, 1) for c in chunks), batch_size=4)
     assert whole.complete and runs["n"] == 6
 
     killed = outputs(tmp_path / "b").stores["t"]["embed"]  # a writer that died after 3 rows
@@ -141,7 +141,7 @@ def test_a_store_killed_half_way_is_completed_and_equals_an_uninterrupted_one(tm
     runs["n"] = 0
     again = outputs(tmp_path / "b")
     assert not again.complete  # never read as complete
-    again.fill(run_teacher, lambda slots: slots.float().view(-1, 1), batch_size=4)
+    again.fill(run_teacher, lambda chunks: (c.float().view(-1, 1) for c in chunks), batch_size=4)
     assert runs["n"] == 3 and again.complete  # only the missing rows
     torch.testing.assert_close(again.get(torch.arange(6), "cpu")["t"]["embed"], values)
     torch.testing.assert_close(whole.get(torch.arange(6), "cpu")["t"]["embed"], values)
@@ -186,7 +186,12 @@ def test_ranks_split_the_missing_rows():
         seen.append(x.flatten().long().tolist())
         return {"embed": x}
 
-    outs.fill(run_teacher, lambda slots: slots.float().view(-1, 1), Ranks(rank=1, world=2), batch_size=8)
+    outs.fill(
+        run_teacher,
+        lambda chunks: (c.float().view(-1, 1) for c in chunks),
+        Ranks(rank=1, world=2),
+        batch_size=8,
+    )
     assert seen == [[1, 3, 5, 7]]  # rank 1 of 2: every second missing row
 
 
@@ -448,7 +453,7 @@ def test_a_slow_rank_still_fills_its_share_when_the_other_rank_has_written_first
     def rank(r: int) -> None:
         try:
             outs = TeacherOutputs({"t": {"embed": stores[r]}})
-            outs.fill(lambda x, m: {"embed": x}, lambda slots: slots.float().view(-1, 1),
+            outs.fill(lambda x, m: {"embed": x}, lambda chunks: (c.float().view(-1, 1) for c in chunks),
                       Ranks(rank=r, world=2, barrier=lambda: barrier.wait(timeout=30)), batch_size=4)  # fmt: skip
         except Exception as e:  # noqa: BLE001  (reported by the assertion below)
             errors.append(e)
@@ -534,7 +539,7 @@ def test_flipped_bytes_in_a_store_are_caught_and_only_their_block_recomputed(tmp
 
     runs: list[int] = []
     first = outputs()
-    first.fill(run_teacher, lambda slots: slots.float().view(-1, 1))
+    first.fill(run_teacher, lambda chunks: (c.float().view(-1, 1) for c in chunks))
     path = first.stores["t"]["embed"].path
     del first
     raw = bytearray(path.read_bytes())
@@ -544,7 +549,7 @@ def test_flipped_bytes_in_a_store_are_caught_and_only_their_block_recomputed(tmp
     runs.clear()
     again = outputs()
     assert not again.complete and "1 of 3 blocks do not match their checksums (rows 4-7)" in caplog.text
-    again.fill(run_teacher, lambda slots: slots.float().view(-1, 1))
+    again.fill(run_teacher, lambda chunks: (c.float().view(-1, 1) for c in chunks))
     assert runs == [4] and again.complete  # that block's rows only
     torch.testing.assert_close(again.get(torch.arange(10), "cpu")["t"]["embed"], values)
     caplog.clear()

@@ -70,7 +70,7 @@ def fill_stores(cfg: DictConfig, verify: bool = False) -> dict[str, Any]:
     with precision_context(spec.trainer.precision, device):
         computed = outputs.fill(
             lambda x, m: teachers(x, names=[m])[m],
-            lambda slots: dm.slot_inputs(slots, device),
+            lambda chunks: dm.slot_batches(chunks, device),
             batch_size=dm.eval_batch_size,
         )
     return {"files": outputs.files(), "computed": computed, "mismatched": mismatched}

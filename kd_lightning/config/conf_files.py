@@ -170,3 +170,33 @@ def _torchvision_hint(message: str) -> str:
     if name not in list_models():
         return ""
     return f". {name!r} is a torchvision model: student=torchvision student.name={name}"
+
+
+def compose_run(
+    overrides: Iterable[str],
+    output_dir: Path | str,
+    cache_dir: Path | str | None = None,
+    cwd: Path | str | None = None,
+) -> Any:
+    """The config that `kd-train OVERRIDES` would run, composed in this process with `output_dir` as its run
+    folder (and `paths.cache_dir`, and the folder it starts from, `cwd`, when given), for
+    `kd_lightning.runners.run.run(cfg)` from Python: the notebooks, the benchmarks and the tests."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from kd_lightning.config.resolvers import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        if cache_dir is not None:
+            cfg.paths.cache_dir = str(cache_dir)
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.runtime.cwd = str(cwd) if cwd is not None else os.getcwd()
+    HydraConfig.instance().set_config(cfg)
+    return cfg

@@ -103,7 +103,8 @@ def _convert(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
                 return _convert(a, value, key, meta)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key} has an unexpected value {value!r}")
+        kinds = [getattr(a, "__name__", str(a)) for a in rest] + (["null"] if type(None) in args else [])
+        raise ConfigError(f"{key} has an unexpected value {value!r}; valid: {' or '.join(kinds)}")
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
@@ -339,7 +340,19 @@ class CacheSpec:
     mode: str = one_of("memory", *CACHE_MODES)
     dir: str | None = None  # disk stores; None: <paths.cache_dir>/teacher_outputs
     dtype: str = one_of("float32", *STORE_DTYPES)
-    logits_topk: int | None = num(None, 1)  # keep the K largest logits per sample (+ their classes)
+    # keep the K largest logits per sample (+ their classes); null: every logit; auto: the top AUTO_TOPK for
+    # recorded views of data with more than AUTO_TOPK_CLASSES classes (ImageNet), as FKD keeps its top-k
+    logits_topk: int | str | None = "auto"
+
+    def check(self, where: str) -> None:
+        k = self.logits_topk
+        if (isinstance(k, str) and k != "auto") or (isinstance(k, int) and k < 1):
+            raise ConfigError(
+                f"{where}.logits_topk={self.logits_topk!r}; valid: auto, null (every logit) or a number K >= 1"
+            )
+
+
+AUTO_TOPK, AUTO_TOPK_CLASSES = 10, 100  # our choice: FKD and ReLabel keep the top few soft labels too
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,9 +42,12 @@ class EpochSeededSampler(DistributedSampler):
         epoch_source: Callable[[], int | None] | None = None,
         num_replicas: int = 1,
         rank: int = 0,
+        view_of: Callable[[int], torch.Tensor] | None = None,
     ):
         super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.n, self.epoch_source = n, epoch_source
+        # recorded views made by the dataset: each key is (sample, the view this epoch shows of it)
+        self.view_of = view_of
 
     def current_epoch(self) -> int:
         epoch = self.epoch_source() if self.epoch_source is not None else None
@@ -54,7 +57,11 @@ class EpochSeededSampler(DistributedSampler):
         gen = torch.Generator().manual_seed(self.seed * 100003 + self.current_epoch())
         perm = torch.randperm(self.n, generator=gen).tolist()
         perm += perm[: self.total_size - self.n]
-        return iter(perm[self.rank : self.total_size : self.num_replicas])
+        mine = perm[self.rank : self.total_size : self.num_replicas]
+        if self.view_of is None:
+            return iter(mine)
+        views = self.view_of(self.current_epoch())
+        return iter([(i, int(views[i])) for i in mine])
 
 
 def _world() -> tuple[int, int]:
@@ -323,6 +330,9 @@ class TensorDataModule(pl.LightningDataModule):
         samples = slots // views if views else slots
         ds = self.splits["train"]
         items = samples.tolist()
+        if getattr(ds, "views", None) is not None:  # the dataset makes each recorded view itself
+            raw = collate_samples([ds[(int(s) // views, int(s) % views)] for s in slots.tolist()])
+            return self.prepare_batch(raw._replace(x=raw.x.to(device)), train=False).x
         if isinstance(ds, IndexedTensorDataset):
             raw = ds.__getitems__(items)
         else:
@@ -331,6 +341,28 @@ class TensorDataModule(pl.LightningDataModule):
         if views:
             x = crop_flip(x, self.crop_padding, self.view_params[samples, slots % views])
         return x
+
+    def slot_batches(
+        self, chunks: Sequence[torch.Tensor], device: torch.device | str = "cpu"
+    ) -> Iterator[torch.Tensor]:
+        """`slot_inputs` of each chunk of training slots in turn. Recorded views made from image files are
+        read and made in `num_workers` worker processes (the precompute decodes K views of every image)."""
+        self._require_setup()
+        ds = self.splits["train"]
+        if getattr(ds, "views", None) is None or self.num_workers == 0:
+            for chunk in chunks:
+                yield self.slot_inputs(chunk, device)
+            return
+        k = self.views
+        keys = [[(s // k, s % k) for s in chunk.tolist()] for chunk in chunks]
+        loader = DataLoader(ds, batch_sampler=keys, collate_fn=collate_samples, num_workers=self.num_workers)
+        for raw in loader:
+            yield self.prepare_batch(raw._replace(x=raw.x.to(device)), train=False).x
+
+    def replay_identity(self) -> dict[str, Any] | None:
+        """What the pixels of a recorded view depend on beyond the data and its config (an image pipeline's
+        library), for the teacher stores' key; None when views are made here, on the device."""
+        return None
 
     def input_std(self, max_batches: int = 8) -> float:
         """Standard deviation of the training inputs scaled to [0, 1] (up to `max_batches` eval batches):
@@ -396,10 +428,13 @@ class TensorDataModule(pl.LightningDataModule):
         self._require_setup()
         ds = self.splits[split]
         seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed() % (2**31)
+        view_of = self.epoch_views if getattr(ds, "views", None) is not None else None
         return DataLoader(
             ds,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            sampler=EpochSeededSampler(len(ds), seed, self._trainer_epoch, *_world()) if shuffle else None,
+            sampler=EpochSeededSampler(len(ds), seed, self._trainer_epoch, *_world(), view_of=view_of)
+            if shuffle
+            else None,
             collate_fn=self._collate(ds),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -27,9 +27,12 @@ class Batch(NamedTuple):
         return self.slot if self.slot is not None else self.index
 
 
-def collate_samples(samples: list[tuple[torch.Tensor, int, int]]) -> Batch:
-    """Samples `(x, y, index)` read one at a time (image files) → one Batch."""
-    xs, ys, idx = zip(*samples, strict=True)
+def collate_samples(samples: list[tuple]) -> Batch:
+    """Samples `(x, y, index)` read one at a time (image files), or `(x, y, index, slot)` when the dataset
+    makes recorded views, → one Batch."""
+    columns = list(zip(*samples, strict=True))
+    xs, ys, idx = columns[:3]
+    slot = torch.as_tensor(columns[3], dtype=torch.long) if len(columns) > 3 else None
     return Batch(
-        torch.stack(xs), torch.as_tensor(ys, dtype=torch.long), torch.as_tensor(idx, dtype=torch.long)
+        torch.stack(xs), torch.as_tensor(ys, dtype=torch.long), torch.as_tensor(idx, dtype=torch.long), slot
     )

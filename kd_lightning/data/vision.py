@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.data.fingerprint import FileListing, Listings, scan_tree
+from kd_lightning.data.views import ViewPipeline, draw_views
 from kd_lightning.errors import ConfigError, as_float, as_int
 
 _NUMPY_GLOBALS = {
@@ -173,11 +174,22 @@ class MNISTDataModule(TensorDataModule):
 
 
 class _ImageFiles(Dataset):
-    """Images read lazily from disk and passed through `transform` (PIL in), as uint8 (C, H, W) tensors."""
+    """Images read lazily from disk and passed through `transform` (PIL in), as uint8 (C, H, W) tensors.
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable[[Any], Any]):
+    With recorded views (`views`, a ViewPipeline, and `draws`, set by the datamodule) an item is a view: the
+    key `(sample, view)` gives that view of that sample, `(x, y, sample, slot)` with slot = sample·K + view
+    (a plain index gives view 0)."""
+
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        transform: Callable[[Any], Any],
+        views: ViewPipeline | None = None,
+    ):
         self.samples = samples
         self.transform = transform
+        self.views = views
+        self.draws: torch.Tensor | None = None  # (samples, K, draws per view), set at setup
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -186,13 +198,17 @@ class _ImageFiles(Dataset):
     def labels(self) -> torch.Tensor:
         return torch.as_tensor([label for _, label in self.samples], dtype=torch.long)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple:
         from PIL import Image
 
+        i, view = key if isinstance(key, tuple) else (key, 0)
         path, label = self.samples[i]
         with open(path, "rb") as f:
             img = Image.open(io.BytesIO(f.read())).convert("RGB")
-        return self.transform(img), label, i
+        if self.views is None:
+            return self.transform(img), label, i
+        k = self.draws.shape[1]
+        return self.transform(self.views(img, self.draws[i, view])), label, i, i * k + view
 
 
 # The torchvision transforms a config may name (`torchvision.transforms.v2.<Name>`, or the same name under
@@ -257,6 +273,26 @@ def image_pipeline(
     when null. Normalisation is not part of it: the data module normalises batches on their device."""
     from torchvision.transforms import v2
 
+    return v2.Compose([*image_steps(specs, image_size, key), *to_uint8()])
+
+
+def v2_compose(steps: list[Any]) -> Callable[[Any], torch.Tensor]:
+    from torchvision.transforms import v2
+
+    return v2.Compose(steps)
+
+
+def to_uint8() -> list[Any]:
+    """The end of every image pipeline: a PIL image (or a uint8 image) → a plain uint8 (C, H, W) tensor."""
+    from torchvision.transforms import v2
+
+    return [v2.PILToTensor(), _PlainTensor()]
+
+
+def image_steps(specs: list[Any] | None, image_size: int | None, key: str) -> list[Any]:
+    """The transforms of `image_pipeline`, before the conversion to a uint8 tensor."""
+    from torchvision.transforms import v2
+
     if specs is None:
         if image_size is None:
             raise ConfigError(f"data.image_size or data.{key} must be set (the size images are brought to)")
@@ -267,7 +303,7 @@ def image_pipeline(
                 f"data.{key} must be a list of transforms ({{_target_: ..., args}}), got {specs!r}"
             )
         steps = [build_transform(spec, f"data.{key}[{i}]") for i, spec in enumerate(specs)]
-    return v2.Compose([*steps, v2.PILToTensor(), _PlainTensor()])
+    return steps
 
 
 class _PlainTensor:
@@ -324,14 +360,20 @@ class ImageFolderDataModule(TensorDataModule):
                 "data.image_size sizes the default transforms only; with data.train_transforms and "
                 "data.eval_transforms set, give the sizes there and set data.image_size=null"
             )
-        # random per-image transforms (RandomResizedCrop...) make every epoch's view new
+        # random per-image transforms (RandomResizedCrop...) make every epoch's view new, unless the views are
+        # recorded (data.augment.views=K): then every sample has K views, each made from recorded parameters
         self.custom_train = train_transforms is not None
+        steps = image_steps(train_transforms, self.image_size, "train_transforms")
+        self.view_pipeline: ViewPipeline | None = None
         if self.custom_train and self.views is not None:
-            raise ConfigError(
-                "data.augment.views records crop/flip views per sample; it cannot be combined with "
-                "data.train_transforms (a fresh view per step). Drop one of them"
-            )
-        self.train_transform = image_pipeline(train_transforms, self.image_size, "train_transforms")
+            if self.crop_padding or self.hflip:
+                raise ConfigError(
+                    "data.augment.crop_padding / hflip crop and flip batches on the device; with "
+                    "data.train_transforms put the crop and the flip in the transforms (RandomCrop, "
+                    "RandomHorizontalFlip) and keep data.augment.views only"
+                )
+            self.view_pipeline = ViewPipeline(steps)  # refuses a random transform it cannot record
+        self.train_transform = v2_compose([*([] if self.view_pipeline is not None else steps), *to_uint8()])
         self.eval_transform = image_pipeline(eval_transforms, self.image_size, "eval_transforms")
         self.mean_std = (tuple(mean), tuple(std))
         self._listings: Listings = {}
@@ -388,10 +430,17 @@ class ImageFolderDataModule(TensorDataModule):
         order, test = self._keep_classes(order, lookup), self._keep_classes(test, lookup)
         val_idx, tr_idx = self.split_train_val(len(order))
         splits = {
-            "train": _ImageFiles([order[i] for i in tr_idx.tolist()], self.train_transform),
+            "train": _ImageFiles(
+                [order[i] for i in tr_idx.tolist()], self.train_transform, self.view_pipeline
+            ),
             "val": _ImageFiles([order[i] for i in val_idx.tolist()], self.eval_transform),
             "test": _ImageFiles(test, self.eval_transform),
         }
+        if self.view_pipeline is not None:  # every (sample, view)'s parameters, drawn once here
+            train = splits["train"]
+            train.draws = draw_views(
+                len(train), self.views, self.view_pipeline.draws_per_view, self.split_seed
+            )
         shapes = {k: tuple(ds[0][0].shape) for k, ds in splits.items() if len(ds)}
         if len(set(shapes.values())) > 1:
             raise ConfigError(
@@ -403,6 +452,19 @@ class ImageFolderDataModule(TensorDataModule):
     @property
     def augments_training(self) -> bool:
         return self.custom_train or super().augments_training
+
+    def _draw_views(self) -> None:
+        if self.view_pipeline is None:  # recorded views of a transform pipeline are drawn in build_splits
+            super()._draw_views()
+
+    def replay_identity(self) -> dict[str, Any] | None:
+        if self.view_pipeline is None:
+            return None
+        import torchvision
+
+        # the functional ops that make a view from its parameters are torchvision's: another version may
+        # resample differently, and stored teacher outputs must belong to the pixels the student sees
+        return {"views": "kd_lightning.views/1", "torchvision": torchvision.__version__}
 
     def fit_normalization(self) -> None:
         mean, std = self.mean_std

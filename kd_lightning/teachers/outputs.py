@@ -11,7 +11,7 @@ per store file. Samples the teachers were run on are counted (`teacher_forward_s
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from kd_lightning.config.specs import CacheSpec, Plain
+from kd_lightning.config.specs import AUTO_TOPK, AUTO_TOPK_CLASSES, CacheSpec, Plain
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.data.fingerprint import data_key
 from kd_lightning.errors import ConfigError
@@ -91,13 +91,14 @@ class TeacherOutputs:
     def fill(
         self,
         run_teacher: Callable[[torch.Tensor, str], Mapping[str, torch.Tensor]],
-        slot_inputs: Callable[[torch.Tensor], torch.Tensor],
+        slot_batches: Callable[[list[torch.Tensor]], Iterable[torch.Tensor]],
         ranks: Ranks | None = None,
         batch_size: int = 512,
     ) -> int:
         """Compute the missing rows of every incomplete store, sharded over the ranks; returns the samples
-        this rank ran a teacher on. `run_teacher(x, member)` → {tap: outputs}; `slot_inputs(slots)` → the
-        inputs those training slots show (normalised, in their recorded view)."""
+        this rank ran a teacher on. `run_teacher(x, member)` → {tap: outputs}; `slot_batches(chunks)` → for
+        each chunk of training slots in turn, the inputs they show (normalised, in their recorded view:
+        TensorDataModule.slot_batches)."""
         ranks = ranks or Ranks()
         with ExitStack() as locks:
             if ranks.rank == 0:
@@ -121,8 +122,9 @@ class TeacherOutputs:
             ranks.barrier()
             done = 0
             for member, (todo, mine) in plan.items():
-                for chunk in mine.split(batch_size):
-                    outputs = run_teacher(slot_inputs(chunk), member)
+                chunks = list(mine.split(batch_size))
+                for chunk, x in zip(chunks, slot_batches(chunks), strict=True):
+                    outputs = run_teacher(x, member)
                     for tap, s in todo.items():
                         s.write(chunk, outputs[tap])
                     done += len(chunk)
@@ -158,7 +160,9 @@ def build_outputs(
       K views per sample, which the store holds);
     - `disk`: files under `<teacher_cache.dir>/<dataset>/`, shared by every job and rank; `memory`: RAM for one
       process, files in the run folder's `scratch` under DDP (TeacherOutputs.share_between_ranks);
-    - `logits_topk=K`: logit taps only, K below the class count;
+    - `logits_topk=K`: logit taps only, K below the class count; `auto` (the default): the top 10 for recorded
+      views of data with more than 100 classes when every stored tap is logits (FKD's top-k soft labels),
+      every logit otherwise;
     - the key (kd_lightning.teachers.store.store_key): the data (config and content fingerprint), the slot
       count, the teacher's bytes, the tap, the dtype and the trainer's precision."""
     if cache.mode == "none" or teachers.unfitted:
@@ -174,6 +178,19 @@ def build_outputs(
     folder = Path(cache.dir) / dm.name if cache.mode == "disk" else None
     identity = data_key(data_config, dm.content_fingerprint())
     k = cache.logits_topk
+    if k == "auto":
+        logit_taps = all(teachers.tap_module(m, tap) == "logits" for m in teachers.names for tap in taps)
+        many = dm.num_classes > AUTO_TOPK_CLASSES and dm.views is not None and logit_taps
+        k = AUTO_TOPK if many else None
+        if k is not None:
+            log.info(
+                "teacher_cache.logits_topk=auto: %d classes, recorded views: storing the top %d logits",
+                dm.num_classes,
+                k,
+            )
+    replay = dm.replay_identity()
+    if replay is not None:
+        identity = {**identity, "replay": replay}
     stores: dict[str, dict[str, OutputStore]] = {}
     for m in teachers.names:
         source = Path(teachers.checkpoints[m])

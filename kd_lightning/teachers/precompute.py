@@ -9,6 +9,8 @@ samples × teachers each rank ran to make training targets (`forward_by_rank`, r
 
 from __future__ import annotations
 
+import time
+
 import pytorch_lightning as pl
 import torch
 
@@ -20,6 +22,7 @@ class TeacherPrecompute(pl.Callback):
     def __init__(self, feed: TeacherFeed):
         self.feed = feed
         self.forward_by_rank: list[int] = []  # set at the end of the fit
+        self.fill_seconds = 0.0  # this rank's time filling the stores (0 when they were complete)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.check_teachers_agree(trainer, pl_module)
@@ -36,10 +39,15 @@ class TeacherPrecompute(pl.Callback):
         def run_teacher(x: torch.Tensor, member: str) -> dict[str, torch.Tensor]:
             return teachers(x, names=[member])[member]
 
+        t0 = time.perf_counter()
         with trainer.precision_plugin.forward_context():  # the same autocast as the training steps
             outputs.fill(
-                run_teacher, lambda slots: dm.slot_inputs(slots, pl_module.device), ranks, dm.eval_batch_size
+                run_teacher,
+                lambda chunks: dm.slot_batches(chunks, pl_module.device),
+                ranks,
+                dm.eval_batch_size,
             )
+        self.fill_seconds = time.perf_counter() - t0
 
     def check_teachers_agree(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Under DDP every rank must hold the same frozen teachers: compare their fingerprints once."""

@@ -1,0 +1,191 @@
+"""Recorded random views for an image pipeline read from disk (`data.augment.views=K` with `train_transforms`).
+
+FKD (Shen & Xing, ECCV 2022) and ReLabel (Yun et al., CVPR 2021) keep, per image, the random crop's box and
+flip with the teacher's (top-K) outputs, and replay those crops when the student trains, so the teacher
+never runs again. Here every training sample has K views. The random parameters of each view are recorded
+once, when the data is set up: a fixed vector of uniform numbers per (sample, view) drawn from the split
+seed (`draws`). When a view is made (for the teacher-output precompute, or in an epoch that shows it), each
+random transform turns its share of those numbers into its own parameters, from the image's size: a
+RandomResizedCrop's box (torchvision's sampling, its ten attempts and its fallback included), a crop's
+offsets, a flip, ColorJitter's factors and order, ...; torchvision's functional ops then apply exactly
+those parameters (`ViewPipeline.params` lists them). So a view is the same pixels wherever it is made: the
+student sees what the teacher saw.
+
+A random transform whose parameters are not recorded here (rotations, affine and perspective warps,
+blurs with a random sigma, the policy augmentations) is refused with views, naming it; deterministic
+transforms (Resize, CenterCrop, Pad, ...) run as they are.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from kd_lightning.errors import ConfigError
+
+# random transforms applied with a probability p, by one functional op (one draw: apply when draw < p)
+_WITH_P = {
+    "RandomHorizontalFlip": "horizontal_flip",
+    "RandomVerticalFlip": "vertical_flip",
+    "RandomInvert": "invert",
+    "RandomAutocontrast": "autocontrast",
+    "RandomEqualize": "equalize",
+    "RandomPosterize": "posterize",
+    "RandomSolarize": "solarize",
+    "RandomAdjustSharpness": "adjust_sharpness",
+    "RandomGrayscale": "rgb_to_grayscale",
+}
+# how many uniform numbers each recorded transform takes from its view's draws
+DRAWS = {"RandomResizedCrop": 22, "RandomCrop": 2, "ColorJitter": 5, **dict.fromkeys(_WITH_P, 1)}
+DETERMINISTIC = ("Resize", "CenterCrop", "Pad", "Grayscale", "Normalize", "ToTensor")
+_ORDERS = list(itertools.permutations(range(4)))  # ColorJitter's order of its four adjustments
+
+
+def resized_crop_box(
+    height: int, width: int, scale: Sequence[float], ratio: Sequence[float], u: Sequence[float]
+):
+    """RandomResizedCrop's box (top, left, h, w) for an image of height × width from 22 uniform numbers: ten
+    attempts of (area, log-aspect), each kept if the box fits, then two for its position; torchvision's
+    central-crop fallback when no attempt fits (torchvision.transforms.v2.RandomResizedCrop.make_params)."""
+    area = height * width
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    for a in range(10):
+        target = area * (scale[0] + float(u[2 * a]) * (scale[1] - scale[0]))
+        aspect = math.exp(lo + float(u[2 * a + 1]) * (hi - lo))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(float(u[20]) * (height - h + 1)), int(float(u[21]) * (width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _size(img: Any) -> tuple[int, int]:
+    from torchvision.transforms.v2 import functional as F
+
+    h, w = F.get_size(img)
+    return int(h), int(w)
+
+
+class ViewPipeline:
+    """The training transforms, applied with recorded parameters: `pipeline(img, draws)`."""
+
+    def __init__(self, steps: Sequence[Any], where: str = "data.train_transforms"):
+        self.steps = list(steps)
+        self.offsets: list[int] = []
+        total = 0
+        for i, step in enumerate(self.steps):
+            name = type(step).__name__
+            if name not in DRAWS and name not in DETERMINISTIC:
+                raise ConfigError(
+                    f"{where}[{i}] ({name}) draws random parameters that data.augment.views cannot record; with "
+                    f"recorded views use {', '.join(sorted(DRAWS))} (and {', '.join(DETERMINISTIC)}), or drop "
+                    "data.augment.views (then the teachers run live on every batch)"
+                )
+            self.offsets.append(total)
+            total += DRAWS.get(name, 0)
+        self.draws_per_view = total
+
+    def params(self, size: tuple[int, int], draws: torch.Tensor) -> list[dict[str, Any]]:
+        """Each random step's parameters for an image of `size` (h, w) at the start of the pipeline."""
+        out = []
+        self._run(None, size, draws, out)
+        return out
+
+    def __call__(self, img: Any, draws: torch.Tensor) -> Any:
+        return self._run(img, _size(img), draws, None)
+
+    def _run(self, img: Any, size: tuple[int, int], draws: torch.Tensor, record: list | None) -> Any:
+        from torchvision.transforms.v2 import functional as F
+
+        u = [float(x) for x in draws]
+        h, w = size
+        for step, at in zip(self.steps, self.offsets, strict=True):
+            name = type(step).__name__
+            if name in DETERMINISTIC:
+                if img is None:  # sizes only: run the step on a blank image of this size
+                    img = torch.zeros(3, h, w, dtype=torch.uint8)
+                img = step(img)
+                h, w = _size(img)
+                continue
+            p: dict[str, Any] = {"transform": name}
+            if name == "RandomResizedCrop":
+                top, left, bh, bw = resized_crop_box(h, w, step.scale, step.ratio, u[at : at + 22])
+                p.update(top=top, left=left, height=bh, width=bw)
+                if img is not None:
+                    img = F.resized_crop(
+                        img, top, left, bh, bw, list(step.size), interpolation=step.interpolation,
+                        antialias=step.antialias,
+                    )  # fmt: skip
+                h, w = step.size
+            elif name == "RandomCrop":
+                if img is None:
+                    img = torch.zeros(3, h, w, dtype=torch.uint8)
+                if step.padding is not None:
+                    img = F.pad(img, step.padding, fill=step.fill, padding_mode=step.padding_mode)
+                ch, cw = step.size
+                ih, iw = _size(img)
+                if step.pad_if_needed and (ih < ch or iw < cw):
+                    img = F.pad(
+                        img,
+                        [max(0, cw - iw), max(0, ch - ih)],
+                        fill=step.fill,
+                        padding_mode=step.padding_mode,
+                    )
+                    ih, iw = _size(img)
+                top, left = int(u[at] * (ih - ch + 1)), int(u[at + 1] * (iw - cw + 1))
+                p.update(top=top, left=left, height=ch, width=cw)
+                img = F.crop(img, top, left, ch, cw)
+                h, w = ch, cw
+            elif name == "ColorJitter":
+                order = _ORDERS[min(int(u[at + 4] * 24), 23)]
+                factors = {}
+                for j, key in enumerate(("brightness", "contrast", "saturation", "hue")):
+                    bounds = getattr(step, key)
+                    if bounds is not None:
+                        factors[key] = bounds[0] + u[at + j] * (bounds[1] - bounds[0])
+                p.update(order=[("brightness", "contrast", "saturation", "hue")[j] for j in order], **factors)
+                if img is not None:
+                    ops: dict[str, Callable] = {
+                        "brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
+                        "saturation": F.adjust_saturation, "hue": F.adjust_hue,
+                    }  # fmt: skip
+                    for j in order:
+                        key = ("brightness", "contrast", "saturation", "hue")[j]
+                        if key in factors:
+                            img = ops[key](img, factors[key])
+            else:  # a transform applied with probability p
+                apply = u[at] < step.p
+                p.update(applied=bool(apply))
+                if apply and img is not None:
+                    op = getattr(F, _WITH_P[name])
+                    if name == "RandomPosterize":
+                        img = op(img, step.bits)
+                    elif name == "RandomSolarize":
+                        img = op(img, step.threshold)
+                    elif name == "RandomAdjustSharpness":
+                        img = op(img, step.sharpness_factor)
+                    elif name == "RandomGrayscale":
+                        img = op(img, num_output_channels=F.get_num_channels(img))
+                    else:
+                        img = op(img)
+            if record is not None:
+                record.append(p)
+        return img
+
+
+def draw_views(n: int, views: int, per_view: int, seed: int) -> torch.Tensor:
+    """(n, views, per_view) uniform numbers in [0, 1): every (sample, view)'s recorded parameters, from a seed
+    of their own (the split seed's), so that every run, rank and job records the same views."""
+    gen = torch.Generator().manual_seed(seed * 7919 + 2)
+    return torch.rand(n, views, max(1, per_view), generator=gen)
