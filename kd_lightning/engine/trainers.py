@@ -6,12 +6,14 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import time
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
@@ -77,16 +79,29 @@ def quiet_lightning(verbose: bool) -> None:
 
 class RunProgress(pl.Callback):
     """results.json, rewritten atomically after every training epoch (rank 0): `status: running` with
-    `progress` (epochs done of max_epochs), so that a sweep's progress can be read from its folders."""
+    `progress` (epochs done of max_epochs), so that a sweep's progress can be read from its folders; the
+    wall time of each epoch of this process (`epoch_seconds`, its validation included) and, on a GPU, the
+    peak memory its tensors took (`peak_gpu_memory_mib`, torch.cuda.max_memory_allocated)."""
 
     def __init__(self, results: dict[str, Any], path: Path):
         self.results, self.path = results, path
+        self.started = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         from kd_lightning.files import write_json_atomic
 
+        seconds = self.results.setdefault("epoch_seconds", [])
+        seconds.append(round(time.perf_counter() - self.started, 4))
+        if pl_module.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+            self.results["peak_gpu_memory_mib"] = round(
+                max(peak, self.results.get("peak_gpu_memory_mib", 0)), 1
+            )
         self.results["progress"] = {
             "epochs_done": trainer.current_epoch + 1,
             "max_epochs": trainer.max_epochs,

@@ -218,6 +218,7 @@ def run_distillation(ctx: RunContext) -> None:
             teacher_forward_samples=sum(fitted.teacher_forward_by_rank),
             teacher_forward_samples_by_rank=fitted.teacher_forward_by_rank,
             teacher_store_files=fitted.store_files,
+            teacher_precompute_seconds=built.precompute.fill_seconds if built.precompute is not None else 0.0,
             **fitted.pre_stage,
         )
         if not fitted.tests_here:
