@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup train test test-fast lint format bench bench-accuracy bench-papers bench-methods bench-cifar100 clean
+.PHONY: setup train test test-fast lint format bench gpu-check bench-accuracy bench-papers bench-methods bench-cifar100 clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -34,12 +34,16 @@ format: $(STAMP)
 bench-accuracy: $(STAMP)  ## gallo2020 with controls, landro2021 every teacher subset × combine mode; 3 teacher fits × 3 seeds, 95% CIs
 	$(PY) bench/accuracy.py $(ARGS)
 
-bench: $(STAMP)  ## throughput (student, KD live / stored, hand loop, torchdistill), store scale (sweep, DDP, memory), integrity costs (fingerprint of 100k files, checksums of a 1 GB store); median [min-max] of 5 reps
+bench: $(STAMP)  ## throughput (student, KD live / stored, hand loop, torchdistill), store scale (sweep, DDP, memory), integrity costs (fingerprint of 100k files, checksums of a 1 GB store), startup, recorded views vs live teachers (ImageNet recipe); median [min-max] of interleaved reps
 	$(PY) -c "import torchdistill" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) bench/throughput.py $(ARGS)
 	$(PY) bench/scale.py
 	$(PY) bench/integrity.py
 	$(PY) bench/startup.py
+	$(PY) bench/views.py
+
+gpu-check: $(STAMP)  ## on one GPU (under 8 min): 16-mixed/bf16-mixed, live vs stored, compile + channels-last, recorded views, DDP over NCCL; images/s, ratios, peak memory; writes docs/GPU_CHECK.md (ARGS=--cpu: the smoke mode)
+	$(PY) bench/gpu_check.py $(if $(findstring --cpu,$(ARGS)),,--report docs/GPU_CHECK.md) $(ARGS)
 
 bench-papers: $(STAMP)  ## rahbar2020, thapa2022, ye2019, landro2021 reproductions with controls; teacher fits × seeds, tables + PNG plots
 	$(PY) bench/papers.py $(ARGS)

@@ -1,0 +1,233 @@
+"""make gpu-check: the GPU paths no CPU test reaches (mixed precision, the stores, torch.compile, channels-last,
+recorded views, DDP over NCCL), each run once and measured, in one command.
+
+    python bench/gpu_check.py [--report docs/GPU_CHECK.md]   # on a GPU: well under 8 minutes on one
+    python bench/gpu_check.py --cpu                            # smoke mode: every case, tiny, on the CPU
+
+Every case is a real run (`kd_lightning.runners.run.run` on a config composed as `kd-train` composes it),
+in this process, on generated data (nothing is downloaded), teachers with random weights
+(`random_weights=true`: speed and memory do not depend on them):
+  cifar      experiment=cifar100/resnet32x4_resnet8x4 on CIFAR-100-format files of random pixels, for
+             precision 16-mixed and bf16-mixed:
+               student        the student alone (distill=none: no teacher runs in training)
+               live           KD, the teacher live on every batch (the protocol's crop + flip)
+               fill, stored   KD on 4 recorded crop/flip views per image (data.augment.views=4) from a
+                              disk store: the run that fills it, then one that reads it (no teacher)
+             and at bf16-mixed with perf.compile=true perf.channels_last=true: live, stored
+  views      experiment=imagenet/resnet34_resnet18 on a generated ImageFolder (1000 class folders),
+             RandomResizedCrop + flip recorded as 2 views per image: student, live, fill, stored
+  ddp        trainer=ddp trainer.devices=1 (NCCL on a GPU, gloo with --cpu), 16-mixed, stored
+For each: images/s (training samples over the median epoch's wall time, the first epoch left out when
+there are more: it holds compilation and warm-up), teacher_forward_samples and peak GPU memory; then the
+ratios of time per image: stored/student and live/(student + teacher), with the teacher's time per image
+from its fill (the stores' precompute runs it the way a live step does, without gradients). Any error,
+a run that does not end ok, or a store that is read while a teacher still runs fails the check (exit 1)
+after every case has run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from kd_lightning.config.conf_files import compose_run  # noqa: E402
+from kd_lightning.data.generate import write_cifar, write_image_folder  # noqa: E402
+from kd_lightning.runners.run import run  # noqa: E402
+
+SIZES = {  # GPU: a few hundred steps per case; --cpu: a couple of steps
+    "gpu": {"cifar_train": 12800, "batch": 128, "epochs": 3, "images": 2000, "image_size": 64, "workers": 8},
+    "cpu": {"cifar_train": 64, "batch": 32, "epochs": 2, "images": 16, "image_size": 32, "workers": 0},
+}
+
+
+def _transforms(size: int) -> list[str]:
+    crop = f"{{_target_: torchvision.transforms.v2.RandomResizedCrop, size: {size}}}"
+    flip = "{_target_: torchvision.transforms.v2.RandomHorizontalFlip, p: 0.5}"
+    resize = f"{{_target_: torchvision.transforms.v2.Resize, size: {size}}}"
+    centre = f"{{_target_: torchvision.transforms.v2.CenterCrop, size: {size}}}"
+    return [f"data.train_transforms=[{crop}, {flip}]", f"data.eval_transforms=[{resize}, {centre}]"]
+
+
+def cases(mode: str, data: Path) -> list[tuple[str, list[str]]]:
+    """(name, overrides) in the order they run; a `stored` case reads the store its `fill` case filled."""
+    z = SIZES[mode]
+    common = [
+        f"trainer={'gpu' if mode == 'gpu' else 'cpu'}", f"trainer.max_epochs={z['epochs']}",
+        "trainer.enable_progress_bar=false", "logger=none", "callbacks=none", "print_summary=false",
+        "test_each_epoch=false", f"data.batch_size={z['batch']}", f"data.num_workers={z['workers']}",
+    ]  # fmt: skip
+    teacher = ["teachers.members.teacher.random_weights=true"]
+    store = ["teacher_cache.mode=disk", f"teacher_cache.dir={data / 'stores'}"]
+    cifar = [*common, "experiment=cifar100/resnet32x4_resnet8x4", f"data.root={data / 'cifar'}"]
+    out: list[tuple[str, list[str]]] = []
+    for p in ("16-mixed", "bf16-mixed"):
+        at = [*cifar, f"trainer.precision={p}"]
+        out += [
+            (f"cifar/{p}/student", [*at, *teacher, "distill=none"]),
+            (f"cifar/{p}/live", [*at, *teacher, "teacher_cache.mode=none"]),
+            (f"cifar/{p}/fill", [*at, *teacher, "data.augment.views=4", *store]),
+            (f"cifar/{p}/stored", [*at, *teacher, "data.augment.views=4", *store]),
+        ]
+    fast = ["perf.compile=true", "perf.channels_last=true"]
+    if mode == "cpu":
+        fast.append("perf.compile_backend=eager")  # dynamo traces as with inductor; no C++ build in CI
+    at = [*cifar, "trainer.precision=bf16-mixed", *fast]
+    out += [
+        ("cifar/bf16-mixed/live+compile+channels_last", [*at, *teacher, "teacher_cache.mode=none"]),
+        ("cifar/bf16-mixed/stored+compile+channels_last", [*at, *teacher, "data.augment.views=4", *store]),
+    ]
+    views = [
+        *common, "experiment=imagenet/resnet34_resnet18", f"data.root={data / 'images' / 'train'}",
+        f"data.test_root={data / 'images' / 'val'}", *_transforms(z["image_size"]), "trainer.precision=bf16-mixed",
+    ]  # fmt: skip
+    recorded = [*views, *teacher, "data.augment.views=2", *store]
+    out += [
+        ("views/student", [*views, *teacher, "distill=none"]),
+        ("views/live", [*views, *teacher, "teacher_cache.mode=none"]),
+        ("views/fill", recorded),
+        ("views/stored", recorded),
+    ]
+    ddp = ["trainer=ddp", "trainer.devices=1"] if mode == "gpu" else ["trainer=ddp_cpu", "trainer.devices=1"]
+    at = [*cifar, *ddp, "trainer.precision=16-mixed", *teacher, "data.augment.views=4", *store]
+    out.append(("ddp/16-mixed/stored", at))
+    return out
+
+
+def write_data(mode: str, data: Path) -> None:
+    z = SIZES[mode]
+    write_cifar(data / "cifar", 100, n_train=z["cifar_train"], n_test=256 if mode == "gpu" else 16)
+    write_image_folder(data / "images" / "train", z["images"], z["image_size"], classes=1000, used=20)
+    write_image_folder(
+        data / "images" / "val", 64 if mode == "gpu" else 8, z["image_size"], 1000, used=20, seed=1
+    )
+
+
+def images_per_s(r: dict) -> float:
+    epochs = r.get("epoch_seconds") or [r["fit_seconds"]]
+    steady = epochs[1:] if len(epochs) > 1 else epochs
+    return r["train_samples"] / statistics.median(steady)
+
+
+def check(name: str, r: dict, backend: str | None = None) -> str | None:
+    """Why this run fails the check, or None; `backend`: the process group's, required for a ddp case."""
+    if r.get("status") != "ok":
+        return f"status {r.get('status')}: {r.get('error', '')}"
+    if name.startswith("ddp/") and backend is not None and backend != process_group_backend():
+        return f"DDP ran with {process_group_backend()}, not {backend}"
+    forwards = r.get("teacher_forward_samples") or 0
+    if name.endswith("/fill") and forwards <= 0:
+        return "the fill ran no teacher (a store was found complete: stale data folder?)"
+    if "/stored" in name and forwards != 0:
+        return f"the store was filled but {forwards} teacher samples were still computed"
+    return None
+
+
+def process_group_backend() -> str:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return "no process group"
+    return str(torch.distributed.get_backend())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cpu", action="store_true", help="smoke mode: every case, tiny, on the CPU")
+    p.add_argument("--report", type=Path, help="also write the output to this file (markdown, dated)")
+    p.add_argument("--only", default="", help="comma-separated name prefixes: run those cases only")
+    a = p.parse_args()
+    mode = "cpu" if a.cpu else "gpu"
+    if mode == "gpu" and not torch.cuda.is_available():
+        raise SystemExit(
+            "gpu-check: no CUDA device here (torch.cuda.is_available() is False); --cpu for the smoke mode"
+        )
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning_fabric").setLevel(logging.ERROR)
+    device = torch.cuda.get_device_name(0) if mode == "gpu" else "cpu (smoke mode)"
+    lines = [
+        f"gpu-check {datetime.date.today().isoformat()} on {device}; torch {torch.__version__}"
+        + (f", CUDA {torch.version.cuda}" if mode == "gpu" else ""),
+    ]
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    print(lines[0], flush=True)
+    results: dict[str, dict] = {}
+    failures: list[str] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        data = Path(tmp_name)
+        write_data(mode, data)
+        only = [s for s in a.only.split(",") if s]
+        for name, overrides in cases(mode, data):
+            if only and not any(name.startswith(o) for o in only):
+                continue
+            if mode == "gpu":
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            try:
+                cfg = compose_run(overrides, data / "runs" / name.replace("/", "_"), data / "cache")
+                r = run(cfg)
+            except BaseException as e:  # noqa: BLE001  (every case runs; the check fails at the end)
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                failures.append(f"{name}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+                say(
+                    f"gpu_check.{name}: FAILED ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                )
+                continue
+            results[name] = r
+            why = check(name, r, backend="nccl" if mode == "gpu" else "gloo")
+            if why is not None:
+                failures.append(f"{name}: {why}")
+            extra = f"  (backend {process_group_backend()})" if name.startswith("ddp/") else ""
+            memory = r.get("peak_gpu_memory_mib")
+            say(
+                f"gpu_check.{name}: images_per_s={images_per_s(r):.0f}  "
+                f"teacher_forward_samples={r.get('teacher_forward_samples', 0)}  "
+                f"peak_gpu_memory_mib={memory if memory is not None else '-'}  "
+                f"wall_s={time.perf_counter() - t0:.1f}{extra}" + ("" if why is None else f"  FAILED: {why}")
+            )
+    for prefix in ("cifar/16-mixed", "cifar/bf16-mixed", "views"):
+        names = {k: f"{prefix}/{k}" for k in ("student", "live", "fill", "stored")}
+        if not all(n in results for n in names.values()):
+            continue
+        per = {k: 1 / images_per_s(results[n]) for k, n in names.items()}
+        fill = results[names["fill"]]
+        teacher = fill["teacher_precompute_seconds"] / max(1, fill["teacher_forward_samples"])
+        say(
+            f"gpu_check.{prefix}: stored/student={per['stored'] / per['student']:.3f}  "
+            f"live/(student+teacher)={per['live'] / (per['student'] + teacher):.3f}  "
+            f"live/student={per['live'] / per['student']:.3f}"
+        )
+    say(f"gpu_check: {len(results)} cases in {time.perf_counter() - started:.0f} s, {len(failures)} failed")
+    if a.report is not None:
+        a.report.parent.mkdir(parents=True, exist_ok=True)
+        a.report.write_text(
+            "# make gpu-check\n\n`python bench/gpu_check.py` (bench/gpu_check.py documents every case).\n\n```\n"
+            + "\n".join(lines)
+            + "\n```\n"
+        )
+    if failures:
+        print("\n".join(["", "gpu-check FAILED:", *failures]), file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
