@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -24,9 +26,19 @@ def test_wheel_installed_elsewhere_runs_a_one_batch_job(tmp_path: Path):
     wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    # built from a copy of the tracked files, as a clean clone would: setuptools reuses a checkout's
+    # build/ folder, and a stale one ships modules the source no longer has
+    source = tmp_path / "source"
+    tracked = _sh("git", "ls-files", cwd=ROOT).stdout.split()
+    for rel in tracked:
+        if (ROOT / rel).is_file():
+            (source / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, source / rel)
     # no build isolation: the build needs only setuptools, which the environment has (no network)
-    _sh(*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT), cwd=tmp_path)
+    _sh(*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source), cwd=tmp_path)
     [wheel] = list(wheels.glob("kd_lightning-*.whl"))
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
+    assert shipped == {r for r in tracked if r.startswith("kd_lightning/") and r.endswith(".py")}
     _sh(*pip, "install", "--no-deps", "--target", str(target), str(wheel), cwd=tmp_path)
     assert (target / "kd_lightning" / "conf" / "train.yaml").is_file()
     assert (target / "kd_lightning" / "conf" / "scheduler" / "multistep.yaml").is_file()
@@ -36,7 +48,7 @@ def test_wheel_installed_elsewhere_runs_a_one_batch_job(tmp_path: Path):
     where = _sh(
         sys.executable,
         "-c",
-        "import kd_lightning.config_files as c; print(c.CONF_DIR)",
+        "import kd_lightning.config.conf_files as c; print(c.CONF_DIR)",
         cwd=elsewhere,
         env=env,
     )
