@@ -359,7 +359,7 @@ class TensorDataModule(pl.LightningDataModule):
         for raw in loader:
             yield self.prepare_batch(raw._replace(x=raw.x.to(device)), train=False).x
 
-    def replay_identity(self) -> dict[str, Any] | None:
+    def replay_identity(self) -> dict[str, str] | None:
         """What the pixels of a recorded view depend on beyond the data and its config (an image pipeline's
         library), for the teacher stores' key; None when views are made here, on the device."""
         return None

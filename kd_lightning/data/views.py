@@ -21,11 +21,20 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 
 from kd_lightning.errors import ConfigError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+# what a transform step takes and gives: a PIL image or a (C, H, W) tensor
+ImageLike: TypeAlias = "Image | torch.Tensor"
+Step: TypeAlias = Callable[[ImageLike], ImageLike]
+# one random step's recorded parameters: its name, its numbers, and for ColorJitter the order of its ops
+Params: TypeAlias = dict[str, str | int | float | bool | list[str]]
 
 # random transforms applied with a probability p, by one functional op (one draw: apply when draw < p)
 _WITH_P = {
@@ -70,7 +79,7 @@ def resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _size(img: Any) -> tuple[int, int]:
+def _size(img: ImageLike) -> tuple[int, int]:
     from torchvision.transforms.v2 import functional as F
 
     h, w = F.get_size(img)
@@ -80,7 +89,7 @@ def _size(img: Any) -> tuple[int, int]:
 class ViewPipeline:
     """The training transforms, applied with recorded parameters: `pipeline(img, draws)`."""
 
-    def __init__(self, steps: Sequence[Any], where: str = "data.train_transforms"):
+    def __init__(self, steps: Sequence[Step], where: str = "data.train_transforms"):
         self.steps = list(steps)
         self.offsets: list[int] = []
         total = 0
@@ -96,16 +105,18 @@ class ViewPipeline:
             total += DRAWS.get(name, 0)
         self.draws_per_view = total
 
-    def params(self, size: tuple[int, int], draws: torch.Tensor) -> list[dict[str, Any]]:
+    def params(self, size: tuple[int, int], draws: torch.Tensor) -> list[Params]:
         """Each random step's parameters for an image of `size` (h, w) at the start of the pipeline."""
         out = []
         self._run(None, size, draws, out)
         return out
 
-    def __call__(self, img: Any, draws: torch.Tensor) -> Any:
+    def __call__(self, img: ImageLike, draws: torch.Tensor) -> ImageLike:
         return self._run(img, _size(img), draws, None)
 
-    def _run(self, img: Any, size: tuple[int, int], draws: torch.Tensor, record: list | None) -> Any:
+    def _run(
+        self, img: ImageLike | None, size: tuple[int, int], draws: torch.Tensor, record: list[Params] | None
+    ) -> ImageLike:
         from torchvision.transforms.v2 import functional as F
 
         u = [float(x) for x in draws]
@@ -118,7 +129,7 @@ class ViewPipeline:
                 img = step(img)
                 h, w = _size(img)
                 continue
-            p: dict[str, Any] = {"transform": name}
+            p: Params = {"transform": name}
             if name == "RandomResizedCrop":
                 top, left, bh, bw = resized_crop_box(h, w, step.scale, step.ratio, u[at : at + 22])
                 p.update(top=top, left=left, height=bh, width=bw)

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.data.fingerprint import FileListing, Listings, scan_tree
-from kd_lightning.data.views import ViewPipeline, draw_views
+from kd_lightning.data.views import ImageLike, Step, ViewPipeline, draw_views
 from kd_lightning.errors import ConfigError, as_float, as_int
 
 _NUMPY_GLOBALS = {
@@ -183,7 +183,7 @@ class _ImageFiles(Dataset):
     def __init__(
         self,
         samples: list[tuple[str, int]],
-        transform: Callable[[Any], Any],
+        transform: Callable[[ImageLike], torch.Tensor],
         views: ViewPipeline | None = None,
     ):
         self.samples = samples
@@ -276,27 +276,27 @@ def image_pipeline(
     return v2.Compose([*image_steps(specs, image_size, key), *to_uint8()])
 
 
-def v2_compose(steps: list[Any]) -> Callable[[Any], torch.Tensor]:
+def v2_compose(steps: list[Step]) -> Callable[[ImageLike], torch.Tensor]:
     from torchvision.transforms import v2
 
     return v2.Compose(steps)
 
 
-def to_uint8() -> list[Any]:
+def to_uint8() -> list[Step]:
     """The end of every image pipeline: a PIL image (or a uint8 image) → a plain uint8 (C, H, W) tensor."""
     from torchvision.transforms import v2
 
     return [v2.PILToTensor(), _PlainTensor()]
 
 
-def image_steps(specs: list[Any] | None, image_size: int | None, key: str) -> list[Any]:
+def image_steps(specs: list[Any] | None, image_size: int | None, key: str) -> list[Step]:
     """The transforms of `image_pipeline`, before the conversion to a uint8 tensor."""
     from torchvision.transforms import v2
 
     if specs is None:
         if image_size is None:
             raise ConfigError(f"data.image_size or data.{key} must be set (the size images are brought to)")
-        steps: list[Any] = [v2.Resize(image_size), v2.CenterCrop(image_size)]
+        steps: list[Step] = [v2.Resize(image_size), v2.CenterCrop(image_size)]
     else:
         if isinstance(specs, str | Mapping) or not isinstance(specs, list | tuple):
             raise ConfigError(
@@ -457,7 +457,7 @@ class ImageFolderDataModule(TensorDataModule):
         if self.view_pipeline is None:  # recorded views of a transform pipeline are drawn in build_splits
             super()._draw_views()
 
-    def replay_identity(self) -> dict[str, Any] | None:
+    def replay_identity(self) -> dict[str, str] | None:
         if self.view_pipeline is None:
             return None
         import torchvision
