@@ -147,6 +147,24 @@ def test_a_store_killed_half_way_is_completed_and_equals_an_uninterrupted_one(tm
     torch.testing.assert_close(whole.get(torch.arange(6), "cpu")["t"]["embed"], values)
 
 
+def test_teachers_missing_the_same_rows_share_each_chunk_of_inputs_and_others_get_their_own():
+    values = {m: torch.randn(6, 3) for m in ("a", "b", "c")}
+    outs = TeacherOutputs({m: {"embed": TapStore(_key(), (3,), None, f"{m}-embed")} for m in values})
+    outs.stores["c"]["embed"].write(torch.tensor([0, 1, 2]), values["c"][:3])  # c misses other rows
+    made = []
+
+    def slot_batches(chunks):
+        for c in chunks:
+            made.append(c.tolist())
+            yield c.float().view(-1, 1)
+
+    outs.fill(lambda x, m: {"embed": values[m][x.long().flatten()]}, slot_batches, batch_size=4)
+    assert made == [[0, 1, 2, 3], [4, 5], [3, 4, 5]]  # a and b read rows 0-5 once; c its own three
+    assert outs.computed == 6 + 6 + 3 and outs.complete
+    for m in values:
+        torch.testing.assert_close(outs.get(torch.arange(6), "cpu")[m]["embed"], values[m])
+
+
 def test_a_corrupt_or_mismatched_store_is_reported_and_rebuilt(tmp_path, caplog):
     import logging
 

@@ -120,14 +120,24 @@ class TeacherOutputs:
                     missing = torch.unique(torch.cat([s.missing_slots() for s in todo.values()]))
                     plan[member] = (todo, missing[ranks.rank :: ranks.world])
             ranks.barrier()
+            # members missing the same rows (the usual case) share their inputs: each chunk is read and
+            # made once for all of them (an image file and its recorded view are decoded once, not per teacher)
+            groups: list[tuple[torch.Tensor, list[str]]] = []
+            for member, (_, mine) in plan.items():
+                same = next((g for g in groups if torch.equal(g[0], mine)), None)
+                if same is None:
+                    groups.append((mine, [member]))
+                else:
+                    same[1].append(member)
             done = 0
-            for member, (todo, mine) in plan.items():
+            for mine, members in groups:
                 chunks = list(mine.split(batch_size))
                 for chunk, x in zip(chunks, slot_batches(chunks), strict=True):
-                    outputs = run_teacher(x, member)
-                    for tap, s in todo.items():
-                        s.write(chunk, outputs[tap])
-                    done += len(chunk)
+                    for member in members:
+                        outputs = run_teacher(x, member)
+                        for tap, s in plan[member][0].items():
+                            s.write(chunk, outputs[tap])
+                        done += len(chunk)
             ranks.barrier()
             if ranks.rank == 0:
                 for s in self.all():
