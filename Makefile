@@ -42,7 +42,7 @@ bench: $(STAMP)  ## throughput (student, KD live / stored, hand loop, torchdisti
 	$(PY) bench/startup.py
 	$(PY) bench/views.py
 
-gpu-check: $(STAMP)  ## on one GPU (under 8 min): 16-mixed/bf16-mixed, live vs stored, compile + channels-last, recorded views, DDP over NCCL; images/s, ratios, peak memory; writes docs/GPU_CHECK.md (ARGS=--cpu: the smoke mode)
+gpu-check: $(STAMP)  ## on one GPU (under 8 min): 16-mixed/bf16-mixed, live vs stored, compile + channels-last, CUDA graphs, recorded views, DDP over NCCL, each with perf.check_syncs; a hand-written loop beside the cifar cases (framework/hand); images/s, ratios, peak memory; writes docs/GPU_CHECK.md (ARGS=--cpu: the smoke mode)
 	$(PY) bench/gpu_check.py $(if $(findstring --cpu,$(ARGS)),,--report docs/GPU_CHECK.md) $(ARGS)
 
 bench-papers: $(STAMP)  ## rahbar2020, thapa2022, ye2019, landro2021 reproductions with controls; teacher fits × seeds, tables + PNG plots

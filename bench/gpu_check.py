@@ -17,12 +17,22 @@ in this process, on generated data (nothing is downloaded), teachers with random
   views      experiment=imagenet/resnet34_resnet18 on a generated ImageFolder (1000 class folders),
              RandomResizedCrop + flip recorded as 2 views per image: student, live, fill, stored
   ddp        trainer=ddp trainer.devices=1 (NCCL on a GPU, gloo with --cpu), 16-mixed, stored
+  graphs     the cifar student alone with perf.compile_mode=reduce-overhead (CUDA graphs; on the CPU the
+             smoke mode compiles with the eager backend)
+Every case runs with perf.check_syncs=true: on a GPU a synchronising call in a training step (after the
+first two, logging steps aside) raises (torch.cuda.set_sync_debug_mode("error")), on the CPU every host
+read is counted; either fails the case.
 For each: images/s (training samples over the median epoch's wall time, the first epoch left out when
 there are more: it holds compilation and warm-up), teacher_forward_samples and peak GPU memory; then the
 ratios of time per image: stored/student and live/(student + teacher), with the teacher's time per image
 from its fill (the stores' precompute runs it the way a live step does, without gradients). Any error,
 a run that does not end ok, or a store that is read while a teacher still runs fails the check (exit 1)
 after every case has run.
+
+The ceiling: for each cifar precision a hand-written PyTorch loop (`hand_loop`) trains the same models on the
+same images, kept on the device, with the same augmentation, optimiser, precision and loss, as the student
+alone, with the teacher live, and with the teacher's logits of 4 recorded views held in device memory;
+`framework/hand` is the ratio of time per image of each case to its loop (1.00: as fast as plain PyTorch).
 """
 
 from __future__ import annotations
@@ -43,14 +53,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from kd_lightning.config.conf_files import compose_run  # noqa: E402
+from kd_lightning.data.base import crop_flip, crop_flip_params  # noqa: E402
 from kd_lightning.data.generate import write_cifar, write_image_folder  # noqa: E402
+from kd_lightning.data.vision import CIFARDataModule  # noqa: E402
+from kd_lightning.models import create_model  # noqa: E402
 from kd_lightning.runners.run import run  # noqa: E402
 
 SIZES = {  # GPU: a few hundred steps per case; --cpu: a couple of steps
     "gpu": {"cifar_train": 12800, "batch": 128, "epochs": 3, "images": 2000, "image_size": 64, "workers": 8},
-    "cpu": {"cifar_train": 64, "batch": 32, "epochs": 2, "images": 16, "image_size": 32, "workers": 0},
+    "cpu": {"cifar_train": 128, "batch": 32, "epochs": 2, "images": 16, "image_size": 32, "workers": 0},
 }
 
 
@@ -69,6 +83,7 @@ def cases(mode: str, data: Path) -> list[tuple[str, list[str]]]:
         f"trainer={'gpu' if mode == 'gpu' else 'cpu'}", f"trainer.max_epochs={z['epochs']}",
         "trainer.enable_progress_bar=false", "logger=none", "callbacks=none", "print_summary=false",
         "test_each_epoch=false", f"data.batch_size={z['batch']}", f"data.num_workers={z['workers']}",
+        "perf.check_syncs=true",
     ]  # fmt: skip
     teacher = ["teachers.members.teacher.random_weights=true"]
     store = ["teacher_cache.mode=disk", f"teacher_cache.dir={data / 'stores'}"]
@@ -90,6 +105,15 @@ def cases(mode: str, data: Path) -> list[tuple[str, list[str]]]:
         ("cifar/bf16-mixed/live+compile+channels_last", [*at, *teacher, "teacher_cache.mode=none"]),
         ("cifar/bf16-mixed/stored+compile+channels_last", [*at, *teacher, "data.augment.views=4", *store]),
     ]
+    graphs = ["perf.compile=true"] + (
+        ["perf.compile_mode=reduce-overhead"] if mode == "gpu" else ["perf.compile_backend=eager"]
+    )
+    out.append(
+        (
+            "graphs/bf16-mixed/student",
+            [*cifar, "trainer.precision=bf16-mixed", *teacher, "distill=none", *graphs],
+        )
+    )
     views = [
         *common, "experiment=imagenet/resnet34_resnet18", f"data.root={data / 'images' / 'train'}",
         f"data.test_root={data / 'images' / 'val'}", *_transforms(z["image_size"]), "trainer.precision=bf16-mixed",
@@ -114,6 +138,79 @@ def write_data(mode: str, data: Path) -> None:
     write_image_folder(
         data / "images" / "val", 64 if mode == "gpu" else 8, z["image_size"], 1000, used=20, seed=1
     )
+
+
+HAND_KINDS = ("student", "live", "stored")
+
+
+def hand_loop(kind: str, precision: str, mode: str, data: Path) -> float:
+    """Images/s of a plain PyTorch loop doing what the cifar case `kind` does: resnet8x4 (the student) and
+    resnet32x4 (the teacher, random weights) on the generated CIFAR-100 images held on the device as uint8,
+    normalised and cropped (padding 4) + flipped there, SGD (lr 0.05, momentum 0.9, weight decay 5e-4,
+    fused on a GPU), 0.1 · CE + 0.9 · T² · KL at T = 4 under autocast; `stored`: the teacher's logits of 4
+    recorded views per image computed first and held in device memory (float16), one view per image and
+    epoch. Timed like the cases: the median epoch after the first."""
+    z = SIZES[mode]
+    device = torch.device("cuda" if mode == "gpu" else "cpu")
+    dtype = torch.float16 if precision == "16-mixed" and mode == "gpu" else torch.bfloat16
+    torch.manual_seed(0)
+    arrays = CIFARDataModule(root=str(data / "cifar"), classes=100).load()
+    x = torch.as_tensor(arrays["x_train"]).to(device)
+    y = torch.as_tensor(arrays["y_train"]).long().to(device)
+    scaled = x.float() / 255
+    mean = scaled.mean((0, 2, 3), keepdim=True)
+    std = scaled.std((0, 2, 3), keepdim=True)
+    student = create_model({"name": "resnet8x4"}, 100, (3, 32, 32)).to(device).train()
+    teacher = create_model({"name": "resnet32x4"}, 100, (3, 32, 32)).to(device).eval().requires_grad_(False)
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, fused=mode == "gpu")
+    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
+    n, b, views = len(y), z["batch"], 4
+
+    def normalised(idx: torch.Tensor) -> torch.Tensor:
+        return (x[idx].float() / 255 - mean) / std
+
+    if kind == "stored":
+        params = crop_flip_params(n * views, 4, True, torch.Generator(device).manual_seed(1), device).view(
+            n, views, 3
+        )
+        logits = torch.empty((n, views, 100), dtype=torch.float16, device=device)
+        with torch.no_grad(), torch.autocast(device.type, dtype):
+            for i in range(0, n, 512):
+                idx = torch.arange(i, min(n, i + 512), device=device)
+                for v in range(views):
+                    logits[idx, v] = teacher(crop_flip(normalised(idx), 4, params[idx, v])).half()
+    seconds = []
+    for _ in range(z["epochs"]):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for idx in torch.randperm(n, device=device).split(b):
+            if kind == "stored":
+                view = torch.randint(0, views, (len(idx),), device=device)
+                xb = crop_flip(normalised(idx), 4, params[idx, view])
+            else:
+                xb = crop_flip(normalised(idx), 4, crop_flip_params(len(idx), 4, True, device=device))
+            with torch.autocast(device.type, dtype):
+                out = student(xb)
+                loss = F.cross_entropy(out.float(), y[idx])
+                if kind != "student":
+                    if kind == "live":
+                        with torch.no_grad():
+                            target = teacher(xb).float()
+                    else:
+                        target = logits[idx, view].float()
+                    kl = F.kl_div(F.log_softmax(out.float() / 4, 1), F.log_softmax(target / 4, 1),
+                                  reduction="batchmean", log_target=True)  # fmt: skip
+                    loss = 0.1 * loss + 0.9 * 16 * kl
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - t0)
+    steady = seconds[1:] if len(seconds) > 1 else seconds
+    return n / statistics.median(steady)
 
 
 def images_per_s(r: dict) -> float:
@@ -204,6 +301,19 @@ def main() -> None:
                 f"peak_gpu_memory_mib={memory if memory is not None else '-'}  "
                 f"wall_s={time.perf_counter() - t0:.1f}{extra}" + ("" if why is None else f"  FAILED: {why}")
             )
+        hand: dict[tuple[str, str], float] = {}
+        for p in ("16-mixed", "bf16-mixed"):
+            for kind in HAND_KINDS:
+                if only and not any(f"cifar/{p}/{kind}".startswith(o) for o in only):
+                    continue
+                try:
+                    hand[(p, kind)] = hand_loop(kind, p, mode, data)
+                except Exception as e:  # noqa: BLE001  (the cases' results still print)
+                    failures.append(
+                        f"hand loop {p}/{kind}: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+                    )
+                    continue
+                say(f"gpu_check.hand/{p}/{kind}: images_per_s={hand[(p, kind)]:.0f}")
     for prefix in ("cifar/16-mixed", "cifar/bf16-mixed", "views"):
         names = {k: f"{prefix}/{k}" for k in ("student", "live", "fill", "stored")}
         if not all(n in results for n in names.values()):
@@ -215,6 +325,23 @@ def main() -> None:
             f"gpu_check.{prefix}: stored/student={per['stored'] / per['student']:.3f}  "
             f"live/(student+teacher)={per['live'] / (per['student'] + teacher):.3f}  "
             f"live/student={per['live'] / per['student']:.3f}"
+        )
+    for p in ("16-mixed", "bf16-mixed"):
+        names = {k: f"cifar/{p}/{k}" for k in HAND_KINDS}
+        if not all(n in results for n in names.values()):
+            continue
+        ratios = {k: hand[(p, k)] / images_per_s(results[n]) for k, n in names.items() if (p, k) in hand}
+        hand_line = "  ".join(f"{k}={hand[(p, k)]:.0f}" for k in HAND_KINDS if (p, k) in hand)
+        say(
+            f"gpu_check.cifar/{p}: framework/hand "
+            + "  ".join(f"{k}={v:.3f}" for k, v in ratios.items())
+            + f"  (hand loop images_per_s: {hand_line})"
+        )
+    if "graphs/bf16-mixed/student" in results and ("bf16-mixed", "student") in hand:
+        say(
+            "gpu_check.graphs/bf16-mixed: student framework/hand="
+            f"{hand[('bf16-mixed', 'student')] / images_per_s(results['graphs/bf16-mixed/student']):.3f} "
+            "(compiled with CUDA graphs, against the eager hand loop)"
         )
     say(f"gpu_check: {len(results)} cases in {time.perf_counter() - started:.0f} s, {len(failures)} failed")
     if a.report is not None:

@@ -13,14 +13,19 @@ is the time from one step's start to the next one's, data fetch, logging and opt
   (b) KD, live teachers    kd_lightning, teacher_cache.mode=none
   (c) KD, stores filled    kd_lightning, teacher_cache.mode=memory (the precompute stage runs before the
                            first step and is not timed: it is the teachers' one pass over the data)
-  (d) hand-written loop    the same computation as (b) in plain PyTorch
+  (d) hand-written loops   the same computations as (a), (b) and (c) in plain PyTorch, batches gathered from
+                           the tensors in memory (hand_student, hand, hand_cached: the teachers' mean logits
+                           of every sample computed before the loop and gathered by index)
   (e) torchdistill         DistillationBox with KDLoss, the teachers' ensemble as its teacher
   and, timed apart, the teachers' forward pass alone (for live_over_sum).
 Each of (a)-(e) is one run of `--steps` timed steps; a repetition runs them all in turn, and `--reps`
 repetitions are interleaved, so a slow spell of this shared machine hits every configuration alike.
 Every figure is printed as `name=median [min–max]` over the repetitions (ratios are formed within a
-repetition). Ratios are times, lower is better; `ours_over_torchdistill` compares live teachers step
-for step, `ours_cached_over_torchdistill` kd_lightning's default (stores filled before the fit).
+repetition). Ratios are times, lower is better; `framework_over_hand` compares live teachers step for step
+with the hand-written loop, `student_over_hand` and `cached_over_hand` the two other modes with theirs;
+`hand_cached_over_hand_student` is what stored targets cost over the student alone in plain PyTorch (the
+KD loss's own operations: the floor of `cached_over_student`); `ours_over_torchdistill` compares live
+teachers step for step, `ours_cached_over_torchdistill` kd_lightning's default (stores filled before the fit).
 Usage: python bench/throughput.py [--workloads cifar,mnist1d] [--steps 30] [--reps 5] [--batch 32]
 """
 
@@ -168,8 +173,8 @@ def batches(dm: TensorDataModule):
     n, b = len(ds), dm.batch_size
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     for i in range(0, n - b + 1, b):
-        x, y, *_ = ds.__getitems__(perm[i : i + b].tolist())
-        yield x, y
+        idx = perm[i : i + b]
+        yield ds.x[idx], ds.y[idx], idx
 
 
 def kd_loss(s_logits, t_logits, y):
@@ -179,21 +184,33 @@ def kd_loss(s_logits, t_logits, y):
     return (1 - ALPHA) * F.cross_entropy(s_logits, y) + ALPHA * T * T * kl
 
 
-def time_hand(work, dm, warmup: int) -> float:
+def time_hand(work, dm, kind: str, warmup: int) -> float:
+    """A plain PyTorch loop: `student` (cross-entropy alone), `live` (the teachers run on every batch) or
+    `cached` (the teachers' mean logits of every sample computed first, gathered by index)."""
     torch.manual_seed(0)
     teacher = Ensemble([create_model(s, work["classes"], work["shape"]) for s in work["teachers"]]).eval()
     teacher.requires_grad_(False)
     student = create_model(work["student"], work["classes"], work["shape"]).train()
     opt = torch.optim.Adam(student.parameters(), lr=LR)
+    stored = None
+    if kind == "cached":
+        with torch.no_grad():
+            stored = torch.cat([teacher(x) for x in dm.splits["train"].x.split(512)])
     times, t0 = [], None
-    for step, (x, y) in enumerate(batches(dm)):
+    for step, (x, y, idx) in enumerate(batches(dm)):
         now = time.perf_counter()
         if t0 is not None and step > warmup:
             times.append(now - t0)
         t0 = now
-        with torch.inference_mode():
-            t_logits = teacher(x)
-        loss = kd_loss(student(x), t_logits.clone(), y)
+        if kind == "student":
+            loss = F.cross_entropy(student(x), y)
+        else:
+            if stored is not None:
+                t_logits = stored[idx]
+            else:
+                with torch.no_grad():
+                    t_logits = teacher(x)
+            loss = kd_loss(student(x), t_logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -203,7 +220,7 @@ def time_hand(work, dm, warmup: int) -> float:
 def time_teacher_forward(work, dm, warmup: int) -> float:
     _, teachers = build(work, dm, True, False)
     times = []
-    for step, (x, _) in enumerate(batches(dm)):
+    for step, (x, _, _) in enumerate(batches(dm)):
         t0 = time.perf_counter()
         teachers(x)
         if step >= warmup:
@@ -288,7 +305,9 @@ def main() -> None:
                 ("student", time_ours, (False, False)),
                 ("live", time_ours, (True, False)),
                 ("cached", time_ours, (True, True)),
-                ("hand", time_hand, ()),
+                ("hand_student", time_hand, ("student",)),
+                ("hand", time_hand, ("live",)),
+                ("hand_cached", time_hand, ("cached",)),
                 ("teacher_forward", time_teacher_forward, ()),
                 ("torchdistill", time_torchdistill, ()),
             ):
@@ -302,6 +321,9 @@ def main() -> None:
             "cached_over_student": ("cached", "student"),
             "live_over_sum": ("live", None),
             "framework_over_hand": ("live", "hand"),
+            "student_over_hand": ("student", "hand_student"),
+            "cached_over_hand": ("cached", "hand_cached"),
+            "hand_cached_over_hand_student": ("hand_cached", "hand_student"),
             "ours_over_torchdistill": ("live", "torchdistill"),
             "ours_cached_over_torchdistill": ("cached", "torchdistill"),
         }

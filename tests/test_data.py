@@ -134,7 +134,7 @@ def test_imagefolder_on_png_files(tmp_path: Path):
     dm.setup()
     assert dm.class_names == ["cat", "dog", "owl"] and dm.num_classes == 3
     assert len(dm.splits["test"]) == 6 and len(dm.splits["train"]) + len(dm.splits["val"]) == 18
-    x, y, idx, _ = dm.prepare_batch(next(iter(dm.train_dataloader())), train=True)
+    x, y, idx, *_ = dm.prepare_batch(next(iter(dm.train_dataloader())), train=True)
     assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and y.shape == idx.shape == (4,)
     with pytest.raises(ConfigError, match="not a folder"):
         ImageFolderDataModule(root=str(tmp_path / "nope")).setup()

@@ -92,7 +92,7 @@ def test_run_writes_results_and_a_student_that_loads_alone(make_cfg):
     assert not any("teacher" in k or "adapter" in k for k in sd)
     dm = instantiate_datamodule(cfg.data)
     dm.setup("test")
-    x, y, _, _ = dm.prepare_batch(
+    x, y, *_ = dm.prepare_batch(
         dm.splits["test"].__getitems__(list(range(len(dm.splits["test"])))), train=False
     )
     student.eval()

@@ -229,7 +229,7 @@ AUG_VIEWS = ["student=cnn", "+data.augment={crop_padding: 1, hflip: true, views:
 def test_consistent_teaching_views_are_recorded_and_repeat(make_cfg):
     cfg = make_cfg(*AUG_VIEWS)
     _, dm = built_data(cfg, shuffle_seed=0)
-    x, y, index, _ = dm.splits["train"].__getitems__(list(range(16)))
+    x, y, index, *_ = dm.splits["train"].__getitems__(list(range(16)))
     views = {e: dm.epoch_views(e)[:16] for e in range(6)}
     assert len({tuple(v.tolist()) for v in views.values()}) > 1  # the view shown changes with the epoch
 
@@ -240,7 +240,7 @@ def test_consistent_teaching_views_are_recorded_and_repeat(make_cfg):
     seen: dict[int, torch.Tensor] = {}
     for e in range(6):
         _T.current_epoch = e
-        xb, _, _, slot = dm.prepare_batch(Batch(x.clone(), y, index), train=True)
+        xb, _, _, slot, _ = dm.prepare_batch(Batch(x.clone(), y, index), train=True)
         assert torch.equal(slot, index * 2 + views[e])
         for i, s in enumerate(slot.tolist()):
             if s in seen:

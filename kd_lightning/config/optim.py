@@ -46,12 +46,32 @@ class OptimSetup:
 
     def configure(self, params: Iterable[torch.nn.Parameter], total_steps: int) -> Any:
         """What `LightningModule.configure_optimizers` returns."""
-        opt = self.optimizer(params)
+        params = list(params)
+        opt = self.optimizer(params, **fused_on_gpu(self.optimizer, params))
         if self.scheduler is None:
             return opt
         kw = {"total_steps": max(1, int(total_steps))} if self.needs_total_steps else {}
         sched = self.scheduler(opt, **kw)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.interval}}
+
+
+def fused_on_gpu(make: OptimizerFn, params: list[torch.nn.Parameter]) -> dict[str, bool]:
+    """`fused=True` for a torch optimiser that has it (SGD, Adam, AdamW, ...) when the parameters are on a GPU
+    and the config chose neither `fused` nor `foreach` (our choice). One kernel per step instead of several
+    per parameter, and under 16-mixed the gradient scaler then checks for infinities on the device instead
+    of reading a flag on the host at every step."""
+    import functools
+    import inspect
+
+    if not params or not all(p.is_cuda for p in params) or not isinstance(make, functools.partial):
+        return {}
+    if "fused" in make.keywords or "foreach" in make.keywords:
+        return {}
+    try:
+        accepts = "fused" in inspect.signature(make.func).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"fused": True} if accepts else {}
 
 
 def warmup_cosine(

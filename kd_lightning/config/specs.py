@@ -224,10 +224,15 @@ class LoaderSpec:
     normalize: bool = True
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     num_workers: int = num(0, 0)
+    # keep the splits on the training device and gather batches there (kd_lightning.data.device): true,
+    # false, or auto (on a GPU when they take at most a quarter of its free memory; datasets held in memory)
+    on_device: bool | str = "auto"
     # a task made of some classes only, relabelled 0..k-1 in the order given (transfer-learning pairs)
     class_subset: list[Any] | None = None
 
     def check(self, where: str) -> None:
+        if self.on_device not in (True, False, "auto"):
+            raise ConfigError(f"{where}.on_device must be true, false or auto, got {self.on_device!r}")
         c = self.class_subset
         if c is None:
             return
@@ -320,11 +325,24 @@ class EvalSpec:
 
 @dataclass(frozen=True)
 class PerfSpec:
-    """`perf.*`: torch.compile of every model's forward and the channels-last memory format."""
+    """`perf.*`: torch.compile of every model's forward (its backend and mode), the channels-last memory
+    format, and a check that no training step reads a value on the host (kd_lightning.engine.sync_check)."""
 
     compile: bool = False
     compile_backend: str = "inductor"
+    compile_mode: str | None = one_of(
+        None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    )
     channels_last: bool = False
+    check_syncs: bool = False
+
+    def check(self, where: str) -> None:
+        if self.compile_mode is not None and self.compile_backend != "inductor":
+            raise ConfigError(
+                f"{where}.compile_mode={self.compile_mode} is a mode of the inductor backend, but "
+                f"{where}.compile_backend={self.compile_backend}: set {where}.compile_backend=inductor or "
+                f"{where}.compile_mode=null"
+            )
 
 
 CACHE_MODES = ("none", "memory", "disk")

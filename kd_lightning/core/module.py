@@ -20,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning.config.optim import OptimSetup
 from kd_lightning.core.objective import Objective
+from kd_lightning.core.tally import StepTally
 from kd_lightning.data.batch import Batch
 from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.teachers.ensemble import TeacherEnsemble
@@ -48,9 +49,8 @@ class DistillationModule(pl.LightningModule):
         self.num_classes = num_classes
         self.needs_teachers = teachers is not None and objective.uses_teachers
         self.channels_last = channels_last  # perf.channels_last: inputs in NHWC like the models
-        self._epoch_sums: dict[str, torch.Tensor] = {}
-        self._epoch_count = 0
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        # the training loss, its parts and the accuracy, kept on the device and read every few steps
+        self._tally = StepTally()
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         # test_each_epoch: the test split evaluated in the validation loop, and its accuracy after every
@@ -91,37 +91,41 @@ class DistillationModule(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x, y = self._input(batch), batch.y
         s_feats = self.taps(x)
-        t_feats = self.feed.features(x, batch.cache_slot) if self.needs_teachers else None
+        t_feats = self.feed.features(x, batch.cache_slot, batch.targets) if self.needs_teachers else None
         loss, parts = self.objective(s_feats, t_feats, y, index=batch.index, epoch=self.current_epoch, x=x)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.detach().item()}) at epoch {self.current_epoch}, step {self.global_step}: "
-                f"parts { ({k: float(v.detach()) for k, v in parts.items()}) }. Lower optim.lr or the term weights"
-            )
-        self.train_acc.update(s_feats["logits"].detach(), y)
-        # Epoch means are summed here and logged once per epoch: a `self.log` call costs about a
-        # millisecond, as much as a whole step of a small student.
-        n = len(y)
-        for name, value in (("loss", loss), *parts.items()):
-            acc = self._epoch_sums.get(name)
-            self._epoch_sums[name] = value.detach() * n if acc is None else acc + value.detach() * n
-        self._epoch_count += n
+        self._tally.add(self.global_step, len(y), loss, parts, s_feats["logits"], y)
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self._read_tally()
             self.log(
-                "train/loss_step", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n
+                "train/loss_step", self._tally.last_loss, on_step=True, on_epoch=False, batch_size=len(y)
             )
         return loss
 
+    @property
+    def shown_loss(self) -> float:
+        """The training loss at the latest read (every `trainer.log_every_n_steps` steps), for progress bars."""
+        return self._tally.last_loss
+
+    def _read_tally(self) -> None:
+        """Read the steps tallied since the last read (one host read) and stop on a non-finite loss.
+
+        Called at a logging step, before validation, before a checkpoint is saved and at the epoch's end,
+        so no step in between waits for the GPU; every rank reads at the same steps and they agree."""
+        if self._trainer is None:
+            return
+        self._tally.read(self.current_epoch, self.trainer.strategy.reduce)
+
     def on_train_epoch_start(self) -> None:
-        self._epoch_sums, self._epoch_count = {}, 0
+        self._tally.start_epoch()
 
     def on_train_epoch_end(self) -> None:
-        for name, total in self._epoch_sums.items():
-            self.log(f"train/{name}", total / max(1, self._epoch_count), on_epoch=True, sync_dist=True)
-        self.log("train/acc", self.train_acc.compute(), on_epoch=True, sync_dist=True)
-        self.train_acc.reset()
+        self._read_tally()
+        for name, value in self._tally.epoch_means(self.trainer.strategy.reduce).items():
+            # already summed over the ranks; sync_dist averages equal values (and keeps Lightning quiet)
+            self.log(f"train/{name}", value, on_epoch=True, sync_dist=True)
 
     def on_validation_start(self) -> None:
+        self._read_tally()  # validation inside the fit: the weights it checks must be finite
         dm = getattr(self.trainer, "datamodule", None)
         self._val_roles = dm.val_roles() if hasattr(dm, "val_roles") else ["val"]
 
@@ -151,6 +155,7 @@ class DistillationModule(pl.LightningModule):
             self.test_curve.append(float(acc))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._read_tally()  # a checkpoint of weights that a non-finite loss has touched is never written
         checkpoint["test_curve"] = list(self.test_curve)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

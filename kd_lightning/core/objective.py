@@ -207,7 +207,13 @@ class Term(nn.Module):
     def _target(self, teachers: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The combined teacher feature of `mean` and `concat`."""
         if self.combine == "mean":
-            return sum(self.teacher_weights[m] * t for m, t in teachers.items())
+            ts = list(teachers.values())
+            w = [self.teacher_weights[m] for m in teachers]
+            if len(set(w)) == 1:  # equal weights: one stack and one mean, not a multiply and add per teacher
+                scale = w[0] * len(w)  # 1 for the ensemble's weights, which sum to one
+                mean = torch.stack(ts).mean(0)
+                return mean if scale == 1 else mean * scale
+            return sum(wi * t for wi, t in zip(w, ts, strict=True))
         ts = list(teachers.values())
         return torch.cat([t.flatten(1) for t in ts], 1) if ts[0].dim() == 2 else torch.cat(ts, 1)
 
@@ -269,21 +275,26 @@ class Objective(nn.Module):
         x: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts: dict[str, torch.Tensor] = {}
-        total = student["logits"].new_zeros((), dtype=torch.float32)
+        weighted: list[torch.Tensor] = []
         if self.ce_weight > 0:
             logits = student["logits"].float()
             if self.label_loss == "ce":
                 label = parts["ce"] = F.cross_entropy(logits, y)
             else:
                 label = parts["label_mse"] = F.mse_loss(logits, F.one_hot(y, logits.shape[1]).float())
-            total = total + self.ce_weight * label
+            weighted.append(label if self.ce_weight == 1 else self.ce_weight * label)
         for name, term in self.terms.items():
             if term.pre_stage_only:  # it acted in its pre-stage (kd_lightning.engine.prestage)
                 continue
             t_feats = {m: read_tap(feats, term.teacher_tap) for m, feats in teachers.items()}
             ctx = {"y": y, "index": index, "epoch": epoch, "x": x}
             parts[name] = term(read_tap(student, term.student_tap), t_feats, ctx)
-            total = total + term.weight * parts[name]
+            weighted.append(parts[name] if term.weight == 1 else term.weight * parts[name])
+        if not weighted:  # every term acted in its pre-stage and there is no label loss
+            return student["logits"].new_zeros((), dtype=torch.float32), parts
+        total = weighted[0].float()
+        for w in weighted[1:]:
+            total = total + w
         return total, parts
 
 

@@ -1,6 +1,6 @@
 """The datamodule base: splits, normalisation and augmentation on device, and the public reading API.
 
-Every batch is a `Batch(x, y, index, slot)` (kd_lightning.data.batch). Normalisation and augmentation
+Every batch is a `Batch(x, y, index, slot, targets)` (kd_lightning.data.batch). Normalisation and augmentation
 run in `on_after_batch_transfer`, after the batch has reached the device, so student and teachers always
 see the same tensor. Other parts of the framework (evaluation, amalgamation) read data only through the
 public methods `iter_split`, `labels`, `prepare_batch`, `input_shape`, `num_classes` and `num_train`, so a
@@ -10,6 +10,7 @@ dataset read from disk supports them as an in-memory one does.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -21,8 +22,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from kd_lightning.config.specs import LoaderSpec, parse
 from kd_lightning.data.batch import Batch, collate_samples
+from kd_lightning.data.device import DeviceBatches, fits_on_device
 from kd_lightning.data.fingerprint import Listings, content_digest
 from kd_lightning.errors import ConfigError, as_seed
+
+log = logging.getLogger(__name__)
 
 
 class EpochSeededSampler(DistributedSampler):
@@ -71,7 +75,9 @@ def _world() -> tuple[int, int]:
 
 
 class IndexedTensorDataset(Dataset):
-    """`(x[i], y[i], i)`; `__getitems__` returns a whole Batch with one index operation."""
+    """`(x[i], y[i], i)`; `__getitems__` returns a whole Batch with one index operation. Under consistent
+    teaching the training split's sampler gives `(sample, view)` keys, and the batch carries each key's
+    slot (sample · `views` + view), which the augmentation on the device replays."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
         if len(x) != len(y):
@@ -84,9 +90,14 @@ class IndexedTensorDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.x[i], self.y[i], torch.tensor(i)
 
-    def __getitems__(self, indices: list[int]) -> Batch:
-        idx = torch.as_tensor(indices, dtype=torch.long)
+    def __getitems__(self, keys: list[int] | list[tuple[int, int]]) -> Batch:
+        if keys and isinstance(keys[0], tuple):
+            idx, view = torch.as_tensor(keys, dtype=torch.long).unbind(1)
+            return Batch(self.x[idx], self.y[idx], idx, idx * self.slots_per_sample + view)
+        idx = torch.as_tensor(keys, dtype=torch.long)
         return Batch(self.x[idx], self.y[idx], idx)
+
+    slots_per_sample = 1  # recorded views per sample, set on the training split under consistent teaching
 
     @property
     def labels(self) -> torch.Tensor:
@@ -98,13 +109,32 @@ def batch_is_collated(batch: Any) -> Any:
     return batch
 
 
+class _with_targets:  # noqa: N801  (a collate function, named as the functions it wraps)
+    """A collate function that also reads the batch's stored teacher outputs (in the loader's workers)."""
+
+    def __init__(self, collate: Callable[[Any], Batch], reader: Callable[[torch.Tensor], Any]):
+        self.collate, self.reader = collate, reader
+
+    def __call__(self, samples: Any) -> Batch:
+        batch = self.collate(samples)
+        return batch._replace(targets=self.reader(batch.cache_slot))
+
+
 def crop_flip_params(
-    n: int, padding: int, hflip: bool, generator: torch.Generator | None = None
+    n: int,
+    padding: int,
+    hflip: bool,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """(n, 3) int64: crop offsets (y, x) in [0, 2·padding] and a flip bit, drawn uniformly."""
-    oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    flip = (torch.rand(n, generator=generator) < 0.5).long() if hflip else torch.zeros(n, dtype=torch.long)
+    """(n, 3) int64 on `device`: crop offsets (y, x) in [0, 2·padding] and a flip bit, drawn uniformly
+    (drawn where they are used: nothing is copied from the host in a training step)."""
+    oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
+    ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
+    if hflip:
+        flip = (torch.rand(n, generator=generator, device=device) < 0.5).long()
+    else:
+        flip = torch.zeros(n, dtype=torch.long, device=device)
     return torch.stack([oy, ox, flip], 1)
 
 
@@ -126,7 +156,8 @@ def random_crop_flip(
     x: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Batched random crop (zero padding) and horizontal flip of an image batch (N, C, H, W)."""
-    return crop_flip(x, padding, crop_flip_params(len(x), padding, hflip, generator))
+    device = generator.device if generator is not None else x.device
+    return crop_flip(x, padding, crop_flip_params(len(x), padding, hflip, generator, device))
 
 
 class TensorDataModule(pl.LightningDataModule):
@@ -149,6 +180,7 @@ class TensorDataModule(pl.LightningDataModule):
         augment: dict | None = None,
         num_workers: int = 0,
         class_subset: list[int] | None = None,
+        on_device: bool | str = "auto",
         shuffle_seed: int | None = None,
         test_each_epoch: bool = False,
     ):
@@ -168,6 +200,7 @@ class TensorDataModule(pl.LightningDataModule):
                 "augment": augment,
                 "num_workers": num_workers,
                 "class_subset": class_subset,
+                "on_device": on_device,
             },
             "data",
         )
@@ -184,6 +217,7 @@ class TensorDataModule(pl.LightningDataModule):
         self.views = spec.augment.views
         self.view_params: torch.Tensor | None = None  # (n_train, views, 3), drawn once at setup
         self.num_workers = spec.num_workers
+        self.on_device = spec.on_device  # True | False | "auto" (kd_lightning.data.device)
         self.class_subset = None if spec.class_subset is None else [int(c) for c in spec.class_subset]
         self.shuffle_seed = None if shuffle_seed is None else as_seed("seed", shuffle_seed)
         self.test_each_epoch = bool(test_each_epoch)
@@ -403,43 +437,128 @@ class TensorDataModule(pl.LightningDataModule):
         return self._views
 
     def prepare_batch(self, batch: Batch, train: bool) -> Batch:
-        """Scale, normalise and (when training) augment a batch that is already on its device."""
+        """Scale, normalise and (when training) augment a batch that is already on its device. Everything it
+        reads (statistics, recorded view parameters, this epoch's views) is kept on that device: nothing is
+        copied from or read on the host."""
         x = self._to_float(batch.x)
         if self.mean is not None:
-            x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+            mean, std = self._on(x.device, "norm", lambda: (self.mean, self.std))
+            x = (x - mean) / std
         if train and x.dim() == 4 and (self.crop_padding > 0 or self.hflip):
             if self.views is None:
-                x = random_crop_flip(x, self.crop_padding, self.hflip)
+                x = random_crop_flip(x, self.crop_padding, self.hflip, self._augment_rng(x.device))
             elif batch.index is not None:
-                # consistent teaching: this epoch's recorded view of each sample; `slot` is the
-                # (sample, view) that the teacher-output cache keys on
-                index = batch.index.cpu()
-                epoch = self.trainer.current_epoch if self.trainer is not None else 0
-                view = self.epoch_views(epoch)[index]
-                x = crop_flip(x, self.crop_padding, self.view_params[index, view])
-                return batch._replace(x=x, slot=(index * self.views + view).to(batch.index.device))
+                # consistent teaching: this epoch's recorded view of each sample. `slot`, the (sample, view)
+                # the teacher-output store keys on, comes from the sampler, else is found here on the device
+                slot = batch.slot
+                if slot is None:
+                    epoch = self.trainer.current_epoch if self.trainer is not None else 0
+                    key = ("views", self.shuffle_seed, epoch)
+                    views = self._on(x.device, key, lambda: self.epoch_views(epoch))
+                    slot = batch.index * self.views + views[batch.index]
+                params = self._on(x.device, "view_params", lambda: self.view_params.flatten(0, 1))
+                return batch._replace(x=crop_flip(x, self.crop_padding, params[slot]), slot=slot)
         return batch._replace(x=x)
+
+    def _augment_rng(self, device: torch.device) -> torch.Generator:
+        """The random crops and flips of an epoch come from a generator seeded by (run seed, epoch, rank) on
+        the batch's device: the same draws whichever loader made the batch (a DataLoader draws from torch's
+        global generator when it starts an epoch) and after a resume."""
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        seed = self.shuffle_seed if self.shuffle_seed is not None else self.split_seed
+        key = (device, seed, epoch, _world()[1])
+        held = self.__dict__.get("_augment")
+        if held is None or held[0] != key:
+            gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + epoch) * 1009 + key[3])
+            self.__dict__["_augment"] = held = (key, gen)
+        return held[1]
+
+    def _on(self, device: torch.device, what: object, make: Callable[[], Any]) -> Any:
+        """`make()`'s tensors moved to `device` once and kept there (the views of the newest epoch only)."""
+        cache = self.__dict__.setdefault("_device_copies", {})
+        key = (device, what)
+        if key not in cache:
+            if isinstance(what, tuple) and what[0] == "views":
+                for old in [k for k in cache if isinstance(k[1], tuple) and k[1][0] == "views"]:
+                    del cache[old]
+            made = make()
+            cache[key] = tuple(t.to(device) for t in made) if isinstance(made, tuple) else made.to(device)
+        return cache[key]
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         training = self.trainer is not None and self.trainer.training
         return self.prepare_batch(batch, train=training)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    @property
+    def recorded_views(self) -> bool:
+        """Consistent teaching: every training sample has `views` recorded views (the store holds each)."""
+        return self.augments_training and self.views is not None
+
+    def _sampler(self, ds: Dataset, views: bool) -> EpochSeededSampler:
+        seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed() % (2**31)
+        view_of = self.epoch_views if views else None
+        return EpochSeededSampler(len(ds), seed, self._trainer_epoch, *_world(), view_of=view_of)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader | DeviceBatches:
         self._require_setup()
         ds = self.splits[split]
-        seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed() % (2**31)
-        view_of = self.epoch_views if getattr(ds, "views", None) is not None else None
+        batch_size = self.batch_size if split == "train" else self.eval_batch_size
+        device = self._device_for_data()
+        if device is not None:
+            x, y = self._on(device, ("split", split), lambda: (ds.x, ds.y))  # type: ignore[union-attr]
+            return DeviceBatches(x, y, batch_size, self._sampler(ds, views=False) if shuffle else None)
+        # the sampler picks this epoch's recorded view of each training sample: the batch carries its slot,
+        # so stored teacher outputs can be read beside the inputs (`read_targets`)
+        views = shuffle and (getattr(ds, "views", None) is not None or self.recorded_views)
+        if views and isinstance(ds, IndexedTensorDataset):
+            ds.slots_per_sample = self.views or 1
+        collate = self._collate(ds)
+        if split == "train" and self.target_reader is not None:
+            collate = _with_targets(collate, self.target_reader)
         return DataLoader(
             ds,
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            sampler=EpochSeededSampler(len(ds), seed, self._trainer_epoch, *_world(), view_of=view_of)
-            if shuffle
-            else None,
-            collate_fn=self._collate(ds),
+            batch_size=batch_size,
+            sampler=self._sampler(ds, views) if shuffle else None,
+            collate_fn=collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
         )
+
+    target_reader: Callable[[torch.Tensor], Any] | None = None  # set by read_targets
+
+    def read_targets(self, reader: Callable[[torch.Tensor], Any] | None) -> None:
+        """Have the training loader read `reader(slots)` (the teachers' stored outputs, on the CPU) for each
+        batch in its workers, as `Batch.targets`: for stores that do not fit on the training device."""
+        self.target_reader = reader
+
+    def _device_for_data(self) -> torch.device | None:
+        """Where the splits live when `data.on_device` puts them on the training device, else None."""
+        trainer = getattr(self, "trainer", None)
+        if self.on_device is False or trainer is None:
+            return None
+        if not all(isinstance(ds, IndexedTensorDataset) for ds in self.splits.values()):
+            if self.on_device is True:
+                raise ConfigError(
+                    f"data.on_device=true keeps a dataset held in memory on the device; {self.name} reads its "
+                    "samples from files: set data.on_device=auto or false"
+                )
+            return None
+        device = trainer.strategy.root_device
+        if self.on_device is True:
+            if self.target_reader is not None and device.type != "cpu":
+                log.warning(
+                    "data.on_device=true while the teacher stores do not fit on %s: every step reads their "
+                    "rows on the host (data.on_device=auto reads them in the loader's workers instead)",
+                    device,
+                )
+            return device
+        if self.target_reader is not None:  # the stores are read beside the inputs, by a DataLoader
+            return None
+        if device.type == "cpu":  # held in memory there already: batches are gathered without a loader
+            return device
+        nbytes = sum(ds.x.nbytes + ds.y.nbytes for ds in self.splits.values())  # type: ignore[union-attr]
+        return device if fits_on_device(nbytes, device) else None
 
     @property
     def pin_memory(self) -> bool:
@@ -453,6 +572,8 @@ class TensorDataModule(pl.LightningDataModule):
         teacher fitted during a run must not depend on which run (which seed) happened to fit it first. A
         copy, so the run's own datamodule never changes."""
         other = copy.copy(self)
+        other.__dict__["_device_copies"] = {}
+        other.__dict__.pop("_augment", None)
         other.shuffle_seed = int(seed)
         other.trainer = None
         return other

@@ -1,10 +1,13 @@
-"""The batch contract: every datamodule yields `Batch(x, y, index, slot)`, read by name, never by position.
+"""The batch contract: every datamodule yields `Batch(x, y, index, slot, targets)`, read by name, never by position.
 
 - `x`: inputs as loaded (uint8 or float) until `prepare_batch` scales, normalises and augments them;
 - `y`: class labels;
 - `index`: each sample's position in its split (the teacher-output cache and CRD's memory key on it);
 - `slot`: under consistent teaching (`data.augment.views=K`) the recorded (sample, view) the teachers'
-  outputs belong to; None otherwise.
+  outputs belong to; None otherwise;
+- `targets`: the teachers' stored outputs for these slots as stored, `{member: {tap: (rows, ...)}}`, when the
+  loader reads them beside the inputs (stores kept on the host: too large for the device's memory); None
+  otherwise.
 A NamedTuple, so Lightning moves it to the device and default collation keeps its type.
 """
 
@@ -20,6 +23,7 @@ class Batch(NamedTuple):
     y: torch.Tensor
     index: torch.Tensor | None = None
     slot: torch.Tensor | None = None
+    targets: dict[str, dict[str, tuple[torch.Tensor, ...]]] | None = None
 
     @property
     def cache_slot(self) -> torch.Tensor | None:

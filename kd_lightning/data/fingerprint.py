@@ -164,7 +164,9 @@ def note_changes(name: str, parts: Listings, cache_dir: str | Path) -> str | Non
 
 # Data settings that do not change which samples a cache was made from: loader settings, and the folders
 # themselves (what they hold is the fingerprint's part of the key).
-NOT_IDENTITY = ("batch_size", "eval_batch_size", "num_workers", "download", "root", "test_root", "cache_dir")
+NOT_IDENTITY = (
+    "batch_size", "eval_batch_size", "num_workers", "on_device", "download", "root", "test_root", "cache_dir",
+)  # fmt: skip
 
 
 def data_key(data_cfg: Mapping[str, Any], content: str | None = None) -> dict[str, Any]:

@@ -133,7 +133,7 @@ def build_module(spec: RunSpec, dm: TensorDataModule, teachers: TeacherEnsemble 
         aliases=dict(spec.student.get("taps") or {}),
         owner="student",
     )
-    batch = dm.prepare_batch(next(iter(dm.train_dataloader())), train=False)
+    batch = dm.prepare_batch(next(dm.iter_split("train", batch_size=8)), train=False)
     x = batch.x[: min(8, len(batch.x))]
     student_shapes = probe_shapes(student_taps, x)
     _check_logits("student", student_shapes["logits"], dm.num_classes)
@@ -189,10 +189,9 @@ def apply_perf(perf: PerfSpec, models: Iterable[nn.Module], images: bool) -> Non
         if perf.channels_last and images:
             m.to(memory_format=torch.channels_last)
         if perf.compile:
-            m.forward = torch.compile(m.forward, backend=perf.compile_backend)
-    applied = [f"torch.compile ({perf.compile_backend})"] * perf.compile + ["channels_last"] * (
-        perf.channels_last and images
-    )
+            m.forward = torch.compile(m.forward, backend=perf.compile_backend, mode=perf.compile_mode)
+    how = perf.compile_backend + (f", {perf.compile_mode}" if perf.compile_mode else "")
+    applied = [f"torch.compile ({how})"] * perf.compile + ["channels_last"] * (perf.channels_last and images)
     if applied:
         log.info("perf: %s on the student and %d teacher(s)", " + ".join(applied), len(models) - 1)
     elif perf.channels_last:

@@ -59,8 +59,9 @@ def fit_supervised(
     module = supervised_module(model, dm.num_classes, optim)
     trainer = quiet_trainer(max_epochs, accelerator)
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm.reshuffled(seed))  # the fit's own seed orders its batches
-    acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test/acc"])
+    copy = dm.reshuffled(seed)  # the fit's own seed orders its batches; the run's datamodule is not touched
+    trainer.fit(module, datamodule=copy)
+    acc = float(trainer.test(module, datamodule=copy, verbose=False)[0]["test/acc"])
     torch.random.set_rng_state(rng)
     if out_path is not None:
         meta = {"test_acc": acc, "fit_seconds": time.perf_counter() - t0, **(meta or {})}

@@ -131,9 +131,30 @@ def build_trainer(
     extra: dict[str, Any] = {}
     if not spec.trainer.options.get("plugins"):
         extra["plugins"] = [AtomicCheckpointIO()]
-    return instantiate(
+    trainer = instantiate(
         spec.trainer.options, "trainer", callbacks=[*made, *callbacks], logger=loggers or False, **extra
     )
+    broadcast_sigterm_every_n_steps(trainer)
+    return trainer
+
+
+def broadcast_sigterm_every_n_steps(trainer: pl.Trainer) -> None:
+    """Under DDP, Lightning 2.6 broadcasts a "SIGTERM received" flag from rank 0 before every training step
+    and reads it on the host: a GPU wait per step (Lightning issue #21487). Here the ranks broadcast it every
+    `trainer.log_every_n_steps` steps, at the steps where kd_lightning reads its loss anyway, all ranks at
+    the same steps: a signal stops the ranks together, at most that many steps later (what Lightning's
+    proposed `broadcast_sigterm_every_n_steps`, PR #21640, does; a Lightning that has it is left alone)."""
+    loop = trainer.fit_loop.epoch_loop
+    every = getattr(loop, "_broadcast_sigterm_tensor", None)
+    if every is None or hasattr(trainer, "broadcast_sigterm_every_n_steps"):
+        return
+    n = max(1, int(trainer.log_every_n_steps))
+
+    def sparse() -> None:
+        if trainer.global_step % n == 0:
+            every()
+
+    loop._broadcast_sigterm_tensor = sparse
 
 
 def _without_validation(callbacks: Mapping[str, Plain]) -> dict[str, Plain]:

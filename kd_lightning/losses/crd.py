@@ -36,17 +36,13 @@ def _world() -> int:
 
 
 def _gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows of `x` (dim 0 may differ between ranks), concatenated in rank order.
-    Hand-written: torch.distributed.all_gather needs equal shapes, and this runs inside a loss module
-    (no LightningModule.all_gather here)."""
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(_world())]
-    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
-    longest = int(max(sz.item() for sz in sizes))
-    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[: len(x)] = x
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[: int(sz.item())] for part, sz in zip(parts, sizes, strict=True)])
+    """Every rank's rows of `x`, concatenated in rank order. The ranks' batches are of one size (the
+    DDP samplers give every rank as many samples, in batches of one size), so no size is read on the host;
+    a rank whose rows differ in count stops torch.distributed with an error. Hand-written: this runs inside
+    a loss module (no LightningModule.all_gather here)."""
+    out = torch.empty((_world() * len(x), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.contiguous())
+    return out
 
 
 @register_loss("crd")
@@ -77,6 +73,7 @@ class CRD(nn.Module):
         self.register_buffer("memory_t", torch.rand(self.n, self.feat_dim).mul_(2 * stdv).add_(-stdv))
         self.register_buffer("z_s", torch.tensor(-1.0))
         self.register_buffer("z_t", torch.tensor(-1.0))
+        self._z_known = False  # set after the first batch: z_s and z_t hold their estimates from then on
 
     def draw_negatives(self, index: torch.Tensor) -> torch.Tensor:
         """(B, K) indices drawn uniformly from the bank (the sample itself may be drawn, as in the paper)."""
@@ -99,18 +96,20 @@ class CRD(nn.Module):
         else:
             scores = torch.bmm(bank[idx].detach(), anchor.unsqueeze(2)).squeeze(2)
         h = torch.exp(scores / self.tau)
-        if z.item() < 0:  # the normalising constant, estimated once (from every rank's first batch)
+        # the normalising constant, estimated once from every rank's first batch (a resumed run has it from
+        # its checkpoint): the one value read on the host, at the first step only
+        if not self._z_known and z.item() < 0:
             mean = h.mean().detach().clone()
             if _world() > 1:
                 dist.all_reduce(mean)
                 mean /= _world()
-            z.fill_(float(mean * self.n))
+            z.copy_(mean * self.n)
         return h / z
 
     def forward(self, s: torch.Tensor, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if index is None:
             raise ConfigError("crd needs each sample's index in the batch: (x, y, index) batches")
-        if int(index.max()) >= self.n:
+        if not self._z_known and int(index.max()) >= self.n:  # checked on the first batch only
             raise ConfigError(
                 f"crd got sample index {int(index.max())} but its memory holds {self.n} samples"
             )
@@ -120,6 +119,7 @@ class CRD(nn.Module):
         loss = self._nce(self._scores(vs, self.memory_t, idx, self.z_s)) + self._nce(
             self._scores(vt, self.memory_s, idx, self.z_t)
         )
+        self._z_known = True
         if self.training:
             with torch.no_grad():
                 if _world() > 1:  # every rank applies every rank's updates: identical banks

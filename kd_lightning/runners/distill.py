@@ -19,6 +19,7 @@ from kd_lightning.engine.distributed import leave_process_group, pin_ddp_childre
 from kd_lightning.engine.fitting import fit_supervised
 from kd_lightning.engine.prestage import run_pre_stages
 from kd_lightning.engine.resume import newest_checkpoint, resume_mode, sigterm_to_lightning
+from kd_lightning.engine.sync_check import SyncCheck
 from kd_lightning.engine.trainers import (
     RunProgress,
     build_trainer,
@@ -63,6 +64,7 @@ class Built:
     trainer: pl.Trainer
     evaluation: EvalSpec
     precompute: TeacherPrecompute | None  # fills the stores and counts the teachers' work (None: no teachers)
+    syncs: SyncCheck | None  # perf.check_syncs: the host reads of the training steps
 
 
 @dataclass(frozen=True)
@@ -106,9 +108,10 @@ def stage_build(ctx: RunContext) -> Built:
     evaluation = check_eval_cfg(spec.evaluation, dm.input_shape)
     precompute = TeacherPrecompute(module.feed) if module.feed is not None else None
     progress = RunProgress(ctx.results, ctx.out / "results.json")
-    own = [precompute, progress] if precompute is not None else [progress]
+    syncs = SyncCheck() if spec.perf.check_syncs else None
+    own = [c for c in (precompute, progress, syncs) if c is not None]
     trainer = build_trainer(spec, validation="val" in dm.val_roles(), callbacks=own)
-    return Built(teachers, module, trainer, evaluation, precompute)
+    return Built(teachers, module, trainer, evaluation, precompute, syncs)
 
 
 def stage_fit(ctx: RunContext, built: Built) -> Fitted:
@@ -221,6 +224,8 @@ def run_distillation(ctx: RunContext) -> None:
             teacher_precompute_seconds=built.precompute.fill_seconds if built.precompute is not None else 0.0,
             **fitted.pre_stage,
         )
+        if built.syncs is not None:
+            ctx.results["sync_check"] = built.syncs.summary()
         if not fitted.tests_here:
             return
         tested = stage_test(ctx, built, fitted)

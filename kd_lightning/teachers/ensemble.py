@@ -1,4 +1,4 @@
-"""TeacherEnsemble: frozen members (eval always, no gradients), forwarded under inference mode."""
+"""TeacherEnsemble: frozen members (eval always, no gradients), forwarded without autograd."""
 
 from __future__ import annotations
 
@@ -77,10 +77,10 @@ class TeacherEnsemble(nn.Module):
     def forward(self, x: torch.Tensor, names: Iterable[str] | None = None) -> TeacherFeatures:
         """`{member: {tap: tensor}}` for every member, or for `names` only."""
         chosen = self._taps if names is None else {n: self._taps[n] for n in names}
-        with torch.inference_mode():
-            out = {name: taps(x) for name, taps in chosen.items()}
-        # Inference tensors cannot be saved for backward; a clone outside inference mode can.
-        return {name: {k: v.clone() for k, v in feats.items()} for name, feats in out.items()}
+        # no_grad, not inference_mode: an inference tensor cannot be saved for backward, so each output
+        # would need a copy (one more kernel per tap and teacher in every live step) to serve as a target
+        with torch.no_grad():
+            return {name: taps(x) for name, taps in chosen.items()}
 
     def combined_logits(self, feats: Mapping[str, TapFeatures]) -> torch.Tensor:
         """Weighted mean of the members' logits (weights normalised to sum to one)."""

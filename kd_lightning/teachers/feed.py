@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from kd_lightning.teachers.ensemble import TeacherEnsemble, TeacherFeatures
@@ -9,18 +11,28 @@ from kd_lightning.teachers.outputs import TeacherOutputs
 
 
 class TeacherFeed:
-    """The teachers of a run and, when it has them, the stores of their outputs. `features(x, slots)` reads
-    the stores once they are complete (one gather per store), else runs the teachers on the batch and
-    counts those samples (per teacher, as the stores count), for the precompute's accounting."""
+    """The teachers of a run and, when it has them, the stores of their outputs. `features(x, slots, targets)`
+    reads the stores once they are complete: the rows the loader read with the batch (`targets`, stores
+    kept on the host), else one gather per store from its copy on the device; otherwise it runs the teachers
+    on the batch and counts those samples (per teacher, as the stores count), for the precompute's
+    accounting."""
 
     def __init__(self, teachers: TeacherEnsemble, outputs: TeacherOutputs | None = None):
         self.teachers = teachers
         self.outputs = outputs
         self.live_samples = 0  # training samples the teachers ran on during the steps
 
-    def features(self, x: torch.Tensor, slots: torch.Tensor | None) -> TeacherFeatures:
-        if self.outputs is not None and slots is not None and self.outputs.complete:
-            return self.outputs.get(slots, x.device)
+    def features(
+        self,
+        x: torch.Tensor,
+        slots: torch.Tensor | None,
+        targets: Mapping[str, Mapping[str, tuple[torch.Tensor, ...]]] | None = None,
+    ) -> TeacherFeatures:
+        if self.outputs is not None and self.outputs.complete:
+            if targets is not None:
+                return self.outputs.assemble(targets, x.device)
+            if slots is not None:
+                return self.outputs.get(slots, x.device)
         self.live_samples += len(x) * len(self.teachers.names)
         return self.teachers(x)
 

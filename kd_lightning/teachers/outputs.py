@@ -21,6 +21,7 @@ from filelock import FileLock
 
 from kd_lightning.config.specs import AUTO_TOPK, AUTO_TOPK_CLASSES, CacheSpec, Plain
 from kd_lightning.data.base import TensorDataModule
+from kd_lightning.data.device import fits_on_device
 from kd_lightning.data.fingerprint import data_key
 from kd_lightning.errors import ConfigError
 from kd_lightning.teachers.ensemble import TeacherEnsemble, TeacherFeatures
@@ -73,6 +74,31 @@ class TeacherOutputs:
 
     def get(self, slots: torch.Tensor, device: torch.device | str) -> TeacherFeatures:
         return {m: {tap: s.read(slots, device) for tap, s in taps.items()} for m, taps in self.stores.items()}
+
+    def gather(self, slots: torch.Tensor) -> dict[str, dict[str, tuple[torch.Tensor, ...]]]:
+        """The batch's rows as stored (in the loader's workers, for stores kept on the host)."""
+        return {m: {tap: s.gather(slots) for tap, s in taps.items()} for m, taps in self.stores.items()}
+
+    def assemble(
+        self, rows: Mapping[str, Mapping[str, tuple[torch.Tensor, ...]]], device: torch.device | str
+    ) -> TeacherFeatures:
+        """`gather`'s rows, moved with the batch, as the features the losses read."""
+        return {
+            m: {tap: s.assemble(rows[m][tap], device) for tap, s in taps.items()}
+            for m, taps in self.stores.items()
+        }
+
+    def keep_on(self, device: torch.device) -> bool:
+        """Where a step reads its rows: True when they are on `device` (a copy on a GPU when every store
+        takes at most kd_lightning.data.device.DEVICE_SHARE of its free memory; RAM stores for the CPU), False
+        when the loader must read them beside the inputs (`gather`)."""
+        if device.type == "cpu":
+            return all(s.path is None for s in self.all())
+        if not fits_on_device(sum(s.nbytes for s in self.all()), device):
+            return False
+        for s in self.all():
+            s.keep_on(device)
+        return True
 
     def share_between_ranks(self) -> None:
         """Under DDP, RAM stores become files in the run folder (`scratch`) that every rank maps."""

@@ -48,6 +48,9 @@ class TeacherPrecompute(pl.Callback):
                 dm.eval_batch_size,
             )
         self.fill_seconds = time.perf_counter() - t0
+        # the steps read the stores on the training device, or the loader reads them beside the inputs
+        on_device = outputs.keep_on(pl_module.device)
+        dm.read_targets(None if on_device else outputs.gather)
 
     def check_teachers_agree(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Under DDP every rank must hold the same frozen teachers: compare their fingerprints once."""

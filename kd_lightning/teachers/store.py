@@ -162,6 +162,15 @@ class OutputStore(Protocol):
 
     def read(self, slots: torch.Tensor, device: torch.device | str) -> torch.Tensor: ...
 
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+    def assemble(self, rows: tuple[torch.Tensor, ...], device: torch.device | str) -> torch.Tensor: ...
+
+    def keep_on(self, device: torch.device) -> None: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
     def files(self) -> list[str]: ...
 
     def moved(self, folder: Path) -> OutputStore: ...
@@ -182,6 +191,7 @@ class TapStore:
         self.meta_path = folder / f"{name}.json" if folder else None
         self.filled_path = folder / f"{name}.filled" if folder else None
         self.lock_path = folder / f"{name}.lock" if folder else None
+        self._kept: torch.Tensor | None = None  # a copy of the rows on the training device (keep_on)
         self._open()
 
     # --- files -----------------------------------------------------------------------------------
@@ -341,9 +351,27 @@ class TapStore:
             self._complete = False
         return bad
 
+    # --- reading: `gather` where the rows live (a copy on the training device, or the host's rows in the
+    # loader's workers), `assemble` on the training device; `read` is both in one -----------------------
+    def keep_on(self, device: torch.device) -> None:
+        """Keep a copy of the (complete) rows on `device`: a batch's rows are then gathered there."""
+        self._kept = self.rows.to(device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.numel() * self.dtype.itemsize
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The batch's rows as stored, from the device copy when there is one (`slots` already there)."""
+        rows = self.rows if self._kept is None else self._kept
+        return (rows[slots.to(rows.device)],)
+
+    def assemble(self, rows: tuple[torch.Tensor, ...], device: torch.device | str) -> torch.Tensor:
+        """Gathered rows on the device as float32 (the losses compute in float32)."""
+        return rows[0].to(device, non_blocking=True).float()
+
     def read(self, slots: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-        """One gather for the batch, moved to the device as float32 (the losses compute in float32)."""
-        return self.rows[slots.cpu()].to(device, non_blocking=True).float()
+        return self.assemble(self.gather(slots), device)
 
     def files(self) -> list[str]:
         return [str(self.path)] if self.path is not None else []
@@ -415,13 +443,23 @@ class TopKLogitsStore:
     def repaired(self) -> list[int]:
         return [b for p in self.parts for b in getattr(p, "repaired", [])]
 
+    def keep_on(self, device: torch.device) -> None:
+        for p in self.parts:
+            p.keep_on(device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(p.gather(slots)[0] for p in self.parts)
+
+    def assemble(self, rows: tuple[torch.Tensor, ...], device: torch.device | str) -> torch.Tensor:
+        values, indices, lse = (r.to(device, non_blocking=True) for r in rows)
+        return rebuild_logits(values.float(), indices.long(), lse.float(), self.classes)
+
     def read(self, slots: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-        return rebuild_logits(
-            self.values.read(slots, device),
-            self.indices.rows[slots.cpu()].to(device).long(),
-            self.lse.read(slots, device),
-            self.classes,
-        )
+        return self.assemble(self.gather(slots), device)
 
     def files(self) -> list[str]:
         return [f for p in self.parts for f in p.files()]
