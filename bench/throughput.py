@@ -16,7 +16,9 @@ is the time from one step's start to the next one's, data fetch, logging and opt
   (d) hand-written loops   the same computations as (a), (b) and (c) in plain PyTorch, batches gathered from
                            the tensors in memory (hand_student, hand, hand_cached: the teachers' mean logits
                            of every sample computed before the loop and gathered by index)
-  (e) torchdistill         DistillationBox with KDLoss, the teachers' ensemble as its teacher
+  (e) bare Lightning       the student alone as a minimal LightningModule (cross-entropy, Adam) under the same
+                           Trainer settings, batches from the same tensors: what Lightning itself costs
+  (f) torchdistill         DistillationBox with KDLoss, the teachers' ensemble as its teacher
   and, timed apart, the teachers' forward pass alone (for live_over_sum).
 Each of (a)-(e) is one run of `--steps` timed steps; a repetition runs them all in turn, and `--reps`
 repetitions are interleaved, so a slow spell of this shared machine hits every configuration alike.
@@ -24,7 +26,9 @@ Every figure is printed as `name=median [min–max]` over the repetitions (ratio
 repetition). Ratios are times, lower is better; `framework_over_hand` compares live teachers step for step
 with the hand-written loop, `student_over_hand` and `cached_over_hand` the two other modes with theirs;
 `hand_cached_over_hand_student` is what stored targets cost over the student alone in plain PyTorch (the
-KD loss's own operations: the floor of `cached_over_student`); `ours_over_torchdistill` compares live
+KD loss's own operations: the floor of `cached_over_student`); `lightning_over_hand` is a bare
+LightningModule's student step over the hand-written one (Lightning's own cost per step: the floor of
+`student_over_hand`), `student_over_lightning` kd_lightning's student step over the bare LightningModule's; `ours_over_torchdistill` compares live
 teachers step for step, `ours_cached_over_torchdistill` kd_lightning's default (stores filled before the fit).
 Usage: python bench/throughput.py [--workloads cifar,mnist1d] [--steps 30] [--reps 5] [--batch 32]
 """
@@ -217,6 +221,45 @@ def time_hand(work, dm, kind: str, warmup: int) -> float:
     return statistics.median(times)
 
 
+class BareStudent(pl.LightningModule):
+    """The student alone, as little as Lightning needs: what its own loop costs per step."""
+
+    def __init__(self, work: dict):
+        super().__init__()
+        torch.manual_seed(0)
+        self.student = create_model(work["student"], work["classes"], work["shape"])
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        return F.cross_entropy(self.student(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.student.parameters(), lr=LR)
+
+
+class Batches:
+    """The hand loop's batches, as an iterable with a length (what Lightning needs of a loader)."""
+
+    def __init__(self, dm: TensorDataModule):
+        self.dm = dm
+
+    def __iter__(self):
+        return batches(self.dm)
+
+    def __len__(self) -> int:
+        return len(self.dm.splits["train"]) // self.dm.batch_size
+
+
+def time_lightning(work, dm, warmup: int) -> float:
+    timer = StepTimer(warmup)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer],
+    )  # fmt: skip
+    trainer.fit(BareStudent(work), train_dataloaders=Batches(dm))
+    return statistics.median(timer.times)
+
+
 def time_teacher_forward(work, dm, warmup: int) -> float:
     _, teachers = build(work, dm, True, False)
     times = []
@@ -308,6 +351,7 @@ def main() -> None:
                 ("hand_student", time_hand, ("student",)),
                 ("hand", time_hand, ("live",)),
                 ("hand_cached", time_hand, ("cached",)),
+                ("lightning", time_lightning, ()),
                 ("teacher_forward", time_teacher_forward, ()),
                 ("torchdistill", time_torchdistill, ()),
             ):
@@ -324,6 +368,8 @@ def main() -> None:
             "student_over_hand": ("student", "hand_student"),
             "cached_over_hand": ("cached", "hand_cached"),
             "hand_cached_over_hand_student": ("hand_cached", "hand_student"),
+            "lightning_over_hand": ("lightning", "hand_student"),
+            "student_over_lightning": ("student", "lightning"),
             "ours_over_torchdistill": ("live", "torchdistill"),
             "ours_cached_over_torchdistill": ("cached", "torchdistill"),
         }

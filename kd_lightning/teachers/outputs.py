@@ -88,17 +88,21 @@ class TeacherOutputs:
             for m, taps in self.stores.items()
         }
 
-    def keep_on(self, device: torch.device) -> bool:
-        """Where a step reads its rows: True when they are on `device` (a copy on a GPU when every store
-        takes at most kd_lightning.data.device.DEVICE_SHARE of its free memory; RAM stores for the CPU), False
-        when the loader must read them beside the inputs (`gather`)."""
+    def read_in_step(self, device: torch.device, world: int) -> bool:
+        """Where the steps will read the rows, decided before the loaders are made: True when they are on
+        `device` (a copy on a GPU when the stores take at most kd_lightning.data.device.DEVICE_SHARE of its
+        free memory; RAM stores of one process on the CPU), False when the loader reads them beside the
+        inputs (`gather`: stores too large for the GPU, or files: disk stores, and RAM stores that DDP ranks
+        share through files)."""
         if device.type == "cpu":
-            return all(s.path is None for s in self.all())
-        if not fits_on_device(sum(s.nbytes for s in self.all()), device):
-            return False
-        for s in self.all():
-            s.keep_on(device)
-        return True
+            return world == 1 and all(s.path is None for s in self.all())
+        return fits_on_device(sum(s.nbytes for s in self.all()), device)
+
+    def keep_on(self, device: torch.device) -> None:
+        """Copy the complete rows to `device` (a GPU) for the steps to gather there."""
+        if device.type != "cpu":
+            for s in self.all():
+                s.keep_on(device)
 
     def share_between_ranks(self) -> None:
         """Under DDP, RAM stores become files in the run folder (`scratch`) that every rank maps."""
