@@ -20,10 +20,11 @@ from kd_lightning.config.conf_files import (
     CONF_DIR,
     check_composition,
     check_config_dirs,
+    check_launcher,
     config_dirs_from_argv,
 )
 from kd_lightning.config.resolvers import register_resolvers
-from kd_lightning.engine import run_folder
+from kd_lightning.engine import launch, run_folder
 from kd_lightning.engine.distributed import job_scope, launched_as_rank_zero, torchrun_argv
 from kd_lightning.engine.resume import RunInterrupted, resume_command, resume_mode
 from kd_lightning.errors import ConfigError
@@ -132,6 +133,24 @@ def claim_before_hydra(argv: list[str], cfg: DictConfig | None) -> Path | None:
     return folder
 
 
+def follow_rank_zero(argv: list[str]) -> None:
+    """A rank that torchrun or srun started besides rank 0: wait for rank 0's verdict before Hydra writes
+    anything (kd_lightning.engine.launch); a refused run ends here with rank 0's line, a finished one too."""
+    folder = explicit_folder(argv)
+    if folder is None or launched_as_rank_zero():
+        return
+    team = launch.peers(folder)
+    if team is None or team.leader:
+        return
+    verdict = team.wait()
+    if verdict.kind == launch.REFUSE:
+        raise ConfigError(verdict.message)
+    if verdict.kind == launch.SKIP:
+        print(f"{verdict.message}; not repeating it (rank {team.rank})")
+        sys.exit(0)
+    launch.agreed = verdict
+
+
 def main() -> None:
     """`kd-train`: check the YAML files and the composition first, then hand over to Hydra."""
     argv = sys.argv[1:]
@@ -139,9 +158,18 @@ def main() -> None:
     try:
         check_config_dirs(config_dirs_from_argv(argv, CONF_DIR))
         cfg = check_composition(argv, CONF_DIR, loss_options)
+        check_launcher(argv, CONF_DIR)
         sys.argv += torchrun_argv(argv)
+        follow_rank_zero(argv)
+    except ConfigError as e:  # every rank finds these alike
+        config_error_exit(e)
+    try:
         folder = claim_before_hydra(argv, cfg)
-    except ConfigError as e:
+    except ConfigError as e:  # rank 0's alone: the other ranks wait for its verdict, this is it
+        named = explicit_folder(argv)
+        team = launch.peers(named) if named is not None else None
+        if team is not None:
+            team.publish(launch.refusal(e))
         config_error_exit(e)
     try:
         hydra_main()

@@ -92,6 +92,40 @@ def _first_job(overrides: list[str]) -> list[str] | None:
     return first
 
 
+def check_launcher(argv: list[str], conf_dir: Path) -> None:
+    """A sweep sent to SLURM (`-m hydra/launcher=slurm`, submitit): the tasks each job gets must be the
+    processes its Trainer expects, checked now rather than inside every job after it waited in the queue:
+    `hydra.launcher.tasks_per_node` against `trainer.devices`, and `hydra.launcher.nodes` against
+    `trainer.num_nodes` (trainer=multinode reads the node count from SLURM itself)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    multirun = "-m" in argv or "--multirun" in argv
+    if not multirun or not any(a.startswith("hydra/launcher=") and "slurm" in a for a in argv):
+        return
+    overrides = _first_job([a for a in argv if a not in ("-m", "--multirun")])
+    if overrides is None:
+        return
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    launcher, trainer = cfg.hydra.launcher, cfg.trainer
+    raw = OmegaConf.to_container(trainer, resolve=False)
+    tasks, nodes = launcher.get("tasks_per_node"), launcher.get("nodes")
+    devices = str(trainer.get("devices"))
+    if tasks is not None and devices.isdigit() and int(devices) != int(tasks):
+        raise ConfigError(
+            f"hydra.launcher.tasks_per_node={tasks} starts {tasks} processes per node, but trainer.devices="
+            f"{devices}: Lightning would stop every job in the queue. Set trainer.devices={tasks} (one process "
+            "per GPU), or hydra.launcher.tasks_per_node to trainer.devices"
+        )
+    from_env = "kd_num_nodes" in str(raw.get("num_nodes", ""))
+    if nodes is not None and not from_env and int(trainer.get("num_nodes", 1)) != int(nodes):
+        raise ConfigError(
+            f"hydra.launcher.nodes={nodes} but trainer.num_nodes={trainer.get('num_nodes', 1)}: use "
+            f"trainer=multinode (it reads the node count from SLURM) or trainer.num_nodes={nodes}"
+        )
+
+
 def check_composition(
     argv: list[str], conf_dir: Path, options_of: Callable[[str], list[str]] | None = None
 ) -> Any:

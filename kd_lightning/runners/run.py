@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd_lightning.config.resolvers import register_resolvers
 from kd_lightning.config.run_spec import RunSpec, parse_run
 from kd_lightning.config.specs import Plain
-from kd_lightning.engine import run_folder
+from kd_lightning.engine import launch, run_folder
 from kd_lightning.engine.distributed import is_rank_zero
 from kd_lightning.engine.resume import (
     check_resume,
@@ -116,21 +116,34 @@ def run(cfg: DictConfig) -> dict[str, Plain]:
     written.
     """
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     owner = is_rank_zero()
-    if owner:  # the other ranks of a DDP run exist only while rank 0 owns the folder
-        run_folder.claim(out)
+    team = launch.peers(out)  # the other ranks of a torchrun or srun launch, who follow rank 0's verdict
+    if team is not None and not team.leader:
+        verdict = launch.agreed or team.wait()
+        if verdict.kind == launch.REFUSE:
+            raise ConfigError(verdict.message)
+        if verdict.kind == launch.SKIP:
+            return run_folder.previous_results(out) or {}
     try:
-        return _run_in_folder(cfg, out, owner)
-    finally:
-        if owner:
-            run_folder.release(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if owner:  # the other ranks of a DDP run exist only while rank 0 owns the folder
+            run_folder.claim(out)
+        try:
+            return _run_in_folder(cfg, out, owner, team)
+        finally:
+            if owner:
+                run_folder.release(out)
+    except BaseException as e:
+        if team is not None:  # rank 0 stopped before saying the run starts: the others stop with it
+            team.publish(launch.refusal(e))
+        raise
 
 
-def _run_in_folder(cfg: DictConfig, out: Path, owner: bool) -> dict[str, Plain]:
+def _run_in_folder(cfg: DictConfig, out: Path, owner: bool, team: launch.Peers | None) -> dict[str, Plain]:
     resume = resume_mode(cfg.get("resume"))
     try:  # stage 0: the whole config, typed, before anything is written
         spec, problem = parse_run(cfg), None
+        launch.check_world(spec.trainer.options)
     except ConfigError as e:
         spec, problem = None, e
     accepted: list[str] = []
@@ -147,6 +160,8 @@ def _run_in_folder(cfg: DictConfig, out: Path, owner: bool) -> dict[str, Plain]:
             same = done.get("config_hash") == digest if "config_hash" in done else not accepted
             if done.get("status") == "ok" and same:
                 log.info("resume=auto: %s already finished with this config, not repeating it", out)
+                if team is not None:
+                    team.publish(launch.Verdict(launch.SKIP, f"{out} already finished with this config"))
                 return done
     elif owner:
         run_folder.refuse_to_replace(out, resume, bool(cfg.get("overwrite")))
@@ -160,6 +175,8 @@ def _run_in_folder(cfg: DictConfig, out: Path, owner: bool) -> dict[str, Plain]:
     }
     if accepted:
         results["resume_accepted"] = accepted
+    if team is not None:  # every check that can refuse the run is behind us: the other ranks may start
+        team.publish(launch.refusal(problem) if problem is not None else launch.Verdict(launch.GO))
     if owner:
         write_json_atomic(out / "results.json", results)
     runner = None
