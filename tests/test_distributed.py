@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kd_lightning.engine.build import build_module, build_teacher_ensemble
-from kd_lightning.engine.distributed import num_nodes_from_env, spawns_children, torchrun_argv
+from kd_lightning.engine.distributed import num_nodes_from_env, ranks_argv, spawns_children
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import load_model
 
@@ -72,17 +72,32 @@ def test_who_spawns_ranks(monkeypatch):
     assert not spawns_children({"strategy": "ddp", "devices": 2})
 
 
-def test_torchrun_ranks_must_share_a_folder():
+def test_torchrun_and_srun_ranks_must_share_a_folder():
     env = {"TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "2", "RANK": "1"}
-    with pytest.raises(ConfigError, match=r"hydra.run.dir=<"):
-        torchrun_argv(["seed=1"], env)
-    assert torchrun_argv(["hydra.run.dir=/x"], env) == [
-        "hydra.output_subdir=null",
-        "hydra.job.name=train_rank1",
-    ]
-    assert torchrun_argv(["hydra.run.dir=/x"], {**env, "RANK": "0"}) == []
+    with pytest.raises(ConfigError, match=r"under torchrun every rank .* hydra.run.dir=<"):
+        ranks_argv(["seed=1"], env)
+    assert ranks_argv(["hydra.run.dir=/x"], env) == ["hydra.output_subdir=null"]  # rank 0 writes .hydra/
+    assert ranks_argv(["hydra.run.dir=/x"], {**env, "RANK": "0"}) == []
     with pytest.raises(ConfigError, match="hydra.sweep.dir"):
-        torchrun_argv(["-m", "hydra.run.dir=/x"], env)
+        ranks_argv(["-m", "hydra.run.dir=/x"], env)
+    srun = {"SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_JOB_NAME": "kd"}
+    with pytest.raises(ConfigError, match=r"under srun every rank"):
+        ranks_argv(["seed=1"], srun)
+    assert ranks_argv(["hydra.run.dir=/x"], srun) == ["hydra.output_subdir=null"]
+    assert ranks_argv(["seed=1"], {**srun, "SLURM_NTASKS": "1"}) == []  # one task: an ordinary run
+
+
+def test_every_launcher_names_the_logs_by_rank(monkeypatch):
+    from kd_lightning.config.resolvers import log_name
+
+    for k in ("RANK", "SLURM_NTASKS", "SLURM_PROCID", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert log_name("train") == "train.log"
+    for env in ({"RANK": "3"}, {"SLURM_NTASKS": "4", "SLURM_PROCID": "3"}, {"LOCAL_RANK": "3"}):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            assert log_name("train_ddp_process_3") == "train_rank3.log"
 
 
 @pytest.mark.slow
@@ -99,7 +114,8 @@ def test_ddp_two_processes_one_folder_rank0_writes(tmp_path, cache_dir):
     )
     assert "baseline_test_acc" in r
     assert [p.parent for p in (tmp_path / "outputs").rglob(".hydra")] == [job]  # no second Hydra folder
-    assert (job / "train_ddp_process_1.log").exists() and (job / "student.pt").exists()
+    assert (job / "train_rank1.log").exists() and (job / "student.pt").exists()  # logs named by rank
+    assert not list(job.glob("train_ddp_process_*.log"))
     ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert not [k for k in ckpt["state_dict"] if "teacher" in k]
 
@@ -140,6 +156,7 @@ def test_two_nodes_over_loopback_with_torchrun(tmp_path, cache_dir):
     [r] = _results(run_dir)
     assert r["status"] == "ok" and (run_dir / "student.pt").exists()
     assert list(run_dir.rglob(".hydra")) == [run_dir / ".hydra"]
+    assert sorted(p.name for p in run_dir.glob("*.log")) == ["train.log", "train_rank1.log"]
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from kd_lightning.config.conf_files import (
 )
 from kd_lightning.config.resolvers import register_resolvers
 from kd_lightning.engine import launch, run_folder
-from kd_lightning.engine.distributed import job_scope, launched_as_rank_zero, torchrun_argv
+from kd_lightning.engine.distributed import job_scope, launched_as_rank_zero, ranks_argv
 from kd_lightning.engine.resume import RunInterrupted, resume_command, resume_mode
 from kd_lightning.errors import ConfigError
 
@@ -159,7 +159,7 @@ def main() -> None:
         check_config_dirs(config_dirs_from_argv(argv, CONF_DIR))
         cfg = check_composition(argv, CONF_DIR, loss_options)
         check_launcher(argv, CONF_DIR)
-        sys.argv += torchrun_argv(argv)
+        sys.argv += ranks_argv(argv)
         follow_rank_zero(argv)
     except ConfigError as e:  # every rank finds these alike
         config_error_exit(e)

@@ -22,6 +22,24 @@ def num_nodes_from_env() -> int:
     return 1
 
 
+def launch_rank(env: dict[str, str] | None = None) -> int:
+    """This process's global rank as its launcher set it, before any process group exists: torchrun's RANK,
+    SLURM's SLURM_PROCID (several tasks), Lightning's LOCAL_RANK for the ranks it starts on one machine."""
+    env = dict(os.environ if env is None else env)
+    if env.get("RANK"):
+        return int(env["RANK"])
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and env.get("SLURM_PROCID"):
+        return int(env["SLURM_PROCID"])
+    return int(env.get("LOCAL_RANK") or 0)
+
+
+def log_name(job_name: str) -> str:
+    """The run's log file: `<job>.log` (train.log) for rank 0, `train_rank<N>.log` for the others, whichever
+    launcher started them (Lightning would name its own ranks' logs train_ddp_process_<N>.log)."""
+    rank = launch_rank()
+    return f"{job_name}.log" if rank == 0 else f"train_rank{rank}.log"
+
+
 def user_cache_dir() -> str:
     """The per-user cache: $KD_CACHE_DIR, else the platform's user cache folder (~/.cache/kd_lightning on
     Linux, as torch hub and Hugging Face keep theirs), shared by every folder a run starts from."""
@@ -36,6 +54,7 @@ RESOLVERS = {
     "kd_subsets": resolve_subsets,  # ${kd_subsets:${teachers.members}[,min[,max]]} → "[a],[b],[a,b]"
     "kd_num_nodes": num_nodes_from_env,
     "kd_user_cache": user_cache_dir,  # ${kd_user_cache:} → the per-user cache folder (paths.cache_dir)  # ${kd_num_nodes:} → nodes from KD_NUM_NODES / SLURM / torchrun
+    "kd_log_name": log_name,  # ${kd_log_name:${hydra.job.name}} → train.log, train_rank1.log, ...
 }
 
 

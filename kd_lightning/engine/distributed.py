@@ -24,6 +24,10 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.files import atomic_write
 
 JOB_CONFIG = "ddp_job"
+# the children's log is named by their rank (train_rank1.log), as conf/hydra/default.yaml names every rank's
+RANK_LOG = (
+    "hydra.job_logging.handlers.file.filename='${hydra.runtime.output_dir}/${kd_log_name:${hydra.job.name}}'"
+)
 
 # Variables set by launchers that start every rank themselves (Lightning then spawns nothing).
 _EXTERNAL_LAUNCH = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
@@ -54,7 +58,7 @@ def pin_ddp_children_to_job(
     path = out / ".kd" / f"{JOB_CONFIG}.yaml"
     resolved = OmegaConf.create(dict(config))
     atomic_write(path, lambda tmp: OmegaConf.save(resolved, tmp))
-    sys.argv[1:] = ["--config-path", str(path.parent), "--config-name", JOB_CONFIG]
+    sys.argv[1:] = ["--config-path", str(path.parent), "--config-name", JOB_CONFIG, RANK_LOG]
     hydra_cfg = HydraConfig.get()
     with read_write(hydra_cfg), open_dict(hydra_cfg):
         hydra_cfg.run.dir = str(out)  # Lightning appends hydra.run.dir=<this> to the children's command
@@ -107,20 +111,25 @@ def launched_as_rank_zero(env: Mapping[str, str] = os.environ) -> bool:
     return all(env.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
-def torchrun_argv(argv: list[str], env: Mapping[str, str] = os.environ) -> list[str]:
-    """Under torchrun every rank runs `kd-train`: they must share one run folder, and only rank 0 writes
-    Hydra's files there. Returns the extra overrides for this rank; raises ConfigError when the folder
-    would differ between ranks (Hydra's default folder name is a timestamp)."""
-    if "TORCHELASTIC_RUN_ID" not in env or int(env.get("WORLD_SIZE", "1")) <= 1:
+def ranks_argv(argv: list[str], env: Mapping[str, str] = os.environ) -> list[str]:
+    """Under torchrun or srun every rank runs `kd-train`: they must share one run folder, and only rank 0
+    writes Hydra's files there (each rank's log is named by conf/hydra/default.yaml). Returns the extra
+    overrides for this rank; raises ConfigError when the folder would differ between ranks (Hydra's default
+    folder name is a timestamp)."""
+    from kd_lightning.engine.launch import slurm_tasks
+
+    torchrun = "TORCHELASTIC_RUN_ID" in env and int(env.get("WORLD_SIZE", "1")) > 1
+    if not (torchrun or slurm_tasks(env)):
         return []
     multirun = "-m" in argv or "--multirun" in argv
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     if not any(a.startswith(key + "=") for a in argv):
+        who = "torchrun" if torchrun else "srun"
         raise ConfigError(
-            f"under torchrun every rank must write to the same folder: pass {key}=<a folder all nodes can reach>"
+            f"under {who} every rank must write to the same folder: pass {key}=<a folder all nodes can reach>"
         )
-    rank = env.get("RANK", "0")
-    return [] if rank == "0" else ["hydra.output_subdir=null", f"hydra.job.name=train_rank{rank}"]
+    rank = env.get("RANK", "0") if torchrun else env.get("SLURM_PROCID", "0")
+    return [] if rank == "0" else ["hydra.output_subdir=null"]
 
 
 def is_rank_zero() -> bool:
