@@ -134,12 +134,13 @@ def small_filesystem(path: Path, size: str = "64k"):
 
 
 class ReadResultsDuringFit(pl.Callback):
-    """Reads the run's results.json at the start of every training epoch after the first, as a user
-    watching a sweep would (into `SEEN`)."""
+    """Reads the run's results.json in every training epoch after the first (at its end, as a user watching
+    a sweep would read it at any time: the run writes it once an epoch's checkpoints are written), into
+    `SEEN`."""
 
     SEEN: list[dict] = []
 
-    def on_train_epoch_start(self, trainer, pl_module):
+    def on_train_epoch_end(self, trainer, pl_module):
         import json
 
         if trainer.current_epoch > 0:

@@ -66,7 +66,10 @@ def test_no_host_read_under_ddp_with_stores_read_by_the_loader(tmp_path, cache_d
     proc = run_cli(*FAST, *CHECKED, "trainer=ddp_cpu", "trainer.devices=2", "distill=kd",
                    f"hydra.run.dir={run_dir}", cwd=ROOT, env={"KD_CACHE_DIR": str(cache_dir)})  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _checked(json.loads((run_dir / "results.json").read_text()))
+    res = json.loads((run_dir / "results.json").read_text())
+    _checked(res)
+    # the RAM stores the ranks shared as files in the run folder are gone after the fit, and not listed
+    assert res["teacher_store_files"] == [] and not list((run_dir / ".kd").rglob("*.bin"))
 
 
 class ReadsTheLossOnTheHost(pl.Callback):

@@ -75,10 +75,10 @@ def test_killed_mid_epoch_then_resume_auto_matches_uninterrupted_run(tmp_path, c
         assert res["status"] == "interrupted" and res["last_checkpoint"] == str(last)
         assert res["resume_command"].endswith(f"resume=auto hydra.run.dir={run_dir}") and "Resume with" in out
     else:
-        assert (
-            not (run_dir / "results.json").is_file()
-            or json.loads((run_dir / "results.json").read_text())["status"] != "ok"
-        )
+        killed = json.loads((run_dir / "results.json").read_text())
+        assert killed["status"] == "running"
+        # the progress is what last.ckpt holds: it is written once an epoch's checkpoints are
+        assert killed["progress"]["epochs_done"] == killed_epoch + 1 == len(killed["epoch_seconds"])
 
     resumed = _launch(run_dir, cache_dir, "resume=auto")
     out, _ = resumed.communicate(timeout=600)
@@ -97,6 +97,12 @@ def test_killed_mid_epoch_then_resume_auto_matches_uninterrupted_run(tmp_path, c
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
     val_epochs = [int(r["epoch"]) for r in rows if r.get("val/acc")]
     assert val_epochs == [0, 1, 2, 3]
+    # The run's figures cover both attempts: each epoch's time once, the fit time and the teachers' work
+    # of both (the RAM store is made again by the second), and the resume said so on the console.
+    assert res["attempts"] == 2 and len(res["epoch_seconds"]) == 4
+    assert res["teacher_forward_samples"] == 2 * ref["teacher_forward_samples"] > 0
+    assert res["fit_seconds"] > sum(res["epoch_seconds"][killed_epoch + 1 :])
+    assert f"resuming {run_dir} from {last}: {killed_epoch + 1} of 4 epochs done (attempt 2)" in out
 
     # A finished run is not repeated by resume=auto.
     again = _launch(run_dir, cache_dir, "resume=auto")

@@ -8,7 +8,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,34 +78,69 @@ def quiet_lightning(verbose: bool) -> None:
 
 
 class RunProgress(pl.Callback):
-    """results.json, rewritten atomically after every training epoch (rank 0): `status: running` with
-    `progress` (epochs done of max_epochs), so that a sweep's progress can be read from its folders; the
-    wall time of each epoch of this process (`epoch_seconds`, its validation included) and, on a GPU, the
-    peak memory its tensors took (`peak_gpu_memory_mib`, torch.cuda.max_memory_allocated)."""
+    """results.json while the fit runs, rewritten atomically by rank 0 once each epoch's checkpoints are
+    written (at the next epoch's start, and when training ends): `status: running` with `progress` (the
+    epochs done of max_epochs: what last.ckpt holds), the wall time of each epoch (`epoch_seconds`, its
+    validation included), the fit time so far (`fit_seconds`) and the training samples × teachers the
+    teachers ran on so far (`teacher_forward_samples`: rank 0's count times the ranks, exact at the end),
+    and on a GPU the peak memory its tensors took (`peak_gpu_memory_mib`). A resumed run adds the earlier
+    attempts' time, teacher work and kept epochs to its own (`carry`; `attempts` counts them)."""
 
-    def __init__(self, results: dict[str, Any], path: Path):
+    def __init__(self, results: dict[str, Any], path: Path, forward_samples: Callable[[], int] = lambda: 0):
         self.results, self.path = results, path
-        self.started = 0.0
+        self.forward_samples = forward_samples  # this process's teacher samples so far
+        self.started = self.fit_started = 0.0
+        self.epochs: list[float] = []  # this attempt's
+        self.carried: dict[str, Any] = {"fit_seconds": 0.0, "teacher_forward_samples": 0, "epoch_seconds": []}
+        self.attempts = 1
+
+    def carry(self, earlier: Mapping[str, Any], epochs_kept: int) -> None:
+        """Continue the earlier attempt of this run: its time and teacher work, and the epochs its checkpoint
+        holds (an epoch it finished after that checkpoint is done again, and counted once)."""
+        self.carried = {
+            "fit_seconds": float(earlier.get("fit_seconds") or 0.0),
+            "teacher_forward_samples": int(earlier.get("teacher_forward_samples") or 0),
+            "epoch_seconds": list(earlier.get("epoch_seconds") or [])[:epochs_kept],
+        }
+        self.attempts = int(earlier.get("attempts") or 1) + 1
+
+    def totals(self, fit_seconds: float, teacher_forward_samples: int) -> dict[str, Any]:
+        """The run's figures over its attempts, from this attempt's own."""
+        return {
+            "fit_seconds": self.carried["fit_seconds"] + fit_seconds,
+            "teacher_forward_samples": self.carried["teacher_forward_samples"] + teacher_forward_samples,
+            "epoch_seconds": [*self.carried["epoch_seconds"], *self.epochs],
+            "attempts": self.attempts,
+        }
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_started = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.epochs:  # the epoch before this one and its checkpoints are done
+            self._write(trainer, pl_module)
         self.started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.sanity_checking:
+        if not trainer.sanity_checking:
+            self.epochs.append(round(time.perf_counter() - self.started, 4))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write(trainer, pl_module)
+
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
             return
         from kd_lightning.files import write_json_atomic
 
-        seconds = self.results.setdefault("epoch_seconds", [])
-        seconds.append(round(time.perf_counter() - self.started, 4))
+        so_far = self.forward_samples() * trainer.world_size
+        self.results.update(self.totals(time.perf_counter() - self.fit_started, so_far))
         if pl_module.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
             self.results["peak_gpu_memory_mib"] = round(
                 max(peak, self.results.get("peak_gpu_memory_mib", 0)), 1
             )
-        self.results["progress"] = {
-            "epochs_done": trainer.current_epoch + 1,
-            "max_epochs": trainer.max_epochs,
-        }
+        self.results["progress"] = {"epochs_done": trainer.current_epoch, "max_epochs": trainer.max_epochs}
         write_json_atomic(self.path, self.results)
 
 

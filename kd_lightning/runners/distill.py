@@ -64,6 +64,7 @@ class Built:
     trainer: pl.Trainer
     evaluation: EvalSpec
     precompute: TeacherPrecompute | None  # fills the stores and counts the teachers' work (None: no teachers)
+    progress: RunProgress  # results.json while the fit runs; the figures summed over a resumed run's attempts
     syncs: SyncCheck | None  # perf.check_syncs: the host reads of the training steps
 
 
@@ -107,11 +108,15 @@ def stage_build(ctx: RunContext) -> Built:
     module = build_module(spec, dm, teachers)
     evaluation = check_eval_cfg(spec.evaluation, dm.input_shape)
     precompute = TeacherPrecompute(module.feed) if module.feed is not None else None
-    progress = RunProgress(ctx.results, ctx.out / "results.json")
+    progress = RunProgress(
+        ctx.results,
+        ctx.out / "results.json",
+        (lambda: module.feed.computed_samples) if module.feed is not None else (lambda: 0),
+    )
     syncs = SyncCheck() if spec.perf.check_syncs else None
     own = [c for c in (precompute, progress, syncs) if c is not None]
     trainer = build_trainer(spec, validation="val" in dm.val_roles(), callbacks=own)
-    return Built(teachers, module, trainer, evaluation, precompute, syncs)
+    return Built(teachers, module, trainer, evaluation, precompute, progress, syncs)
 
 
 def stage_fit(ctx: RunContext, built: Built) -> Fitted:
@@ -119,7 +124,13 @@ def stage_fit(ctx: RunContext, built: Built) -> Fitted:
     ckpt = resume_path(ctx.spec.settings.resume, ctx.out)
     pin_ddp_children_to_job(ctx.spec.trainer.options, ctx.spec.resolved, ctx.out)
     if ckpt is not None:
-        keep_metrics_until(trainer, checkpoint_epoch(ckpt))
+        epoch = checkpoint_epoch(ckpt)
+        keep_metrics_until(trainer, epoch)
+        built.progress.carry(ctx.earlier, epochs_kept=epoch + 1)
+        log.info(
+            "resuming %s from %s: %d of %d epochs done (attempt %d)",
+            ctx.out, ckpt, epoch + 1, ctx.spec.trainer.max_epochs, built.progress.attempts,
+        )  # fmt: skip
     t0 = time.perf_counter()
     # a method's pre-stage (FT's paraphraser) trains before the fit; a resumed run has it in the checkpoint
     pre_stage = run_pre_stages(built.module, ctx.dm, ctx.spec.trainer.fit_accelerator) if ckpt is None else {}
@@ -142,7 +153,7 @@ def stage_fit(ctx: RunContext, built: Built) -> Fitted:
         leave_process_group()
         tests_here = trainer.is_global_zero
     outputs = built.module.teacher_outputs
-    files = outputs.files() if outputs is not None else []
+    files = [f for f in outputs.files() if Path(f).exists()] if outputs is not None else []  # DDP's are gone
     by_rank = built.precompute.forward_by_rank if built.precompute is not None else [0] * trainer.world_size
     return Fitted(val, best or None, seconds, ckpt, tests_here, by_rank, files, pre_stage)
 
@@ -215,10 +226,9 @@ def run_distillation(ctx: RunContext) -> None:
         fitted = stage_fit(ctx, built)
         ctx.results.update(
             resumed_from=fitted.resumed_from,
-            fit_seconds=fitted.fit_seconds,
+            **built.progress.totals(fitted.fit_seconds, sum(fitted.teacher_forward_by_rank)),
             val_acc=fitted.val_acc,
             train_samples=ctx.dm.num_train,
-            teacher_forward_samples=sum(fitted.teacher_forward_by_rank),
             teacher_forward_samples_by_rank=fitted.teacher_forward_by_rank,
             teacher_store_files=fitted.store_files,
             teacher_precompute_seconds=built.precompute.fill_seconds if built.precompute is not None else 0.0,

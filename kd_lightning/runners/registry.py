@@ -36,6 +36,7 @@ class RunContext:
     out: Path
     results: dict[str, Any] = field(default_factory=dict)
     cfg: DictConfig | None = None
+    earlier: dict[str, Any] = field(default_factory=dict)  # results.json of the attempt a resume continues
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,7 @@ def _run_in_folder(cfg: DictConfig, out: Path, owner: bool, team: launch.Peers |
     except ConfigError as e:
         spec, problem = None, e
     accepted: list[str] = []
+    earlier: dict[str, Any] = {}  # results.json of the attempt this run continues (resume=auto)
     digest = config_hash(spec.resolved) if spec is not None else None
     if resume == "auto":
         if spec is None:
@@ -156,7 +157,7 @@ def _run_in_folder(cfg: DictConfig, out: Path, owner: bool, team: launch.Peers |
             accepted = check_resume(spec.resolved, spec.settings.resume_accept, out)
             if accepted:
                 log.info("resume=auto: continuing %s with accepted changes: %s", out, "; ".join(accepted))
-            done = (run_folder.previous_results(out) or {}) if owner else {}
+            done = earlier = (run_folder.previous_results(out) or {}) if owner else {}
             same = done.get("config_hash") == digest if "config_hash" in done else not accepted
             if done.get("status") == "ok" and same:
                 log.info("resume=auto: %s already finished with this config, not repeating it", out)
@@ -196,7 +197,7 @@ def _run_in_folder(cfg: DictConfig, out: Path, owner: bool, team: launch.Peers |
         dm = stage_data(spec)
         spec = resolve_pretrained_models(spec)
         write_resolved_config(spec.resolved, out)
-        runner.run(RunContext(spec, dm, out, results, cfg))
+        runner.run(RunContext(spec, dm, out, results, cfg, earlier))
         if results["status"] == "running":
             results["status"] = "ok"
     except ConfigError as e:
