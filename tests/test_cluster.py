@@ -6,7 +6,9 @@ data is read. Two torchrun "nodes" on localhost with gloo stand in for two machi
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -146,3 +148,41 @@ def test_a_slurm_sweep_whose_tasks_do_not_match_the_trainer_is_refused_before_su
     done = run_cli("-m", "hydra/launcher=slurm", "hydra.launcher.nodes=2", "trainer=ddp", "trainer.devices=1",
                    "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=ROOT)  # fmt: skip
     assert done.returncode == 2 and "hydra.launcher.nodes=2 but trainer.num_nodes=1" in done.stderr
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (torchrun's workers)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_node_that_dies_leaves_the_survivor_two_lines_and_the_resume_command(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    nodes = _torchrun_nodes(run_dir, tmp_path, cache_dir, "trainer.max_epochs=40", "data.batch_size=8")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.is_file() and time.monotonic() < deadline and nodes[1].poll() is None:
+        time.sleep(0.1)
+    assert last.is_file(), "no checkpoint before the deadline"
+    for worker in _children(nodes[1].pid):  # node 1's training process dies (as a node that loses power)
+        os.kill(worker, signal.SIGKILL)
+    survivor = nodes[0].communicate(timeout=300)[0]
+    nodes[1].communicate(timeout=60)
+    worker_lines = survivor.split("torch/distributed/elastic/multiprocessing/api.py")[0]  # before torchrun's report
+    assert "Traceback" not in worker_lines, worker_lines[-3000:]
+    lines = [ln for ln in worker_lines.splitlines() if ln.strip()]
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("Training failed"))
+    said = lines[first : first + 2]
+    assert said[0].startswith("Training failed on rank 0: another rank of this run stopped"), said
+    assert f"The last good checkpoint is {last}" in said[1] and "resume=auto" in said[1]
+    assert f"hydra.run.dir={run_dir}" in said[1]
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "failed"

@@ -23,10 +23,10 @@ from kd_lightning.config.conf_files import (
     check_launcher,
     config_dirs_from_argv,
 )
-from kd_lightning.config.resolvers import register_resolvers
+from kd_lightning.config.resolvers import launch_rank, register_resolvers
 from kd_lightning.engine import launch, run_folder
 from kd_lightning.engine.distributed import job_scope, launched_as_rank_zero, ranks_argv
-from kd_lightning.engine.resume import RunInterrupted, resume_command, resume_mode
+from kd_lightning.engine.resume import RunInterrupted, newest_checkpoint, resume_command, resume_mode
 from kd_lightning.errors import ConfigError
 
 register_resolvers()
@@ -65,9 +65,10 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 
 def failure_lines(e: BaseException, out: Path) -> list[str] | None:
-    """Two lines for a failure the user's settings or data cause (non-finite loss, out of memory, a file that
-    cannot be read or written): the cause and what to change, then the last good checkpoint (or that there
-    is none) and where the full traceback is. None for anything else."""
+    """Two lines for a failure the user's settings, data or cluster cause (non-finite loss, out of memory, a
+    file that cannot be read or written, another rank or node that died): the cause and what to change,
+    then the last good checkpoint (or that there is none) with how to continue, and where the full traceback
+    is. None for anything else."""
     text = f"{e}".strip().splitlines()[0] if str(e).strip() else type(e).__name__
     oom = isinstance(e, MemoryError) or "out of memory" in str(e).lower()
     if isinstance(e, FloatingPointError):
@@ -77,6 +78,11 @@ def failure_lines(e: BaseException, out: Path) -> list[str] | None:
             f"Training failed: out of memory ({text}). Lower data.batch_size (and data.eval_batch_size), use "
             "trainer.precision=bf16-mixed or 16-mixed, or smaller models"
         )
+    elif lost_a_rank(e):
+        cause = (
+            f"Training failed on rank {launch_rank()}: another rank of this run stopped ({text}); its node's log "
+            "says why (a node that died, was preempted or ran out of memory)"
+        )
     elif isinstance(e, OSError):
         cause = (
             f"Training failed: {text}. A file could not be read or written: fix or remove it, or free space"
@@ -84,11 +90,28 @@ def failure_lines(e: BaseException, out: Path) -> list[str] | None:
     else:
         return None
     results = run_folder.previous_results(out) or {}
-    last, log_file = results.get("last_checkpoint"), results.get("log_file")
-    where = f"full traceback in {log_file}" if log_file else "full traceback in results.json"
+    last, log_file = results.get("last_checkpoint") or newest_checkpoint(out), results.get("log_file")
+    where = f"full traceback in {log_file}" if log_file else "full traceback in the run's log"
     if last:
-        return [cause, f"The last good checkpoint is {last} (resume=auto continues from it); {where}"]
+        how = (
+            "launch the same command again with resume=auto"
+            if lost_a_rank(e)
+            else "resume=auto continues from it"
+        )
+        return [cause, f"The last good checkpoint is {last} ({how}: {resume_command(out)}); {where}"]
     return [cause, f"No checkpoint was written before the failure; {where}"]
+
+
+def lost_a_rank(e: BaseException) -> bool:
+    """A collective failed because another process of the run is gone (gloo's closed connections, NCCL's
+    aborted communicator, torch.distributed's own errors)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("connection reset by peer", "connection closed by peer", "gloo", "nccl")
+    )
 
 
 def loss_options(distance: str) -> list[str]:
