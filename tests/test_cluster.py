@@ -18,6 +18,7 @@ import pytest
 
 from kd_lightning.engine.launch import check_world, peers
 from kd_lightning.errors import ConfigError
+from kd_lightning.models import load_model
 
 from .conftest import FAST, ROOT, run_cli
 from .test_distributed import _env, _free_port
@@ -177,7 +178,9 @@ def test_a_node_that_dies_leaves_the_survivor_two_lines_and_the_resume_command(t
         os.kill(worker, signal.SIGKILL)
     survivor = nodes[0].communicate(timeout=300)[0]
     nodes[1].communicate(timeout=60)
-    worker_lines = survivor.split("torch/distributed/elastic/multiprocessing/api.py")[0]  # before torchrun's report
+    worker_lines = survivor.split("torch/distributed/elastic/multiprocessing/api.py")[
+        0
+    ]  # before torchrun's report
     assert "Traceback" not in worker_lines, worker_lines[-3000:]
     lines = [ln for ln in worker_lines.splitlines() if ln.strip()]
     first = next(i for i, ln in enumerate(lines) if ln.startswith("Training failed"))
@@ -186,3 +189,84 @@ def test_a_node_that_dies_leaves_the_survivor_two_lines_and_the_resume_command(t
     assert f"The last good checkpoint is {last}" in said[1] and "resume=auto" in said[1]
     assert f"hydra.run.dir={run_dir}" in said[1]
     assert json.loads((run_dir / "results.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_the_local_submitit_launcher_runs_a_job_and_refuses_several_tasks(tmp_path, cache_dir):
+    """Trying a SLURM sweep on one machine first: one job runs and leaves no folder named after a SLURM
+    pattern; several tasks per node (which it would start as colliding copies of the job) are refused."""
+    sweep = tmp_path / "sweep"
+    env = _env(tmp_path, cache_dir)
+    done = run_cli(
+        "-m", "hydra/launcher=submitit_local", *FAST, "seed=0", f"hydra.sweep.dir={sweep}", cwd=ROOT, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((sweep / "0" / "results.json").read_text())["status"] == "ok"
+    assert not list(sweep.rglob("%j"))
+    done = run_cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *FAST, "seed=0",
+                   f"hydra.sweep.dir={tmp_path / 'two'}", cwd=ROOT, env=env)  # fmt: skip
+    assert done.returncode == 2 and "runs each task as a separate copy of the job" in done.stderr
+    assert not (tmp_path / "two").exists()
+
+
+def test_a_slurm_sweep_needs_a_gpu_per_task(tmp_path):
+    done = run_cli("-m", "hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=4",
+                   "trainer=multinode", "trainer.devices=4", "seed=0,1", f"hydra.sweep.dir={tmp_path}", cwd=ROOT)  # fmt: skip
+    assert done.returncode == 2 and "hydra.launcher.gpus_per_node=1: each task trains on a GPU" in done.stderr
+
+
+PREEMPTED_JOB = [*FAST, "data.batch_size=8", "trainer.max_epochs=3", "trainer.deterministic=true", "seed=3",
+                 "logger=none", "callbacks.progress_bar=null"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_slurms_warning_saves_a_mid_epoch_checkpoint_and_the_requeued_job_ends_as_if_never_stopped(
+    tmp_path, cache_dir
+):
+    """SLURM sends SIGUSR2 before the time limit (submitit's `--signal=USR2@120`): the job saves where it is,
+    in the middle of an epoch; the requeued job (SLURM_RESTART_COUNT=1) continues from that batch and ends
+    with the weights of a job that was never stopped."""
+    env = _env(tmp_path, cache_dir)
+    reference = run_cli(*PREEMPTED_JOB, f"hydra.run.dir={tmp_path / 'reference'}", cwd=ROOT, env=env)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    run_dir = tmp_path / "job"
+    slurm = {**os.environ, **env, "SLURM_JOB_ID": "4242", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "kd_lightning.train", *PREEMPTED_JOB, f"hydra.run.dir={run_dir}"]
+    job = subprocess.Popen(
+        cmd, cwd=ROOT, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    results = run_dir / "results.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and job.poll() is None:  # into the second epoch
+        if (
+            results.is_file()
+            and json.loads(results.read_text()).get("progress", {}).get("epochs_done", 0) >= 1
+        ):
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert job.poll() is None, "the job ended before the signal; make it longer"
+    job.send_signal(signal.SIGUSR2)
+    out = job.communicate(timeout=120)[0]
+    assert job.returncode == 128 + signal.SIGUSR2, out[-3000:]
+    assert "a checkpoint was saved mid-epoch" in out and "resume=auto" in out
+    import torch
+
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    [where] = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    train = json.loads((tmp_path / "reference" / "results.json").read_text())["train_samples"]
+    assert where["epoch"] == ckpt["epoch"] >= 1 and 0 < where["samples"] < train  # in the middle of an epoch
+    assert json.loads(results.read_text())["status"] == "interrupted"
+
+    requeued = subprocess.run(cmd, cwd=ROOT, env={**slurm, "SLURM_RESTART_COUNT": "1"}, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert "resuming" in requeued.stdout + requeued.stderr
+    a, b = (load_model(d / "student.pt") for d in (tmp_path / "reference", run_dir))
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    r, ref = (json.loads((d / "results.json").read_text()) for d in (run_dir, tmp_path / "reference"))
+    assert r["status"] == "ok" and r["test_acc"] == pytest.approx(ref["test_acc"], abs=1e-6)

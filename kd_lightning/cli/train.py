@@ -22,6 +22,7 @@ from kd_lightning.config.conf_files import (
     check_config_dirs,
     check_launcher,
     config_dirs_from_argv,
+    launcher_argv,
 )
 from kd_lightning.config.resolvers import launch_rank, register_resolvers
 from kd_lightning.engine import launch, run_folder
@@ -182,7 +183,7 @@ def main() -> None:
         check_config_dirs(config_dirs_from_argv(argv, CONF_DIR))
         cfg = check_composition(argv, CONF_DIR, loss_options)
         check_launcher(argv, CONF_DIR)
-        sys.argv += ranks_argv(argv)
+        sys.argv += ranks_argv(argv) + launcher_argv(argv)
         follow_rank_zero(argv)
     except ConfigError as e:  # every rank finds these alike
         config_error_exit(e)

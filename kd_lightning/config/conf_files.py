@@ -101,7 +101,8 @@ def check_launcher(argv: list[str], conf_dir: Path) -> None:
     from omegaconf import OmegaConf
 
     multirun = "-m" in argv or "--multirun" in argv
-    if not multirun or not any(a.startswith("hydra/launcher=") and "slurm" in a for a in argv):
+    submitit = [a for a in argv if a.startswith("hydra/launcher=") and ("slurm" in a or "submitit" in a)]
+    if not multirun or not submitit:
         return
     overrides = _first_job([a for a in argv if a not in ("-m", "--multirun")])
     if overrides is None:
@@ -109,6 +110,16 @@ def check_launcher(argv: list[str], conf_dir: Path) -> None:
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     launcher, trainer = cfg.hydra.launcher, cfg.trainer
+    if submitit[-1].endswith("submitit_local"):
+        if int(launcher.get("tasks_per_node") or 1) > 1:
+            raise ConfigError(
+                f"hydra.launcher.tasks_per_node={launcher.get('tasks_per_node')}: hydra/launcher=submitit_local "
+                "runs each task as a separate copy of the job, not as DDP ranks (they would collide in one "
+                "folder). Keep tasks_per_node=1 and use trainer=ddp_cpu trainer.devices=N (or trainer=ddp) for "
+                "several processes; to preview a SLURM sweep's settings: kd-train <overrides> --cfg hydra -p "
+                "hydra.launcher hydra/launcher=slurm"
+            )
+        return
     raw = OmegaConf.to_container(trainer, resolve=False)
     tasks, nodes = launcher.get("tasks_per_node"), launcher.get("nodes")
     devices = str(trainer.get("devices"))
@@ -118,12 +129,27 @@ def check_launcher(argv: list[str], conf_dir: Path) -> None:
             f"{devices}: Lightning would stop every job in the queue. Set trainer.devices={tasks} (one process "
             "per GPU), or hydra.launcher.tasks_per_node to trainer.devices"
         )
+    gpus, on_gpu = launcher.get("gpus_per_node"), str(trainer.get("accelerator")) in ("gpu", "cuda", "auto")
+    if tasks is not None and gpus is not None and on_gpu and 0 < int(gpus) < int(tasks):
+        raise ConfigError(
+            f"hydra.launcher.tasks_per_node={tasks} but hydra.launcher.gpus_per_node={gpus}: each task trains "
+            f"on a GPU of its own; set hydra.launcher.gpus_per_node={tasks}"
+        )
     from_env = "kd_num_nodes" in str(raw.get("num_nodes", ""))
     if nodes is not None and not from_env and int(trainer.get("num_nodes", 1)) != int(nodes):
         raise ConfigError(
             f"hydra.launcher.nodes={nodes} but trainer.num_nodes={trainer.get('num_nodes', 1)}: use "
             f"trainer=multinode (it reads the node count from SLURM) or trainer.num_nodes={nodes}"
         )
+
+
+def launcher_argv(argv: list[str]) -> list[str]:
+    """Extra overrides for the chosen launcher: submitit's local executor creates its folder literally, so
+    its default `.submitit/%j` (a SLURM job-id pattern) would leave a folder named `%j`."""
+    local = any(a == "hydra/launcher=submitit_local" for a in argv)
+    if not local or any(a.startswith("hydra.launcher.submitit_folder=") for a in argv):
+        return []
+    return ["hydra.launcher.submitit_folder=${hydra.sweep.dir}/.submitit"]
 
 
 def check_composition(

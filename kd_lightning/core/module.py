@@ -160,6 +160,14 @@ class DistillationModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.test_curve = [float(a) for a in checkpoint.get("test_curve", [])]
+        # A checkpoint saved mid-epoch records how far its loader got. Lightning hands that to the loader only
+        # when it makes the loader after restoring, but this module's optimiser setup asks for the loader
+        # (estimated_stepping_batches) before: the datamodule is told here, before either.
+        loops = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        for state in loops.get("combined_loader") or []:
+            if state and hasattr(dm, "resume_after"):
+                dm.resume_after(int(state["epoch"]), int(state["samples"]))
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         x, y = self._input(batch), batch.y

@@ -57,11 +57,19 @@ class EpochSeededSampler(DistributedSampler):
         epoch = self.epoch_source() if self.epoch_source is not None else None
         return self.epoch if epoch is None else int(epoch)
 
+    def resume_after(self, epoch: int, samples: int) -> None:
+        """A run resumed in the middle of `epoch`: this rank's first `samples` of it were trained on."""
+        self.skip = (int(epoch), int(samples))
+
+    skip: tuple[int, int] = (-1, 0)  # (epoch, samples of it already trained on), set by resume_after
+
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 100003 + self.current_epoch())
         perm = torch.randperm(self.n, generator=gen).tolist()
         perm += perm[: self.total_size - self.n]
         mine = perm[self.rank : self.total_size : self.num_replicas]
+        if self.skip[0] == self.current_epoch():
+            mine = mine[self.skip[1] :]
         if self.view_of is None:
             return iter(mine)
         views = self.view_of(self.current_epoch())
@@ -102,6 +110,25 @@ class IndexedTensorDataset(Dataset):
     @property
     def labels(self) -> torch.Tensor:
         return self.y
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that a mid-epoch checkpoint can resume: its state is how far into the epoch training got
+    (`position()`: the epoch and the batches done), and a resumed run's sampler skips those batches, so the
+    run continues with the batch it would have trained next (Lightning saves and restores the state of a
+    loader that has `state_dict` / `load_state_dict`)."""
+
+    def __init__(self, *args: Any, position: Callable[[], tuple[int, int]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.position = position
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.position()
+        return {"epoch": epoch, "samples": batches * int(self.batch_size or 1)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if isinstance(self.sampler, EpochSeededSampler):
+            self.sampler.resume_after(state["epoch"], state["samples"])
 
 
 def batch_is_collated(batch: Any) -> Any:
@@ -497,7 +524,16 @@ class TensorDataModule(pl.LightningDataModule):
     def _sampler(self, ds: Dataset, views: bool) -> EpochSeededSampler:
         seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed() % (2**31)
         view_of = self.epoch_views if views else None
-        return EpochSeededSampler(len(ds), seed, self._trainer_epoch, *_world(), view_of=view_of)
+        sampler = EpochSeededSampler(len(ds), seed, self._trainer_epoch, *_world(), view_of=view_of)
+        sampler.resume_after(*self._resume)
+        return sampler
+
+    _resume: tuple[int, int] = (-1, 0)
+
+    def resume_after(self, epoch: int, samples: int) -> None:
+        """A run resumed from a checkpoint saved in the middle of `epoch`, after `samples` of this rank's
+        training samples of it: the training loader starts with the next one."""
+        self._resume = (int(epoch), int(samples))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader | DeviceBatches:
         self._require_setup()
@@ -506,7 +542,8 @@ class TensorDataModule(pl.LightningDataModule):
         device = self._device_for_data()
         if device is not None:
             x, y = self._on(device, ("split", split), lambda: (ds.x, ds.y))  # type: ignore[union-attr]
-            return DeviceBatches(x, y, batch_size, self._sampler(ds, views=False) if shuffle else None)
+            order = self._sampler(ds, views=False) if shuffle else None
+            return DeviceBatches(x, y, batch_size, order, self._position if shuffle else None)
         # the sampler picks this epoch's recorded view of each training sample: the batch carries its slot,
         # so stored teacher outputs can be read beside the inputs (`read_targets`)
         views = shuffle and (getattr(ds, "views", None) is not None or self.recorded_views)
@@ -515,15 +552,24 @@ class TensorDataModule(pl.LightningDataModule):
         collate = self._collate(ds)
         if split == "train" and self.target_reader is not None:
             collate = _with_targets(collate, self.target_reader)
-        return DataLoader(
+        kwargs = {"collate_fn": collate, "num_workers": self.num_workers, "pin_memory": self.pin_memory}
+        if not shuffle:
+            return DataLoader(ds, batch_size=batch_size, persistent_workers=self.num_workers > 0, **kwargs)
+        return ResumableLoader(
             ds,
             batch_size=batch_size,
-            sampler=self._sampler(ds, views) if shuffle else None,
-            collate_fn=collate,
-            num_workers=self.num_workers,
+            sampler=self._sampler(ds, views),
             persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
+            position=self._position,
+            **kwargs,
         )
+
+    def _position(self) -> tuple[int, int]:
+        """How far into its epoch training is: (epoch, batches completed), for a mid-epoch checkpoint."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
     target_reader: Callable[[torch.Tensor], Any] | None = None  # set by read_targets
 

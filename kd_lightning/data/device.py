@@ -10,7 +10,7 @@ Hand-written: neither Lightning nor torch.utils.data offers a loader over device
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import Sampler
@@ -42,13 +42,27 @@ class DeviceBatches:
         y: torch.Tensor,
         batch_size: int,
         sampler: Sampler[int] | None = None,
+        position: Callable[[], tuple[int, int]] | None = None,
     ):
         self.x, self.y, self.device = x, y, x.device
+        self.position = position  # (epoch, batches done): what a mid-epoch checkpoint records
         self.batch_size, self.order = (
             int(batch_size),
             sampler,
         )  # not `sampler`: Lightning would read it as a DataLoader's
         self._n = len(sampler) if sampler is not None else len(self.y)
+
+    def state_dict(self) -> dict[str, int]:
+        """How far into its epoch training got (Lightning saves it with a checkpoint)."""
+        if self.position is None:
+            return {}
+        epoch, batches = self.position()
+        return {"epoch": epoch, "samples": batches * self.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """A resumed run continues the epoch with the batch it would have trained next."""
+        if state and hasattr(self.order, "resume_after"):
+            self.order.resume_after(state["epoch"], state["samples"])
 
     def __len__(self) -> int:
         return (self._n + self.batch_size - 1) // self.batch_size

@@ -17,6 +17,8 @@ from kd_lightning.core.module import DistillationModule
 from kd_lightning.engine.build import build_module, build_teacher_ensemble
 from kd_lightning.engine.distributed import leave_process_group, pin_ddp_children_to_job
 from kd_lightning.engine.fitting import fit_supervised
+from kd_lightning.engine.preempt import PreemptionCheckpoint
+from kd_lightning.engine.preempt import wanted as preemption_warned
 from kd_lightning.engine.prestage import run_pre_stages
 from kd_lightning.engine.resume import newest_checkpoint, resume_mode, sigterm_to_lightning
 from kd_lightning.engine.sync_check import SyncCheck
@@ -114,7 +116,8 @@ def stage_build(ctx: RunContext) -> Built:
         (lambda: module.feed.computed_samples) if module.feed is not None else (lambda: 0),
     )
     syncs = SyncCheck() if spec.perf.check_syncs else None
-    own = [c for c in (precompute, progress, syncs) if c is not None]
+    preempt = PreemptionCheckpoint(ctx.out) if preemption_warned() else None  # SLURM's warning: save, requeue
+    own = [c for c in (precompute, progress, syncs, preempt) if c is not None]
     trainer = build_trainer(spec, validation="val" in dm.val_roles(), callbacks=own)
     return Built(teachers, module, trainer, evaluation, precompute, progress, syncs)
 
