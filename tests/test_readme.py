@@ -52,8 +52,22 @@ def _env_and_words(command: str) -> tuple[dict[str, str], list[str]]:
     return env, words
 
 
+SHELL_SETUP = re.compile(r"source|[A-Z_][A-Z0-9_]*=\$\(.*")  # an sbatch script's own lines (first word)
+
+
+def _unwrap(words: list[str]) -> list[str]:
+    """The command that `srun` (an sbatch script) starts on every task: `srun kd-train ...`, or `srun bash -c
+    '<command>'`."""
+    if words and words[0] == "srun":
+        words = words[1:]
+        if words[:2] == ["bash", "-c"]:
+            return _env_and_words(words[2])[1]
+    return words
+
+
 def _train_args(words: list[str]) -> list[str] | None:
     """The kd-train overrides of a kd-train or `torchrun ... -m kd_lightning.train` command."""
+    words = _unwrap(words)
     if words[0] == "kd-train":
         return words[1:]
     if words[0] == "torchrun" and "kd_lightning.train" in words:
@@ -69,6 +83,8 @@ def _users_file(override: str) -> bool:
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[c[:70] for c in COMMANDS])
 def test_readme_command(command, tmp_path, cache_dir, monkeypatch):
+    if SHELL_SETUP.fullmatch(shlex.split(command)[0]):
+        return  # activating the environment, naming the master node: the script's own shell lines
     env, words = _env_and_words(command)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
