@@ -323,3 +323,27 @@ def test_a_moved_cifar_folder_keeps_its_fingerprint_and_another_one_does_not(tmp
     write_cifar(other, 10)  # same files, same sizes, other contents and times
     assert CIFARDataModule(root=str(other)).content_fingerprint() != before
     assert DigitsDataModule().content_fingerprint() is None  # generated: its config is its identity
+
+
+def _cifar_file(path: Path, images: int, labels: list[int], key: bytes = b"fine_labels") -> None:
+    import pickle
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.random.default_rng(0).integers(0, 256, (images, 3072), dtype=np.uint8)
+    path.write_bytes(pickle.dumps({b"data": data, key: labels}))
+
+
+def test_a_cifar_file_with_a_label_out_of_range_or_misaligned_is_refused_naming_it(tmp_path):
+    from kd_lightning.data import CIFARDataModule
+
+    folder = tmp_path / "cifar-10-batches-py"
+    for i in range(1, 6):
+        _cifar_file(folder / f"data_batch_{i}", 4, [0, 1, 2, 9], b"labels")
+    _cifar_file(folder / "test_batch", 4, [0, 1, 2, 10], b"labels")  # 10 in a 10-class set
+    with pytest.raises(
+        ConfigError, match=r"test_batch: 1 label\(s\) outside 0..9 \(e.g. \[10\], in labels\)"
+    ):
+        CIFARDataModule(root=str(tmp_path), classes=10).load()
+    _cifar_file(folder / "test_batch", 30, list(range(9)) * 2 + [1] * 7, b"labels")  # 30 images, 25 labels
+    with pytest.raises(ConfigError, match=r"test_batch: 30 images but 25 labels"):
+        CIFARDataModule(root=str(tmp_path), classes=10).load()

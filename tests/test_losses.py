@@ -63,3 +63,34 @@ def test_soft_mse_regresses_onto_teacher_probabilities():
     torch.testing.assert_close(loss(s, t), by_hand)
     with pytest.raises(ConfigError, match="temperature"):
         create_loss("soft_mse", temperature=0.0)
+
+
+class _Scaled(torch.nn.Module):
+    """A loss of a user's own: one option, `scale`."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, s, t):
+        return self.scale * (s - t).pow(2).mean()
+
+
+def test_a_loss_of_your_own_has_its_options_checked_before_any_teacher_is_fitted(make_cfg, monkeypatch):
+    from kd_lightning.losses.registry import _LOSSES, register_loss
+    from kd_lightning.runners import distill
+    from kd_lightning.runners.run import run
+
+    def no_teachers_yet(*a, **k):
+        raise AssertionError("the teachers were built before the options were checked")
+
+    monkeypatch.setattr(distill, "build_teacher_ensemble", no_teachers_yet)
+    register_loss("tests_scaled")(_Scaled)
+    try:
+        cfg = make_cfg("distill=kd", "distill.terms.kd.distance=tests_scaled", "~distill.terms.kd.temperature",
+                       "+distill.terms.kd.sclae=3")  # fmt: skip
+        with pytest.raises(ConfigError, match=r"distill.terms.kd: loss 'tests_scaled' got unknown option\(s\) "
+                           r"\['sclae'\] \('sclae': did you mean 'scale'\?\); valid options: scale"):  # fmt: skip
+            run(cfg)
+    finally:
+        del _LOSSES["tests_scaled"]

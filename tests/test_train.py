@@ -340,3 +340,18 @@ def test_a_misspelt_key_lists_the_valid_ones_in_the_first_message_and_trainer_ar
     ):
         check_trainer({"precision": "bf17-mixed"})
     check_trainer({"devices": "4", "num_nodes": 2, "precision": "bf16-mixed", "accelerator": "gpu"})
+
+
+def test_several_cpu_devices_say_that_they_run_ddp(make_cfg, caplog):
+    from kd_lightning.runners.run import run
+
+    with caplog.at_level("INFO", logger="kd_lightning"):
+        assert run(make_cfg("trainer=cpu", "trainer.devices=3", "dry_run=true"))["status"] == "dry_run"
+    said = [r.getMessage() for r in caplog.records if "CPU processes" in r.getMessage()]
+    assert said == [
+        "trainer.devices=3 on the CPU: DDP over 3 CPU processes (gloo), each with data.batch_size=64"
+    ]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kd_lightning"):
+        run(make_cfg("trainer=cpu", "dry_run=true"))
+    assert not [r for r in caplog.records if "CPU processes" in r.getMessage()]  # one process: nothing to say

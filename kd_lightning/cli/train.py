@@ -117,15 +117,12 @@ def lost_a_rank(e: BaseException) -> bool:
 
 def loss_options(distance: str) -> list[str]:
     """A distance's own options (its constructor's arguments), for the message about a misspelt term key."""
-    import inspect
-
     try:
-        from kd_lightning.losses.registry import INJECTED, loss_class
+        from kd_lightning.losses.registry import loss_options as options
 
-        params = inspect.signature(loss_class(distance).__init__).parameters
-    except Exception:
+        return sorted(options(distance))
+    except Exception:  # an unknown distance: its own message comes later
         return []
-    return sorted(p for p in params if p not in ("self", "args", "kwargs", *INJECTED))
 
 
 def config_error_exit(e: ConfigError) -> None:

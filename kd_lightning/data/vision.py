@@ -94,16 +94,43 @@ class CIFARDataModule(TensorDataModule):
             )
 
         def read(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
-            batches = [read_cifar_batch(folder / f) for f in files]
-            x = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(
-                -1, 3, 32, 32
-            )
-            y = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
-            return x, y
+            xs, ys = [], []
+            for f in files:
+                batch = read_cifar_batch(folder / f)
+                if "data" not in batch or label_key not in batch:
+                    raise ConfigError(
+                        f"{folder / f} lacks 'data' or '{label_key}': not a CIFAR-{self.classes} batch file"
+                    )
+                x = np.asarray(batch["data"], dtype=np.uint8)
+                y = np.asarray(batch[label_key], dtype=np.int64)
+                self._check_batch(folder / f, x, y, label_key)
+                xs.append(x.reshape(-1, 3, 32, 32))
+                ys.append(y)
+            return np.concatenate(xs), np.concatenate(ys)
 
         x_tr, y_tr = read(train_files)
         x_te, y_te = read(test_files)
         return {"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te}
+
+    def _check_batch(self, path: Path, x: np.ndarray, y: np.ndarray, label_key: str) -> None:
+        """One image per label, 3×32×32 bytes each, and every label a class of this CIFAR: a file that breaks
+        one of these would load misaligned or train a head of the wrong width."""
+        if x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+            raise ConfigError(
+                f"{path}: 'data' holds {x.shape[1] if x.ndim == 2 else x.shape} values per image; CIFAR has "
+                f"3×32×32 = 3072"
+            )
+        if len(x) != len(y):
+            raise ConfigError(
+                f"{path}: {len(x)} images but {len(y)} labels ({label_key}); they must match one to one"
+            )
+        bad = (y < 0) | (y >= self.classes)
+        if bad.any():
+            values = sorted({int(v) for v in y[bad]})[:5]
+            raise ConfigError(
+                f"{path}: {int(bad.sum())} label(s) outside 0..{self.classes - 1} (e.g. {values}, in {label_key}); "
+                f"CIFAR-{self.classes} has {self.classes} classes (data.classes)"
+            )
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -10,8 +10,9 @@ A loss class may also
 
 from __future__ import annotations
 
+import difflib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
@@ -52,15 +53,32 @@ def forward_extras(loss: nn.Module) -> tuple[str, ...]:
     return tuple(p for p in FORWARD_EXTRAS if p in params)
 
 
+def loss_options(name: str) -> list[str]:
+    """The options a loss takes from the config: its constructor's arguments, less what is filled in."""
+    params = inspect.signature(loss_class(name).__init__).parameters
+    return [p for p in params if p not in ("self", "args", "kwargs", *INJECTED)]
+
+
+def check_options(name: str, given: Iterable[str]) -> None:
+    """Every option given to loss `name` is one of its constructor's (built-in and registered ones alike; a
+    misspelt option is never ignored), with the nearest valid one named."""
+    options = loss_options(name)
+    unknown = sorted(set(given) - set(options))
+    if not unknown:
+        return
+    near = {u: difflib.get_close_matches(u, options, n=1) for u in unknown}
+    hint = "; ".join(f"{u!r}: did you mean {m[0]!r}?" for u, m in near.items() if m)
+    raise ConfigError(
+        f"loss {name!r} got unknown option(s) {unknown}"
+        + (f" ({hint})" if hint else "")
+        + f"; valid options: {choices(options) or '(none)'}"
+    )
+
+
 def create_loss(name: str, injected: dict[str, Any] | None = None, **kwargs: Any) -> nn.Module:
     cls = loss_class(name)
     params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
-    options = [p for p in params if p not in INJECTED]
-    unknown = sorted(set(kwargs) - set(options))
-    if unknown:
-        raise ConfigError(
-            f"loss {name!r} got unknown option(s) {unknown}; valid options: {choices(options) or '(none)'}"
-        )
+    check_options(name, kwargs)
     needed = [p for p in params if p in INJECTED]
     missing = [p for p in needed if p not in (injected or {})]
     if missing:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from kd_lightning.config.run_spec import RunSpec
 from kd_lightning.config.specs import EvalSpec
 from kd_lightning.core.module import DistillationModule
 from kd_lightning.engine.build import build_module, build_teacher_ensemble
@@ -32,6 +33,7 @@ from kd_lightning.engine.trainers import (
 from kd_lightning.errors import ConfigError
 from kd_lightning.evaluation import robustness_summary
 from kd_lightning.evaluation.run_eval import check_eval_cfg, evaluate_and_write
+from kd_lightning.losses.registry import check_options
 from kd_lightning.models import save_model
 from kd_lightning.runners.registry import RunContext, register_runner
 from kd_lightning.runners.summary import print_summary
@@ -55,6 +57,15 @@ def checkpoint_epoch(path: str) -> int:
     import torch
 
     return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+
+
+def check_term_options(spec: RunSpec) -> None:
+    """Each distill term's options against its loss's constructor, a loss of your own included."""
+    for name, term in spec.distill.terms.items():
+        try:
+            check_options(term.distance, term.options)
+        except ConfigError as e:
+            raise ConfigError(f"distill.terms.{name}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,7 @@ def stage_build(ctx: RunContext) -> Built:
         raise ConfigError(
             "amalgamation is set but runner=distill: add runner=amalgamation (experiment=ye2019 does)"
         )
+    check_term_options(spec)  # before any teacher is fitted
     teachers = build_teacher_ensemble(spec, dm)
     pl.seed_everything(spec.seed, workers=True)
     module = build_module(spec, dm, teachers)
@@ -119,6 +131,11 @@ def stage_build(ctx: RunContext) -> Built:
     preempt = PreemptionCheckpoint(ctx.out) if preemption_warned() else None  # SLURM's warning: save, requeue
     own = [c for c in (precompute, progress, syncs, preempt) if c is not None]
     trainer = build_trainer(spec, validation="val" in dm.val_roles(), callbacks=own)
+    if trainer.num_devices > 1 and trainer.strategy.root_device.type == "cpu" and trainer.is_global_zero:
+        log.info(
+            "trainer.devices=%d on the CPU: DDP over %d CPU processes (gloo), each with data.batch_size=%d",
+            trainer.num_devices, trainer.num_devices, dm.batch_size,
+        )  # fmt: skip
     return Built(teachers, module, trainer, evaluation, precompute, progress, syncs)
 
 
