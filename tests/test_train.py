@@ -355,3 +355,19 @@ def test_several_cpu_devices_say_that_they_run_ddp(make_cfg, caplog):
     with caplog.at_level("INFO", logger="kd_lightning"):
         run(make_cfg("trainer=cpu", "dry_run=true"))
     assert not [r for r in caplog.records if "CPU processes" in r.getMessage()]  # one process: nothing to say
+
+
+@pytest.mark.slow
+def test_a_quoted_run_folder_is_the_one_locked_and_checked(tmp_path, cache_dir):
+    """`'hydra.run.dir="outputs/x"'`: Hydra writes to outputs/x; the lock and the finished-run check must be
+    on that folder too, not on one whose name holds the quotes."""
+    run_dir = tmp_path / "x"
+    first = run_cli(*FAST, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}", cwd=ROOT,
+                    env=_cli_env(tmp_path, cache_dir))  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    config = (run_dir / ".hydra" / "config.yaml").read_bytes()
+    again = run_cli(*FAST, "trainer.max_epochs=2", f'hydra.run.dir="{run_dir}"', cwd=tmp_path,
+                    env=_cli_env(tmp_path, cache_dir))  # fmt: skip
+    assert again.returncode == 2 and "holds a finished run" in again.stderr, again.stderr[-2000:]
+    assert (run_dir / ".hydra" / "config.yaml").read_bytes() == config  # not rewritten with max_epochs=2
+    assert [p.name for p in tmp_path.iterdir() if '"' in p.name] == []  # no folder named with the quotes

@@ -131,10 +131,19 @@ def config_error_exit(e: ConfigError) -> None:
 
 
 def explicit_folder(argv: list[str]) -> Path | None:
-    """The folder a command line names for its run (`hydra.run.dir=`) or its sweep (`hydra.sweep.dir=`)."""
+    """The folder a command line names for its run (`hydra.run.dir=`) or its sweep (`hydra.sweep.dir=`), as
+    Hydra reads it (quotes removed, escapes undone): the folder that is locked is the one the run writes."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     key = "hydra.sweep.dir=" if ("-m" in argv or "--multirun" in argv) else "hydra.run.dir="
-    found = [a[len(key) :] for a in argv if a.startswith(key)]
-    return Path(found[-1]) if found else None
+    found = [a for a in argv if a.startswith(key)]
+    if not found:
+        return None
+    try:
+        value = OverridesParser.create().parse_override(found[-1]).value()
+    except Exception:  # Hydra will report the override itself
+        return Path(found[-1][len(key) :])
+    return Path(str(value))
 
 
 def claim_before_hydra(argv: list[str], cfg: DictConfig | None) -> Path | None:
