@@ -572,3 +572,35 @@ def test_flipped_bytes_in_a_store_are_caught_and_only_their_block_recomputed(tmp
     torch.testing.assert_close(again.get(torch.arange(10), "cpu")["t"]["embed"], values)
     caplog.clear()
     assert outputs().complete and "checksums" not in caplog.text  # repaired for good
+
+
+def test_a_byte_that_changes_before_the_store_is_sealed_is_computed_again_not_sealed(tmp_path):
+    """A row is written, then a byte of it changes in the file (a failing disk, another process) before the
+    fill seals the store: the row reads back otherwise than it was written, so it is computed again and the
+    sealed store holds the teacher's outputs."""
+    key = store_key({"data": "x"}, 64, "t", "logits", "logits", "float32", "32-true")
+    store = TapStore(key, (10,), tmp_path, "t-logits")
+    outputs = TeacherOutputs({"t": {"logits": store}})
+    inputs = torch.randn(64, 10)
+
+    def teacher(x, member):
+        return {"logits": x * 2}
+
+    flipped = []
+
+    def batches(chunks):
+        for chunk in chunks:
+            yield inputs[chunk]
+            if not flipped and store.filled.sum() == 64:  # every row written, nothing sealed yet
+                with open(store.path, "r+b") as f:
+                    f.seek(5 * 40 + 3)  # a byte of row 5
+                    byte = f.read(1)
+                    f.seek(5 * 40 + 3)
+                    f.write(bytes([byte[0] ^ 0x10]))
+                flipped.append(5)
+
+    done = outputs.fill(teacher, batches, batch_size=16)
+    assert flipped == [5] and store.complete and done == 64 + 1  # every row, then row 5 once more
+    assert torch.equal(store.rows, inputs * 2) and store.check(full=True) == []
+    reopened = TapStore(key, (10,), tmp_path, "t-logits")
+    assert reopened.complete and torch.equal(reopened.rows, inputs * 2)

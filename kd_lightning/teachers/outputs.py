@@ -170,9 +170,7 @@ class TeacherOutputs:
                         done += len(chunk)
             ranks.barrier()
             if ranks.rank == 0:
-                for s in self.all():
-                    if not s.complete:
-                        s.mark_complete()
+                done += self._seal(run_teacher, slot_batches, batch_size)
         ranks.barrier()
         for s in self.all():
             s.refresh()
@@ -181,6 +179,37 @@ class TeacherOutputs:
         if done:
             log.info("teacher outputs: computed %d samples on rank %d of %d", done, ranks.rank, ranks.world)
         return done
+
+    def _seal(
+        self,
+        run_teacher: Callable[[torch.Tensor, str], Mapping[str, torch.Tensor]],
+        slot_batches: Callable[[list[torch.Tensor]], Iterable[torch.Tensor]],
+        batch_size: int,
+    ) -> int:
+        """Rank 0, once every rank has written: seal each store; rows that read back otherwise than they were
+        written are computed again first (twice at most). Returns the samples it ran a teacher on."""
+        done = 0
+        for _ in range(3):
+            unsealed = {
+                m: {tap: s for tap, s in taps.items() if not s.complete and not s.mark_complete()}
+                for m, taps in self.stores.items()
+            }
+            unsealed = {m: taps for m, taps in unsealed.items() if taps}
+            if not unsealed:
+                return done
+            for member, taps in unsealed.items():
+                missing = torch.unique(torch.cat([s.missing_slots() for s in taps.values()]))
+                chunks = list(missing.split(batch_size))
+                for chunk, x in zip(chunks, slot_batches(chunks), strict=True):
+                    outputs = run_teacher(x, member)
+                    for tap, s in taps.items():
+                        s.write(chunk, outputs[tap])
+                    done += len(chunk)
+        bad = [s.label for s in self.all() if not s.complete]
+        raise OSError(
+            f"teacher stores {bad} read back otherwise than they were written, three times: the disk under "
+            f"{next(s.folder for s in self.all() if not s.complete)} is corrupting data"
+        )
 
 
 def build_outputs(

@@ -13,7 +13,8 @@ reuses the outputs of each teacher it shares with another job.
 - `disk`: files under `teacher_cache.dir`, memory-mapped (`torch.from_file(shared=True)`): the ranks of a
   node share the page cache, and later runs read them without running the teacher.
 
-Integrity. Next to `<name>.bin` (the rows) sit `<name>.filled` (one byte per row, set after the row is
+Integrity. Next to `<name>.bin` (the rows) sit `<name>.digests` (each row's digest, taken as it is
+written, compared with the file's rows before the store is sealed), `<name>.filled` (one byte per row, set after the row is
 written) and `<name>.json` (the key, shape, dtype and `complete`). A store whose job was killed keeps its
 filled rows and is completed by the next run; one whose meta does not match its key or size is
 reported in one line and rebuilt; writers take `<name>.lock`, so parallel jobs never compute the same
@@ -57,6 +58,25 @@ VERIFY_AT_OPEN_BYTES = 1 << 30  # a complete store up to 1 GiB is checked whole 
 
 class StoreSpaceError(ConfigError):
     """A disk store does not fit on its filesystem (raised before anything is computed)."""
+
+
+_DIGEST_WEIGHTS: dict[int, torch.Tensor] = {}
+_WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
+
+
+def row_digests(rows: torch.Tensor) -> torch.Tensor:
+    """One int64 per row of a (n, ...) tensor: a weighted sum of its bytes, taken in the widest words that
+    divide a row (a changed byte changes it; int64 arithmetic wraps), never 0 (0 stands for "no digest").
+    Vectorised: a CRC per row would cost a Python call per row."""
+    raw = rows.contiguous().view(torch.uint8).reshape(len(rows), -1)
+    size, dtype = next((b, t) for b, t in _WORDS if raw.shape[1] % b == 0)
+    words = raw.view(dtype).to(torch.int64) if dtype != torch.int64 else raw.view(torch.int64)
+    n = words.shape[1]
+    if n not in _DIGEST_WEIGHTS:
+        # odd weights: a flipped bit (a change of ±2^k in a word) always changes the wrapped sum
+        _DIGEST_WEIGHTS[n] = ((torch.arange(1, n + 1, dtype=torch.int64) * 2654435761) % 2147483647) | 1
+    digest = (words * _DIGEST_WEIGHTS[n]).sum(1)
+    return torch.where(digest == 0, 1, digest)
 
 
 def human_size(n: float) -> str:
@@ -156,7 +176,7 @@ class OutputStore(Protocol):
 
     def write(self, slots: torch.Tensor, values: torch.Tensor) -> None: ...
 
-    def mark_complete(self) -> None: ...
+    def mark_complete(self) -> bool: ...
 
     def check(self, full: bool = True) -> list[int]: ...
 
@@ -190,6 +210,7 @@ class TapStore:
         self.path = folder / f"{name}.bin" if folder else None
         self.meta_path = folder / f"{name}.json" if folder else None
         self.filled_path = folder / f"{name}.filled" if folder else None
+        self.digest_path = folder / f"{name}.digests" if folder else None  # each row's, as it was written
         self.lock_path = folder / f"{name}.lock" if folder else None
         self._kept: torch.Tensor | None = None  # a copy of the rows on the training device (keep_on)
         self._open()
@@ -224,14 +245,18 @@ class TapStore:
             log.warning("teacher store %s does not match its key or size; rebuilding it", self.path)
             meta = None
         if meta is None:
-            for p in (self.path, self.filled_path):
+            for p in (self.path, self.filled_path, self.digest_path):
                 p.unlink(missing_ok=True)
         # Every block of both files is allocated before they are mapped: a memory map that the disk
         # cannot back kills the process with SIGBUS on first touch, with no error and no results.json.
         reserve(self.path, expected, self.label)
         reserve(self.filled_path, self.shape[0], self.label)
+        reserve(self.digest_path, 8 * self.shape[0], self.label)  # zeros: no digest (rows of an older store)
         self.rows = torch.from_file(str(self.path), shared=True, size=self._numel(), dtype=self.dtype).view(
             self.shape
+        )
+        self.digests = torch.from_file(
+            str(self.digest_path), shared=True, size=self.shape[0], dtype=torch.int64
         )
         self.filled = torch.from_file(
             str(self.filled_path), shared=True, size=self.shape[0], dtype=torch.uint8
@@ -278,20 +303,50 @@ class TapStore:
         return (self.filled == 0).nonzero().flatten()
 
     def write(self, slots: torch.Tensor, values: torch.Tensor) -> None:
-        """Rows first, then their filled flags: a kill in between leaves the rows to be recomputed."""
+        """Rows first (and, for a file, each row's digest as it is written), then their filled flags: a kill
+        in between leaves the rows to be recomputed."""
         idx = slots.cpu()
-        self.rows[idx] = values.detach().to("cpu", self.dtype)
+        rows = values.detach().to("cpu", self.dtype)
+        self.rows[idx] = rows
+        if self.path is not None:
+            self.digests[idx] = row_digests(rows)
         self.filled[idx] = 1
 
-    def mark_complete(self) -> None:
+    def mark_complete(self) -> bool:
+        """Seal a filled store: its rows are read back and compared with what was written (a byte that
+        changed on its way to the disk is never sealed into the checksums); rows that differ are marked
+        missing and False is returned, for the caller to compute them again."""
         if not bool((self.filled == 1).all()):
             raise RuntimeError(
                 f"teacher store {self.path or self.label} is not filled; cannot mark it complete"
             )
         if self.meta_path is not None:
+            bad = self.rows_not_as_written()
+            if len(bad):
+                log.warning(
+                    "teacher store %s: %d row(s) read back otherwise than they were written (e.g. slot %d); "
+                    "computing them again",
+                    self.path,
+                    len(bad),
+                    int(bad[0]),
+                )
+                self.filled[bad] = 0
+                return False
             self._sums = self.checksums()
             self._write_meta(complete=True, sums=self._sums)
         self._complete = True
+        return True
+
+    def rows_not_as_written(self) -> torch.Tensor:
+        """Slots whose rows in the file do not match the digest taken when they were written (or that have
+        none: written by an older version), read back block by block."""
+        step = self.block_rows()
+        bad = []
+        for start in range(0, self.shape[0], step):
+            stored = self.digests[start : start + step]
+            differ = (row_digests(self.rows[start : start + step]) != stored) | (stored == 0)
+            bad.append(differ.nonzero().flatten() + start)
+        return torch.cat(bad) if bad else torch.zeros(0, dtype=torch.long)
 
     # --- integrity ----------------------------------------------------------------------------
     def block_rows(self) -> int:
@@ -381,7 +436,7 @@ class TapStore:
         return TapStore(self.key, self.shape[1:], folder, self.label)
 
     def remove(self) -> None:
-        for p in (self.path, self.filled_path, self.meta_path, self.lock_path):
+        for p in (self.path, self.filled_path, self.digest_path, self.meta_path, self.lock_path):
             if p is not None:
                 p.unlink(missing_ok=True)
 
@@ -432,9 +487,8 @@ class TopKLogitsStore:
         self.indices.write(slots, top.indices)
         self.lse.write(slots, torch.logsumexp(logits, 1, keepdim=True))
 
-    def mark_complete(self) -> None:
-        for p in self.parts:
-            p.mark_complete()
+    def mark_complete(self) -> bool:
+        return all([p.mark_complete() for p in self.parts])  # every part read back, not only up to the first
 
     def check(self, full: bool = True) -> list[int]:
         return [b for p in self.parts for b in p.check(full)]
