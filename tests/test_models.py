@@ -162,3 +162,26 @@ def test_load_model_on_an_empty_or_edited_file_names_the_problem(tmp_path: Path)
     torch.save(obj, path)
     with pytest.raises(ConfigError, match=r"do not fit the architecture it records .*shape mismatches"):
         load_model(path)
+
+
+def test_pretrained_weights_that_cannot_be_downloaded_say_so_with_the_file_and_its_folder(
+    monkeypatch, tmp_path
+):
+    """No network: torch hub's download raises a URLError (an OSError, which a full disk raises too)."""
+    import urllib.error
+
+    from kd_lightning.models.torchvision_adapter import torchvision_model
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    import torchvision.models._api as weights_api
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(weights_api, "load_state_dict_from_url", offline)  # torchvision's own reference
+    with pytest.raises(ConfigError) as e:
+        torchvision_model("resnet18", 10, (3, 32, 32), "IMAGENET1K_V1", True, {})
+    said = str(e.value)
+    assert "could not be downloaded from https://download.pytorch.org/models/resnet18-" in said
+    assert "Temporary failure in name resolution" in said and "space" not in said
+    assert f"put it in {tmp_path / 'torch' / 'hub' / 'checkpoints'}" in said

@@ -7,6 +7,8 @@ rebuilt (pretrained filters averaged over RGB for one-channel inputs).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -33,6 +35,26 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     return linears[-1]
 
 
+def pretrained(name: str, weights: str, kwargs: dict) -> nn.Module:
+    """torchvision's model with its pretrained weights, downloaded once into torch hub's folder. A download
+    that fails (no network: an OSError, as a full disk would be) says so, with the file and where it goes."""
+    import urllib.error
+
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(name, weights=weights, **kwargs)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        url = torchvision.models.get_model_weights(name)[weights.rsplit(".", 1)[-1]].url
+        folder = Path(torch.hub.get_dir()) / "checkpoints"
+        raise ConfigError(
+            f"the pretrained weights {name} {weights} could not be downloaded from {url} "
+            f"({getattr(e, 'reason', e)}): this machine has no network, or the site cannot be reached. Download "
+            f"{url.rsplit('/', 1)[-1]} elsewhere and put it in {folder} (torch hub's folder: $TORCH_HOME/hub), "
+            "then run again"
+        ) from None
+
+
 def torchvision_model(
     name: str,
     num_classes: int,
@@ -45,7 +67,7 @@ def torchvision_model(
 
     if weights:
         # Pretrained weights carry their own head size; replace the head afterwards.
-        model = torchvision.models.get_model(name, weights=weights, **kwargs)
+        model = pretrained(name, weights, kwargs)
         head_name, head = last_linear(model)
         if head.out_features != num_classes:
             replace_module(model, head_name, nn.Linear(head.in_features, num_classes))
