@@ -347,3 +347,26 @@ def test_a_cifar_file_with_a_label_out_of_range_or_misaligned_is_refused_naming_
     _cifar_file(folder / "test_batch", 30, list(range(9)) * 2 + [1] * 7, b"labels")  # 30 images, 25 labels
     with pytest.raises(ConfigError, match=r"test_batch: 30 images but 25 labels"):
         CIFARDataModule(root=str(tmp_path), classes=10).load()
+
+
+def test_an_empty_or_corrupt_image_is_named_by_path(tmp_path):
+    """An empty file is named when the folder is scanned (before training); a file PIL cannot decode when
+    the loader first reads it, also from a worker process."""
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(4):
+            Image.new("RGB", (12, 12), (60 * i, 0, 0)).save(tmp_path / c / f"{i}.png")
+    empty = tmp_path / "b" / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(ConfigError, match=rf"1 empty image file\(s\) \(0 bytes\) under {tmp_path}: {empty}"):
+        ImageFolderDataModule(root=str(tmp_path), image_size=8, val_fraction=0).setup()
+    empty.unlink()
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=8, val_fraction=0, num_workers=2, batch_size=3)
+    dm.setup()
+    corrupt = tmp_path / "a" / "2.png"
+    corrupt.write_bytes(b"not an image at all" * 10)  # broken after the scan: found when a worker reads it
+    with pytest.raises(ConfigError, match=rf"image file {corrupt} cannot be read \(UnidentifiedImageError"):
+        for _ in dm.iter_split("train"):
+            pass

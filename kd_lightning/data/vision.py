@@ -231,7 +231,13 @@ class _ImageFiles(Dataset):
         i, view = key if isinstance(key, tuple) else (key, 0)
         path, label = self.samples[i]
         with open(path, "rb") as f:
-            img = Image.open(io.BytesIO(f.read())).convert("RGB")
+            raw = f.read()
+        try:
+            img = Image.open(io.BytesIO(raw)).convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError, a truncated file, ...
+            raise ConfigError(
+                f"image file {path} cannot be read ({type(e).__name__}: {e}); remove or replace it"
+            ) from None
         if self.views is None:
             return self.transform(img), label, i
         k = self.draws.shape[1]
@@ -427,6 +433,13 @@ class ImageFolderDataModule(TensorDataModule):
         index = {c: i for i, c in enumerate(classes)}
         keep = [i for i, r in enumerate(listing.rel) if "/" in r and r.split("/", 1)[0] in index]
         listing = FileListing(root, [listing.rel[i] for i in keep], listing.size[keep], listing.mtime[keep])
+        empty = [root / listing.rel[i] for i in range(len(listing.rel)) if listing.size[i] == 0]
+        if empty:  # the sizes are at hand from the scan: named now, not when a worker first reads one
+            more = f" (and {len(empty) - 5} more)" if len(empty) > 5 else ""
+            raise ConfigError(
+                f"{len(empty)} empty image file(s) (0 bytes) under {root}: {', '.join(map(str, empty[:5]))}{more}; "
+                "remove or replace them"
+            )
         self._listings[tag] = listing
         samples = [(str(root / r), index[r.split("/", 1)[0]]) for r in listing.rel]
         if not samples:
