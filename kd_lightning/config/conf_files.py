@@ -92,6 +92,26 @@ def _first_job(overrides: list[str]) -> list[str] | None:
     return first
 
 
+def _other_choices(argv: list[str], first: list[str], conf_dir: Path) -> list[list[str]]:
+    """The first job's overrides with each further value of a config group that the sweep lists
+    (`distill=kd,kdd`): a misspelt choice is found now, not by Hydra after the first jobs have run."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = []
+    for o in OverridesParser.create().parse_overrides(argv):
+        key = o.get_key_element()
+        if not o.is_sweep_override() or not (conf_dir / key.lstrip("+~")).is_dir():
+            continue
+        try:
+            values = list(o.sweep_string_iterator())
+        except Exception:
+            continue
+        position = next(i for i, f in enumerate(first) if f.split("=", 1)[0] == key)
+        for value in values[1:]:
+            out.append([*first[:position], f"{key}={value}", *first[position + 1 :]])
+    return out
+
+
 def check_launcher(argv: list[str], conf_dir: Path) -> None:
     """A sweep sent to SLURM (`-m hydra/launcher=slurm`, submitit): the tasks each job gets must be the
     processes its Trainer expects, checked now rather than inside every job after it waited in the queue:
@@ -173,7 +193,10 @@ def check_composition(
         if overrides is None:
             return None
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            return compose("train", overrides=overrides)
+            cfg = compose("train", overrides=overrides)
+            for other in _other_choices(list(args.overrides), overrides, conf_dir):
+                compose("train", overrides=other)  # a sweep's later group choices exist too
+            return cfg
     except (HydraException, OmegaConfBaseException) as e:
         text = str(e).split("Config search path")[0]  # Hydra's own message, without the search path
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -217,6 +240,39 @@ def _unknown_key(
     )
 
 
+# torchvision's classification models (`torchvision.models.list_models()` of the pinned torchvision==0.29.1;
+# tests/test_config_files.py checks the list against the installed one): the hint for `student=resnet18`
+# must not import torchvision, which takes seconds, to answer a misspelt group
+# fmt: off
+TORCHVISION_MODELS = frozenset({
+    "alexnet", "convnext_base", "convnext_large", "convnext_small", "convnext_tiny",
+    "deeplabv3_mobilenet_v3_large", "deeplabv3_resnet101", "deeplabv3_resnet50", "densenet121",
+    "densenet161", "densenet169", "densenet201", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2",
+    "efficientnet_b3", "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
+    "efficientnet_v2_l", "efficientnet_v2_m", "efficientnet_v2_s", "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",
+    "fcn_resnet101", "fcn_resnet50", "fcos_resnet50_fpn", "googlenet", "inception_v3",
+    "keypointrcnn_resnet50_fpn", "lraspp_mobilenet_v3_large", "maskrcnn_resnet50_fpn",
+    "maskrcnn_resnet50_fpn_v2", "maxvit_t", "mc3_18", "mnasnet0_5", "mnasnet0_75", "mnasnet1_0",
+    "mnasnet1_3", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "mvit_v1_b", "mvit_v2_s",
+    "quantized_googlenet", "quantized_inception_v3", "quantized_mobilenet_v2",
+    "quantized_mobilenet_v3_large", "quantized_resnet18", "quantized_resnet50",
+    "quantized_resnext101_32x8d", "quantized_resnext101_64x4d", "quantized_shufflenet_v2_x0_5",
+    "quantized_shufflenet_v2_x1_0", "quantized_shufflenet_v2_x1_5", "quantized_shufflenet_v2_x2_0",
+    "r2plus1d_18", "r3d_18", "raft_large", "raft_small", "regnet_x_16gf", "regnet_x_1_6gf", "regnet_x_32gf",
+    "regnet_x_3_2gf", "regnet_x_400mf", "regnet_x_800mf", "regnet_x_8gf", "regnet_y_128gf", "regnet_y_16gf",
+    "regnet_y_1_6gf", "regnet_y_32gf", "regnet_y_3_2gf", "regnet_y_400mf", "regnet_y_800mf", "regnet_y_8gf",
+    "resnet101", "resnet152", "resnet18", "resnet34", "resnet50", "resnext101_32x8d", "resnext101_64x4d",
+    "resnext50_32x4d", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "s3d", "shufflenet_v2_x0_5",
+    "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0", "squeezenet1_0", "squeezenet1_1",
+    "ssd300_vgg16", "ssdlite320_mobilenet_v3_large", "swin3d_b", "swin3d_s", "swin3d_t", "swin_b", "swin_s",
+    "swin_t", "swin_v2_b", "swin_v2_s", "swin_v2_t", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16",
+    "vgg16_bn", "vgg19", "vgg19_bn", "vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32",
+    "wide_resnet101_2", "wide_resnet50_2"
+})
+# fmt: on
+
+
 def _torchvision_hint(message: str) -> str:
     """`student=resnet18`: a torchvision architecture is chosen through student=torchvision."""
     import re
@@ -224,10 +280,8 @@ def _torchvision_hint(message: str) -> str:
     found = re.search(r"Could not find 'student/([^']+)'", message)
     if not found:
         return ""
-    from torchvision.models import list_models
-
     name = found.group(1)
-    if name not in list_models():
+    if name not in TORCHVISION_MODELS:
         return ""
     return f". {name!r} is a torchvision model: student=torchvision student.name={name}"
 

@@ -169,12 +169,18 @@ NOT_IDENTITY = (
 )  # fmt: skip
 
 
+NO_AUGMENT = {"crop_padding": 0, "hflip": False, "views": None}  # data.augment that augments nothing
+
+
 def data_key(data_cfg: Mapping[str, Any], content: str | None = None) -> dict[str, Any]:
     """What decides the samples a fitted teacher, a pre-trained model or a teacher store was made from:
     the data config without its loader settings and folders, and the fingerprint of the files of data
     read from disk (`content`, from `TensorDataModule.content_fingerprint`). Generated data has none: its
     config is its identity, and its keys are those of earlier versions."""
     key = {k: v for k, v in data_cfg.items() if k not in NOT_IDENTITY}
+    augment = key.get("augment")
+    if isinstance(augment, Mapping) and all(augment.get(k, d) == d for k, d in NO_AUGMENT.items()):
+        key["augment"] = None  # spelt out with its defaults (conf/data/imagefolder.yaml): the same data
     if content is not None:
         key["content"] = content
     return key
