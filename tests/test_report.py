@@ -127,3 +127,51 @@ def test_the_teacher_count_plot_never_pools_methods_and_says_only_what_it_draws(
     )
     write_report(tmp_path)
     assert not any("gray" in t for t in titles)  # no student-alone bar here
+
+
+def _run(root: Path, name: str, seed: int, acc: float, lr: float, teacher_set: str = "cnn_s") -> None:
+    """A finished run folder: results.json and the resolved config the run recorded."""
+    _write(root, name, teacher_set, seed, acc)
+    config = {"seed": seed, "data": {"batch_size": 64}, "optim": {"_target_": "torch.optim.Adam", "lr": lr},
+              "paths": {"output_dir": str(root / name)}}  # fmt: skip
+    (root / name / "config.resolved.yaml").write_text(json.dumps(config))  # JSON is YAML
+
+
+def test_runs_of_different_settings_are_never_pooled_and_a_pooling_by_is_warned(tmp_path, capsys):
+    """A sweep over optim.lr=0.0001,0.01 (two seeds each): two rows with an optim.lr column, not one row
+    pooling both; `--by` that leaves optim.lr out pools them, and says so."""
+    for seed in range(2):
+        _run(tmp_path, f"low{seed}", seed, 0.30 + 0.01 * seed, 0.0001)
+        _run(tmp_path, f"high{seed}", seed, 0.90 + 0.01 * seed, 0.01)
+    table, md = write_report(tmp_path, plots=False)
+    assert len(table) == 2 and sorted(table["cfg:optim.lr"]) == ["0.0001", "0.01"]
+    assert "| optim.lr |" in md.splitlines()[0].replace("teacher_set | distill | distance | ", "")
+    assert (
+        list(table["n"]) == [2, 2] and "pool" not in md
+    )  # the seed and the run folders differ: not a setting
+    table, md = write_report(tmp_path, keys=["teacher_set"], plots=False)
+    assert len(table) == 1 and "rows pool runs whose configs differ beyond the seed, in optim.lr" in md
+    assert "optim.lr" in capsys.readouterr().err
+
+
+def test_plots_draw_the_tables_statistic_with_n_from_zero(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    for seed in range(3):
+        _run(tmp_path, f"a{seed}", seed, 0.80 + 0.01 * seed, 0.001)
+        _run(tmp_path, f"b{seed}", seed, 0.81 + 0.01 * seed, 0.01)
+    drawn, texts, labels, limits = [], [], [], []
+    real_bar, real_text = matplotlib.axes.Axes.bar, matplotlib.axes.Axes.text
+    real_ylabel, real_ylim = matplotlib.axes.Axes.set_ylabel, matplotlib.axes.Axes.set_ylim
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar",
+                        lambda ax, x, h, *a, **k: drawn.append(k.get("yerr")) or real_bar(ax, x, h, *a, **k))  # fmt: skip
+    monkeypatch.setattr(matplotlib.axes.Axes, "text",
+                        lambda ax, x, y, s, *a, **k: texts.append(s) or real_text(ax, x, y, s, *a, **k))  # fmt: skip
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel",
+                        lambda ax, s, *a, **k: labels.append(s) or real_ylabel(ax, s, *a, **k))  # fmt: skip
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylim",
+                        lambda ax, *a, **k: limits.append(a) or real_ylim(ax, *a, **k))  # fmt: skip
+    table, _ = write_report(tmp_path)
+    assert drawn == [pytest.approx([100 * h for h in table["ci95"]])]  # the table's 95 % intervals, not ± std
+    assert texts == ["n=3", "n=3"] and all("95 % interval" in s for s in labels) and len(labels) == 2
+    assert limits.count((0, 100)) == 2  # both plots set their accuracy axes from 0 to 100

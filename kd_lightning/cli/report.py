@@ -1,7 +1,10 @@
 """kd-report: every results.json under a folder → one table (CSV + Markdown) and plots.
 
-Rows group runs by teacher set × distance × student (and any other varying override), columns give
-mean ± std over seeds and the number of runs; failed runs are counted and listed, never dropped silently.
+Rows group runs by data × student × teacher set × method × distance and by every other setting that differs
+between the runs but the seed (read from each run's config.resolved.yaml: `optim.lr`, `data.batch_size`,
+...), shown as columns; columns give mean ± std over seeds, the 95 % interval and the number of runs; failed
+runs are counted and listed, never dropped silently. `--by` groups by the keys it names: the report then says
+which settings differ inside its rows. The plots follow the table's rows and draw its 95 % intervals.
 """
 
 from __future__ import annotations
@@ -9,12 +12,59 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
 
 GROUP_KEYS = ("data", "student", "teacher_set", "distill", "distance")
+SETTINGS = "config.resolved.yaml"  # a run's config, which the report compares across runs
+
+
+def settings(run_dir: Path) -> dict[str, str]:
+    """A run's resolved config as flat `key: value` text (`optim.lr: 0.01`), without the keys that do not
+    change what it computes (kd_lightning.engine.resume.NEUTRAL_KEYS) and the seed."""
+    from omegaconf import OmegaConf
+
+    from kd_lightning.engine.resume import NEUTRAL_KEYS
+
+    path = run_dir / SETTINGS
+    if not path.is_file():
+        return {}
+    try:
+        plain = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception:  # an unreadable config: the run is still reported, by its results
+        return {}
+    out: dict[str, str] = {}
+
+    def walk(value: object, prefix: str) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(v, f"{prefix}{k}.")
+            return
+        key = prefix[:-1]
+        if key == "seed" or any(key == n or key.startswith(n + ".") for n in (*NEUTRAL_KEYS, "hydra")):
+            return
+        out[key] = json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else str(value)
+
+    walk(plain, "")
+    return out
+
+
+def varying_settings(df: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    """The config keys whose values differ between the finished runs and that `keys` do not already tell
+    apart (a key that is constant within every group of `keys` is one of them, said another way)."""
+    ok = df[df["status"] == "ok"] if "status" in df else df
+    keys = [k for k in keys if k in ok.columns]
+    out = []
+    for column in [c for c in ok.columns if c.startswith("cfg:")]:
+        if ok[column].nunique(dropna=False) <= 1:
+            continue
+        if keys and (ok.groupby(keys, dropna=False)[column].nunique(dropna=False) <= 1).all():
+            continue
+        out.append(column)
+    return out
 
 
 def collect(root: str | Path) -> pd.DataFrame:
@@ -27,6 +77,7 @@ def collect(root: str | Path) -> pd.DataFrame:
             rows.append({"status": "unreadable", "error": str(e), "run_dir": str(path.parent)})
             continue
         row = {k: v for k, v in r.items() if not isinstance(v, dict | list)}
+        row.update({f"cfg:{k}": v for k, v in settings(path.parent).items()})
         row["run_dir"] = str(path.parent)
         row["n_teachers"] = (
             0 if r.get("teacher_set", "none") == "none" else len(str(r.get("teacher_set")).split("+"))
@@ -125,11 +176,16 @@ def paired_interval(
     return mean, float(t.ppf(0.5 + level / 2, len(d) - 1) * sd / math.sqrt(len(d)))
 
 
-def summarize(df: pd.DataFrame, keys: Sequence[str] = GROUP_KEYS, metric: str = "test_acc") -> pd.DataFrame:
+def summarize(
+    df: pd.DataFrame, keys: Sequence[str] = GROUP_KEYS, metric: str = "test_acc", all_settings: bool = True
+) -> pd.DataFrame:
     """Mean ± std of `metric` over seeds for each group, its 95 % confidence interval (t, over runs), and
     `verdict`: "best" only when the top row's interval clears every other row's; otherwise the rows whose
-    intervals overlap the top row's are all "tied" (with n = 1 nothing can be claimed: all tied)."""
+    intervals overlap the top row's are all "tied" (with n = 1 nothing can be claimed: all tied). With
+    `all_settings`, the groups are also split by every setting that differs between the runs (`cfg:<key>`)."""
     keys = [k for k in keys if k in df.columns]
+    if all_settings:
+        keys += [k for k in varying_settings(df, keys) if k not in keys]  # never pooled into one row
     ok = df[df.get("status") == "ok"] if "status" in df else df
     ok = ok[ok[metric].notna()] if metric in ok else ok.iloc[0:0]
     failed = df[df.get("status") != "ok"] if "status" in df else df.iloc[0:0]
@@ -164,7 +220,7 @@ def summarize(df: pd.DataFrame, keys: Sequence[str] = GROUP_KEYS, metric: str = 
 
 def to_markdown(table: pd.DataFrame, metric: str = "test_acc") -> str:
     keys = [c for c in table.columns if c not in ("mean", "std", "n", "ci95", "failed", "verdict", "best")]
-    head = [*keys, f"{metric} (%) mean ± std", "95% CI ±", "n", "failed"]
+    head = [*(k.removeprefix("cfg:") for k in keys), f"{metric} (%) mean ± std", "95% CI ±", "n", "failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         cell = _fmt(r["mean"], r["std"])
@@ -185,7 +241,17 @@ def to_markdown(table: pd.DataFrame, metric: str = "test_acc") -> str:
     return "\n".join(lines) + note
 
 
+STATISTIC = "mean and 95 % interval (t over runs)"  # what the table reports, and so what the plots draw
+
+
+def _ci_bars(half_widths: Iterable[float]) -> list[float]:
+    """Error bars of 95 % half-widths in percent (none where n = 1: there is no interval to draw)."""
+    return [0.0 if math.isinf(h) or math.isnan(h) else 100 * h for h in half_widths]
+
+
 def plot(df: pd.DataFrame, table: pd.DataFrame, out: Path, metric: str = "test_acc") -> list[Path]:
+    """The table's rows as bars (its statistic: mean and 95 % interval, n on each bar, the axis from 0), and
+    the accuracy against the number of teachers, one line per combination of the other settings."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,42 +260,48 @@ def plot(df: pd.DataFrame, table: pd.DataFrame, out: Path, metric: str = "test_a
     paths = []
     if table.empty:
         return paths
-    label_keys = [
-        k
-        for k in ("teacher_set", "distance", "distill", "student")
-        if k in table.columns and table[k].nunique() > 1
-    ] or ["teacher_set"]
-    labels = [" / ".join(str(r[k]) for k in label_keys) for _, r in table.iterrows()]
+    shown = [k for k in table.columns if k == "teacher_set" or k in GROUP_KEYS or k.startswith("cfg:")]
+    label_keys = [k for k in shown if table[k].nunique() > 1] or ["teacher_set"]
+    labels = [" / ".join(_setting(k, r[k]) for k in label_keys) for _, r in table.iterrows()]
     control = [is_control(r.get("teacher_set")) for _, r in table.iterrows()]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(table) + 2), 4.5))
     colors = ["tab:gray" if c else "tab:blue" for c in control]
-    ax.bar(range(len(table)), 100 * table["mean"], yerr=100 * table["std"], capsize=4, color=colors)
+    bars = _ci_bars(table["ci95"])
+    ax.bar(range(len(table)), 100 * table["mean"], yerr=bars, capsize=4, color=colors)
+    for i, (mean, n) in enumerate(zip(table["mean"], table["n"], strict=True)):  # n above each bar
+        ax.text(i, min(96.0, 100 * mean + bars[i] + 1), f"n={int(n)}", ha="center", va="bottom", fontsize=7)
     for i, c in enumerate(control):  # the student alone, as a reference line across the chart
         if c:
             ax.axhline(100 * table["mean"][i], color="tab:gray", linestyle="--", linewidth=1)
     ax.set_xticks(range(len(table)), labels, rotation=45, ha="right")
-    ax.set_ylabel(f"student {metric} (%)")
+    ax.set_ylabel(f"student {metric} (%): {STATISTIC}", fontsize=8)
     ax.set_ylim(0, 100)  # honest axis: bars start at 0
-    title = "student accuracy (mean ± std over runs)" + ("; gray = no teacher" if any(control) else "")
+    title = f"student accuracy, {STATISTIC}" + ("; gray = no teacher" if any(control) else "")
     ax.set_title(_wrap(title, fig), fontsize=10)
     fig.tight_layout()
     paths.append(out / "accuracy_by_teacher_set.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
-    series = n_teacher_series(df, metric)
+    extra = [k for k in table.columns if k.startswith("cfg:")]
+    series = n_teacher_series(df, metric, extra)
     if series:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for label, g in series.items():
             ax.errorbar(
-                g["n_teachers"], 100 * g["mean"], yerr=100 * g["std"], marker="o", capsize=4, label=label
+                g["n_teachers"], 100 * g["mean"], yerr=_ci_bars(g["ci95"]), marker="o", capsize=4, label=label
             )
+            for x, y, n in zip(g["n_teachers"], g["mean"], g["n"], strict=True):
+                ax.annotate(
+                    f"n={int(n)}", (x, 100 * y), textcoords="offset points", xytext=(4, -10), fontsize=7
+                )
         ax.set_xlabel("number of teachers")
-        ax.set_ylabel(f"student {metric} (%)")
+        ax.set_ylabel(f"student {metric} (%): {STATISTIC}", fontsize=8)
+        ax.set_ylim(0, 100)  # a gap of a few tenths is drawn as what it is
         # 0 = the student alone, when the runs hold it
         ax.set_xticks(sorted({int(n) for g in series.values() for n in g["n_teachers"]}))
         if len(series) > 1 or next(iter(series)):
             ax.legend(fontsize=8)
-        ax.set_title(_wrap("accuracy vs number of teachers (mean ± std over runs)", fig), fontsize=10)
+        ax.set_title(_wrap(f"accuracy vs number of teachers, {STATISTIC}", fig), fontsize=10)
         fig.tight_layout()
         paths.append(out / "accuracy_vs_n_teachers.png")
         fig.savefig(paths[-1], dpi=120)
@@ -237,30 +309,42 @@ def plot(df: pd.DataFrame, table: pd.DataFrame, out: Path, metric: str = "test_a
     return paths
 
 
+def _setting(key: str, value: object) -> str:
+    """A label part: a grouping key's value, a config setting as key=value."""
+    return f"{key.removeprefix('cfg:')}={value}" if key.startswith("cfg:") else str(value)
+
+
 SERIES_KEYS = ("distill", "distance", "student", "data")
 
 
-def n_teacher_series(df: pd.DataFrame, metric: str = "test_acc") -> dict[str, pd.DataFrame]:
-    """Mean and std of `metric` per number of teachers, one series for each combination of the keys that
-    differ between the runs (method, distance, student, data): different methods are never pooled into
-    one point. The student-alone point (0 teachers) joins every series of its student and data."""
+def n_teacher_series(
+    df: pd.DataFrame, metric: str = "test_acc", settings: Sequence[str] = ()
+) -> dict[str, pd.DataFrame]:
+    """Mean, 95 % half-width (`ci95`) and count of `metric` per number of teachers, one series for each
+    combination of the keys that differ between the runs (method, distance, student, data, and the config
+    `settings` the table splits by): different settings are never pooled into one point. The student-alone
+    point (0 teachers) joins every series of its student and data."""
     ok = df[df["status"] == "ok"] if "status" in df else df
     if "n_teachers" not in ok or ok.empty or metric not in ok:
         return {}
     ok = ok[ok[metric].notna()]
     taught, alone = ok[ok["n_teachers"] > 0], ok[ok["n_teachers"] == 0]
-    keys = [k for k in SERIES_KEYS if k in taught and taught[k].nunique(dropna=False) > 1]
+    keys = [k for k in (*SERIES_KEYS, *settings) if k in taught and taught[k].nunique(dropna=False) > 1]
     out = {}
     groups = taught.groupby(keys, dropna=False) if keys else [((), taught)]
     for values, part in groups:
         values = values if isinstance(values, tuple) else (values,)
-        label = " / ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+        label = " / ".join(f"{k.removeprefix('cfg:')}={v}" for k, v in zip(keys, values, strict=True))
         base = alone
         for k, v in zip(keys, values, strict=True):
-            if k in ("student", "data") and k in base:
+            if (k in ("student", "data") or k.startswith("cfg:")) and k in base:
                 base = base[base[k] == v]
         both = pd.concat([base, part])
-        out[label] = both.groupby("n_teachers")[metric].agg(["mean", "std"]).reset_index().fillna(0.0)
+        stats = both.groupby("n_teachers")[metric].agg(["mean", "std", "count"]).reset_index()
+        stats = stats.rename(columns={"count": "n"})
+        stats["std"] = stats["std"].fillna(0.0)
+        stats["ci95"] = [_half_width(sd, int(n)) for sd, n in zip(stats["std"], stats["n"], strict=True)]
+        out[label] = stats
     return out
 
 
@@ -274,18 +358,28 @@ def _wrap(title: str, fig) -> str:
 def write_report(
     root: str | Path,
     out: str | Path | None = None,
-    keys: Iterable[str] = GROUP_KEYS,
+    keys: Iterable[str] | None = None,
     metric: str = "test_acc",
     plots: bool = True,
 ) -> tuple[pd.DataFrame, str]:
+    """The table (and plots) of every run under `root`: grouped by GROUP_KEYS and every setting that differs,
+    or by `keys` alone, with a warning naming the settings that then differ inside a row."""
     root = Path(root)
     out = Path(out) if out else root
     out.mkdir(parents=True, exist_ok=True)
     df = collect(root)
     if df.empty:
         raise SystemExit(f"kd-report: no results.json under {root}")
-    table = summarize(df, list(keys), metric)
+    table = summarize(df, list(keys or GROUP_KEYS), metric, all_settings=keys is None)
     md = to_markdown(table, metric)
+    pooled = varying_settings(df, [k for k in table.columns if k in df.columns])
+    if pooled:
+        names = ", ".join(k.removeprefix("cfg:") for k in pooled)
+        warning = (
+            f"Warning: rows pool runs whose configs differ beyond the seed, in {names} (--by leaves them out)"
+        )
+        print(warning, file=sys.stderr)
+        md += f"\n\n{warning}."
     failed = df[df["status"] != "ok"] if "status" in df else df.iloc[0:0]
     if not failed.empty:
         md += "\n\nFailed runs:\n" + "\n".join(
@@ -305,11 +399,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", help="where to write report.csv, report.md and the plots (default: PATH)")
     p.add_argument("--metric", default="test_acc", help="column to aggregate (default: test_acc)")
     p.add_argument(
-        "--by", default=",".join(GROUP_KEYS), help=f"grouping keys (default: {','.join(GROUP_KEYS)})"
+        "--by",
+        help=f"group by these keys only (default: {','.join(GROUP_KEYS)} and every setting that differs "
+        "between the runs but the seed; config keys as cfg:optim.lr)",
     )
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)
-    _, md = write_report(a.path, a.out, a.by.split(","), a.metric, plots=not a.no_plots)
+    keys = a.by.split(",") if a.by else None
+    _, md = write_report(a.path, a.out, keys, a.metric, plots=not a.no_plots)
     print(md)
     print(f"\nwritten: {Path(a.out or a.path) / 'report.md'}, report.csv, runs.csv and plots")
 
