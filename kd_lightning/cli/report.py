@@ -27,6 +27,7 @@ def settings(run_dir: Path) -> dict[str, str]:
     change what it computes (kd_lightning.engine.resume.NEUTRAL_KEYS) and the seed."""
     from omegaconf import OmegaConf
 
+    from kd_lightning.config.specs import flatten
     from kd_lightning.engine.resume import NEUTRAL_KEYS
 
     path = run_dir / SETTINGS
@@ -36,20 +37,8 @@ def settings(run_dir: Path) -> dict[str, str]:
         plain = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except Exception:  # an unreadable config: the run is still reported, by its results
         return {}
-    out: dict[str, str] = {}
-
-    def walk(value: object, prefix: str) -> None:
-        if isinstance(value, dict) and value:
-            for k, v in value.items():
-                walk(v, f"{prefix}{k}.")
-            return
-        key = prefix[:-1]
-        if key == "seed" or any(key == n or key.startswith(n + ".") for n in (*NEUTRAL_KEYS, "hydra")):
-            return
-        out[key] = json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else str(value)
-
-    walk(plain, "")
-    return out
+    flat = flatten(plain, skip=("seed", *NEUTRAL_KEYS, "hydra")) if isinstance(plain, dict) else {}
+    return {k: str(v) for k, v in flat.items()}
 
 
 def varying_settings(df: pd.DataFrame, keys: Sequence[str]) -> list[str]:

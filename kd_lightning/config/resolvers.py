@@ -40,6 +40,17 @@ def log_name(job_name: str) -> str:
     return f"{job_name}.log" if rank == 0 else f"train_rank{rank}.log"
 
 
+def run_name() -> str:
+    """A run's name in a tracker (MLflow's run, W&B's, TensorBoard's version): the command line's overrides
+    (`optim.lr=0.01,seed=1`, Hydra's override_dirname), else the job's name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return "run"
+    job = HydraConfig.get().job
+    return (job.override_dirname or job.name).replace("/", "_")
+
+
 def user_cache_dir() -> str:
     """The per-user cache: $KD_CACHE_DIR, else the platform's user cache folder (~/.cache/kd_lightning on
     Linux, as torch hub and Hugging Face keep theirs), shared by every folder a run starts from."""
@@ -54,7 +65,8 @@ RESOLVERS = {
     "kd_subsets": resolve_subsets,  # ${kd_subsets:${teachers.members}[,min[,max]]} → "[a],[b],[a,b]"
     "kd_num_nodes": num_nodes_from_env,
     "kd_user_cache": user_cache_dir,  # ${kd_user_cache:} → the per-user cache folder (paths.cache_dir)  # ${kd_num_nodes:} → nodes from KD_NUM_NODES / SLURM / torchrun
-    "kd_log_name": log_name,  # ${kd_log_name:${hydra.job.name}} → train.log, train_rank1.log, ...
+    "kd_log_name": log_name,
+    "kd_run_name": run_name,  # ${kd_run_name:} → the overrides of the run, for the trackers' run names  # ${kd_log_name:${hydra.job.name}} → train.log, train_rank1.log, ...
 }
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, get_args, get_origin
 
@@ -143,6 +143,30 @@ def _convert(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
         inner = args[1] if len(args) == 2 else Any
         return {str(k): _convert(inner, v, f"{key}.{k}", {}) for k, v in value.items()}
     return value
+
+
+def flatten(plain: Mapping[str, Any], skip: Iterable[str] = ()) -> dict[str, Any]:
+    """A nested config as `dotted.key: value` leaves (lists and empty mappings as their JSON text), leaving
+    out the keys in `skip` and everything under them: what a tracker or a report compares across runs."""
+    import json
+
+    skip = tuple(skip)
+    out: dict[str, Any] = {}
+
+    def walk(value: Any, prefix: str) -> None:
+        key = prefix[:-1]
+        if key and any(key == s or key.startswith(s + ".") for s in skip):
+            return
+        if isinstance(value, Mapping) and value:
+            for k, v in value.items():
+                walk(v, f"{prefix}{k}.")
+        elif isinstance(value, list | tuple | Mapping):
+            out[key] = json.dumps(value, sort_keys=True, default=str)
+        else:
+            out[key] = value
+
+    walk(plain, "")
+    return out
 
 
 def as_plain(spec: Any) -> Any:

@@ -225,6 +225,20 @@ def evaluation_trainer(trainer: pl.Trainer) -> pl.Trainer:
     )
 
 
+def log_final_results(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
+    """The run's final figures in every tracker, beside the config the fit logged as its hyperparameters:
+    in TensorBoard as the HPARAMS tab's metrics (one row per run there, filterable by any config key)."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    final = {f"final/{k}": float(v) for k, v in metrics.items() if v is not None}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(trainer.lightning_module.hparams, final)
+        else:
+            logger.log_metrics(final, step=trainer.global_step)
+        logger.save()
+
+
 def finish_loggers(trainer: pl.Trainer) -> None:
     """End each logger's run with the job. Lightning leaves a W&B run open, and the next job of a multirun
     in the same process would then log into it; MLflow and the file loggers are closed by Lightning."""

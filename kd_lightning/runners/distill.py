@@ -13,7 +13,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from kd_lightning.config.run_spec import RunSpec
-from kd_lightning.config.specs import EvalSpec
+from kd_lightning.config.specs import EvalSpec, flatten
 from kd_lightning.core.module import DistillationModule
 from kd_lightning.engine.build import build_module, build_teacher_ensemble
 from kd_lightning.engine.distributed import leave_process_group, pin_ddp_children_to_job
@@ -29,6 +29,7 @@ from kd_lightning.engine.trainers import (
     evaluation_trainer,
     finish_loggers,
     keep_metrics_until,
+    log_final_results,
 )
 from kd_lightning.errors import ConfigError
 from kd_lightning.evaluation import robustness_summary
@@ -130,6 +131,8 @@ def stage_build(ctx: RunContext) -> Built:
     syncs = SyncCheck() if spec.perf.check_syncs else None
     preempt = PreemptionCheckpoint(ctx.out) if preemption_warned() else None  # SLURM's warning: save, requeue
     own = [c for c in (precompute, progress, syncs, preempt) if c is not None]
+    # the resolved config as hyperparameters: Lightning logs them to every tracker when the fit starts
+    module.save_hyperparameters(flatten(spec.resolved, skip=("hydra", "paths")))
     trainer = build_trainer(spec, validation="val" in dm.val_roles(), callbacks=own)
     if trainer.num_devices > 1 and trainer.strategy.root_device.type == "cpu" and trainer.is_global_zero:
         log.info(
@@ -259,6 +262,10 @@ def run_distillation(ctx: RunContext) -> None:
         if not fitted.tests_here:
             return
         tested = stage_test(ctx, built, fitted)
+        finals = {"test_acc": tested.test_acc, "last_test_acc": tested.last_test_acc}
+        log_final_results(
+            built.trainer, {**finals, "teacher_ensemble_test_acc": tested.teacher_ensemble_test_acc}
+        )
     finally:
         finish_loggers(built.trainer)
     ctx.results.update(
