@@ -29,6 +29,37 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], suffix: str 
     return path
 
 
+def save_torch_atomic(path: str | Path, payload: Any) -> Path:
+    """A torch file (a model, a checkpoint), whole or not at all: through a Python file object, flushed to
+    disk, then renamed; a write that fails (a full disk) raises that OSError, not torch's RuntimeError."""
+    import torch
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            try:
+                torch.save(payload, f)
+            except RuntimeError as e:  # torch.save reports the OSError of a write as "unexpected pos"
+                if isinstance(e.__context__, OSError):
+                    raise e.__context__ from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+
+    return atomic_write(path, write)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """A text file of the run folder, whole or not at all (a full disk leaves the earlier file, or none)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return atomic_write(path, write)
+
+
 def _clean(value: Any) -> Any:
     """A value JSON can hold: configs as containers, non-finite floats as null, anything odd as its text."""
     from omegaconf import OmegaConf

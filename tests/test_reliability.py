@@ -1,9 +1,11 @@
 """Nothing already written is lost: resume after SIGKILL, non-finite losses, failed sweep jobs."""
 
 import csv
+import errno
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -260,3 +262,89 @@ def test_a_second_run_into_a_live_folder_stops_at_once_and_changes_nothing(tmp_p
     out, _ = third.communicate(timeout=300)
     assert third.returncode == 2 and "holds a finished run" in out and "overwrite=true" in out
     assert json.loads((folder / "results.json").read_text()) == res
+
+
+class DiskFull:
+    """Makes the n-th opening of a file for writing under `folder` fail with ENOSPC, as a full disk would;
+    a file opened in place is left empty, as a write that fails leaves it. Through an audit hook (installed
+    once per process: hooks cannot be removed), active only inside `with DiskFull(...)`."""
+
+    active: "DiskFull | None" = None
+    installed = False
+
+    def __init__(self, folder: Path, n: int):
+        self.folder, self.n, self.count, self.paths = str(folder), n, 0, []
+        if not DiskFull.installed:
+            sys.addaudithook(DiskFull.hook)
+            DiskFull.installed = True
+
+    def __enter__(self) -> "DiskFull":
+        DiskFull.active = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        DiskFull.active = None
+
+    @staticmethod
+    def hook(event: str, args: tuple) -> None:
+        full = DiskFull.active
+        if full is None or event != "open" or not isinstance(args[0], str | Path):
+            return
+        path, mode, flags = str(args[0]), args[1], args[2]
+        writing = any(c in mode for c in "wax+") if mode else bool(flags & (os.O_WRONLY | os.O_RDWR))
+        if not path.startswith(full.folder) or not writing or path.endswith(".lock") or os.path.isdir(path):
+            return
+        full.count += 1
+        full.paths.append(path)
+        if full.count == full.n:
+            DiskFull.active = None
+            if ".tmp" not in path:
+                open(path, "ab").close()  # created, nothing written
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+
+
+def _whole(run_dir: Path) -> list[str]:
+    """The run folder's files that are not whole (empty, cut, unreadable), and stray temporary files."""
+    import yaml
+
+    bad = []
+    for p in run_dir.rglob("*"):
+        if not p.is_file() or ".kd" in p.relative_to(run_dir).parts:
+            continue
+        try:
+            if p.stat().st_size == 0 or ".tmp" in p.name:
+                raise ValueError("empty or temporary")
+            if p.suffix == ".json":
+                json.loads(p.read_text())
+            elif p.suffix == ".yaml":
+                assert yaml.safe_load(p.read_text()) is not None
+            elif p.suffix in (".ckpt", ".pt"):
+                torch.load(p, map_location="cpu", weights_only=True)
+            elif p.suffix == ".csv":
+                rows = list(csv.reader(p.open()))
+                assert all(len(r) == len(rows[0]) for r in rows)
+        except Exception as e:  # noqa: BLE001
+            bad.append(f"{p.relative_to(run_dir)}: {e}")
+    return bad
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_any_write_of_the_run_leaves_whole_files_and_a_resumable_run(make_cfg, tmp_path):
+    """ENOSPC at each file the run writes, the first and the last time it writes it: the run stops with the
+    disk's error, every file of its folder is whole (no zero-byte config, no cut checkpoint or row), and
+    once space is back resume=auto finishes it."""
+    job = ("teachers=none", "distill=none", "trainer.max_epochs=2", "logger=csv")
+    with DiskFull(tmp_path / "count", 10**9) as counting:
+        assert run(make_cfg(*job, out="count"))["status"] == "ok"
+    writes = [re.sub(r"\.\d+\.tmp", "", Path(p).name).lstrip(".") for p in counting.paths]
+    picks = sorted(
+        {writes.index(w) for w in writes} | {len(writes) - 1 - writes[::-1].index(w) for w in writes}
+    )
+    assert {"results.json", "config.resolved.yaml", "last.ckpt", "metrics.csv", "student.pt"} <= set(writes)
+    for i in picks:
+        folder = f"full{i}"
+        with DiskFull(tmp_path / folder, i + 1), pytest.raises(OSError, match="No space left on device"):
+            run(make_cfg(*job, out=folder))
+        assert _whole(tmp_path / folder) == [], (writes[i], _whole(tmp_path / folder))
+        resumed = run(make_cfg(*job, "resume=auto", out=folder))
+        assert resumed["status"] == "ok", (writes[i], resumed.get("error"))

@@ -371,3 +371,16 @@ def test_a_quoted_run_folder_is_the_one_locked_and_checked(tmp_path, cache_dir):
     assert again.returncode == 2 and "holds a finished run" in again.stderr, again.stderr[-2000:]
     assert (run_dir / ".hydra" / "config.yaml").read_bytes() == config  # not rewritten with max_epochs=2
     assert [p.name for p in tmp_path.iterdir() if '"' in p.name] == []  # no folder named with the quotes
+
+
+def test_a_full_disk_is_said_in_two_lines_naming_the_folder_and_the_way_on(tmp_path):
+    import errno
+
+    from kd_lightning.cli.train import failure_lines
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    said = failure_lines(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    assert said[0].startswith(f"Training failed: no space left on the device of {tmp_path}")
+    assert f"The last good checkpoint is {tmp_path / 'checkpoints' / 'last.ckpt'}" in said[1]
+    assert "resume=auto" in said[1] and f"hydra.run.dir={tmp_path}" in said[1]

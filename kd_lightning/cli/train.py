@@ -8,6 +8,7 @@ one line naming the key and what would be valid, exit code 2, no traceback.
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -83,6 +84,11 @@ def failure_lines(e: BaseException, out: Path) -> list[str] | None:
         cause = (
             f"Training failed on rank {launch_rank()}: another rank of this run stopped ({text}); its node's log "
             "says why (a node that died, was preempted or ran out of memory)"
+        )
+    elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        cause = (
+            f"Training failed: no space left on the device of {out} ({text}). Every file of the run folder is "
+            "whole (written to a temporary file, then renamed): free space there and continue the run"
         )
     elif isinstance(e, OSError):
         cause = (

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -23,7 +22,7 @@ from kd_lightning.config.hydra import instantiate
 from kd_lightning.config.run_spec import RunSpec
 from kd_lightning.config.specs import Plain
 from kd_lightning.errors import ConfigError
-from kd_lightning.files import atomic_write
+from kd_lightning.files import atomic_write, save_torch_atomic
 
 
 class CheckpointSaveError(OSError):
@@ -37,18 +36,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     checkpoint under its final name, which resume=auto would then read."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        import torch
-
         path = Path(path)
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-
         try:
-            atomic_write(path, write)
+            save_torch_atomic(path, checkpoint)
         except OSError as e:
             kept = sorted(p.name for p in path.parent.glob("*.ckpt"))
             raise CheckpointSaveError(
@@ -280,12 +270,43 @@ class CSVLogger(LightningCSVLogger):
                 )
             writer = super().experiment  # deletes metrics.csv
         if header:
-            with open(path, "w", newline="") as f:
-                out = csv.DictWriter(f, fieldnames=header)
-                out.writeheader()
-                out.writerows(rows)
+            _write_rows(path, header, rows)
             writer.metrics_keys = header
+        writer.save = lambda: _save_whole(writer)
         return writer
+
+
+def _write_rows(path: Path, header: list[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    """metrics.csv, whole (a temporary file, then a rename)."""
+    import io
+
+    from kd_lightning.files import write_text_atomic
+
+    text = io.StringIO()
+    out = csv.DictWriter(text, fieldnames=header)
+    out.writeheader()
+    out.writerows(rows)
+    write_text_atomic(path, text.getvalue())
+
+
+def _save_whole(writer: Any) -> None:
+    """Lightning's CSV writer appends rows to metrics.csv, and rewrites it in place when a column appears:
+    a full disk then leaves a cut row, or loses every earlier row. Here hparams.yaml and metrics.csv are
+    written whole each time (the earlier rows read back, a temporary file, a rename)."""
+    from pytorch_lightning.core.saving import save_hparams_to_yaml
+
+    hparams = Path(writer.log_dir) / writer.NAME_HPARAMS_FILE
+    atomic_write(hparams, lambda tmp: save_hparams_to_yaml(str(tmp), writer.hparams))
+    if not writer.metrics:
+        return
+    writer._record_new_keys()
+    path = Path(writer.metrics_file_path)
+    earlier = []
+    if path.is_file():
+        with path.open(newline="") as f:
+            earlier = list(csv.DictReader(f))
+    _write_rows(path, writer.metrics_keys, [*earlier, *writer.metrics])
+    writer.metrics = []
 
 
 def keep_metrics_until(trainer: pl.Trainer, epoch: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +16,7 @@ from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError
 from kd_lightning.evaluation.corruptions import check_corruptions
 from kd_lightning.evaluation.robustness import Predictor, evaluate_models, plot_robustness, robustness_table
+from kd_lightning.files import write_text_atomic
 from kd_lightning.teachers.ensemble import TeacherEnsemble
 
 
@@ -72,12 +74,13 @@ def evaluate_and_write(
         result["agreement_reference"] = reference
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "evaluation.json").write_text(json.dumps(result, indent=1))
-    (out / "evaluation.md").write_text(robustness_table(result) + "\n")
+    write_text_atomic(out / "evaluation.json", json.dumps(result, indent=1))
+    write_text_atomic(out / "evaluation.md", robustness_table(result) + "\n")
     if result["robustness"]:
-        with open(out / "robustness.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["model", "corruption", "severity", "acc"])
-            w.writeheader()
-            w.writerows(result["robustness"])
+        table = io.StringIO()
+        w = csv.DictWriter(table, fieldnames=["model", "corruption", "severity", "acc"])
+        w.writeheader()
+        w.writerows(result["robustness"])
+        write_text_atomic(out / "robustness.csv", table.getvalue())
         plot_robustness(result["robustness"], out / "robustness.png", title=str(out.name))
     return result

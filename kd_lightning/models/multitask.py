@@ -15,7 +15,7 @@ from torch import nn
 
 from kd_lightning.config.specs import Plain
 from kd_lightning.errors import ConfigError, choices
-from kd_lightning.files import atomic_write
+from kd_lightning.files import save_torch_atomic
 from kd_lightning.models.weights import safe_load
 
 TASKS: dict[str, tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = {
@@ -101,7 +101,7 @@ def save_multitask(
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "meta": dict(meta),
     }
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return save_torch_atomic(path, payload)
 
 
 def load_multitask(path: str | Path) -> MultiTaskNet:

@@ -18,7 +18,7 @@ from torch import nn
 
 from kd_lightning.config.specs import Plain
 from kd_lightning.errors import ConfigError
-from kd_lightning.files import atomic_write
+from kd_lightning.files import save_torch_atomic
 from kd_lightning.models.torchvision_adapter import last_linear
 
 MODEL_FILE_FORMAT = "kd_lightning.model/1"
@@ -170,4 +170,4 @@ def save_model(
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "meta": dict(meta or {}),
     }
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return save_torch_atomic(path, payload)

@@ -35,6 +35,7 @@ from kd_lightning.engine.resume import (
     resume_mode,
 )
 from kd_lightning.errors import ConfigError
+from kd_lightning.files import write_text_atomic
 
 if TYPE_CHECKING:  # Lightning and torch are imported when a run gets that far, not before stage 0
     from kd_lightning.data.base import TensorDataModule
@@ -101,7 +102,7 @@ def stage_data(spec: RunSpec) -> TensorDataModule:
 def write_resolved_config(resolved: Mapping[str, Plain], out: Path) -> None:
     """config.resolved.yaml: the run's config with every interpolation resolved (kd-eval rebuilds from it)."""
     if is_rank_zero():
-        (out / "config.resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(dict(resolved))))
+        write_text_atomic(out / "config.resolved.yaml", OmegaConf.to_yaml(OmegaConf.create(dict(resolved))))
 
 
 def run(cfg: DictConfig) -> dict[str, Plain]:
