@@ -133,7 +133,8 @@ def _run(root: Path, name: str, seed: int, acc: float, lr: float, teacher_set: s
     """A finished run folder: results.json and the resolved config the run recorded."""
     _write(root, name, teacher_set, seed, acc)
     config = {"seed": seed, "data": {"batch_size": 64}, "optim": {"_target_": "torch.optim.Adam", "lr": lr},
-              "paths": {"output_dir": str(root / name)}}  # fmt: skip
+              "paths": {"output_dir": str(root / name)}, "trainer": {"default_root_dir": str(root / name)},
+              "callbacks": {"last": {"dirpath": str(root / name / "checkpoints")}}}  # fmt: skip
     (root / name / "config.resolved.yaml").write_text(json.dumps(config))  # JSON is YAML
 
 

@@ -24,11 +24,11 @@ SETTINGS = "config.resolved.yaml"  # a run's config, which the report compares a
 
 def settings(run_dir: Path) -> dict[str, str]:
     """A run's resolved config as flat `key: value` text (`optim.lr: 0.01`), without the keys that do not
-    change what it computes (kd_lightning.engine.resume.NEUTRAL_KEYS) and the seed."""
+    change what it computes (kd_lightning.engine.resume.comparable) and the seed."""
     from omegaconf import OmegaConf
 
     from kd_lightning.config.specs import flatten
-    from kd_lightning.engine.resume import NEUTRAL_KEYS
+    from kd_lightning.engine.resume import comparable
 
     path = run_dir / SETTINGS
     if not path.is_file():
@@ -37,7 +37,9 @@ def settings(run_dir: Path) -> dict[str, str]:
         plain = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except Exception:  # an unreadable config: the run is still reported, by its results
         return {}
-    flat = flatten(plain, skip=("seed", *NEUTRAL_KEYS, "hydra")) if isinstance(plain, dict) else {}
+    # as resume=auto compares configs: without the neutral keys, folders written relative to paths.*, so
+    # that each run's own folder (trainer.default_root_dir, checkpoint dirpaths) is not a setting
+    flat = flatten(comparable(plain), skip=("seed",)) if isinstance(plain, dict) else {}
     return {k: str(v) for k, v in flat.items()}
 
 
