@@ -127,6 +127,8 @@ class ResumableLoader(DataLoader):
         return {"epoch": epoch, "samples": batches * int(self.batch_size or 1)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Lightning's way in, when it makes the loader after restoring a checkpoint (DistillationModule's
+        on_load_checkpoint tells the datamodule otherwise: its optimiser setup makes the loader first)."""
         if isinstance(self.sampler, EpochSeededSampler):
             self.sampler.resume_after(state["epoch"], state["samples"])
 
