@@ -492,7 +492,8 @@ class TensorDataModule(pl.LightningDataModule):
     def _augment_rng(self, device: torch.device) -> torch.Generator:
         """The random crops and flips of an epoch come from a generator seeded by (run seed, epoch, rank) on
         the batch's device: the same draws whichever loader made the batch (a DataLoader draws from torch's
-        global generator when it starts an epoch) and after a resume."""
+        global generator when it starts an epoch) and after a resume from an epoch's end (a run resumed in the
+        middle of an epoch draws that epoch's remaining crops anew)."""
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         seed = self.shuffle_seed if self.shuffle_seed is not None else self.split_seed
         key = (device, seed, epoch, _world()[1])
