@@ -118,3 +118,30 @@ def test_any_torch_optimizer_by_target(make_cfg):
 def test_bad_optim_or_scheduler_is_named(optim, scheduler, message):
     with pytest.raises(ConfigError, match=message):
         build_optim({"_partial_": True, **optim}, scheduler)
+
+
+@pytest.mark.parametrize("skipped", [0, 2])
+def test_a_primed_fused_sgd_equals_torch_sgd_when_the_gradient_scaler_skips_a_step(skipped):
+    """16-mixed: the scaler skips a step whose gradients overflowed, often the first. A fused SGD left to
+    itself keeps uninitialised momentum buffers then (NaN weights a step later); primed, it gives torch's
+    unfused SGD's numbers (to float rounding: the fused kernel unscales inside)."""
+    import functools
+
+    from kd_lightning.config.optim import OptimSetup
+
+    def train(fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(300))
+        make = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4, fused=fused)
+        opt = OptimSetup(make).configure([p], total_steps=4)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        for k in range(4):
+            opt.zero_grad()
+            scaler.scale((p * (float("inf") if k == skipped else 1.0)).sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+        return p.detach(), opt.state[p]["momentum_buffer"]
+
+    (p_fused, m_fused), (p_plain, m_plain) = train(True), train(False)
+    torch.testing.assert_close(p_fused, p_plain, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(m_fused, m_plain, rtol=1e-6, atol=1e-7)

@@ -47,7 +47,7 @@ class OptimSetup:
     def configure(self, params: Iterable[torch.nn.Parameter], total_steps: int) -> Any:
         """What `LightningModule.configure_optimizers` returns."""
         params = list(params)
-        opt = self.optimizer(params, **fused_on_gpu(self.optimizer, params))
+        opt = prime_fused_sgd(self.optimizer(params, **fused_on_gpu(self.optimizer, params)))
         if self.scheduler is None:
             return opt
         kw = {"total_steps": max(1, int(total_steps))} if self.needs_total_steps else {}
@@ -71,7 +71,34 @@ def fused_on_gpu(make: OptimizerFn, params: list[torch.nn.Parameter]) -> dict[st
         accepts = "fused" in inspect.signature(make.func).parameters
     except (TypeError, ValueError):
         return {}
-    return {"fused": True} if accepts else {}
+    if not accepts:
+        return {}
+    if issubclass_safe(make.func, torch.optim.SGD) and float(make.keywords.get("dampening", 0)) != 0:
+        return {}  # prime_fused_sgd cannot make a fused SGD with dampening exact
+    return {"fused": True}
+
+
+def issubclass_safe(obj: object, cls: type) -> bool:
+    return isinstance(obj, type) and issubclass(obj, cls)
+
+
+def prime_fused_sgd(opt: Optimizer) -> Optimizer:
+    """A fused SGD with momentum gets zero momentum buffers before its first step. Torch's fused SGD makes
+    them with `empty_like` at its first step and fills them in the kernel; when the gradient scaler skips
+    that step (16-mixed: the first steps often overflow), the kernel returns early and the buffers keep
+    whatever the memory held, so the weights turn NaN a step later (torch 2.11-2.14; reported in LibreYOLO
+    PR #771). With zero buffers and no dampening, m·0 + g is what the first step computes anyway: the same
+    numbers as torch's unfused SGD, skipped steps included (tests/test_optim.py)."""
+    if not isinstance(opt, torch.optim.SGD):
+        return opt
+    for group in opt.param_groups:
+        if not group.get("fused") or group.get("momentum", 0) == 0:
+            continue
+        for p in group["params"]:
+            opt.state[p].setdefault(
+                "momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format)
+            )
+    return opt
 
 
 def warmup_cosine(
