@@ -17,8 +17,9 @@ in this process, on generated data (nothing is downloaded), teachers with random
   views      experiment=imagenet/resnet34_resnet18 on a generated ImageFolder (1000 class folders),
              RandomResizedCrop + flip recorded as 2 views per image: student, live, fill, stored
   ddp        trainer=ddp trainer.devices=1 (NCCL on a GPU, gloo with --cpu), 16-mixed, stored
-  graphs     the cifar student alone with perf.compile_mode=reduce-overhead (CUDA graphs; on the CPU the
-             smoke mode compiles with the eager backend)
+  graphs     the cifar student alone, KD live and FitNet (live; also run eager as cifar/bf16-mixed/fitnet) with
+             perf.compile_mode=reduce-overhead (CUDA graphs; on the CPU the smoke mode compiles with the
+             eager backend)
 Every case runs with perf.check_syncs=true: on a GPU a synchronising call in a training step (after the
 first two, logging steps aside) raises (torch.cuda.set_sync_debug_mode("error")), on the CPU every host
 read is counted; either fails the case.
@@ -110,12 +111,13 @@ def cases(mode: str, data: Path) -> list[tuple[str, list[str]]]:
     graphs = ["perf.compile=true"] + (
         ["perf.compile_mode=reduce-overhead"] if mode == "gpu" else ["perf.compile_backend=eager"]
     )
-    out.append(
-        (
-            "graphs/bf16-mixed/student",
-            [*cifar, "trainer.precision=bf16-mixed", *teacher, "distill=none", *graphs],
-        )
-    )
+    at = [*cifar, "trainer.precision=bf16-mixed", *teacher]
+    out += [
+        ("cifar/bf16-mixed/fitnet", [*at, "distill=fitnet", "teacher_cache.mode=none"]),
+        ("graphs/bf16-mixed/student", [*at, "distill=none", *graphs]),
+        ("graphs/bf16-mixed/live", [*at, "teacher_cache.mode=none", *graphs]),
+        ("graphs/bf16-mixed/fitnet", [*at, "distill=fitnet", "teacher_cache.mode=none", *graphs]),
+    ]
     views = [
         *common, "experiment=imagenet/resnet34_resnet18", f"data.root={data / 'images' / 'train'}",
         f"data.test_root={data / 'images' / 'val'}", *_transforms(z["image_size"]), "trainer.precision=bf16-mixed",
@@ -365,11 +367,15 @@ def main() -> None:
             + "  ".join(f"{k}={v:.3f}" for k, v in ratios.items())
             + f"  (hand loop images_per_s: {hand_line})"
         )
-    if "graphs/bf16-mixed/student" in results and ("bf16-mixed", "student") in hand:
+    for kind in ("student", "live", "fitnet"):
+        graphed, eager = results.get(f"graphs/bf16-mixed/{kind}"), results.get(f"cifar/bf16-mixed/{kind}")
+        if graphed is None or eager is None:
+            continue
+        against = hand.get(("bf16-mixed", kind))
         say(
-            "gpu_check.graphs/bf16-mixed: student framework/hand="
-            f"{hand[('bf16-mixed', 'student')] / images_per_s(results['graphs/bf16-mixed/student']):.3f} "
-            "(compiled with CUDA graphs, against the eager hand loop)"
+            f"gpu_check.graphs/bf16-mixed/{kind}: graphs/eager={images_per_s(eager) / images_per_s(graphed):.3f}"
+            + (f"  framework/hand={against / images_per_s(graphed):.3f}" if against else "")
+            + " (time per image with CUDA graphs against the eager framework and the eager hand loop)"
         )
     say(f"gpu_check: {len(results)} cases in {time.perf_counter() - started:.0f} s, {len(failures)} failed")
     if a.report is not None:

@@ -299,6 +299,26 @@ def test_perf_switches_are_applied_to_student_and_teachers_and_keep_the_losses(m
     assert torch.allclose(torch.tensor(eager), torch.tensor(fast), rtol=1e-3, atol=1e-4)
 
 
+def test_a_model_compiled_after_another_of_its_class_records_its_own_taps():
+    """The jobs of a sweep run one after another in one process: a teacher compiled for a feature method
+    after a logits-only job must not reuse that job's compiled forward, which lacks the taps' hooks (torch
+    does not guard on hooks)."""
+    from kd_lightning.config.specs import PerfSpec
+    from kd_lightning.engine.build import apply_perf
+    from kd_lightning.models import create_model
+    from kd_lightning.models.taps import FeatureTaps
+
+    perf = PerfSpec(compile=True, compile_backend="eager")
+    x = torch.randn(4, 1, 8, 8)
+    earlier = create_model({"name": "cnn"}, 10, (1, 8, 8))
+    apply_perf(perf, [earlier], images=True)
+    earlier(x)
+    model = create_model({"name": "cnn"}, 10, (1, 8, 8))
+    taps = FeatureTaps(model, ["embed", "stage1"])
+    apply_perf(perf, [model], images=True)
+    assert sorted(taps(x)) == ["embed", "logits", "stage1"]
+
+
 @pytest.mark.slow
 def test_kd_cache_fills_the_stores_and_the_run_after_it_runs_no_teacher(tmp_path, cache_dir):
     import json

@@ -6,13 +6,16 @@ Everything here runs before training, so configuration errors surface before the
 from __future__ import annotations
 
 import copy
+import functools
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from kd_lightning.config.optim import build_optim
 from kd_lightning.config.run_spec import RunSpec
@@ -185,17 +188,42 @@ def apply_perf(perf: PerfSpec, models: Iterable[nn.Module], images: bool) -> Non
     every model's forward with `perf.compile_backend`; forward hooks, so taps, keep working). Applied after
     the dry batch that sized the adapters."""
     models = list(models)
+    if perf.compile:
+        # compiled code of an earlier run in this process (the jobs of a sweep run one after another) would
+        # be reused for these models without their taps' forward hooks: torch does not guard on hooks
+        torch._dynamo.reset()
     for m in models:
         if perf.channels_last and images:
             m.to(memory_format=torch.channels_last)
         if perf.compile:
-            m.forward = torch.compile(m.forward, backend=perf.compile_backend, mode=perf.compile_mode)
+            m.forward = _compiled(m, perf)
     how = perf.compile_backend + (f", {perf.compile_mode}" if perf.compile_mode else "")
     applied = [f"torch.compile ({how})"] * perf.compile + ["channels_last"] * (perf.channels_last and images)
     if applied:
         log.info("perf: %s on the student and %d teacher(s)", " + ".join(applied), len(models) - 1)
     elif perf.channels_last:
         log.info("perf.channels_last is for image models; these inputs are not images, left as they are")
+
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the inductor modes that capture CUDA graphs
+
+
+def _compiled(m: nn.Module, perf: PerfSpec) -> Callable[..., Any]:
+    """torch.compile of `m.forward`. Under CUDA graphs a replay writes its outputs into the memory of the
+    previous replay, and a step keeps one model's outputs while another compiled model runs (the student's
+    logits while the teacher runs, at test the student's beside the ensemble's): the outputs, and the
+    features that FeatureTaps records (`kd_cuda_graphs`), are copied out of the graph's memory (one small
+    copy each), as torch's error message for this case advises."""
+    compiled = torch.compile(m.forward, backend=perf.compile_backend, mode=perf.compile_mode)
+    if perf.compile_mode not in CUDA_GRAPH_MODES:
+        return compiled
+    m.kd_cuda_graphs = True
+
+    @functools.wraps(m.forward)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return tree_map_only(torch.Tensor, torch.clone, compiled(*args, **kwargs))
+
+    return forward
 
 
 def _check_logits(owner: str, shape: tuple[int, ...], num_classes: int) -> None:

@@ -198,6 +198,8 @@ class FeatureTaps:
         out = self.model(x)
         feats = self._store
         self._store = {}
+        if getattr(self.model, "kd_cuda_graphs", False):  # copied out of the graph's memory (engine/build.py)
+            feats = {k: v.clone() for k, v in feats.items()}
         feats[OUTPUT] = out
         return feats
 
