@@ -17,9 +17,10 @@ in this process, on generated data (nothing is downloaded), teachers with random
   views      experiment=imagenet/resnet34_resnet18 on a generated ImageFolder (1000 class folders),
              RandomResizedCrop + flip recorded as 2 views per image: student, live, fill, stored
   ddp        trainer=ddp trainer.devices=1 (NCCL on a GPU, gloo with --cpu), 16-mixed, stored
-  graphs     the cifar student alone, KD live and FitNet (live; also run eager as cifar/bf16-mixed/fitnet) with
-             perf.compile_mode=reduce-overhead (CUDA graphs; on the CPU the smoke mode compiles with the
-             eager backend)
+  graphs     the GPU default, perf.compile=auto (every model compiled with CUDA graphs): the cifar student
+             alone, KD live and stored, FitNet (live; also run eager as cifar/bf16-mixed/fitnet), and the
+             ddp case (on the CPU the smoke mode compiles with the eager backend); every other case is
+             eager (perf.compile=false)
 Every case runs with perf.check_syncs=true: on a GPU a synchronising call in a training step (after the
 first two, logging steps aside) raises (torch.cuda.set_sync_debug_mode("error")), on the CPU every host
 read is counted; either fails the case.
@@ -86,7 +87,7 @@ def cases(mode: str, data: Path) -> list[tuple[str, list[str]]]:
         f"trainer={'gpu' if mode == 'gpu' else 'cpu'}", f"trainer.max_epochs={z['epochs']}",
         "trainer.enable_progress_bar=false", "logger=none", "callbacks=none", "print_summary=false",
         "test_each_epoch=false", f"data.batch_size={z['batch']}", f"data.num_workers={z['workers']}",
-        "perf.check_syncs=true",
+        "perf.check_syncs=true", "perf.compile=false",  # eager; the graphs cases run the GPU default
     ]  # fmt: skip
     teacher = ["teachers.members.teacher.random_weights=true"]
     store = ["teacher_cache.mode=disk", f"teacher_cache.dir={data / 'stores'}"]
@@ -103,20 +104,21 @@ def cases(mode: str, data: Path) -> list[tuple[str, list[str]]]:
     fast = ["perf.compile=true", "perf.channels_last=true"]
     if mode == "cpu":
         fast.append("perf.compile_backend=eager")  # dynamo traces as with inductor; no C++ build in CI
-    at = [*cifar, "trainer.precision=bf16-mixed", *fast]
+    at = [*unset(cifar), "trainer.precision=bf16-mixed", *fast]
     out += [
         ("cifar/bf16-mixed/live+compile+channels_last", [*at, *teacher, "teacher_cache.mode=none"]),
         ("cifar/bf16-mixed/stored+compile+channels_last", [*at, *teacher, "data.augment.views=4", *store]),
     ]
-    graphs = ["perf.compile=true"] + (
-        ["perf.compile_mode=reduce-overhead"] if mode == "gpu" else ["perf.compile_backend=eager"]
-    )
+    # the default on a GPU (perf.compile=auto: CUDA graphs); the smoke mode compiles with the eager backend
+    graphs = [] if mode == "gpu" else ["perf.compile=true", "perf.compile_backend=eager"]
     at = [*cifar, "trainer.precision=bf16-mixed", *teacher]
+    by_default = [*unset(cifar), "trainer.precision=bf16-mixed", *teacher, *graphs]
     out += [
         ("cifar/bf16-mixed/fitnet", [*at, "distill=fitnet", "teacher_cache.mode=none"]),
-        ("graphs/bf16-mixed/student", [*at, "distill=none", *graphs]),
-        ("graphs/bf16-mixed/live", [*at, "teacher_cache.mode=none", *graphs]),
-        ("graphs/bf16-mixed/fitnet", [*at, "distill=fitnet", "teacher_cache.mode=none", *graphs]),
+        ("graphs/bf16-mixed/student", [*by_default, "distill=none"]),
+        ("graphs/bf16-mixed/live", [*by_default, "teacher_cache.mode=none"]),
+        ("graphs/bf16-mixed/stored", [*by_default, "data.augment.views=4", *store]),
+        ("graphs/bf16-mixed/fitnet", [*by_default, "distill=fitnet", "teacher_cache.mode=none"]),
     ]
     views = [
         *common, "experiment=imagenet/resnet34_resnet18", f"data.root={data / 'images' / 'train'}",
@@ -132,7 +134,13 @@ def cases(mode: str, data: Path) -> list[tuple[str, list[str]]]:
     ddp = ["trainer=ddp", "trainer.devices=1"] if mode == "gpu" else ["trainer=ddp_cpu", "trainer.devices=1"]
     at = [*cifar, *ddp, "trainer.precision=16-mixed", *teacher, "data.augment.views=4", *store]
     out.append(("ddp/16-mixed/stored", at))
+    out.append(("graphs/ddp/16-mixed/stored", [*unset(at), *graphs]))
     return out
+
+
+def unset(overrides: list[str]) -> list[str]:
+    """Without the eager switch: perf.compile as the case or the default sets it."""
+    return [o for o in overrides if o != "perf.compile=false"]
 
 
 def write_data(mode: str, data: Path) -> None:
@@ -145,6 +153,9 @@ def write_data(mode: str, data: Path) -> None:
 
 
 HAND_KINDS = ("student", "live", "stored")
+REPEATED = {
+    f"cifar/{p}/{k}" for p in ("16-mixed", "bf16-mixed") for k in ("student", "live", "fill", "stored")
+}
 
 
 def hand_loop(
@@ -237,7 +248,7 @@ def run_case(name: str, overrides: list[str], data: Path) -> dict:
     return run(compose_run(overrides, data / "runs" / name.replace("/", "_"), data / "cache"))
 
 
-def images_per_s(r: dict) -> float:
+def per_run_images_per_s(r: dict) -> float:
     epochs = r.get("epoch_seconds") or [r["fit_seconds"]]
     steady = epochs[1:] if len(epochs) > 1 else epochs
     return r["train_samples"] / statistics.median(steady)
@@ -250,7 +261,7 @@ def check(name: str, r: dict, backend: str | None = None) -> str | None:
     if name.startswith("ddp/") and backend is not None and backend != process_group_backend():
         return f"DDP ran with {process_group_backend()}, not {backend}"
     forwards = r.get("teacher_forward_samples") or 0
-    if name.endswith("/fill") and forwards <= 0:
+    if name.endswith("/fill") and forwards <= 0:  # (a repeated fill, "<name>/again", finds its store full)
         return "the fill ran no teacher (a store was found complete: stale data folder?)"
     if "/stored" in name and forwards != 0:
         return f"the store was filled but {forwards} teacher samples were still computed"
@@ -268,6 +279,11 @@ def main() -> None:
     p.add_argument("--cpu", action="store_true", help="smoke mode: every case, tiny, on the CPU")
     p.add_argument("--report", type=Path, help="also write the output to this file (markdown, dated)")
     p.add_argument("--only", default="", help="comma-separated name prefixes: run those cases only")
+    p.add_argument(
+        "--reps", type=int, default=1,
+        help="run the eager cifar cases (student, live, fill, stored) and their hand loops this many times, "
+        "interleaved; figures are medians [min-max]",
+    )  # fmt: skip
     a = p.parse_args()
     mode = "cpu" if a.cpu else "gpu"
     if mode == "gpu" and not torch.cuda.is_available():
@@ -290,65 +306,87 @@ def main() -> None:
 
     print(lines[0], flush=True)
     results: dict[str, dict] = {}
+    speeds: dict[str, list[float]] = {}  # images/s of each run of a case (--reps)
+    hand_speeds: dict[tuple[str, str], list[float]] = {}
     failures: list[str] = []
     started = time.perf_counter()
+
+    def run_and_say(name: str, overrides: list[str], data: Path, rep: int) -> None:
+        if mode == "gpu":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        folder = name if rep == 0 else f"{name}/rep{rep}"
+        try:
+            r = run_case(folder, overrides, data)
+        except BaseException as e:  # noqa: BLE001  (every case runs; the check fails at the end)
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            failures.append(f"{name}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+            say(f"gpu_check.{name}: FAILED ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            if "synchroniz" not in str(e):
+                return
+            # a step that synchronises fails the check; its speed is still measured, without the check
+            try:
+                r = run_case(folder + "/unchecked", [*overrides, "perf.check_syncs=false"], data)
+            except Exception as again:  # noqa: BLE001
+                failures.append(f"{name} without perf.check_syncs: {type(again).__name__}: {again}")
+                return
+        if rep == 0:  # (a repeated fill computes nothing: the first is the one that timed the teacher)
+            results[name] = r
+        why = check(name if rep == 0 else f"{name}/again", r, backend="nccl" if mode == "gpu" else "gloo")
+        if why is not None:
+            failures.append(f"{name}: {why}")
+        else:
+            speeds.setdefault(name, []).append(per_run_images_per_s(r))
+        extra = f"  (backend {process_group_backend()})" if name.startswith("ddp/") else ""
+        memory = r.get("peak_gpu_memory_mib")
+        say(
+            f"gpu_check.{name}: images_per_s={per_run_images_per_s(r):.0f}  "
+            f"teacher_forward_samples={r.get('teacher_forward_samples', 0)}  "
+            f"peak_gpu_memory_mib={memory if memory is not None else '-'}  "
+            f"wall_s={time.perf_counter() - t0:.1f}{extra}" + ("" if why is None else f"  FAILED: {why}")
+        )
+
     with tempfile.TemporaryDirectory() as tmp_name:
         data = Path(tmp_name)
         write_data(mode, data)
         only = [s for s in a.only.split(",") if s]
-        for name, overrides in cases(mode, data):
-            if only and not any(name.startswith(o) for o in only):
-                continue
-            if mode == "gpu":
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            try:
-                r = run_case(name, overrides, data)
-            except BaseException as e:  # noqa: BLE001  (every case runs; the check fails at the end)
-                if isinstance(e, KeyboardInterrupt):
-                    raise
-                failures.append(f"{name}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+        chosen = [(n, o) for n, o in cases(mode, data) if not only or any(n.startswith(x) for x in only)]
+        for rep in range(a.reps):  # the eager cifar cases and their hand loops again, interleaved
+            for name, overrides in chosen:
+                if rep == 0 or name in REPEATED:
+                    run_and_say(name, overrides, data, rep)
+            for p in ("16-mixed", "bf16-mixed"):
+                for kind in HAND_KINDS:
+                    if only and not any(f"cifar/{p}/{kind}".startswith(o) for o in only):
+                        continue
+                    try:
+                        speed = hand_loop(kind, p, mode, data)
+                    except Exception as e:  # noqa: BLE001  (the cases' results still print)
+                        failures.append(
+                            f"hand loop {p}/{kind}: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+                        )
+                        continue
+                    hand_speeds.setdefault((p, kind), []).append(speed)
+                    say(f"gpu_check.hand/{p}/{kind}: images_per_s={speed:.0f}")
+    hand = {k: statistics.median(v) for k, v in hand_speeds.items()}
+    if a.reps > 1:
+        for name, v in [*speeds.items(), *((f"hand/{p}/{k}", v) for (p, k), v in hand_speeds.items())]:
+            if len(v) > 1:
                 say(
-                    f"gpu_check.{name}: FAILED ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                    f"gpu_check.{name}: images_per_s median {statistics.median(v):.0f} "
+                    f"[{min(v):.0f}-{max(v):.0f}] over {len(v)} runs"
                 )
-                if "synchroniz" not in str(e):
-                    continue
-                # a step that synchronises fails the check; its speed is still measured, without the check
-                try:
-                    r = run_case(name + "/unchecked", [*overrides, "perf.check_syncs=false"], data)
-                except Exception as again:  # noqa: BLE001
-                    failures.append(f"{name} without perf.check_syncs: {type(again).__name__}: {again}")
-                    continue
-            results[name] = r
-            why = check(name, r, backend="nccl" if mode == "gpu" else "gloo")
-            if why is not None:
-                failures.append(f"{name}: {why}")
-            extra = f"  (backend {process_group_backend()})" if name.startswith("ddp/") else ""
-            memory = r.get("peak_gpu_memory_mib")
-            say(
-                f"gpu_check.{name}: images_per_s={images_per_s(r):.0f}  "
-                f"teacher_forward_samples={r.get('teacher_forward_samples', 0)}  "
-                f"peak_gpu_memory_mib={memory if memory is not None else '-'}  "
-                f"wall_s={time.perf_counter() - t0:.1f}{extra}" + ("" if why is None else f"  FAILED: {why}")
-            )
-        hand: dict[tuple[str, str], float] = {}
-        for p in ("16-mixed", "bf16-mixed"):
-            for kind in HAND_KINDS:
-                if only and not any(f"cifar/{p}/{kind}".startswith(o) for o in only):
-                    continue
-                try:
-                    hand[(p, kind)] = hand_loop(kind, p, mode, data)
-                except Exception as e:  # noqa: BLE001  (the cases' results still print)
-                    failures.append(
-                        f"hand loop {p}/{kind}: {type(e).__name__}: {e}\n{traceback.format_exc()}"
-                    )
-                    continue
-                say(f"gpu_check.hand/{p}/{kind}: images_per_s={hand[(p, kind)]:.0f}")
+
+    def speed(name: str) -> float:
+        """A case's images/s: the median of its runs."""
+        return statistics.median(speeds[name])
+
     for prefix in ("cifar/16-mixed", "cifar/bf16-mixed", "views"):
         names = {k: f"{prefix}/{k}" for k in ("student", "live", "fill", "stored")}
-        if not all(n in results for n in names.values()):
+        if not all(n in speeds for n in names.values()):
             continue
-        per = {k: 1 / images_per_s(results[n]) for k, n in names.items()}
+        per = {k: 1 / speed(n) for k, n in names.items()}
         fill = results[names["fill"]]
         teacher = fill["teacher_precompute_seconds"] / max(1, fill["teacher_forward_samples"])
         say(
@@ -358,9 +396,9 @@ def main() -> None:
         )
     for p in ("16-mixed", "bf16-mixed"):
         names = {k: f"cifar/{p}/{k}" for k in HAND_KINDS}
-        if not all(n in results for n in names.values()):
+        if not all(n in speeds for n in names.values()):
             continue
-        ratios = {k: hand[(p, k)] / images_per_s(results[n]) for k, n in names.items() if (p, k) in hand}
+        ratios = {k: hand[(p, k)] / speed(n) for k, n in names.items() if (p, k) in hand}
         hand_line = "  ".join(f"{k}={hand[(p, k)]:.0f}" for k in HAND_KINDS if (p, k) in hand)
         say(
             f"gpu_check.cifar/{p}: framework/hand "
@@ -368,13 +406,13 @@ def main() -> None:
             + f"  (hand loop images_per_s: {hand_line})"
         )
     for kind in ("student", "live", "fitnet"):
-        graphed, eager = results.get(f"graphs/bf16-mixed/{kind}"), results.get(f"cifar/bf16-mixed/{kind}")
-        if graphed is None or eager is None:
+        graphed, eager = f"graphs/bf16-mixed/{kind}", f"cifar/bf16-mixed/{kind}"
+        if graphed not in speeds or eager not in speeds:
             continue
         against = hand.get(("bf16-mixed", kind))
         say(
-            f"gpu_check.graphs/bf16-mixed/{kind}: graphs/eager={images_per_s(eager) / images_per_s(graphed):.3f}"
-            + (f"  framework/hand={against / images_per_s(graphed):.3f}" if against else "")
+            f"gpu_check.graphs/bf16-mixed/{kind}: graphs/eager={speed(eager) / speed(graphed):.3f}"
+            + (f"  framework/hand={against / speed(graphed):.3f}" if against else "")
             + " (time per image with CUDA graphs against the eager framework and the eager hand loop)"
         )
     say(f"gpu_check: {len(results)} cases in {time.perf_counter() - started:.0f} s, {len(failures)} failed")

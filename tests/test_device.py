@@ -78,3 +78,19 @@ def test_on_device_settings_are_checked(make_cfg, tmp_path):
     dm.trainer = _Trainer()
     with pytest.raises(ConfigError, match=r"data\.on_device=true keeps a dataset held in memory"):
         dm.train_dataloader()
+
+
+def test_compile_auto_compiles_with_cuda_graphs_on_a_gpu_only():
+    from kd_lightning.config.specs import PerfSpec, parse
+    from kd_lightning.engine.build import on_cuda
+
+    auto = parse(PerfSpec, {}, "perf")
+    assert auto.compile == "auto"
+    gpu, cpu = auto.on(cuda=True), auto.on(cuda=False)
+    assert (gpu.compile, gpu.compile_mode) == (True, "reduce-overhead")
+    assert cpu.compile is False
+    chosen = parse(PerfSpec, {"compile_mode": "max-autotune"}, "perf").on(cuda=True)
+    assert chosen.compile_mode == "max-autotune"  # a mode the config names is kept
+    assert parse(PerfSpec, {"compile": False}, "perf").on(cuda=True).compile is False
+    assert on_cuda({"accelerator": "gpu"}) and not on_cuda({"accelerator": "cpu"})
+    assert on_cuda({"accelerator": "auto"}) == torch.cuda.is_available()

@@ -84,7 +84,7 @@ def test_label_free_training(make_cfg):
         (["teacher_cache.mode=ram"], r"teacher_cache.mode='ram'; valid: none, memory, disk"),
         (["teacher_cache=disk"], r"teacher_cache is a group of keys now; use teacher_cache.mode=disk"),
         (["+teachers.members.cnn_s.colour=red"], r"teachers.members.cnn_s has unknown key\(s\) \['colour'\]"),
-        (["perf.compile=yes"], r"perf.compile must be true or false, got 'yes'"),
+        (["perf.compile=yes"], r"perf.compile has an unexpected value 'yes'; valid: true or false or auto"),
         (["+amalgamation.tasks=[parity]"], r"amalgamation is set but runner=distill"),
         (["runner=stagewise"], r"runner='stagewise'; valid: amalgamation, distill"),
     ],

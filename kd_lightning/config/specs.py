@@ -103,7 +103,7 @@ def _convert(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
                 return _convert(a, value, key, meta)
             except ConfigError:
                 continue
-        kinds = [getattr(a, "__name__", str(a)) for a in rest] + (["null"] if type(None) in args else [])
+        kinds = [_kind(a, meta) for a in rest] + (["null"] if type(None) in args else [])
         raise ConfigError(f"{key} has an unexpected value {value!r}; valid: {' or '.join(kinds)}")
     if tp is Any:
         return value
@@ -143,6 +143,15 @@ def _convert(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
         inner = args[1] if len(args) == 2 else Any
         return {str(k): _convert(inner, v, f"{key}.{k}", {}) for k, v in value.items()}
     return value
+
+
+def _kind(tp: Any, meta: Mapping[str, Any]) -> str:
+    """How an error names what a field of type `tp` accepts."""
+    if tp is bool:
+        return "true or false"
+    if tp is str and meta.get("choices"):
+        return " or ".join(meta["choices"])
+    return getattr(tp, "__name__", str(tp))
 
 
 def flatten(plain: Mapping[str, Any], skip: Iterable[str] = ()) -> dict[str, Any]:
@@ -352,13 +361,24 @@ class PerfSpec:
     """`perf.*`: torch.compile of every model's forward (its backend and mode), the channels-last memory
     format, and a check that no training step reads a value on the host (kd_lightning.engine.sync_check)."""
 
-    compile: bool = False
+    compile: bool | str = one_of("auto", "auto")  # auto: on a CUDA device with CUDA graphs, else off
     compile_backend: str = "inductor"
     compile_mode: str | None = one_of(
         None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
     )
     channels_last: bool = False
     check_syncs: bool = False
+
+    def on(self, cuda: bool) -> PerfSpec:
+        """With `compile: auto` resolved for a run on a CUDA device (`cuda`) or not: on a GPU every model's
+        forward compiled with CUDA graphs (reduce-overhead, unless compile_mode says otherwise), measured in
+        docs/GPU_CHECK.md at about twice the eager step; on the CPU nothing compiled (compiling there takes
+        longer than most CPU runs, and there are no launches to save)."""
+        if self.compile != "auto":
+            return self
+        if not cuda:
+            return dataclasses.replace(self, compile=False)
+        return dataclasses.replace(self, compile=True, compile_mode=self.compile_mode or AUTO_COMPILE_MODE)
 
     def check(self, where: str) -> None:
         if self.compile_mode is not None and self.compile_backend != "inductor":
@@ -368,6 +388,8 @@ class PerfSpec:
                 f"{where}.compile_mode=null"
             )
 
+
+AUTO_COMPILE_MODE = "reduce-overhead"
 
 CACHE_MODES = ("none", "memory", "disk")
 

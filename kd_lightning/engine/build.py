@@ -171,7 +171,8 @@ def build_module(spec: RunSpec, dm: TensorDataModule, teachers: TeacherEnsemble 
             )
         feed = TeacherFeed(teachers, outputs)
     images = len(dm.input_shape) == 3
-    apply_perf(spec.perf, [student, *(teachers.members.values() if teachers is not None else [])], images)
+    perf = spec.perf.on(cuda=on_cuda(spec.trainer.options))
+    apply_perf(perf, [student, *(teachers.members.values() if teachers is not None else [])], images)
     return DistillationModule(
         student,
         objective,
@@ -181,6 +182,12 @@ def build_module(spec: RunSpec, dm: TensorDataModule, teachers: TeacherEnsemble 
         optim,
         channels_last=spec.perf.channels_last and images,
     )
+
+
+def on_cuda(trainer: Mapping[str, Any]) -> bool:
+    """Whether the Trainer these options make trains on a CUDA device."""
+    accelerator = str(trainer.get("accelerator", "auto"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def apply_perf(perf: PerfSpec, models: Iterable[nn.Module], images: bool) -> None:

@@ -432,7 +432,7 @@ def run_amalgamation_job(ctx: RunContext) -> None:
     unused = {  # settings of the generic runner that this one would silently ignore
         "baseline=true": spec.settings.baseline,
         "evaluate.metrics/corruptions": spec.evaluation.active,
-        "perf.compile/channels_last": spec.perf.compile or spec.perf.channels_last,
+        "perf.compile/channels_last": spec.perf.compile is True or spec.perf.channels_last,
         "teachers.members": bool(spec.teachers.members),
         "distill.terms": bool(spec.distill.terms),
     }
