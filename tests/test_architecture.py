@@ -26,7 +26,7 @@ LAYERS = [
     {"teachers"},
     {"core", "evaluation"},
     {"engine"},
-    {"runners"},
+    {"runners", "analysis"},
     {"cli"},
     {"train", "trainers", "optim", "__init__"},
 ]
