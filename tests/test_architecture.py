@@ -206,3 +206,15 @@ def test_nothing_below_the_parse_reads_the_composed_config():
         if "DictConfig" in line
     ]
     assert not found, found
+
+
+def test_no_function_is_longer_than_60_lines():
+    """Short functions, split along what the code does (docs/ARCHITECTURE.md); a long one fails here."""
+    long = []
+    for path in sorted((ROOT / "kd_lightning").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long

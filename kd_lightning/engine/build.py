@@ -157,19 +157,8 @@ def build_module(spec: RunSpec, dm: TensorDataModule, teachers: TeacherEnsemble 
     )
     feed = None
     if teachers is not None:
-        outputs = None
-        if objective.uses_teachers:  # a pre-stage-only term reads the teachers live
-            outputs = build_outputs(
-                spec.cache,
-                dm,
-                teachers,
-                Objective.teacher_taps(distill),
-                teacher_shapes,
-                spec.data.config,
-                spec.trainer.precision,
-                scratch=Path(spec.paths.output_dir) / ".kd" / "teacher_outputs",
-            )
-        feed = TeacherFeed(teachers, outputs)
+        assert teacher_shapes is not None
+        feed = _teacher_feed(spec, dm, teachers, objective, Objective.teacher_taps(distill), teacher_shapes)
     images = len(dm.input_shape) == 3
     perf = spec.perf.on(cuda=on_cuda(spec.trainer.options))
     apply_perf(perf, [student, *(teachers.members.values() if teachers is not None else [])], images)
@@ -182,6 +171,25 @@ def build_module(spec: RunSpec, dm: TensorDataModule, teachers: TeacherEnsemble 
         optim,
         channels_last=spec.perf.channels_last and images,
     )
+
+
+def _teacher_feed(
+    spec: RunSpec,
+    dm: TensorDataModule,
+    teachers: TeacherEnsemble,
+    objective: Objective,
+    taps: list[str],
+    shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
+) -> TeacherFeed:
+    """What the steps read of the teachers: their stored outputs where the rules allow a store
+    (kd_lightning.teachers.outputs.build_outputs), else the teachers live."""
+    outputs = None
+    if objective.uses_teachers:  # a pre-stage-only term reads the teachers live
+        scratch = Path(spec.paths.output_dir) / ".kd" / "teacher_outputs"
+        outputs = build_outputs(
+            spec.cache, dm, teachers, taps, shapes, spec.data.config, spec.trainer.precision, scratch=scratch
+        )
+    return TeacherFeed(teachers, outputs)
 
 
 def on_cuda(trainer: Mapping[str, Any]) -> bool:
