@@ -191,7 +191,6 @@ class RunSpec:
     scheduler: dict[str, Any] | None
     callbacks: dict[str, Any]
     logger: dict[str, Any]
-    amalgamation: dict[str, Any] | None
     paths: PathsSpec
     resolved: dict[str, Any] = field(repr=False, compare=False)
 
@@ -362,7 +361,6 @@ def parse_run(cfg: DictConfig | Mapping[str, Plain]) -> RunSpec:
     as_int("trainer.max_epochs", trainer.get("max_epochs"), 1)
     check_trainer(trainer)
     student = _group(plain, "student")
-    amalgamation = plain.get("amalgamation")
     return RunSpec(
         settings=settings,
         data=DataSpec(data.pop("_target_", None), data),
@@ -377,7 +375,6 @@ def parse_run(cfg: DictConfig | Mapping[str, Plain]) -> RunSpec:
         scheduler=plain.get("scheduler"),
         callbacks=_group(plain, "callbacks"),
         logger=_group(plain, "logger"),
-        amalgamation=dict(amalgamation) if isinstance(amalgamation, Mapping) else amalgamation,
         paths=PathsSpec(paths["output_dir"], paths["cache_dir"]),
         resolved=plain,
     )

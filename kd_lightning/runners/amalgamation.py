@@ -256,13 +256,27 @@ def taylor_channel_weights(
 
 
 # --- the run -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class AmalgamationKeys(AmalgamationSpec):
+    """`amalgamation.*`, the settings runner=amalgamation declares (`register_runner(keys=...)`), with the
+    checks that span keys."""
+
+    __missing__ = (
+        "runner=amalgamation needs an `amalgamation:` block (tasks, teachers, student); see experiment=ye2019"
+    )
+
+    def check(self, where: str) -> None:
+        check_amalgamation(self)
+
+
 def check_amalgamation_cfg(cfg: Mapping[str, Plain] | None) -> AmalgamationSpec:
     """`amalgamation.*` parsed, with the checks that span keys: task names, coverage, block counts."""
     if not cfg:
-        raise ConfigError(
-            "runner=amalgamation needs an `amalgamation:` block (tasks, teachers, student); see experiment=ye2019"
-        )
-    a = parse(AmalgamationSpec, cfg, "amalgamation")
+        raise ConfigError(AmalgamationKeys.__missing__)
+    return parse(AmalgamationKeys, cfg, "amalgamation")
+
+
+def check_amalgamation(a: AmalgamationSpec) -> None:
     check_tasks("amalgamation.tasks", a.tasks)
     if not a.teachers:
         raise ConfigError(
@@ -298,7 +312,6 @@ def check_amalgamation_cfg(cfg: Mapping[str, Plain] | None) -> AmalgamationSpec:
             f"amalgamation.student.channels has {len(a.student.channels)} blocks; layer-wise amalgamation needs "
             f"as many blocks as every teacher ({depths})"
         )
-    return a
 
 
 def fit_or_load_teacher(
@@ -435,12 +448,12 @@ def print_task_table(results: Mapping[str, Plain]) -> None:
         )
 
 
-@register_runner("amalgamation", summary=print_task_table)
+@register_runner("amalgamation", summary=print_task_table, keys=AmalgamationKeys)
 def run_amalgamation_job(ctx: RunContext) -> None:
     """runner=amalgamation (experiment=ye2019): its own training loop, stage by stage; no labels used."""
 
     spec = ctx.spec
-    a = check_amalgamation_cfg(spec.amalgamation)
+    a: AmalgamationKeys = ctx.keys
     unused = {  # settings of the generic runner that this one would silently ignore
         "baseline=true": spec.settings.baseline,
         "evaluate.metrics/corruptions": spec.evaluation.active,

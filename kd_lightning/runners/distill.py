@@ -113,10 +113,6 @@ class Tested:
 
 def stage_build(ctx: RunContext) -> Built:
     spec, dm = ctx.spec, ctx.dm
-    if spec.amalgamation:
-        raise ConfigError(
-            "amalgamation is set but runner=distill: add runner=amalgamation (experiment=ye2019 does)"
-        )
     check_term_options(spec)  # before any teacher is fitted
     teachers = build_teacher_ensemble(spec, dm)
     pl.seed_everything(spec.seed, workers=True)

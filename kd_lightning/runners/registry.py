@@ -49,8 +49,25 @@ class Runner:
     def read_keys(self, name: str, resolved: Mapping[str, Plain]) -> Any:
         """The runner's settings, the config's `<name>.*`, parsed into its `keys` dataclass: an unknown or
         ill-typed key is a ConfigError naming it (kd_lightning.config.specs.parse), before anything runs.
-        A runner without `keys` reads nothing beyond the RunSpec."""
-        return None if self.keys is None else parse(self.keys, resolved.get(name), name)
+        A runner without `keys` reads nothing beyond the RunSpec; a `keys` class may say what is missing when
+        the group is absent (`__missing__`, a message)."""
+        if self.keys is None:
+            return None
+        value = resolved.get(name)
+        if value is None and getattr(self.keys, "__missing__", None):
+            raise ConfigError(self.keys.__missing__)
+        return parse(self.keys, value, name)
+
+
+def check_groups_of_other_runners(active: str, resolved: Mapping[str, Plain]) -> None:
+    """A group that another runner declared as its settings (`amalgamation.*`), set while this runner runs:
+    nothing would read it, so the run is refused (`runner=<that runner>` is what was meant)."""
+    discover()
+    for name, runner in _RUNNERS.items():
+        if name != active and runner.keys is not None and resolved.get(name) is not None:
+            raise ConfigError(
+                f"{name} is set but runner={active}: add runner={name}, or drop the {name} block"
+            )
 
 
 _RUNNERS: dict[str, Runner] = {}

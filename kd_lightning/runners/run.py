@@ -40,7 +40,7 @@ from kd_lightning.files import write_text_atomic
 
 if TYPE_CHECKING:  # Lightning and torch are imported when a run gets that far, not before stage 0
     from kd_lightning.data.base import TensorDataModule
-from kd_lightning.runners.registry import RunContext, Runner, get_runner
+from kd_lightning.runners.registry import RunContext, Runner, check_groups_of_other_runners, get_runner
 from kd_lightning.runners.results import write_json_atomic
 
 log = logging.getLogger("kd_lightning")
@@ -158,10 +158,10 @@ def _stage0(request: RunRequest) -> _Stage0:
         return _Stage0(None, request.problem)
     try:
         launch.check_world(request.spec.trainer.options)
-        runner = get_runner(request.spec.settings.runner)
-        return _Stage0(
-            request.spec, None, runner, runner.read_keys(request.spec.settings.runner, request.spec.resolved)
-        )
+        name, resolved = request.spec.settings.runner, request.spec.resolved
+        runner = get_runner(name)
+        check_groups_of_other_runners(name, resolved)
+        return _Stage0(request.spec, None, runner, runner.read_keys(name, resolved))
     except ConfigError as e:
         return _Stage0(None, e)
 
