@@ -34,6 +34,7 @@ from kd_lightning.config.specs import (
     MemberSpec,
     PerfSpec,
     Plain,
+    StudentSpec,
     TermSpec,
     items,
     mapping,
@@ -180,7 +181,7 @@ class PathsSpec:
 class RunSpec:
     settings: RunSettings
     data: DataSpec
-    student: dict[str, Any]
+    student: StudentSpec
     teachers: TeachersSpec
     distill: DistillSpec
     cache: CacheSpec
@@ -360,7 +361,7 @@ def parse_run(cfg: DictConfig | Mapping[str, Plain]) -> RunSpec:
     trainer = _group(plain, "trainer")
     as_int("trainer.max_epochs", trainer.get("max_epochs"), 1)
     check_trainer(trainer)
-    student = _group(plain, "student")
+    student = parse(StudentSpec, _group(plain, "student"), "student")
     return RunSpec(
         settings=settings,
         data=DataSpec(data.pop("_target_", None), data),

@@ -343,6 +343,22 @@ class TermSpec:
 
 
 @dataclass(frozen=True)
+class StudentSpec:
+    """`student.*`: the architecture's name, the taps' aliases, and every other key the model's builder takes
+    (`options`: width, weights, source, small_input, pretrained, ...), passed to it as they are."""
+
+    __extra__ = "options"
+    name: str
+    taps: dict[str, str] = mapping()
+    options: dict[str, Any] = mapping()
+
+    @property
+    def arch(self) -> dict[str, Any]:
+        """The mapping the model builders read (kd_lightning.models.create_model), as the config gave it."""
+        return {"name": self.name, "taps": dict(self.taps), **self.options}
+
+
+@dataclass(frozen=True)
 class EvalSpec:
     """`evaluate.*`: metrics beyond accuracy and robustness under corrupted inputs."""
 

@@ -213,7 +213,7 @@ def stage_report(ctx: RunContext, built: Built, tested: Tested) -> dict[str, Any
         )
     if spec.settings.baseline:
         _, results["baseline_test_acc"] = fit_supervised(
-            spec.student,
+            spec.student.arch,
             dm,
             spec.seed,
             spec.trainer.max_epochs,
@@ -224,7 +224,7 @@ def stage_report(ctx: RunContext, built: Built, tested: Tested) -> dict[str, Any
         save_model(
             built.module.student,
             out / "student.pt",
-            spec.student,
+            spec.student.arch,
             dm.num_classes,
             dm.input_shape,
             meta={"test_acc": tested.test_acc, "seed": spec.seed},
@@ -292,7 +292,7 @@ def dry_run_summary(ctx: RunContext, built: Built) -> str:
     spec, module, trainer = ctx.spec, built.module, built.trainer
     n_params = sum(p.numel() for p in module.student.parameters())
     n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    student = spec.student.get("name")
+    student = spec.student.name
     if built.teachers is None:
         teachers = "no teachers (the student learns from its labels alone)"
     else:
