@@ -35,11 +35,13 @@ from kd_lightning.config.specs import (
     PerfSpec,
     Plain,
     StudentSpec,
+    TargetSpec,
     TermSpec,
     items,
     mapping,
     parse,
     seed_field,
+    targets,
 )
 from kd_lightning.errors import ConfigError, as_int, choices, safe_name
 
@@ -188,10 +190,10 @@ class RunSpec:
     perf: PerfSpec
     evaluation: EvalSpec
     trainer: TrainerSpec
-    optim: dict[str, Any]
-    scheduler: dict[str, Any] | None
-    callbacks: dict[str, Any]
-    logger: dict[str, Any]
+    optim: TargetSpec
+    scheduler: TargetSpec | None
+    callbacks: dict[str, TargetSpec | None]
+    logger: dict[str, TargetSpec | None]
     paths: PathsSpec
     resolved: dict[str, Any] = field(repr=False, compare=False)
 
@@ -372,10 +374,12 @@ def parse_run(cfg: DictConfig | Mapping[str, Plain]) -> RunSpec:
         perf=parse(PerfSpec, plain.get("perf"), "perf"),
         evaluation=parse(EvalSpec, plain.get("evaluate"), "evaluate"),
         trainer=TrainerSpec(trainer),
-        optim=_group(plain, "optim"),
-        scheduler=plain.get("scheduler"),
-        callbacks=_group(plain, "callbacks"),
-        logger=_group(plain, "logger"),
+        optim=parse(TargetSpec, _group(plain, "optim"), "optim"),
+        scheduler=None
+        if plain.get("scheduler") is None
+        else parse(TargetSpec, plain["scheduler"], "scheduler"),
+        callbacks=targets(plain.get("callbacks"), "callbacks"),
+        logger=targets(plain.get("logger"), "logger"),
         paths=PathsSpec(paths["output_dir"], paths["cache_dir"]),
         resolved=plain,
     )

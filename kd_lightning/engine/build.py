@@ -131,7 +131,7 @@ def build_module(spec: RunSpec, dm: TensorDataModule, teachers: TeacherEnsemble 
     distill = spec.distill
     if spec.teachers.no_teacher_point:
         log.info("teachers.use=[]: no teacher, the student learns from its labels alone (CE, weight 1)")
-    optim = build_optim(spec.optim, spec.scheduler)
+    optim = build_optim(spec.optim.config, spec.scheduler.config if spec.scheduler is not None else None)
     student = create_model(spec.student.arch, dm.num_classes, dm.input_shape)
     distill = expand_stage_terms(distill, student, teachers)
     student_taps = FeatureTaps(
