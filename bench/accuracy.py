@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from multirun import finished, folder_for, mark_finished, pts, run_quietly  # noqa: E402
 
-from kd_lightning.cli.report import collect, gain_interval  # noqa: E402
+from kd_lightning.analysis.stats import collect, gain_interval  # noqa: E402
 
 QUIET = ["trainer.enable_progress_bar=false", "print_summary=false", "logger=none"]
 ALONE = "student alone"

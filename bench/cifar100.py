@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from multirun import run_quietly  # noqa: E402
 
-from kd_lightning.cli.report import collect  # noqa: E402
+from kd_lightning.analysis.stats import collect  # noqa: E402
 
 PUBLISHED = json.loads((ROOT / "bench" / "data" / "cifar100_published.json").read_text())
 PAIRS = list(PUBLISHED["pairs"])

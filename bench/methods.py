@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from multirun import finished, mark_finished, run_quietly  # noqa: E402
 
-from kd_lightning.cli.report import collect, gain_interval, summarize, to_markdown  # noqa: E402
+from kd_lightning.analysis.stats import collect, gain_interval, summarize, to_markdown  # noqa: E402
 
 TUNED = "none,kd,fitnet,at,sp,rkd,pkt,nst,cc,dkd,crd,vid,dist,kd_ls,dkd_ls,ickd,ft,srd,ab,reviewkd"
 # multi-teacher rows: label → (distill config, extra overrides)

@@ -326,7 +326,7 @@ def _rahbar_analysed(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> li
             f"| {ms([r['test_err'] for r in g])} | {ms([r['kernel_test_err'] for r in g])} "
             f"| {ms([r['kernel_distance'] for r in g], 1, 3)} | {ms([r['kernel_agreement'] for r in g])} |"
         )
-    from kd_lightning.cli.report import gain_interval
+    from kd_lightning.analysis.stats import gain_interval
 
     err = {rho: [r["test_err"] for r in g] for rho, g in by(rows, lambda r: r["rho"]).items()}
     diff, half = gain_interval(err[0.0], err[1.0])
@@ -360,7 +360,7 @@ def _relative(r: dict) -> float:
 
 
 def thapa2022(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
-    from kd_lightning.cli.report import paired_interval
+    from kd_lightning.analysis.stats import paired_interval
 
     fits = f"teachers.fit_seed={teacher_seeds}"
     lines = [
@@ -511,7 +511,7 @@ YE = {
 
 
 def ye2019(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
-    from kd_lightning.cli.report import paired_interval
+    from kd_lightning.analysis.stats import paired_interval
 
     first = teacher_seeds.split(",")[0]
     lines = []
@@ -578,7 +578,7 @@ def ye2019(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
 
 # --- Landro et al. 2021, second question ---------------------------------------------------------------
 def landro2021(out: Path, seeds: str, jobs: int, teacher_seeds: str) -> str:
-    from kd_lightning.cli.report import gain_interval
+    from kd_lightning.analysis.stats import gain_interval
 
     fits = f"teachers.fit_seed={teacher_seeds}"
     base = "experiment=landro2021_student_beats_teacher"

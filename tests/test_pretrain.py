@@ -63,7 +63,7 @@ def test_a_run_given_torchvision_weights_as_pretrained_builds_with_those_weights
 
     cfg = make_cfg("student=torchvision", "student.name=resnet18", "student.pretrained=IMAGENET1K_V1")
     spec = resolve_pretrained_models(parse_run(cfg))
-    assert spec.student["weights"] == "IMAGENET1K_V1" and spec.student["pretrained"] is None
+    assert spec.student.options["weights"] == "IMAGENET1K_V1" and spec.student.options["pretrained"] is None
     seen = []
     real = torchvision.models.get_model
 
@@ -74,5 +74,5 @@ def test_a_run_given_torchvision_weights_as_pretrained_builds_with_those_weights
     monkeypatch.setattr(torchvision.models, "get_model", fake_get_model)
     from kd_lightning.models import create_model
 
-    create_model(spec.student, 10, (1, 8, 8))
+    create_model(spec.student.arch, 10, (1, 8, 8))
     assert seen == ["IMAGENET1K_V1"]

@@ -6,7 +6,8 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import pytest
 
-from kd_lightning.cli.report import BASELINE, collect, summarize, to_markdown, write_report
+from kd_lightning.analysis.stats import BASELINE, collect, summarize, to_markdown
+from kd_lightning.cli.report import write_report
 
 
 def _write(root: Path, name: str, teacher_set: str, seed: int, acc: float, baseline: float | None = None):
@@ -79,7 +80,7 @@ def test_plots_start_at_zero_and_mark_the_student_alone(tmp_path, monkeypatch):
 def test_gain_interval_is_welchs_t_interval():
     from scipy.stats import ttest_ind
 
-    from kd_lightning.cli.report import gain_interval
+    from kd_lightning.analysis.stats import gain_interval
 
     a, b = [0.81, 0.80, 0.83, 0.79, 0.82], [0.78, 0.80, 0.76]
     diff, half = gain_interval(a, b)
@@ -93,7 +94,7 @@ def test_gain_interval_is_welchs_t_interval():
 def test_paired_interval_is_the_paired_t_interval():
     from scipy.stats import ttest_rel
 
-    from kd_lightning.cli.report import paired_interval
+    from kd_lightning.analysis.stats import paired_interval
 
     a, b = [0.81, 0.80, 0.86, 0.79], [0.78, 0.79, 0.83, 0.77]
     diff, half = paired_interval(a, b)

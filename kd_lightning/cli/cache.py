@@ -21,6 +21,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from kd_lightning.cli import config_error_exit
 from kd_lightning.config.conf_files import CONF_DIR, check_composition
 from kd_lightning.config.resolvers import register_resolvers, user_cache_dir
 from kd_lightning.config.run_spec import parse_run
@@ -81,8 +82,7 @@ def hydra_main(cfg: DictConfig) -> None:
     try:
         done = fill_stores(cfg, verify=VERIFY)
     except ConfigError as e:
-        print(f"\nConfiguration error: {e}", file=sys.stderr)
-        sys.exit(2)
+        config_error_exit(e)
     if done["mismatched"] is not None:
         bad = done["mismatched"]
         print(
@@ -131,8 +131,7 @@ def main() -> None:
     try:
         check_composition(sys.argv[1:], CONF_DIR)
     except ConfigError as e:
-        print(f"\nConfiguration error: {e}", file=sys.stderr)
-        sys.exit(2)
+        config_error_exit(e)
     hydra_main()
 
 

@@ -9,11 +9,11 @@ nothing is trained. A run folder is data, never code: see `load_run` for what is
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from kd_lightning.cli import config_error_exit
 from kd_lightning.config.run_spec import RunSpec, TeachersSpec, parse_run
 from kd_lightning.config.specs import Plain
 from kd_lightning.data.from_config import instantiate_datamodule
@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         severities = [int(s) for s in a.severities.split(",") if s.strip()]
     except ValueError:
-        print(f"kd-eval: --severities must be integers 0..5, got {a.severities!r}", file=sys.stderr)
-        sys.exit(2)
+        config_error_exit(f"--severities must be integers 0..5, got {a.severities!r}")
     students = []
     try:
         for run in a.runs:
@@ -128,8 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                 dict(r, model=f"{run.name}") for r in result["robustness"] if r["model"] == "student"
             ]
     except ConfigError as e:
-        print(f"kd-eval: {e}", file=sys.stderr)
-        sys.exit(2)
+        config_error_exit(e)
     if len(a.runs) > 1 and students:
         path = plot_robustness(students, (a.out or Path(".")) / "robustness.png", "students")
         print(f"\nstudents compared: {path}")

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from kd_lightning.cli import config_error_exit
 from kd_lightning.config.conf_files import (
     CONF_DIR,
     check_composition,
@@ -129,11 +130,6 @@ def loss_options(distance: str) -> list[str]:
         return sorted(options(distance))
     except Exception:  # an unknown distance: its own message comes later
         return []
-
-
-def config_error_exit(e: ConfigError) -> None:
-    print(f"\nConfiguration error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 def explicit_folder(argv: list[str]) -> Path | None:

@@ -34,11 +34,14 @@ from kd_lightning.config.specs import (
     MemberSpec,
     PerfSpec,
     Plain,
+    StudentSpec,
+    TargetSpec,
     TermSpec,
     items,
     mapping,
     parse,
     seed_field,
+    targets,
 )
 from kd_lightning.errors import ConfigError, as_int, choices, safe_name
 
@@ -180,18 +183,17 @@ class PathsSpec:
 class RunSpec:
     settings: RunSettings
     data: DataSpec
-    student: dict[str, Any]
+    student: StudentSpec
     teachers: TeachersSpec
     distill: DistillSpec
     cache: CacheSpec
     perf: PerfSpec
     evaluation: EvalSpec
     trainer: TrainerSpec
-    optim: dict[str, Any]
-    scheduler: dict[str, Any] | None
-    callbacks: dict[str, Any]
-    logger: dict[str, Any]
-    amalgamation: dict[str, Any] | None
+    optim: TargetSpec
+    scheduler: TargetSpec | None
+    callbacks: dict[str, TargetSpec | None]
+    logger: dict[str, TargetSpec | None]
     paths: PathsSpec
     resolved: dict[str, Any] = field(repr=False, compare=False)
 
@@ -361,8 +363,7 @@ def parse_run(cfg: DictConfig | Mapping[str, Plain]) -> RunSpec:
     trainer = _group(plain, "trainer")
     as_int("trainer.max_epochs", trainer.get("max_epochs"), 1)
     check_trainer(trainer)
-    student = _group(plain, "student")
-    amalgamation = plain.get("amalgamation")
+    student = parse(StudentSpec, _group(plain, "student"), "student")
     return RunSpec(
         settings=settings,
         data=DataSpec(data.pop("_target_", None), data),
@@ -373,11 +374,12 @@ def parse_run(cfg: DictConfig | Mapping[str, Plain]) -> RunSpec:
         perf=parse(PerfSpec, plain.get("perf"), "perf"),
         evaluation=parse(EvalSpec, plain.get("evaluate"), "evaluate"),
         trainer=TrainerSpec(trainer),
-        optim=_group(plain, "optim"),
-        scheduler=plain.get("scheduler"),
-        callbacks=_group(plain, "callbacks"),
-        logger=_group(plain, "logger"),
-        amalgamation=dict(amalgamation) if isinstance(amalgamation, Mapping) else amalgamation,
+        optim=parse(TargetSpec, _group(plain, "optim"), "optim"),
+        scheduler=None
+        if plain.get("scheduler") is None
+        else parse(TargetSpec, plain["scheduler"], "scheduler"),
+        callbacks=targets(plain.get("callbacks"), "callbacks"),
+        logger=targets(plain.get("logger"), "logger"),
         paths=PathsSpec(paths["output_dir"], paths["cache_dir"]),
         resolved=plain,
     )

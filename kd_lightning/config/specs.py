@@ -343,6 +343,46 @@ class TermSpec:
 
 
 @dataclass(frozen=True)
+class TargetSpec:
+    """A group that names what to build (`_target_`: a class or function, checked where it is built) and its
+    arguments (`options`, passed on as they are): optim, scheduler, each callback and logger."""
+
+    __extra__ = "options"
+    _target_: str | None = None
+    options: dict[str, Any] = mapping()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The mapping the builders read, as the config gave it."""
+        return ({"_target_": self._target_} if self._target_ is not None else {}) | dict(self.options)
+
+
+def targets(value: Any, where: str) -> dict[str, TargetSpec | None]:
+    """`callbacks` or `logger`: each entry a TargetSpec, or None (an entry switched off with `<name>=null`)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a mapping of named entries, got {value!r}")
+    return {str(k): None if v is None else parse(TargetSpec, v, f"{where}.{k}") for k, v in value.items()}
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """`student.*`: the architecture's name, the taps' aliases, and every other key the model's builder takes
+    (`options`: width, weights, source, small_input, pretrained, ...), passed to it as they are."""
+
+    __extra__ = "options"
+    name: str
+    taps: dict[str, str] = mapping()
+    options: dict[str, Any] = mapping()
+
+    @property
+    def arch(self) -> dict[str, Any]:
+        """The mapping the model builders read (kd_lightning.models.create_model), as the config gave it."""
+        return {"name": self.name, "taps": dict(self.taps), **self.options}
+
+
+@dataclass(frozen=True)
 class EvalSpec:
     """`evaluate.*`: metrics beyond accuracy and robustness under corrupted inputs."""
 

@@ -111,30 +111,8 @@ class Term(nn.Module):
                 f"(fsp), with adapter none and combine per_teacher; {distance!r} reads one tap"
             )
         members = list(teacher_shapes)
-        classes = (context or {}).get("num_classes")
-        if classes is not None and self.teacher_tap == "logits":
-            wrong = {m: tuple(v) for m, v in teacher_shapes.items() if tuple(v) != (int(classes),)}
-            if wrong:
-                raise ConfigError(
-                    f"distill.terms.{name} reads the teachers' logits, but {wrong} per sample do not match "
-                    f"the data's {classes} classes; give each teacher a head for this dataset"
-                )
-        self.gate = None
-        if self.combine == "gate":
-            if not hasattr(loss_class(distance), "per_sample"):
-                raise ConfigError(
-                    f"distill.terms.{name}: combine=gate weighs each sample's distance, and {distance!r} has no "
-                    "per-sample values; use mse, l1, smooth_l1, cosine or kl, or another combine mode"
-                )
-            if len(members) < 2:
-                raise ConfigError(
-                    f"distill.terms.{name}: combine=gate needs two or more teachers, got {members}"
-                )
-            if "input_shape" not in (context or {}):
-                raise ConfigError(
-                    f"distill.terms.{name}: combine=gate needs context['input_shape'] (the data's)"
-                )
-            self.gate = TeacherGate(tuple(context["input_shape"]), len(members))
+        self._check_logits(teacher_shapes, (context or {}).get("num_classes"))
+        self.gate = self._gate(members, context) if self.combine == "gate" else None
         if self.combine in ("per_teacher", "gate"):
             targets = {m: teacher_shapes[m] for m in members}
         else:
@@ -147,22 +125,56 @@ class Term(nn.Module):
                 for k, t in targets.items()
             }
         )
-        # One loss per target: methods with state (VID variances, CRD heads and memories) keep it per teacher.
-        self.losses = nn.ModuleDict()
+        self.losses = self._losses(targets, student_shape, loss_kwargs, context)
+        self.extras = forward_extras(next(iter(self.losses.values()))) if len(self.losses) else ()
+        stages = [loss.pre_stage() for loss in self.losses.values() if hasattr(loss, "pre_stage")]
+        self.pre_stage_only = bool(stages) and all(st.only for st in stages)  # the fit skips this term
+
+    def _check_logits(self, teacher_shapes: Mapping[str, Shape], classes: Any) -> None:
+        if classes is None or self.teacher_tap != "logits":
+            return
+        wrong = {m: tuple(v) for m, v in teacher_shapes.items() if tuple(v) != (int(classes),)}
+        if wrong:
+            raise ConfigError(
+                f"distill.terms.{self.name} reads the teachers' logits, but {wrong} per sample do not match "
+                f"the data's {classes} classes; give each teacher a head for this dataset"
+            )
+
+    def _gate(self, members: list[str], context: Mapping[str, Any] | None) -> TeacherGate:
+        """combine=gate: the network that weighs each sample's teachers (Landro et al. 2021's gate)."""
+        name, distance = self.name, self.distance
+        if not hasattr(loss_class(distance), "per_sample"):
+            raise ConfigError(
+                f"distill.terms.{name}: combine=gate weighs each sample's distance, and {distance!r} has no "
+                "per-sample values; use mse, l1, smooth_l1, cosine or kl, or another combine mode"
+            )
+        if len(members) < 2:
+            raise ConfigError(f"distill.terms.{name}: combine=gate needs two or more teachers, got {members}")
+        if "input_shape" not in (context or {}):
+            raise ConfigError(f"distill.terms.{name}: combine=gate needs context['input_shape'] (the data's)")
+        return TeacherGate(tuple(context["input_shape"]), len(members))  # type: ignore[index]
+
+    def _losses(
+        self,
+        targets: Mapping[str, Shape],
+        student_shape: Shape,
+        loss_kwargs: Mapping[str, Any],
+        context: Mapping[str, Any] | None,
+    ) -> nn.ModuleDict:
+        """One loss per target: methods with state (VID variances, CRD heads and memories) keep it per teacher."""
+        losses = nn.ModuleDict()
         for k, t in targets.items():
             adapted = student_shape if isinstance(self.adapters[k], nn.Identity) else tuple(t)
             injected = {"student_shape": tuple(adapted), "teacher_shape": tuple(t), **dict(context or {})}
             try:
-                self.losses[k] = create_loss(distance, injected, **loss_kwargs)
+                losses[k] = create_loss(self.distance, injected, **loss_kwargs)
             except ConfigError as e:
                 term_keys = [f for f in TermSpec.__dataclass_fields__ if f != "options"]
                 who = f" (teacher {k!r})" if k != "combined" and len(targets) > 1 else ""
                 raise ConfigError(
-                    f"distill.terms.{name}{who}: {e} (term keys: {choices(term_keys)})"
+                    f"distill.terms.{self.name}{who}: {e} (term keys: {choices(term_keys)})"
                 ) from None
-        self.extras = forward_extras(next(iter(self.losses.values()))) if len(self.losses) else ()
-        stages = [loss.pre_stage() for loss in self.losses.values() if hasattr(loss, "pre_stage")]
-        self.pre_stage_only = bool(stages) and all(st.only for st in stages)  # the fit skips this term
+        return losses
 
     def _combined_shape(self, shapes: Mapping[str, Shape]) -> Shape:
         distinct = set(shapes.values())

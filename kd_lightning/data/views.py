@@ -117,8 +117,8 @@ class ViewPipeline:
     def _run(
         self, img: ImageLike | None, size: tuple[int, int], draws: torch.Tensor, record: list[Params] | None
     ) -> ImageLike:
-        from torchvision.transforms.v2 import functional as F
-
+        """The pipeline on `img` with the parameters `draws` gives each random step (sizes only when `img` is
+        None), each random step's parameters appended to `record`."""
         u = [float(x) for x in draws]
         h, w = size
         for step, at in zip(self.steps, self.offsets, strict=True):
@@ -130,69 +130,112 @@ class ViewPipeline:
                 h, w = _size(img)
                 continue
             p: Params = {"transform": name}
-            if name == "RandomResizedCrop":
-                top, left, bh, bw = resized_crop_box(h, w, step.scale, step.ratio, u[at : at + 22])
-                p.update(top=top, left=left, height=bh, width=bw)
-                if img is not None:
-                    img = F.resized_crop(
-                        img, top, left, bh, bw, list(step.size), interpolation=step.interpolation,
-                        antialias=step.antialias,
-                    )  # fmt: skip
-                h, w = step.size
-            elif name == "RandomCrop":
-                if img is None:
-                    img = torch.zeros(3, h, w, dtype=torch.uint8)
-                if step.padding is not None:
-                    img = F.pad(img, step.padding, fill=step.fill, padding_mode=step.padding_mode)
-                ch, cw = step.size
-                ih, iw = _size(img)
-                if step.pad_if_needed and (ih < ch or iw < cw):
-                    img = F.pad(
-                        img,
-                        [max(0, cw - iw), max(0, ch - ih)],
-                        fill=step.fill,
-                        padding_mode=step.padding_mode,
-                    )
-                    ih, iw = _size(img)
-                top, left = int(u[at] * (ih - ch + 1)), int(u[at + 1] * (iw - cw + 1))
-                p.update(top=top, left=left, height=ch, width=cw)
-                img = F.crop(img, top, left, ch, cw)
-                h, w = ch, cw
-            elif name == "ColorJitter":
-                order = _ORDERS[min(int(u[at + 4] * 24), 23)]
-                factors = {}
-                for j, key in enumerate(("brightness", "contrast", "saturation", "hue")):
-                    bounds = getattr(step, key)
-                    if bounds is not None:
-                        factors[key] = bounds[0] + u[at + j] * (bounds[1] - bounds[0])
-                p.update(order=[("brightness", "contrast", "saturation", "hue")[j] for j in order], **factors)
-                if img is not None:
-                    ops: dict[str, Callable] = {
-                        "brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
-                        "saturation": F.adjust_saturation, "hue": F.adjust_hue,
-                    }  # fmt: skip
-                    for j in order:
-                        key = ("brightness", "contrast", "saturation", "hue")[j]
-                        if key in factors:
-                            img = ops[key](img, factors[key])
-            else:  # a transform applied with probability p
-                apply = u[at] < step.p
-                p.update(applied=bool(apply))
-                if apply and img is not None:
-                    op = getattr(F, _WITH_P[name])
-                    if name == "RandomPosterize":
-                        img = op(img, step.bits)
-                    elif name == "RandomSolarize":
-                        img = op(img, step.threshold)
-                    elif name == "RandomAdjustSharpness":
-                        img = op(img, step.sharpness_factor)
-                    elif name == "RandomGrayscale":
-                        img = op(img, num_output_channels=F.get_num_channels(img))
-                    else:
-                        img = op(img)
+            replay = _REPLAYS.get(name, _with_probability)
+            img, (h, w) = replay(step, img, (h, w), u[at:], p)
             if record is not None:
                 record.append(p)
-        return img
+        return img  # type: ignore[return-value]
+
+
+Step = Callable[..., "ImageLike"]  # a torchvision v2 transform
+Replayed = tuple[
+    "ImageLike | None", tuple[int, int]
+]  # the image (None: sizes only) and its size after the step
+Replay = Callable[[Step, "ImageLike | None", tuple[int, int], list[float], Params], Replayed]
+
+
+def _resized_crop(
+    step: Step, img: ImageLike | None, hw: tuple[int, int], u: list[float], p: Params
+) -> Replayed:
+    from torchvision.transforms.v2 import functional as F
+
+    top, left, bh, bw = resized_crop_box(*hw, step.scale, step.ratio, u[:22])
+    p.update(top=top, left=left, height=bh, width=bw)
+    if img is not None:
+        img = F.resized_crop(
+            img,
+            top,
+            left,
+            bh,
+            bw,
+            list(step.size),
+            interpolation=step.interpolation,
+            antialias=step.antialias,
+        )
+    return img, tuple(step.size)
+
+
+def _random_crop(
+    step: Step, img: ImageLike | None, hw: tuple[int, int], u: list[float], p: Params
+) -> Replayed:
+    from torchvision.transforms.v2 import functional as F
+
+    if img is None:
+        img = torch.zeros(3, *hw, dtype=torch.uint8)
+    if step.padding is not None:
+        img = F.pad(img, step.padding, fill=step.fill, padding_mode=step.padding_mode)
+    ch, cw = step.size
+    ih, iw = _size(img)
+    if step.pad_if_needed and (ih < ch or iw < cw):
+        img = F.pad(img, [max(0, cw - iw), max(0, ch - ih)], fill=step.fill, padding_mode=step.padding_mode)
+        ih, iw = _size(img)
+    top, left = int(u[0] * (ih - ch + 1)), int(u[1] * (iw - cw + 1))
+    p.update(top=top, left=left, height=ch, width=cw)
+    return F.crop(img, top, left, ch, cw), (ch, cw)
+
+
+JITTER = ("brightness", "contrast", "saturation", "hue")
+
+
+def _color_jitter(
+    step: Step, img: ImageLike | None, hw: tuple[int, int], u: list[float], p: Params
+) -> Replayed:
+    from torchvision.transforms.v2 import functional as F
+
+    order = _ORDERS[min(int(u[4] * 24), 23)]
+    factors = {}
+    for j, key in enumerate(JITTER):
+        bounds = getattr(step, key)
+        if bounds is not None:
+            factors[key] = bounds[0] + u[j] * (bounds[1] - bounds[0])
+    p.update(order=[JITTER[j] for j in order], **factors)
+    if img is not None:
+        ops: dict[str, Callable] = {
+            "brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
+            "saturation": F.adjust_saturation, "hue": F.adjust_hue,
+        }  # fmt: skip
+        for j in order:
+            if JITTER[j] in factors:
+                img = ops[JITTER[j]](img, factors[JITTER[j]])
+    return img, hw
+
+
+def _with_probability(
+    step: Step, img: ImageLike | None, hw: tuple[int, int], u: list[float], p: Params
+) -> Replayed:
+    """A transform applied with probability `step.p`."""
+    from torchvision.transforms.v2 import functional as F
+
+    name = type(step).__name__
+    apply = u[0] < step.p
+    p.update(applied=bool(apply))
+    if not apply or img is None:
+        return img, hw
+    op = getattr(F, _WITH_P[name])
+    if name == "RandomPosterize":
+        return op(img, step.bits), hw
+    if name == "RandomSolarize":
+        return op(img, step.threshold), hw
+    if name == "RandomAdjustSharpness":
+        return op(img, step.sharpness_factor), hw
+    if name == "RandomGrayscale":
+        return op(img, num_output_channels=F.get_num_channels(img)), hw
+    return op(img), hw
+
+
+_REPLAYS: dict[str, Replay] = {
+    "RandomResizedCrop": _resized_crop, "RandomCrop": _random_crop, "ColorJitter": _color_jitter,
+}  # fmt: skip
 
 
 def draw_views(n: int, views: int, per_view: int, seed: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_map_only
 
 from kd_lightning.config.optim import build_optim
 from kd_lightning.config.run_spec import RunSpec
-from kd_lightning.config.specs import FitSpec, PerfSpec, Plain
+from kd_lightning.config.specs import FitSpec, PerfSpec, Plain, StudentSpec, parse
 from kd_lightning.core.module import DistillationModule
 from kd_lightning.core.objective import Objective, build_objective
 from kd_lightning.core.stage_terms import expand_stage_terms
@@ -94,10 +94,14 @@ def resolve_pretrained_models(spec: RunSpec) -> RunSpec:
             arch = resolved(f"teachers.members.{name}.arch", arch)
             record["teachers"]["members"][name]["arch"] = dict(arch)
         members[name] = replace(member, arch=arch)
-    student = resolved("student", dict(spec.student))
-    if student != spec.student:
+    student = resolved("student", spec.student.arch)
+    if student != spec.student.arch:
         record["student"] = dict(student)
-    return spec.replace(student=student, teachers=replace(spec.teachers, members=members), resolved=record)
+    return spec.replace(
+        student=parse(StudentSpec, student, "student"),
+        teachers=replace(spec.teachers, members=members),
+        resolved=record,
+    )
 
 
 def build_teacher_ensemble(spec: RunSpec, dm: TensorDataModule) -> TeacherEnsemble | None:
@@ -127,13 +131,13 @@ def build_module(spec: RunSpec, dm: TensorDataModule, teachers: TeacherEnsemble 
     distill = spec.distill
     if spec.teachers.no_teacher_point:
         log.info("teachers.use=[]: no teacher, the student learns from its labels alone (CE, weight 1)")
-    optim = build_optim(spec.optim, spec.scheduler)
-    student = create_model(spec.student, dm.num_classes, dm.input_shape)
+    optim = build_optim(spec.optim.config, spec.scheduler.config if spec.scheduler is not None else None)
+    student = create_model(spec.student.arch, dm.num_classes, dm.input_shape)
     distill = expand_stage_terms(distill, student, teachers)
     student_taps = FeatureTaps(
         student,
         Objective.student_taps(distill),
-        aliases=dict(spec.student.get("taps") or {}),
+        aliases=dict(spec.student.taps),
         owner="student",
     )
     batch = dm.prepare_batch(next(dm.iter_split("train", batch_size=8)), train=False)
@@ -157,19 +161,8 @@ def build_module(spec: RunSpec, dm: TensorDataModule, teachers: TeacherEnsemble 
     )
     feed = None
     if teachers is not None:
-        outputs = None
-        if objective.uses_teachers:  # a pre-stage-only term reads the teachers live
-            outputs = build_outputs(
-                spec.cache,
-                dm,
-                teachers,
-                Objective.teacher_taps(distill),
-                teacher_shapes,
-                spec.data.config,
-                spec.trainer.precision,
-                scratch=Path(spec.paths.output_dir) / ".kd" / "teacher_outputs",
-            )
-        feed = TeacherFeed(teachers, outputs)
+        assert teacher_shapes is not None
+        feed = _teacher_feed(spec, dm, teachers, objective, Objective.teacher_taps(distill), teacher_shapes)
     images = len(dm.input_shape) == 3
     perf = spec.perf.on(cuda=on_cuda(spec.trainer.options))
     apply_perf(perf, [student, *(teachers.members.values() if teachers is not None else [])], images)
@@ -182,6 +175,25 @@ def build_module(spec: RunSpec, dm: TensorDataModule, teachers: TeacherEnsemble 
         optim,
         channels_last=spec.perf.channels_last and images,
     )
+
+
+def _teacher_feed(
+    spec: RunSpec,
+    dm: TensorDataModule,
+    teachers: TeacherEnsemble,
+    objective: Objective,
+    taps: list[str],
+    shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
+) -> TeacherFeed:
+    """What the steps read of the teachers: their stored outputs where the rules allow a store
+    (kd_lightning.teachers.outputs.build_outputs), else the teachers live."""
+    outputs = None
+    if objective.uses_teachers:  # a pre-stage-only term reads the teachers live
+        scratch = Path(spec.paths.output_dir) / ".kd" / "teacher_outputs"
+        outputs = build_outputs(
+            spec.cache, dm, teachers, taps, shapes, spec.data.config, spec.trainer.precision, scratch=scratch
+        )
+    return TeacherFeed(teachers, outputs)
 
 
 def on_cuda(trainer: Mapping[str, Any]) -> bool:

@@ -4,6 +4,7 @@ multi-process fit, a one-device trainer for the test."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import time
 import warnings
@@ -20,7 +21,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from kd_lightning.config.hydra import instantiate
 from kd_lightning.config.run_spec import RunSpec
-from kd_lightning.config.specs import Plain
+from kd_lightning.config.specs import TargetSpec
 from kd_lightning.errors import ConfigError
 from kd_lightning.files import atomic_write, save_torch_atomic
 
@@ -134,12 +135,9 @@ class RunProgress(pl.Callback):
         write_json_atomic(self.path, self.results)
 
 
-def _instantiate_all(node: Mapping[str, Plain] | None, group: str) -> list[Any]:
-    if not node:
-        return []
-    return [
-        instantiate(c, f"{group}.{k}") for k, c in node.items() if isinstance(c, Mapping) and "_target_" in c
-    ]
+def _instantiate_all(node: Mapping[str, TargetSpec | None], group: str) -> list[Any]:
+    """Every entry that names a `_target_` (an entry set to null is off)."""
+    return [instantiate(c.config, f"{group}.{k}") for k, c in node.items() if c is not None and c._target_]
 
 
 def build_trainer(
@@ -182,17 +180,19 @@ def broadcast_sigterm_every_n_steps(trainer: pl.Trainer) -> None:
     loop._broadcast_sigterm_tensor = sparse
 
 
-def _without_validation(callbacks: Mapping[str, Plain]) -> dict[str, Plain]:
+def _without_validation(callbacks: Mapping[str, TargetSpec | None]) -> dict[str, TargetSpec | None]:
     out = {}
     for name, cb in callbacks.items():
-        monitor = cb.get("monitor") if isinstance(cb, Mapping) else None
-        if isinstance(monitor, str) and monitor.startswith("val/"):
-            if not str(cb.get("_target_", "")).endswith("ModelCheckpoint"):
+        monitor = cb.options.get("monitor") if cb is not None else None
+        if cb is not None and isinstance(monitor, str) and monitor.startswith("val/"):
+            if not str(cb._target_ or "").endswith("ModelCheckpoint"):
                 raise ConfigError(
                     f"callbacks.{name} monitors {monitor}, but data.val_fraction=0 leaves no validation split; "
                     f"remove it (callbacks.{name}=null) or set data.val_fraction > 0"
                 )
-            cb = {**cb, "monitor": None}  # save_top_k=1 then keeps the newest: the last epoch
+            cb = dataclasses.replace(
+                cb, options={**cb.options, "monitor": None}
+            )  # save_top_k=1: the last epoch
         out[name] = cb
     return out
 

@@ -256,13 +256,27 @@ def taylor_channel_weights(
 
 
 # --- the run -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class AmalgamationKeys(AmalgamationSpec):
+    """`amalgamation.*`, the settings runner=amalgamation declares (`register_runner(keys=...)`), with the
+    checks that span keys."""
+
+    __missing__ = (
+        "runner=amalgamation needs an `amalgamation:` block (tasks, teachers, student); see experiment=ye2019"
+    )
+
+    def check(self, where: str) -> None:
+        check_amalgamation(self)
+
+
 def check_amalgamation_cfg(cfg: Mapping[str, Plain] | None) -> AmalgamationSpec:
     """`amalgamation.*` parsed, with the checks that span keys: task names, coverage, block counts."""
     if not cfg:
-        raise ConfigError(
-            "runner=amalgamation needs an `amalgamation:` block (tasks, teachers, student); see experiment=ye2019"
-        )
-    a = parse(AmalgamationSpec, cfg, "amalgamation")
+        raise ConfigError(AmalgamationKeys.__missing__)
+    return parse(AmalgamationKeys, cfg, "amalgamation")
+
+
+def check_amalgamation(a: AmalgamationSpec) -> None:
     check_tasks("amalgamation.tasks", a.tasks)
     if not a.teachers:
         raise ConfigError(
@@ -298,7 +312,6 @@ def check_amalgamation_cfg(cfg: Mapping[str, Plain] | None) -> AmalgamationSpec:
             f"amalgamation.student.channels has {len(a.student.channels)} blocks; layer-wise amalgamation needs "
             f"as many blocks as every teacher ({depths})"
         )
-    return a
 
 
 def fit_or_load_teacher(
@@ -349,17 +362,47 @@ def run_amalgamation(a: AmalgamationSpec, spec: RunSpec, dm: TensorDataModule, o
         teachers[name], paths[name] = fit_or_load_teacher(
             name, member, dm, spec.data.config, spec.paths.cache_dir, accelerator
         )
+    pl.seed_everything(spec.seed, workers=True, verbose=False)
+    student = MultiTaskNet(dm.input_shape, a.tasks, a.student.channels, a.student.kernel_size)
+    t0 = time.perf_counter()
+    train_stages(a, student, teachers, dm, accelerator)
+    fit_seconds = time.perf_counter() - t0
+    student_acc = task_accuracy(student, dm, a.tasks)
+    teacher_acc = {n: task_accuracy(teachers[n], dm, a.teachers[n].tasks) for n in teachers}
+    save_multitask(student, out / "student.pt", dm.input_shape, {"task_acc": student_acc, "seed": spec.seed})
+    return {
+        "test_acc": sum(student_acc.values()) / len(student_acc),
+        "task_acc": student_acc,
+        "teacher_task_acc": teacher_acc,
+        "teacher_test_acc": {
+            f"{n}:{t}": acc for n, per in teacher_acc.items() for t, acc in per.items() if t in a.tasks
+        },
+        "teacher_checkpoints": {n: str(p) for n, p in paths.items()},
+        "fit_seconds": fit_seconds,
+        "student_path": str(out / "student.pt"),
+        "tasks": a.tasks,
+        "teacher_fit_seed": a.fit_seed,
+        "val_acc": sum(task_accuracy(student, dm, a.tasks, "val").values()) / len(a.tasks),
+    }
+
+
+def train_stages(
+    a: AmalgamationSpec,
+    student: MultiTaskNet,
+    teachers: Mapping[str, MultiTaskNet],
+    dm: TensorDataModule,
+    accelerator: str,
+) -> None:
+    """The student's stages: each block against the teachers' (their channels weighed by Taylor importance
+    or alike), the heads, then the whole student fine-tuned, each stage skipped at 0 epochs."""
     # the teachers that hold a chosen task, and which of the chosen tasks each holds
     relevant = {n: [t for t in a.tasks if t in a.teachers[n].tasks] for n in teachers}
     relevant = {n: ts for n, ts in relevant.items() if ts}
-    pl.seed_everything(spec.seed, workers=True, verbose=False)
-    student = MultiTaskNet(dm.input_shape, a.tasks, a.student.channels, a.student.kernel_size)
 
     def train_inputs() -> Iterable[torch.Tensor]:
         for raw in dm.iter_split("train"):
             yield dm.prepare_batch(raw, train=False).x
 
-    t0 = time.perf_counter()
     for k in range(len(student.blocks) if a.block_epochs else 0):
         weights = {
             n: taylor_channel_weights(teachers[n], k, ts, train_inputs())
@@ -389,24 +432,6 @@ def run_amalgamation(a: AmalgamationSpec, spec: RunSpec, dm: TensorDataModule, o
         lr = a.lr / 3 if a.block_epochs or a.head_epochs else a.lr
         whole = HeadStage(student, sources, a.temperature, lr, whole=True)
         quiet_trainer(a.finetune_epochs, accelerator).fit(whole, datamodule=dm)
-    fit_seconds = time.perf_counter() - t0
-    student_acc = task_accuracy(student, dm, a.tasks)
-    teacher_acc = {n: task_accuracy(teachers[n], dm, a.teachers[n].tasks) for n in teachers}
-    save_multitask(student, out / "student.pt", dm.input_shape, {"task_acc": student_acc, "seed": spec.seed})
-    return {
-        "test_acc": sum(student_acc.values()) / len(student_acc),
-        "task_acc": student_acc,
-        "teacher_task_acc": teacher_acc,
-        "teacher_test_acc": {
-            f"{n}:{t}": acc for n, per in teacher_acc.items() for t, acc in per.items() if t in a.tasks
-        },
-        "teacher_checkpoints": {n: str(p) for n, p in paths.items()},
-        "fit_seconds": fit_seconds,
-        "student_path": str(out / "student.pt"),
-        "tasks": a.tasks,
-        "teacher_fit_seed": a.fit_seed,
-        "val_acc": sum(task_accuracy(student, dm, a.tasks, "val").values()) / len(a.tasks),
-    }
 
 
 def print_task_table(results: Mapping[str, Plain]) -> None:
@@ -423,12 +448,12 @@ def print_task_table(results: Mapping[str, Plain]) -> None:
         )
 
 
-@register_runner("amalgamation", summary=print_task_table)
+@register_runner("amalgamation", summary=print_task_table, keys=AmalgamationKeys)
 def run_amalgamation_job(ctx: RunContext) -> None:
     """runner=amalgamation (experiment=ye2019): its own training loop, stage by stage; no labels used."""
 
     spec = ctx.spec
-    a = check_amalgamation_cfg(spec.amalgamation)
+    a: AmalgamationKeys = ctx.keys
     unused = {  # settings of the generic runner that this one would silently ignore
         "baseline=true": spec.settings.baseline,
         "evaluate.metrics/corruptions": spec.evaluation.active,

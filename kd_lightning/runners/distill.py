@@ -113,10 +113,6 @@ class Tested:
 
 def stage_build(ctx: RunContext) -> Built:
     spec, dm = ctx.spec, ctx.dm
-    if spec.amalgamation:
-        raise ConfigError(
-            "amalgamation is set but runner=distill: add runner=amalgamation (experiment=ye2019 does)"
-        )
     check_term_options(spec)  # before any teacher is fitted
     teachers = build_teacher_ensemble(spec, dm)
     pl.seed_everything(spec.seed, workers=True)
@@ -217,7 +213,7 @@ def stage_report(ctx: RunContext, built: Built, tested: Tested) -> dict[str, Any
         )
     if spec.settings.baseline:
         _, results["baseline_test_acc"] = fit_supervised(
-            spec.student,
+            spec.student.arch,
             dm,
             spec.seed,
             spec.trainer.max_epochs,
@@ -228,7 +224,7 @@ def stage_report(ctx: RunContext, built: Built, tested: Tested) -> dict[str, Any
         save_model(
             built.module.student,
             out / "student.pt",
-            spec.student,
+            spec.student.arch,
             dm.num_classes,
             dm.input_shape,
             meta={"test_acc": tested.test_acc, "seed": spec.seed},
@@ -296,7 +292,7 @@ def dry_run_summary(ctx: RunContext, built: Built) -> str:
     spec, module, trainer = ctx.spec, built.module, built.trainer
     n_params = sum(p.numel() for p in module.student.parameters())
     n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    student = spec.student.get("name")
+    student = spec.student.name
     if built.teachers is None:
         teachers = "no teachers (the student learns from its labels alone)"
     else:

@@ -14,14 +14,15 @@ import signal
 import time
 import traceback
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from kd_lightning.config.resolvers import register_resolvers
-from kd_lightning.config.run_spec import RunSpec, parse_run
+from kd_lightning.config.request import RunRequest, read_request
+from kd_lightning.config.run_spec import RunSpec
 from kd_lightning.config.specs import Plain
 from kd_lightning.engine import launch, run_folder
 from kd_lightning.engine.distributed import is_rank_zero
@@ -39,11 +40,10 @@ from kd_lightning.files import write_text_atomic
 
 if TYPE_CHECKING:  # Lightning and torch are imported when a run gets that far, not before stage 0
     from kd_lightning.data.base import TensorDataModule
-from kd_lightning.runners.registry import RunContext, get_runner
-from kd_lightning.runners.results import run_labels, write_json_atomic
+from kd_lightning.runners.registry import RunContext, Runner, check_groups_of_other_runners, get_runner
+from kd_lightning.runners.results import write_json_atomic
 
 log = logging.getLogger("kd_lightning")
-register_resolvers()  # the configs' ${kd_...} resolvers, also for run() called through the API
 
 
 def check_accelerator(spec: RunSpec) -> None:
@@ -105,8 +105,9 @@ def write_resolved_config(resolved: Mapping[str, Plain], out: Path) -> None:
         write_text_atomic(out / "config.resolved.yaml", OmegaConf.to_yaml(OmegaConf.create(dict(resolved))))
 
 
-def run(cfg: DictConfig) -> dict[str, Plain]:
-    """One experiment; returns the results dict that it also writes to results.json.
+def run(cfg: RunRequest | Mapping[str, Any]) -> dict[str, Plain]:
+    """One experiment; returns the results dict that it also writes to results.json. `cfg`: the composed
+    config (read once, by kd_lightning.config.request.read_request) or the request read from it.
 
     The run owns its folder while it runs (kd_lightning.run_folder): a second run into it stops at once,
     and a folder that holds earlier work is continued only with resume=auto or replaced only with
@@ -116,7 +117,8 @@ def run(cfg: DictConfig) -> dict[str, Plain]:
     config that changed what the run computes is refused first (kd_lightning.resume), before anything is
     written.
     """
-    out = Path(cfg.paths.output_dir)
+    request = cfg if isinstance(cfg, RunRequest) else read_request(cfg)
+    out = request.output_dir
     owner = is_rank_zero()
     team = launch.peers(out)  # the other ranks of a torchrun or srun launch, who follow rank 0's verdict
     if team is not None and not team.leader:
@@ -130,7 +132,7 @@ def run(cfg: DictConfig) -> dict[str, Plain]:
         if owner:  # the other ranks of a DDP run exist only while rank 0 owns the folder
             run_folder.claim(out)
         try:
-            return _run_in_folder(cfg, out, owner, team)
+            return _run_in_folder(request, owner, team)
         finally:
             if owner:
                 run_folder.release(out)
@@ -140,20 +142,41 @@ def run(cfg: DictConfig) -> dict[str, Plain]:
         raise
 
 
-def _run_in_folder(cfg: DictConfig, out: Path, owner: bool, team: launch.Peers | None) -> dict[str, Plain]:
-    resume = resume_mode(cfg.get("resume"))
-    try:  # stage 0: the whole config, typed, before anything is written
-        spec, problem = parse_run(cfg), None
-        launch.check_world(spec.trainer.options)
+@dataclass
+class _Stage0:
+    """The request checked as a whole, before anything is written: the spec with its runner's own keys, or
+    the ConfigError that stops the run."""
+
+    spec: RunSpec | None
+    problem: ConfigError | None
+    runner: Runner | None = None
+    keys: Any = None  # the runner's own typed keys (register_runner(keys=...)), None when it has none
+
+
+def _stage0(request: RunRequest) -> _Stage0:
+    if request.spec is None:
+        return _Stage0(None, request.problem)
+    try:
+        launch.check_world(request.spec.trainer.options)
+        name, resolved = request.spec.settings.runner, request.spec.resolved
+        runner = get_runner(name)
+        check_groups_of_other_runners(name, resolved)
+        return _Stage0(request.spec, None, runner, runner.read_keys(name, resolved))
     except ConfigError as e:
-        spec, problem = None, e
+        return _Stage0(None, e)
+
+
+def _run_in_folder(request: RunRequest, owner: bool, team: launch.Peers | None) -> dict[str, Plain]:
+    out, resume = request.output_dir, resume_mode(request.resume)
+    stage = _stage0(request)
+    spec = stage.spec
+    digest = config_hash(spec.resolved) if spec is not None else None
     accepted: list[str] = []
     earlier: dict[str, Any] = {}  # results.json of the attempt this run continues (resume=auto)
-    digest = config_hash(spec.resolved) if spec is not None else None
     if resume == "auto":
         if spec is None:
             if owner and run_folder.holds_work(out):
-                raise problem  # the folder's earlier work stays as it is
+                raise stage.problem  # type: ignore[misc]  # the folder's earlier work stays as it is
         else:
             accepted = check_resume(spec.resolved, spec.settings.resume_accept, out)
             if accepted:
@@ -166,74 +189,93 @@ def _run_in_folder(cfg: DictConfig, out: Path, owner: bool, team: launch.Peers |
                     team.publish(launch.Verdict(launch.SKIP, f"{out} already finished with this config"))
                 return done
     elif owner:
-        run_folder.refuse_to_replace(out, resume, bool(cfg.get("overwrite")))
+        run_folder.refuse_to_replace(out, resume, request.overwrite)
+    results = _started_results(request, digest, accepted)
+    if team is not None:  # every check that can refuse the run is behind us: the other ranks may start
+        team.publish(
+            launch.refusal(stage.problem) if stage.problem is not None else launch.Verdict(launch.GO)
+        )
+    if owner:
+        write_json_atomic(out / "results.json", results)
+    _execute(stage, out, owner, results, earlier)
+    if spec is not None and spec.settings.print_summary and owner and stage.runner is not None:
+        if results["status"] == "dry_run":
+            print(results.get("dry_run_summary") or f"dry run: built and checked; nothing trained ({out})")
+        elif stage.runner.summary is not None:
+            stage.runner.summary(results)
+    return results
+
+
+def _started_results(request: RunRequest, digest: str | None, accepted: list[str]) -> dict[str, Any]:
+    """results.json as a run starts: `running`, its labels, folder, config hash and owner."""
     results: dict[str, Any] = {
         "status": "running",
-        "seed": cfg.get("seed"),
-        **run_labels(cfg, spec),
-        "output_dir": str(out),
+        "seed": request.seed,
+        **request.labels,
+        "output_dir": str(request.output_dir),
         "config_hash": digest,
         **{f"run_{k}": v for k, v in run_folder.owner_record().items()},
     }
     if accepted:
         results["resume_accepted"] = accepted
-    if team is not None:  # every check that can refuse the run is behind us: the other ranks may start
-        team.publish(launch.refusal(problem) if problem is not None else launch.Verdict(launch.GO))
-    if owner:
-        write_json_atomic(out / "results.json", results)
-    runner = None
+    return results
+
+
+def _execute(
+    stage: _Stage0, out: Path, owner: bool, results: dict[str, Any], earlier: dict[str, Any]
+) -> None:
+    """Data, then the runner; results.json says how it ended (ok, config_error, failed, interrupted)."""
     previous_sigterm = raise_on_sigterm()
     try:
-        if problem is not None:
-            raise problem
-        check_accelerator(spec)
-        runner = get_runner(spec.settings.runner)
+        if stage.problem is not None:
+            raise stage.problem
+        assert stage.spec is not None and stage.runner is not None
+        check_accelerator(stage.spec)
         import pytorch_lightning as pl
 
         from kd_lightning.engine.build import resolve_pretrained_models
         from kd_lightning.engine.trainers import quiet_lightning
 
-        quiet_lightning(spec.settings.verbose)
-        pl.seed_everything(spec.seed, workers=True)
-        dm = stage_data(spec)
-        spec = resolve_pretrained_models(spec)
+        quiet_lightning(stage.spec.settings.verbose)
+        pl.seed_everything(stage.spec.seed, workers=True)
+        dm = stage_data(stage.spec)
+        spec = resolve_pretrained_models(stage.spec)
         write_resolved_config(spec.resolved, out)
-        runner.run(RunContext(spec, dm, out, results, cfg, earlier))
+        stage.runner.run(RunContext(spec, dm, out, results, earlier, stage.keys))
         if results["status"] == "running":
             results["status"] = "ok"
     except ConfigError as e:
         results.update(status="config_error", error=str(e))
         raise
     except BaseException as e:
-        stop = interruption(e)
-        if stop is None:
-            last = newest_checkpoint(out) if owner else None
-            text = traceback.format_exc()
-            results.update(
-                status="failed",
-                error=f"{type(e).__name__}: {e}",
-                traceback=text,
-                last_checkpoint=str(last) if last else None,
-                log_file=str(write_traceback(text, out)) if owner else None,
-            )
-            raise
-        last = newest_checkpoint(out)
-        results.update(
-            status="interrupted",
-            error=f"interrupted by {stop}",
-            last_checkpoint=str(last) if last else None,
-            resume_command=resume_command(out),
-        )
-        raise stop from None
+        _record_failure(e, out, owner, results)
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
         if owner:
             results["run_ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             write_json_atomic(out / "results.json", results)
-    if spec is not None and spec.settings.print_summary and owner and runner is not None:
-        if results["status"] == "dry_run":
-            print(results.get("dry_run_summary") or f"dry run: built and checked; nothing trained ({out})")
-        elif runner.summary is not None:
-            runner.summary(results)
-    return results
+
+
+def _record_failure(e: BaseException, out: Path, owner: bool, results: dict[str, Any]) -> NoReturn:
+    """An error or a stop signal, in results.json (with the last checkpoint and how to resume); raised again."""
+    stop = interruption(e)
+    if stop is None:
+        last = newest_checkpoint(out) if owner else None
+        text = traceback.format_exc()
+        results.update(
+            status="failed",
+            error=f"{type(e).__name__}: {e}",
+            traceback=text,
+            last_checkpoint=str(last) if last else None,
+            log_file=str(write_traceback(text, out)) if owner else None,
+        )
+        raise
+    last = newest_checkpoint(out)
+    results.update(
+        status="interrupted",
+        error=f"interrupted by {stop}",
+        last_checkpoint=str(last) if last else None,
+        resume_command=resume_command(out),
+    )
+    raise stop from None

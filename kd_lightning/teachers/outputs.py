@@ -143,24 +143,10 @@ class TeacherOutputs:
                 s.refresh()
             # Every rank reads the missing rows before any rank writes: a rank that read them after another
             # had written its share would see a shorter list, split it otherwise, and leave rows unwritten.
-            plan = {}
-            for member, taps in self.stores.items():
-                todo = {tap: s for tap, s in taps.items() if not s.complete}
-                if todo:
-                    missing = torch.unique(torch.cat([s.missing_slots() for s in todo.values()]))
-                    plan[member] = (todo, missing[ranks.rank :: ranks.world])
+            plan = self._plan(ranks)
             ranks.barrier()
-            # members missing the same rows (the usual case) share their inputs: each chunk is read and
-            # made once for all of them (an image file and its recorded view are decoded once, not per teacher)
-            groups: list[tuple[torch.Tensor, list[str]]] = []
-            for member, (_, mine) in plan.items():
-                same = next((g for g in groups if torch.equal(g[0], mine)), None)
-                if same is None:
-                    groups.append((mine, [member]))
-                else:
-                    same[1].append(member)
             done = 0
-            for mine, members in groups:
+            for mine, members in _sharing_rows(plan):
                 chunks = list(mine.split(batch_size))
                 for chunk, x in zip(chunks, slot_batches(chunks), strict=True):
                     for member in members:
@@ -179,6 +165,16 @@ class TeacherOutputs:
         if done:
             log.info("teacher outputs: computed %d samples on rank %d of %d", done, ranks.rank, ranks.world)
         return done
+
+    def _plan(self, ranks: Ranks) -> dict[str, tuple[dict[str, OutputStore], torch.Tensor]]:
+        """Each member's incomplete stores and this rank's share of the rows any of them misses."""
+        plan = {}
+        for member, taps in self.stores.items():
+            todo = {tap: s for tap, s in taps.items() if not s.complete}
+            if todo:
+                missing = torch.unique(torch.cat([s.missing_slots() for s in todo.values()]))
+                plan[member] = (todo, missing[ranks.rank :: ranks.world])
+        return plan
 
     def _seal(
         self,
@@ -209,6 +205,50 @@ class TeacherOutputs:
         raise OSError(
             f"teacher stores {bad} read back otherwise than they were written, three times: the disk under "
             f"{next(s.folder for s in self.all() if not s.complete)} is corrupting data"
+        )
+
+
+def _sharing_rows(plan: Mapping[str, tuple[object, torch.Tensor]]) -> list[tuple[torch.Tensor, list[str]]]:
+    """Members missing the same rows (the usual case) share their inputs: each chunk is read and made once
+    for all of them (an image file and its recorded view are decoded once, not per teacher)."""
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for member, (_, mine) in plan.items():
+        same = next((g for g in groups if torch.equal(g[0], mine)), None)
+        if same is None:
+            groups.append((mine, [member]))
+        else:
+            same[1].append(member)
+    return groups
+
+
+def _topk(
+    k: int | str | None, dm: TensorDataModule, teachers: TeacherEnsemble, taps: list[str]
+) -> int | None:
+    """`teacher_cache.logits_topk` resolved: `auto` is the top AUTO_TOPK for recorded views of data with more
+    than AUTO_TOPK_CLASSES classes when every stored tap is logits (FKD's top-k soft labels), else None."""
+    if k != "auto":
+        return k if k is None else int(k)
+    logit_taps = all(teachers.tap_module(m, tap) == "logits" for m in teachers.names for tap in taps)
+    if not (dm.num_classes > AUTO_TOPK_CLASSES and dm.views is not None and logit_taps):
+        return None
+    log.info(
+        "teacher_cache.logits_topk=auto: %d classes, recorded views: storing the top %d logits",
+        dm.num_classes,
+        AUTO_TOPK,
+    )
+    return AUTO_TOPK
+
+
+def _check_topk(k: int, tap: str, module: str, classes: int) -> None:
+    if module != "logits":
+        raise ConfigError(
+            f"teacher_cache.logits_topk={k} keeps logits only, but a distill term reads teacher tap "
+            f"{tap!r} ({module}); set teacher_cache.logits_topk=null or keep only logit terms"
+        )
+    if k >= classes:
+        raise ConfigError(
+            f"teacher_cache.logits_topk={k} must be smaller than the class count ({classes}); "
+            "or null to keep every logit"
         )
 
 
@@ -246,20 +286,10 @@ def build_outputs(
         return None
     folder = Path(cache.dir) / dm.name if cache.mode == "disk" else None
     identity = data_key(data_config, dm.content_fingerprint())
-    k = cache.logits_topk
-    if k == "auto":
-        logit_taps = all(teachers.tap_module(m, tap) == "logits" for m in teachers.names for tap in taps)
-        many = dm.num_classes > AUTO_TOPK_CLASSES and dm.views is not None and logit_taps
-        k = AUTO_TOPK if many else None
-        if k is not None:
-            log.info(
-                "teacher_cache.logits_topk=auto: %d classes, recorded views: storing the top %d logits",
-                dm.num_classes,
-                k,
-            )
     replay = dm.replay_identity()
     if replay is not None:
         identity = {**identity, "replay": replay}
+    k = _topk(cache.logits_topk, dm, teachers, taps)
     stores: dict[str, dict[str, OutputStore]] = {}
     for m in teachers.names:
         source = Path(teachers.checkpoints[m])
@@ -268,18 +298,10 @@ def build_outputs(
         for tap in taps:
             module = teachers.tap_module(m, tap)
             key = store_key(identity, dm.cache_slots, digest, tap, module, cache.dtype, precision)
+            label = f"{m}-{tap}"
             if k is None:
-                stores[m][tap] = TapStore(key, shapes[m][tap], folder, label=f"{m}-{tap}")
-                continue
-            if module != "logits":
-                raise ConfigError(
-                    f"teacher_cache.logits_topk={k} keeps logits only, but a distill term reads teacher tap "
-                    f"{tap!r} ({module}); set teacher_cache.logits_topk=null or keep only logit terms"
-                )
-            if k >= dm.num_classes:
-                raise ConfigError(
-                    f"teacher_cache.logits_topk={k} must be smaller than the class count ({dm.num_classes}); "
-                    "or null to keep every logit"
-                )
-            stores[m][tap] = TopKLogitsStore(key, dm.num_classes, k, folder, label=f"{m}-{tap}")
+                stores[m][tap] = TapStore(key, shapes[m][tap], folder, label=label)
+            else:
+                _check_topk(k, tap, module, dm.num_classes)
+                stores[m][tap] = TopKLogitsStore(key, dm.num_classes, k, folder, label=label)
     return TeacherOutputs(stores, scratch=scratch)

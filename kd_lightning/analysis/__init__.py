@@ -1,0 +1,1 @@
+"""Analysis of finished runs: `stats` (tables, intervals, verdicts) for kd-report, the notebook and bench/."""
