@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup train test test-fast lint format bench gpu-check bench-accuracy bench-papers bench-methods bench-cifar100 clean
+.PHONY: setup train test test-all lint format bench gpu-check bench-accuracy bench-papers bench-methods bench-cifar100 clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -17,11 +17,11 @@ setup: $(STAMP)  ## create .venv and install the project with its dev tools
 train: $(STAMP)  ## the default experiment: digits, two teachers (fitted once, then cached), an MLP student
 	$(PY) -m kd_lightning.train $(ARGS)
 
-test: $(STAMP)  ## the whole suite (slow and multi-process tests included)
-	$(PY) -m pytest $(PYTEST_ARGS)
-
-test-fast: $(STAMP)  ## skip the tests marked slow
+test: $(STAMP)  ## the suite but the tests marked slow (every feature still runs end to end at least once); what CI runs
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)  ## the whole suite, the slowest multi-process tests (marked slow) included
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

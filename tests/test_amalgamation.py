@@ -142,7 +142,6 @@ def _run_spec(amalgamation: dict, tmp_path):
     )
 
 
-@pytest.mark.slow
 def test_the_student_never_uses_labels(tmp_path):
     """Same seed, training labels shuffled after the teachers were fitted: the very same student."""
     spec_of_run = _run_spec(CFG, tmp_path)

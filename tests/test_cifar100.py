@@ -56,7 +56,6 @@ def released_teachers(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("pair", sorted(PAIRS))
 def test_pair_carries_the_protocol_and_trains_a_batch(
     pair, cifar100_root, released_teachers, tmp_path, cache_dir
@@ -122,7 +121,6 @@ def test_every_single_teacher_method_composes_with_a_pair(distill, cifar100_root
     assert run(cfg)["status"] == "dry_run"
 
 
-@pytest.mark.slow
 def test_bench_cifar100_end_to_end_with_a_released_teacher(cifar100_root, tmp_path):
     """A RepDistiller-format teacher file is used as it is (not fitted); student, KD and DKD one step each."""
     teachers = tmp_path / "released"

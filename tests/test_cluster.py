@@ -49,7 +49,6 @@ def _torchrun_nodes(run_dir: Path, tmp_path: Path, cache_dir: Path, *overrides: 
     ]
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_refused_rerun_ends_on_every_node_at_once_and_changes_nothing(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
@@ -82,7 +81,6 @@ def test_a_refused_rerun_ends_on_every_node_at_once_and_changes_nothing(tmp_path
     assert all(after[k] == before[k] for k in ("results.json", "student.pt", "checkpoints/last.ckpt"))
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_launcher_that_starts_other_process_counts_is_a_one_line_error_before_the_data(tmp_path, cache_dir):
     """torchrun starts 2 processes, the Trainer expects devices × num_nodes = 1 (KD_NUM_NODES=1)."""
@@ -164,7 +162,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_node_that_dies_leaves_the_survivor_two_lines_and_the_resume_command(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
@@ -191,7 +188,6 @@ def test_a_node_that_dies_leaves_the_survivor_two_lines_and_the_resume_command(t
     assert json.loads((run_dir / "results.json").read_text())["status"] == "failed"
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_the_local_submitit_launcher_runs_a_job_and_refuses_several_tasks(tmp_path, cache_dir):
     """Trying a SLURM sweep on one machine first: one job runs and leaves no folder named after a SLURM
@@ -220,7 +216,6 @@ PREEMPTED_JOB = [*FAST, "data.batch_size=8", "trainer.max_epochs=3", "trainer.de
                  "logger=none", "callbacks.progress_bar=null"]  # fmt: skip
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_slurms_warning_saves_a_mid_epoch_checkpoint_and_the_requeued_job_ends_as_if_never_stopped(
     tmp_path, cache_dir

@@ -221,7 +221,6 @@ def test_imagefolder_consistent_teaching_views_give_slots(tmp_path: Path):
     assert batch.slot is not None and torch.equal(batch.slot // 3, batch.index)
 
 
-@pytest.mark.slow
 def test_imagefolder_runs_with_class_subset_views_cache_and_robustness(make_cfg, tmp_path: Path):
     import json
 
@@ -254,7 +253,6 @@ def test_imagefolder_runs_with_class_subset_views_cache_and_robustness(make_cfg,
     }
 
 
-@pytest.mark.slow
 def test_imagefolder_feeds_amalgamation(make_cfg, tmp_path: Path):
     from kd_lightning.runners.run import run
 
@@ -273,7 +271,6 @@ def test_imagefolder_feeds_amalgamation(make_cfg, tmp_path: Path):
     assert res["status"] == "ok" and set(res["task_acc"]) == {"parity", "ge5"}
 
 
-@pytest.mark.slow
 def test_caches_follow_the_data_same_size_other_labels_and_an_image_fixed_in_place(
     make_cfg, tmp_path, caplog
 ):

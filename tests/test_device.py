@@ -30,7 +30,6 @@ def test_device_batches_follow_the_samplers_order_on_every_rank():
     )
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("data", [[], ["student=cnn", "+data.augment={crop_padding: 1, hflip: true}"]],
                          ids=["digits", "digits-crop-flip"])  # fmt: skip
 def test_on_device_and_the_loader_give_the_same_losses(make_cfg, data):
@@ -40,7 +39,6 @@ def test_on_device_and_the_loader_give_the_same_losses(make_cfg, data):
     assert len(loader) > 10 and loader == device
 
 
-@pytest.mark.slow
 def test_stores_on_disk_are_read_by_the_loaders_workers_with_the_same_losses(make_cfg, tmp_path):
     """Memory-mapped stores are not read by the step: the loader's workers gather their rows with the batch."""
     seen = {}

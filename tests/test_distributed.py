@@ -100,7 +100,6 @@ def test_every_launcher_names_the_logs_by_rank(monkeypatch):
             assert log_name("train_ddp_process_3") == "train_rank3.log"
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_ddp_two_processes_one_folder_rank0_writes(tmp_path, cache_dir):
     # verbose=true: Lightning's own lines (hidden by default) say how many processes it started
@@ -134,7 +133,6 @@ def test_multirun_of_ddp_jobs(tmp_path, cache_dir):
     assert not (tmp_path / "outputs").exists(), "a DDP child started a run folder of its own"
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_nodes_over_loopback_with_torchrun(tmp_path, cache_dir):
     run_dir, port = tmp_path / "run", _free_port()
@@ -159,7 +157,6 @@ def test_two_nodes_over_loopback_with_torchrun(tmp_path, cache_dir):
     assert sorted(p.name for p in run_dir.glob("*.log")) == ["train.log", "train_rank1.log"]
 
 
-@pytest.mark.slow
 def test_bf16_mixed_on_cpu_teachers_under_autocast(make_cfg, cache_dir):
     import pytorch_lightning as pl
 
@@ -250,7 +247,6 @@ def test_ddp_precompute_shards_the_store_once_and_a_second_run_runs_no_teacher(t
     assert diff < 1e-4, f"weights differ by {diff}"
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_ddp_fills_each_recorded_view_of_an_image_folder_once(tmp_path, cache_dir):
     """data.train_transforms with data.augment.views=3 under two processes: the ranks split the (image, view)

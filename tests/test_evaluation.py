@@ -79,7 +79,6 @@ def test_summary_means_over_severities_above_zero():
     assert robustness_summary(rows)["s"] == pytest.approx({"blur": 0.7, "contrast": 0.4, "mean": 0.55})
 
 
-@pytest.mark.slow
 def test_evaluate_robustness_in_a_run_and_kd_eval_later_agree(make_cfg, tmp_path):
     """evaluate=robustness writes the metrics; kd-eval rebuilds the run from its folder and gets the same."""
     cfg = make_cfg("evaluate=robustness", "evaluate.severities=[0,2]")

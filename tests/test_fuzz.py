@@ -4,7 +4,6 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
 import yaml
 from hydra.errors import HydraException
 from hypothesis import HealthCheck, given, settings
@@ -97,7 +96,6 @@ def _outcome(cfg_factory) -> str:
     return "starts"
 
 
-@pytest.mark.slow
 @settings(max_examples=EXAMPLES, derandomize=DERANDOMIZE, deadline=None, suppress_health_check=[HEALTH])
 @given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=3))
 def test_random_overrides_start_or_fail_clearly(tmp_path, cache_dir, overrides):
@@ -108,7 +106,6 @@ def test_random_overrides_start_or_fail_clearly(tmp_path, cache_dir, overrides):
 YAML_TEXT = st.text(alphabet=st.sampled_from(list("abc:{}[]-,'\"#\n 0123456789.=$%")), max_size=60)
 
 
-@pytest.mark.slow
 @settings(
     max_examples=EXAMPLES * 2 // 3, derandomize=DERANDOMIZE, deadline=None, suppress_health_check=[HEALTH]
 )

@@ -22,7 +22,6 @@ def _gpu_check(*args: str, tmp_path) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-@pytest.mark.slow
 def test_gpu_check_smoke_mode_runs_every_case(tmp_path):
     report = tmp_path / "GPU_CHECK.md"
     done = _gpu_check("--report", str(report), tmp_path=tmp_path)

@@ -33,7 +33,6 @@ def _checked(res: dict) -> None:
     assert res["sync_check"]["steps_checked"] >= 3 and res["sync_check"]["host_reads"] == 0, res["sync_check"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
     [
@@ -48,7 +47,6 @@ def test_no_training_step_reads_a_value_on_the_host(make_cfg, case):
     _checked(run(make_cfg(*CHECKED, *case)))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", ["kd", "fitnet"], ids=["stored-views-kd", "stored-views-fitnet"])
 def test_no_host_read_with_recorded_views_and_stored_features(make_cfg, tmp_path, method):
     """Crop/flip views replayed on the device from their recorded parameters, the stored teacher outputs
@@ -58,7 +56,6 @@ def test_no_host_read_with_recorded_views_and_stored_features(make_cfg, tmp_path
     assert res["teacher_forward_samples"] == 2 * res["train_samples"]  # every view once, in the fill
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_no_host_read_under_ddp_with_stores_read_by_the_loader(tmp_path, cache_dir):
     """Two CPU processes: the stores are files that both ranks map, read beside the inputs by the loader."""

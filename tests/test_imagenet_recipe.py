@@ -106,7 +106,6 @@ def _recipe(tmp_path: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.slow
 def test_imagenet_recipe_runs_on_a_png_folder_with_torchvisions_teacher(tmp_path, cache_dir, monkeypatch):
     _imagenet_like(tmp_path / "imagenet")
     teacher = _plant_resnet34(tmp_path, monkeypatch)
@@ -143,7 +142,6 @@ def test_a_torchvision_weights_teacher_must_have_the_datas_classes(tmp_path, cac
     assert not (tmp_path / "empty_torch_home").exists()
 
 
-@pytest.mark.slow
 def test_imagenet_recipe_with_recorded_views_runs_the_teacher_once_per_view(tmp_path, cache_dir, monkeypatch):
     """RandomResizedCrop + flip recorded as K = 2 views per image in a disk store (the teacher's top-10
     logits: 1000 classes); the second run trains on the stored views and runs no teacher."""

@@ -10,8 +10,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
-
 from .conftest import ROOT
 
 
@@ -21,7 +19,6 @@ def _sh(*cmd: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedPr
     return proc
 
 
-@pytest.mark.slow
 def test_wheel_installed_elsewhere_runs_a_one_batch_job(tmp_path: Path):
     wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()

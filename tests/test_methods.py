@@ -626,7 +626,6 @@ CONFIGS = [
 MULTI_ONLY = {"camkd", "aekd"}  # they weigh two or more teachers: with one, a clear error before training
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("teachers", ["two", "one"])
 @pytest.mark.parametrize("name", [*CONFIGS, "[kd,at]", "[crd,kd]"])
 def test_each_method_config_trains_a_few_batches(make_cfg, name, teachers):
@@ -655,7 +654,6 @@ def test_each_method_config_trains_a_few_batches(make_cfg, name, teachers):
         assert set(cfg.distill.terms) == set(name.strip("[]").split(","))  # the terms of both files, summed
 
 
-@pytest.mark.slow
 def test_a_gated_feature_term_trains_with_two_teachers_and_its_gate_is_in_the_checkpoint(make_cfg):
     from kd_lightning.runners.run import run
 

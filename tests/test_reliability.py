@@ -53,9 +53,14 @@ def reference_run(tmp_path_factory, cache_dir) -> Path:
     return folder
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+@pytest.mark.parametrize(
+    "sig",
+    [
+        pytest.param(signal.SIGKILL, id="sigkill", marks=pytest.mark.slow),
+        pytest.param(signal.SIGTERM, id="sigterm"),
+    ],
+)
 def test_killed_mid_epoch_then_resume_auto_matches_uninterrupted_run(tmp_path, cache_dir, reference_run, sig):
     ref = json.loads((reference_run / "results.json").read_text())
     run_dir = tmp_path / "killed"
@@ -160,7 +165,6 @@ def test_results_json_is_written_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left behind
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_failed_sweep_job_leaves_the_others_intact(tmp_path, cache_dir):
     env = {**os.environ, "KD_CACHE_DIR": str(cache_dir), "PYTHONWARNINGS": "ignore"}
@@ -234,7 +238,6 @@ def test_a_disk_that_fills_during_a_checkpoint_save_leaves_no_truncated_checkpoi
         assert res["status"] == "failed" and "No space left" in res["error"]
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_second_run_into_a_live_folder_stops_at_once_and_changes_nothing(tmp_path, cache_dir):
     folder = tmp_path / "shared"
@@ -328,7 +331,6 @@ def _whole(run_dir: Path) -> list[str]:
     return bad
 
 
-@pytest.mark.slow
 def test_a_full_disk_at_any_write_of_the_run_leaves_whole_files_and_a_resumable_run(make_cfg, tmp_path):
     """ENOSPC at each file the run writes, the first and the last time it writes it: the run stops with the
     disk's error, every file of its folder is whole (no zero-byte config, no cut checkpoint or row), and

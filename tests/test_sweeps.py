@@ -65,7 +65,6 @@ def test_teacher_set_label(tmp_path, cache_dir, use, label):
     assert parse_run(cfg).teachers.label == label
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_parallel_teacher_subset_sweep_report_and_notebook(tmp_path, cache_dir):
     """3 teacher sets × 2 loss weights (one invalid) in 2 parallel processes; the bad jobs fail alone."""
@@ -119,7 +118,6 @@ def test_parallel_teacher_subset_sweep_report_and_notebook(tmp_path, cache_dir):
     assert "cnn_s+cnn_l" in text and "image/png" in text and "config_error" in text
 
 
-@pytest.mark.slow
 def test_optuna_hparams_search_maximises_val_acc(tmp_path, cache_dir):
     sweep = tmp_path / "optuna"
     env = {"KD_CACHE_DIR": str(cache_dir), "KD_OUTPUT_ROOT": str(tmp_path / "out")}
@@ -149,7 +147,6 @@ def test_launcher_configs_compose_with_the_fields_users_set(tmp_path, cache_dir,
         assert "JoblibLauncher" in lc._target_ and int(lc.n_jobs) >= 1
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("parallel", [1, 2])
 def test_subset_sweep_runs_each_teacher_once(tmp_path, cache_dir, parallel):

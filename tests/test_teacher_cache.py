@@ -267,7 +267,6 @@ def _convs(model: torch.nn.Module) -> list[torch.nn.Conv2d]:
     return [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
 
 
-@pytest.mark.slow
 def test_perf_switches_are_applied_to_student_and_teachers_and_keep_the_losses(make_cfg):
     from torch._dynamo.utils import counters
 
@@ -319,7 +318,6 @@ def test_a_model_compiled_after_another_of_its_class_records_its_own_taps():
     assert sorted(taps(x)) == ["embed", "logits", "stage1"]
 
 
-@pytest.mark.slow
 def test_kd_cache_fills_the_stores_and_the_run_after_it_runs_no_teacher(tmp_path, cache_dir):
     import json
 
@@ -415,7 +413,6 @@ def test_topk_store_round_trip_and_refuses_feature_taps(make_cfg, tmp_path):
     assert run(make_cfg("distill=kd", "teacher_cache.logits_topk=3"))["status"] == "ok"
 
 
-@pytest.mark.slow
 def test_sigkill_during_the_precompute_then_a_rerun_completes_the_same_store(tmp_path, cache_dir):
     """kd-cache is killed (SIGKILL) half-way through filling a store; the rerun computes only the missing
     rows, and the store equals one filled without interruption."""
@@ -538,7 +535,6 @@ def test_a_disk_store_that_does_not_fit_is_one_clear_error_before_anything_is_ma
             small.__exit__(None, None, None)
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_sweep_job_whose_store_does_not_fit_fails_clearly_and_the_others_run(tmp_path, cache_dir):
     import json

@@ -19,7 +19,6 @@ def _cli_env(tmp_path: Path, cache_dir: Path) -> dict:
     return {"KD_OUTPUT_ROOT": str(tmp_path / "outputs"), "KD_CACHE_DIR": str(cache_dir)}
 
 
-@pytest.mark.slow
 def test_cli_default_experiment_prints_summary_and_writes_results(tmp_path, cache_dir):
     proc = run_cli(*FAST, "print_summary=true", "baseline=true", cwd=ROOT, env=_cli_env(tmp_path, cache_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -113,7 +112,6 @@ def test_teacher_made_for_another_class_count(make_cfg, tmp_path):
         run(cfg)
 
 
-@pytest.mark.slow
 def test_cli_config_error_is_one_clear_message(tmp_path, cache_dir):
     proc = run_cli(
         *FAST, "distill.terms.feat.student_tap=layer9", cwd=ROOT, env=_cli_env(tmp_path, cache_dir)
@@ -123,14 +121,12 @@ def test_cli_config_error_is_one_clear_message(tmp_path, cache_dir):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
 def test_cli_unknown_group_choice_lists_options(tmp_path, cache_dir):
     proc = run_cli("teachers=nope", cwd=ROOT, env=_cli_env(tmp_path, cache_dir))
     assert proc.returncode == 2 and "Configuration error" in proc.stderr
     assert "teachers/nope" in proc.stderr and "digits_pair" in proc.stderr and "mnist1d_pool" in proc.stderr
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,names",
     [
@@ -149,7 +145,6 @@ def test_cli_every_configuration_error_is_one_line_exit_2_no_traceback(tmp_path,
         assert name in proc.stderr, (name, proc.stderr)
 
 
-@pytest.mark.slow
 def test_cli_broken_yaml_in_user_config_dir_is_named(tmp_path, cache_dir):
     extra = tmp_path / "my_conf" / "distill"
     extra.mkdir(parents=True)
@@ -162,7 +157,6 @@ def test_cli_broken_yaml_in_user_config_dir_is_named(tmp_path, cache_dir):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
 def test_console_script_kd_train(tmp_path, cache_dir):
     script = Path(sys.executable).parent / "kd-train"
     assert script.exists(), "the project is not installed (pip install -e .)"
@@ -189,7 +183,6 @@ TINY_MNIST1D = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("experiment", "teachers"),
     [
@@ -207,7 +200,6 @@ def test_paper_experiments_run(make_cfg, experiment, teachers):
 TINY = ["trainer.enable_progress_bar=false", "logger=none", "print_summary=false"]
 
 
-@pytest.mark.slow
 def test_rahbar2020_runs_and_mixes_labels_and_teacher(make_cfg):
     res = run(
         make_cfg(
@@ -222,7 +214,6 @@ def test_rahbar2020_runs_and_mixes_labels_and_teacher(make_cfg):
     assert res["status"] == "ok" and set(res["teacher_test_acc"]) == {"mlp64"} and res["student"] == "wide2"
 
 
-@pytest.mark.slow
 def test_thapa2022_pretrains_on_the_source_fine_tunes_on_the_target_and_evaluates(make_cfg, tmp_path):
     tiny = [
         "data.num_samples=600",
@@ -243,7 +234,6 @@ def test_thapa2022_pretrains_on_the_source_fine_tunes_on_the_target_and_evaluate
         assert 0 <= res["metrics"]["student"][key] <= 1
 
 
-@pytest.mark.slow
 def test_ye2019_runs_without_labels_and_reports_each_chosen_task(make_cfg):
     tiny = [
         "data.num_samples=600",
@@ -272,7 +262,6 @@ def test_a_torchvision_name_as_student_choice_names_the_way_to_choose_it():
     assert "torchvision model" not in str(e.value)
 
 
-@pytest.mark.slow
 def test_a_run_from_another_folder_reuses_the_per_user_cache_and_the_console_stays_quiet(tmp_path):
     """No KD_CACHE_DIR: the cache is the user's (XDG_CACHE_HOME here), whatever folder a run starts from."""
     env = {k: v for k, v in os.environ.items() if k != "KD_CACHE_DIR"}
@@ -300,7 +289,6 @@ def test_a_run_from_another_folder_reuses_the_per_user_cache_and_the_console_sta
     )
 
 
-@pytest.mark.slow
 def test_a_run_that_fails_in_training_says_why_in_two_lines_and_keeps_the_traceback(tmp_path, cache_dir):
     run_dir = tmp_path / "nan"
     proc = run_cli(*FAST, "trainer.max_epochs=3", "+callbacks.poison._target_=tests.conftest.PoisonWeightsAtEpoch",
@@ -357,7 +345,6 @@ def test_several_cpu_devices_say_that_they_run_ddp(make_cfg, caplog):
     assert not [r for r in caplog.records if "CPU processes" in r.getMessage()]  # one process: nothing to say
 
 
-@pytest.mark.slow
 def test_a_quoted_run_folder_is_the_one_locked_and_checked(tmp_path, cache_dir):
     """`'hydra.run.dir="outputs/x"'`: Hydra writes to outputs/x; the lock and the finished-run check must be
     on that folder too, not on one whose name holds the quotes."""
