@@ -179,3 +179,44 @@ def test_subset_sweep_runs_each_teacher_once(tmp_path, cache_dir, parallel):
     assert len(rs) == 7 and all(r["status"] == "ok" for r in rs)
     n = rs[0]["train_samples"]
     assert sum(r["teacher_forward_samples"] for r in rs) == 3 * n
+
+
+def test_gpu_pool_sizes_itself_by_the_gpus_and_gives_each_job_one(monkeypatch, capsys):
+    """hydra/launcher=gpu_pool: jobs_per_gpu × GPUs at once, job N on GPU N mod GPUs; one at a time without
+    a GPU, said once."""
+    from kd_lightning.config import resolvers
+    from kd_lightning.engine.launch import pool_devices
+
+    monkeypatch.setattr(resolvers, "visible_gpus", lambda: 2)
+    assert resolvers.pool_jobs(4) == 8
+    monkeypatch.setattr(resolvers, "visible_gpus", lambda: 0)
+    resolvers._SAID.clear()
+    assert resolvers.pool_jobs(4) == 1 and resolvers.pool_jobs("8") == 1
+    assert capsys.readouterr().err.count("gpu_pool: no CUDA GPU here") == 1
+    with pytest.raises(ValueError, match="jobs_per_gpu"):
+        resolvers.pool_jobs(0)
+    gpu = {"accelerator": "gpu", "devices": 1, "precision": "bf16-mixed"}
+    assert pool_devices(gpu, 5, 2) == {**gpu, "devices": [1]}
+    assert pool_devices({**gpu, "accelerator": "auto"}, 4, 3)["devices"] == [1]
+    for unchanged, gpus in (({**gpu, "accelerator": "cpu"}, 2), ({**gpu, "devices": 2}, 2), (gpu, 0)):
+        assert pool_devices(unchanged, 3, gpus) == unchanged
+
+
+@pytest.mark.multiprocess
+def test_a_gpu_pool_sweep_gives_the_results_of_the_jobs_run_one_by_one(tmp_path, cache_dir):
+    """On the CPU the pool falls back to one job at a time (one line says so): the same teacher-subset sweep
+    then ends with exactly the results of Hydra's basic launcher, job for job."""
+    env = {"KD_CACHE_DIR": str(cache_dir), "KD_OUTPUT_ROOT": str(tmp_path / "out")}
+    results = {}
+    for launcher in ("basic", "gpu_pool"):
+        sweep = tmp_path / launcher
+        proc = run_cli(
+            "-m", *FAST, "teachers.use=[cnn_s],[cnn_s,cnn_l]", f"hydra/launcher={launcher}",
+            f"hydra.sweep.dir={sweep}", cwd=ROOT, env=env, timeout=900,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        done = [json.loads(p.read_text()) for p in sorted(sweep.rglob("results.json"))]
+        results[launcher] = {r["teacher_set"]: (r["status"], r["test_acc"], r["val_acc"]) for r in done}
+        if launcher == "gpu_pool":
+            assert proc.stderr.count("gpu_pool: no CUDA GPU here, so the sweep's jobs run one at a time") == 1
+    assert len(results["basic"]) == 2 and results["gpu_pool"] == results["basic"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from omegaconf import OmegaConf
 
@@ -61,11 +62,40 @@ def user_cache_dir() -> str:
     return platformdirs.user_cache_dir("kd_lightning", appauthor=False)
 
 
+_SAID: set[str] = set()
+
+
+def pool_jobs(jobs_per_gpu: int | str) -> int:
+    """hydra/launcher=gpu_pool's n_jobs: `jobs_per_gpu` × the GPUs this machine shows; 1 without a GPU (the
+    jobs then run one at a time, said once on the console)."""
+    try:
+        k = int(jobs_per_gpu)
+    except (TypeError, ValueError):
+        k = 0
+    if k < 1:
+        raise ValueError(f"jobs_per_gpu={jobs_per_gpu!r}: hydra/launcher=gpu_pool needs a whole number >= 1")
+    gpus = visible_gpus()
+    if gpus == 0:
+        if "no gpu" not in _SAID:
+            _SAID.add("no gpu")
+            print("gpu_pool: no CUDA GPU here, so the sweep's jobs run one at a time", file=sys.stderr)
+        return 1
+    return k * gpus
+
+
+def visible_gpus() -> int:
+    """The CUDA devices this process may use (CUDA_VISIBLE_DEVICES respected), without initialising CUDA."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 RESOLVERS = {
     "kd_subsets": resolve_subsets,  # ${kd_subsets:${teachers.members}[,min[,max]]} → "[a],[b],[a,b]"
     "kd_num_nodes": num_nodes_from_env,
     "kd_user_cache": user_cache_dir,  # ${kd_user_cache:} → the per-user cache folder (paths.cache_dir)  # ${kd_num_nodes:} → nodes from KD_NUM_NODES / SLURM / torchrun
     "kd_log_name": log_name,
+    "kd_pool_jobs": pool_jobs,  # ${kd_pool_jobs:${jobs_per_gpu}} → n_jobs of hydra/launcher=gpu_pool
     "kd_run_name": run_name,  # ${kd_run_name:} → the overrides of the run, for the trackers' run names  # ${kd_log_name:${hydra.job.name}} → train.log, train_rank1.log, ...
 }
 

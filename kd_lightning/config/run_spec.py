@@ -39,6 +39,7 @@ from kd_lightning.config.specs import (
     TermSpec,
     items,
     mapping,
+    num,
     parse,
     seed_field,
     targets,
@@ -59,6 +60,7 @@ class RunSettings:
     dry_run: bool = False
     print_summary: bool = True
     print_config: bool = False
+    jobs_per_gpu: int = num(4, 1)  # hydra/launcher=gpu_pool (read by its n_jobs; the job reads its GPU)
     verbose: bool = False
     resume: str | None = None
     resume_accept: list[str] = items()

@@ -372,14 +372,17 @@ class StudentSpec:
     (`options`: width, weights, source, small_input, pretrained, ...), passed to it as they are."""
 
     __extra__ = "options"
-    name: str
+    name: str | None = None  # every student group sets it; a runner of its own may need no student
     taps: dict[str, str] = mapping()
     options: dict[str, Any] = mapping()
 
     @property
     def arch(self) -> dict[str, Any]:
         """The mapping the model builders read (kd_lightning.models.create_model), as the config gave it."""
-        return {"name": self.name, "taps": dict(self.taps), **self.options}
+        return ({"name": self.name} if self.name is not None else {}) | {
+            "taps": dict(self.taps),
+            **self.options,
+        }
 
 
 @dataclass(frozen=True)

@@ -204,3 +204,36 @@ def check_world(trainer: Mapping[str, Any], env: Mapping[str, str] = os.environ)
         f"trainer.num_nodes={nodes} = {want}: set trainer.devices to the processes per node and "
         "trainer.num_nodes to the nodes"
     )
+
+
+POOL = "gpu_pool"  # conf/hydra/launcher/gpu_pool.yaml
+
+
+def pool_devices(trainer: Mapping[str, Any], job_num: int, gpus: int) -> dict[str, Any]:
+    """The Trainer's arguments for job `job_num` of a hydra/launcher=gpu_pool sweep on `gpus` visible GPUs:
+    a one-device GPU job trains on GPU job_num mod gpus (`devices=[g]`: loky reuses its worker processes, so
+    the device is chosen per job, not by CUDA_VISIBLE_DEVICES once per process). Anything else (the CPU, no
+    GPU, a job of several devices) is left as it is."""
+    options = dict(trainer)
+    accelerator = str(options.get("accelerator", "auto")).lower()
+    if (
+        gpus < 1
+        or accelerator not in ("gpu", "cuda", "auto")
+        or str(options.get("devices", 1)) not in ("1", "auto")
+    ):
+        return options
+    return {**options, "accelerator": "gpu", "devices": [job_num % gpus]}
+
+
+def pooled_job() -> int | None:
+    """This job's number when a hydra/launcher=gpu_pool sweep started it, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+    except ImportError:
+        return None
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.runtime.choices.get("hydra/launcher") != POOL:
+        return None
+    return int(hc.job.num)

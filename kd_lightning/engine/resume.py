@@ -33,7 +33,7 @@ NEUTRAL_KEYS = (
     "resume", "resume_accept", "overwrite", "print_summary", "print_config", "verbose", "dry_run", "paths", "logger",
     "callbacks.progress_bar", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.log_every_n_steps", "teacher_cache.mode", "teacher_cache.dir", "data.num_workers", "data.on_device",
-    "data.download", "data.cache_dir", "perf",
+    "data.download", "data.cache_dir", "perf", "jobs_per_gpu",
 )  # fmt: skip
 
 

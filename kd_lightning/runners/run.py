@@ -9,6 +9,7 @@ returns a typed object, so a stage can be tested, replaced or reused alone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -22,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from kd_lightning.config.request import RunRequest, read_request
-from kd_lightning.config.run_spec import RunSpec
+from kd_lightning.config.run_spec import RunSpec, TrainerSpec
 from kd_lightning.config.specs import Plain
 from kd_lightning.engine import launch, run_folder
 from kd_lightning.engine.distributed import is_rank_zero
@@ -156,6 +157,12 @@ class _Stage0:
 def _stage0(request: RunRequest) -> _Stage0:
     if request.spec is None:
         return _Stage0(None, request.problem)
+    job = launch.pooled_job()
+    if job is not None:  # hydra/launcher=gpu_pool: this job's GPU
+        from kd_lightning.config.resolvers import visible_gpus
+
+        options = launch.pool_devices(request.spec.trainer.options, job, visible_gpus())
+        request = dataclasses.replace(request, spec=request.spec.replace(trainer=TrainerSpec(options)))
     try:
         launch.check_world(request.spec.trainer.options)
         name, resolved = request.spec.settings.runner, request.spec.resolved
