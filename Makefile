@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup train test test-all lint format bench gpu-check bench-accuracy bench-papers bench-methods bench-cifar100 clean
+.PHONY: setup train test test-all lint format bench gpu-check bench-sweeps bench-accuracy bench-papers bench-methods bench-cifar100 clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -44,6 +44,9 @@ bench: $(STAMP)  ## throughput (student, KD live / stored, hand loop, torchdisti
 
 gpu-check: $(STAMP)  ## on one GPU (under 8 min): 16-mixed/bf16-mixed, live vs stored, compile + channels-last, CUDA graphs, recorded views, DDP over NCCL, each with perf.check_syncs; a hand-written loop beside the cifar cases (framework/hand); images/s, ratios, peak memory; writes docs/GPU_CHECK.md (ARGS=--cpu: the smoke mode)
 	$(PY) bench/gpu_check.py $(if $(findstring --cpu,$(ARGS)),,--report docs/GPU_CHECK.md) $(ARGS)
+
+bench-sweeps: $(STAMP)  ## on a GPU: K = 1, 4, 8 jobs of the CIFAR pair at once (hydra/launcher=gpu_pool), student alone and live KD; images/s of the sweep over one job's (ARGS=--cpu: a tiny smoke run)
+	$(PY) bench/sweep_pool.py $(ARGS)
 
 bench-papers: $(STAMP)  ## rahbar2020, thapa2022, ye2019, landro2021 reproductions with controls; teacher fits × seeds, tables + PNG plots
 	$(PY) bench/papers.py $(ARGS)
