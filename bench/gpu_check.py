@@ -274,11 +274,30 @@ def process_group_backend() -> str:
     return str(torch.distributed.get_backend())
 
 
+def write_report(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "# make gpu-check\n\n`python bench/gpu_check.py` (bench/gpu_check.py documents every case).\n\n```\n"
+        + "\n".join(lines)
+        + "\n```\n"
+    )
+
+
+def selected(name: str, only: list[str]) -> bool:
+    """Whether `--only` picks the case `name`: an entry is a prefix of case names, or with a trailing `$`
+    one case's exact name (`cifar/bf16-mixed/live$` leaves out `cifar/bf16-mixed/live+compile+...`)."""
+    return not only or any(name == o[:-1] if o.endswith("$") else name.startswith(o) for o in only)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu", action="store_true", help="smoke mode: every case, tiny, on the CPU")
     p.add_argument("--report", type=Path, help="also write the output to this file (markdown, dated)")
-    p.add_argument("--only", default="", help="comma-separated name prefixes: run those cases only")
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma-separated name prefixes (or exact names ending in $): those cases only",
+    )
     p.add_argument(
         "--reps", type=int, default=1,
         help="run the eager cifar cases (student, live, fill, stored) and their hand loops this many times, "
@@ -303,6 +322,10 @@ def main() -> None:
     def say(line: str) -> None:
         print(line, flush=True)
         lines.append(line)
+        if (
+            a.report is not None
+        ):  # rewritten at every line: a run stopped by a time limit keeps what it measured
+            write_report(a.report, lines)
 
     print(lines[0], flush=True)
     results: dict[str, dict] = {}
@@ -351,14 +374,14 @@ def main() -> None:
         data = Path(tmp_name)
         write_data(mode, data)
         only = [s for s in a.only.split(",") if s]
-        chosen = [(n, o) for n, o in cases(mode, data) if not only or any(n.startswith(x) for x in only)]
+        chosen = [(n, o) for n, o in cases(mode, data) if selected(n, only)]
         for rep in range(a.reps):  # the eager cifar cases and their hand loops again, interleaved
             for name, overrides in chosen:
                 if rep == 0 or name in REPEATED:
                     run_and_say(name, overrides, data, rep)
             for p in ("16-mixed", "bf16-mixed"):
                 for kind in HAND_KINDS:
-                    if only and not any(f"cifar/{p}/{kind}".startswith(o) for o in only):
+                    if not selected(f"cifar/{p}/{kind}", only):
                         continue
                     try:
                         speed = hand_loop(kind, p, mode, data)
@@ -416,13 +439,6 @@ def main() -> None:
             + " (time per image with CUDA graphs against the eager framework and the eager hand loop)"
         )
     say(f"gpu_check: {len(results)} cases in {time.perf_counter() - started:.0f} s, {len(failures)} failed")
-    if a.report is not None:
-        a.report.parent.mkdir(parents=True, exist_ok=True)
-        a.report.write_text(
-            "# make gpu-check\n\n`python bench/gpu_check.py` (bench/gpu_check.py documents every case).\n\n```\n"
-            + "\n".join(lines)
-            + "\n```\n"
-        )
     if failures:
         print("\n".join(["", "gpu-check FAILED:", *failures]), file=sys.stderr)
         raise SystemExit(1)
