@@ -92,3 +92,22 @@ def test_compile_auto_compiles_with_cuda_graphs_on_a_gpu_only():
     assert parse(PerfSpec, {"compile": False}, "perf").on(cuda=True).compile is False
     assert on_cuda({"accelerator": "gpu"}) and not on_cuda({"accelerator": "cpu"})
     assert on_cuda({"accelerator": "auto"}) == torch.cuda.is_available()
+
+
+def test_a_batch_already_on_the_device_is_not_walked_again():
+    """DeviceBatches gather batches on the training device: the transfer hook returns them as they are (no
+    host-side walk of every field at every step); a batch with stored targets read by the loader, or one on
+    another device, still goes through Lightning's move."""
+    from kd_lightning.data import DigitsDataModule
+    from kd_lightning.data.batch import Batch
+
+    dm = DigitsDataModule()
+    cpu = torch.device("cpu")
+    on = Batch(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), torch.arange(2))
+    assert dm.transfer_batch_to_device(on, cpu, 0) is on
+    with_targets = on._replace(targets={"t": {"logits": (torch.zeros(2, 1),)}})
+    moved = dm.transfer_batch_to_device(with_targets, cpu, 0)
+    assert moved is not with_targets and torch.equal(moved.targets["t"]["logits"][0], torch.zeros(2, 1))
+    elsewhere = on._replace(x=torch.zeros(2, 3, device="meta"))  # on another device: Lightning moves it
+    with pytest.raises(NotImplementedError, match="meta tensor"):  # (a meta tensor holds nothing to copy)
+        dm.transfer_batch_to_device(elsewhere, cpu, 0)
