@@ -350,3 +350,33 @@ def test_a_full_disk_at_any_write_of_the_run_leaves_whole_files_and_a_resumable_
         assert _whole(tmp_path / folder) == [], (writes[i], _whole(tmp_path / folder))
         resumed = run(make_cfg(*job, "resume=auto", out=folder))
         assert resumed["status"] == "ok", (writes[i], resumed.get("error"))
+
+
+def test_a_stop_between_an_epochs_checkpoint_and_results_json_keeps_that_epochs_time(tmp_path):
+    """The signal can land after an epoch's checkpoint is saved and before results.json is rewritten: the
+    resumed run takes the epochs' times from the checkpoint that holds them, so every epoch is counted once."""
+    from types import SimpleNamespace
+
+    from kd_lightning.engine.trainers import RunProgress
+
+    def trainer(epoch: int, last_batch: bool) -> SimpleNamespace:
+        progress = SimpleNamespace(is_last_batch=last_batch)
+        loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
+        return SimpleNamespace(current_epoch=epoch, fit_loop=loop, sanity_checking=False, is_global_zero=False)
+
+    first = RunProgress({}, tmp_path / "results.json")
+    first.on_train_start(trainer(0, False), None)
+    first.on_train_epoch_start(trainer(0, False), None)
+    first.on_train_epoch_end(
+        trainer(0, False), None
+    )  # epoch 0 done; results.json is written at epoch 1's start
+    checkpoint: dict = {}
+    first.on_save_checkpoint(trainer(1, True), None, checkpoint)  # epoch 1's checkpoint, saved at its end ...
+    # ... and the run stops here: results.json still says one epoch, the checkpoint holds two
+    second = RunProgress({}, tmp_path / "results.json")
+    second.carry({"epoch_seconds": first.totals(0.0, 0)["epoch_seconds"], "attempts": 1}, epochs_kept=2)
+    second.on_load_checkpoint(trainer(2, False), None, checkpoint)
+    assert len(second.totals(0.0, 0)["epoch_seconds"]) == 2 and second.attempts == 2
+    mid_epoch: dict = {}  # a mid-epoch checkpoint (SLURM's warning) holds the epochs before this one only
+    first.on_save_checkpoint(trainer(1, False), None, mid_epoch)
+    assert len(mid_epoch["kd_run_progress"]["epoch_seconds"]) == 1

@@ -68,6 +68,9 @@ def quiet_lightning(verbose: bool) -> None:
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
+PROGRESS_KEY = "kd_run_progress"  # in a checkpoint: the times of the epochs it holds
+
+
 class RunProgress(pl.Callback):
     """results.json while the fit runs, rewritten atomically by rank 0 once each epoch's checkpoints are
     written (at the next epoch's start, and when training ends): `status: running` with `progress` (the
@@ -84,6 +87,7 @@ class RunProgress(pl.Callback):
         self.epochs: list[float] = []  # this attempt's
         self.carried: dict[str, Any] = {"fit_seconds": 0.0, "teacher_forward_samples": 0, "epoch_seconds": []}
         self.attempts = 1
+        self._first_epoch = 0
 
     def carry(self, earlier: Mapping[str, Any], epochs_kept: int) -> None:
         """Continue the earlier attempt of this run: its time and teacher work, and the epochs its checkpoint
@@ -107,6 +111,9 @@ class RunProgress(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.fit_started = time.perf_counter()
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._first_epoch = trainer.current_epoch  # after a resume: the first epoch this attempt trains
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.epochs:  # the epoch before this one and its checkpoints are done
             self._write(trainer, pl_module)
@@ -118,6 +125,25 @@ class RunProgress(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write(trainer, pl_module)
+
+    # The epochs' times travel in the checkpoint too: a stop between an epoch's checkpoint and the next write
+    # of results.json (SIGTERM, preemption) leaves results.json one epoch behind, and the resumed run takes
+    # the times of the epochs it continues from the checkpoint that holds them.
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        epochs = self.totals(0.0, 0)["epoch_seconds"]
+        ending = getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False)
+        if ending and len(self.epochs) <= trainer.current_epoch - self._first_epoch:  # saved before its end
+            epochs.append(round(time.perf_counter() - self.started, 4))
+        checkpoint[PROGRESS_KEY] = {"epoch_seconds": epochs}
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        saved = checkpoint.get(PROGRESS_KEY)
+        if saved is not None:
+            self.carried["epoch_seconds"] = [float(v) for v in saved["epoch_seconds"]]
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
