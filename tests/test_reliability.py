@@ -362,7 +362,9 @@ def test_a_stop_between_an_epochs_checkpoint_and_results_json_keeps_that_epochs_
     def trainer(epoch: int, last_batch: bool) -> SimpleNamespace:
         progress = SimpleNamespace(is_last_batch=last_batch)
         loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
-        return SimpleNamespace(current_epoch=epoch, fit_loop=loop, sanity_checking=False, is_global_zero=False)
+        return SimpleNamespace(
+            current_epoch=epoch, fit_loop=loop, sanity_checking=False, is_global_zero=False
+        )
 
     first = RunProgress({}, tmp_path / "results.json")
     first.on_train_start(trainer(0, False), None)
