@@ -23,9 +23,10 @@ test: $(STAMP)  ## the suite but the tests marked slow (every feature still runs
 test-all: $(STAMP)  ## the whole suite, the slowest multi-process tests (marked slow) included
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff (check and format) and the type checker (mypy over kd_lightning/, configured in pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

@@ -11,10 +11,12 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.plain import Plain
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], object], suffix: str = "") -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object], suffix: str = "") -> Path:
     """Call `write(tmp)` to fill a temporary file next to `path`, then rename it to `path`.
 
     `suffix` keeps an extension that the writer insists on (numpy's savez appends `.npz`)."""
@@ -29,7 +31,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], suffix: str 
     return path
 
 
-def save_torch_atomic(path: str | Path, payload: Any) -> Path:
+def save_torch_atomic(path: str | os.PathLike[str], payload: object) -> Path:
     """A torch file (a model, a checkpoint), whole or not at all: through a Python file object, flushed to
     disk, then renamed; a write that fails (a full disk) raises that OSError, not torch's RuntimeError."""
     import torch
@@ -48,7 +50,7 @@ def save_torch_atomic(path: str | Path, payload: Any) -> Path:
     return atomic_write(path, write)
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """A text file of the run folder, whole or not at all (a full disk leaves the earlier file, or none)."""
 
     def write(tmp: Path) -> None:
@@ -60,7 +62,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return atomic_write(path, write)
 
 
-def _clean(value: Any) -> Any:
+def _clean(value: object) -> Plain:
     """A value JSON can hold: configs as containers, non-finite floats as null, anything odd as its text."""
     from omegaconf import OmegaConf
 
@@ -77,7 +79,7 @@ def _clean(value: Any) -> Any:
     return str(value)  # never let an odd value cost the results file
 
 
-def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> Path:
+def write_json_atomic(path: str | os.PathLike[str], payload: Mapping[str, object]) -> Path:
     """results.json and other records: valid JSON (no NaN tokens), flushed to disk, replaced atomically."""
 
     def write(tmp: Path) -> None:
@@ -90,6 +92,9 @@ def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> Path:
     return atomic_write(path, write)
 
 
-def read_results(path: str | Path) -> dict[str, Any]:
+def read_results(path: str | os.PathLike[str]) -> dict[str, Plain]:
     with open(path) as f:
-        return json.load(f)
+        results = json.load(f)
+    if not isinstance(results, dict):
+        raise ConfigError(f"{path} must hold a JSON object (a run's results), got {type(results).__name__}")
+    return results

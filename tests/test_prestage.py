@@ -87,7 +87,7 @@ def test_the_pre_stage_trains_the_paraphraser_alone_and_the_fit_does_not(make_cf
     translators = {k: v.clone() for k, v in module.objective.state_dict().items() if "translator" in k}
     teachers = {k: v.clone() for k, v in module.teachers.state_dict().items()}
     out = run_pre_stages(module, dm, "cpu")
-    assert out["pre_stage_terms"] == ["ft"] and set(out["pre_stage_last_loss_by_epochs"]) == {2}
+    assert out["pre_stage_terms"] == ["ft"] and set(out["pre_stage_last_loss_by_epochs"]) == {"2"}
     assert recon() < 0.8 * before  # the autoencoders learned the teachers' maps (1.29 → 0.84 in 2 epochs)
     after = module.objective.state_dict()
     assert all(torch.equal(v, module.student.state_dict()[k]) for k, v in student.items())

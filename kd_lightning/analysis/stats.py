@@ -23,6 +23,7 @@ def settings(run_dir: Path) -> dict[str, str]:
     change what it computes (kd_lightning.engine.resume.comparable) and the seed."""
     from omegaconf import OmegaConf
 
+    from kd_lightning.config.hydra import to_plain
     from kd_lightning.config.specs import flatten
     from kd_lightning.engine.resume import comparable
 
@@ -30,7 +31,7 @@ def settings(run_dir: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
     try:
-        plain = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        plain = to_plain(OmegaConf.load(path), str(path), resolve=False)
     except Exception:  # an unreadable config: the run is still reported, by its results
         return {}
     # as resume=auto compares configs: without the neutral keys, folders written relative to paths.*, so

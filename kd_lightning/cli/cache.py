@@ -13,9 +13,9 @@ jobs that follow find complete stores and run no teacher on the training set.
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import hydra
 import torch
@@ -33,19 +33,28 @@ from kd_lightning.teachers.store import human_size
 register_resolvers()
 
 
-def precision_context(precision: str, device: torch.device) -> Any:
+def precision_context(precision: str, device: torch.device) -> AbstractContextManager[object]:
     """The autocast the training steps run under (the stores' key holds the precision)."""
     if "mixed" not in precision:
         return nullcontext()
     from pytorch_lightning.plugins.precision import MixedPrecision
 
-    return MixedPrecision(precision, "cuda" if device.type == "cuda" else "cpu").forward_context()
+    where = "cuda" if device.type == "cuda" else "cpu"
+    if precision.startswith("bf16"):
+        return MixedPrecision("bf16-mixed", where).forward_context()
+    return MixedPrecision("16-mixed", where).forward_context()
 
 
 VERIFY = False  # `kd-cache --verify`: check every block of every complete store before filling
 
 
-def fill_stores(cfg: DictConfig, verify: bool = False) -> dict[str, Any]:
+class Filled(TypedDict):
+    files: list[str]  # the stores' files
+    computed: int  # the rows the fill computed
+    mismatched: int | None  # with `verify`: the blocks that did not match their checksums
+
+
+def fill_stores(cfg: DictConfig, verify: bool = False) -> Filled:
     """Build the run's teacher outputs and fill them; returns {files, computed} and, with `verify`, the
     number of blocks whose rows did not match their checksums (recomputed by the fill)."""
     spec = parse_run(cfg)
@@ -55,6 +64,8 @@ def fill_stores(cfg: DictConfig, verify: bool = False) -> dict[str, Any]:
     dm = stage_data(spec)
     spec = resolve_pretrained_models(spec)
     teachers = build_teacher_ensemble(spec, dm)
+    if teachers is None:
+        raise ConfigError("kd-cache fills the teachers' outputs: this config has no teachers")
     module = build_module(spec, dm, teachers)
     outputs = module.teacher_outputs
     if outputs is None:
@@ -74,7 +85,7 @@ def fill_stores(cfg: DictConfig, verify: bool = False) -> dict[str, Any]:
             lambda chunks: dm.slot_batches(chunks, device),
             batch_size=dm.eval_batch_size,
         )
-    return {"files": outputs.files(), "computed": computed, "mismatched": mismatched}
+    return Filled(files=outputs.files(), computed=computed, mismatched=mismatched)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")

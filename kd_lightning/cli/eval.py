@@ -11,19 +11,25 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kd_lightning.cli import config_error_exit
 from kd_lightning.config.run_spec import RunSpec, TeachersSpec, parse_run
-from kd_lightning.config.specs import Plain
 from kd_lightning.data.from_config import instantiate_datamodule
 from kd_lightning.errors import ConfigError
 from kd_lightning.evaluation.corruptions import CORRUPTIONS
-from kd_lightning.evaluation.robustness import plot_robustness, robustness_table
+from kd_lightning.evaluation.robustness import plot_robustness, read_rows, robustness_table
 from kd_lightning.evaluation.run_eval import check_eval_cfg, evaluate_and_write
 from kd_lightning.models import load_model
+from kd_lightning.plain import Plain, plain_map, plain_str
 from kd_lightning.runners.results import read_results
 from kd_lightning.teachers.members import build_teachers
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from kd_lightning.data.base import TensorDataModule
+    from kd_lightning.teachers.ensemble import TeacherEnsemble
 
 RESOLVED = "config.resolved.yaml"
 
@@ -57,7 +63,9 @@ def recorded_teachers(spec: RunSpec, used: dict[str, str]) -> TeachersSpec:
     return TeachersSpec(chosen)
 
 
-def load_run(run_dir: Path, datamodules: list[str] | None = None) -> tuple[Any, Any, Any, dict[str, Plain]]:
+def load_run(
+    run_dir: Path, datamodules: list[str] | None = None
+) -> tuple[TensorDataModule, nn.Module, TeacherEnsemble | None, dict[str, Plain]]:
     """(datamodule, student, teachers or None, results) of a finished kd-train run.
 
     The run is rebuilt from what it wrote, read as data, through the typed specs of any run
@@ -74,7 +82,10 @@ def load_run(run_dir: Path, datamodules: list[str] | None = None) -> tuple[Any, 
     dm.setup("fit")
     student = load_model(run_dir / "student.pt")
     teachers = None
-    used = results.get("teacher_checkpoints") or {}
+    used = {
+        k: plain_str(v, f"teacher_checkpoints.{k}")
+        for k, v in plain_map(results.get("teacher_checkpoints"), "teacher_checkpoints").items()
+    }
     if used:
         teachers = build_teachers(
             recorded_teachers(spec, used),
@@ -107,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         severities = [int(s) for s in a.severities.split(",") if s.strip()]
     except ValueError:
         config_error_exit(f"--severities must be integers 0..5, got {a.severities!r}")
-    students = []
+    students: list[Plain] = []
     try:
         for run in a.runs:
             dm, student, teachers, _ = load_run(run, a.datamodule)
@@ -124,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
             result = evaluate_and_write(student, teachers, dm, eval_cfg, out)
             print(f"\n## {run}\n\n{robustness_table(result)}\n\nwritten to {out}")
             students += [
-                dict(r, model=f"{run.name}") for r in result["robustness"] if r["model"] == "student"
+                {"model": run.name, "corruption": r["corruption"], "severity": r["severity"], "acc": r["acc"]}
+                for r in read_rows(result["robustness"])
+                if r["model"] == "student"
             ]
     except ConfigError as e:
         config_error_exit(e)

@@ -50,7 +50,7 @@ def plot(df: pd.DataFrame, table: pd.DataFrame, out: Path, metric: str = "test_a
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    paths: list[Path] = []
     if table.empty:
         return paths
     shown = [k for k in table.columns if k == "teacher_set" or k in GROUP_KEYS or k.startswith("cfg:")]

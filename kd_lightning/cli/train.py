@@ -31,6 +31,7 @@ from kd_lightning.engine import launch, run_folder
 from kd_lightning.engine.distributed import job_scope, launched_as_rank_zero, ranks_argv
 from kd_lightning.engine.resume import RunInterrupted, newest_checkpoint, resume_command, resume_mode
 from kd_lightning.errors import ConfigError
+from kd_lightning.plain import plain_num
 
 register_resolvers()
 
@@ -46,7 +47,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
     try:
         with job_scope():
-            return run(cfg).get("val_acc")
+            val = run(cfg).get("val_acc")
+            return plain_num(val, "val_acc") if val is not None else None
     except ConfigError as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra marks this job failed and goes on with the others

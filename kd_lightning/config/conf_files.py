@@ -14,11 +14,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import yaml
 
+from kd_lightning.config.hydra import to_mapping
 from kd_lightning.errors import ConfigError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def _find_conf_dir() -> Path:
@@ -79,9 +83,11 @@ def _first_job(overrides: list[str]) -> list[str] | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
-    first = []
+    first: list[str] = []
     for o in parsed:
         if not o.is_sweep_override():
+            if o.input_line is None:
+                return None
             first.append(o.input_line)
             continue
         try:
@@ -118,7 +124,6 @@ def check_launcher(argv: list[str], conf_dir: Path) -> None:
     `hydra.launcher.tasks_per_node` against `trainer.devices`, and `hydra.launcher.nodes` against
     `trainer.num_nodes` (trainer=multinode reads the node count from SLURM itself)."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     multirun = "-m" in argv or "--multirun" in argv
     submitit = [a for a in argv if a.startswith("hydra/launcher=") and ("slurm" in a or "submitit" in a)]
@@ -140,7 +145,7 @@ def check_launcher(argv: list[str], conf_dir: Path) -> None:
                 "hydra.launcher hydra/launcher=slurm"
             )
         return
-    raw = OmegaConf.to_container(trainer, resolve=False)
+    raw = to_mapping(trainer, "trainer", resolve=False)
     tasks, nodes = launcher.get("tasks_per_node"), launcher.get("nodes")
     devices = str(trainer.get("devices"))
     if tasks is not None and devices.isdigit() and int(devices) != int(tasks):
@@ -174,7 +179,7 @@ def launcher_argv(argv: list[str]) -> list[str]:
 
 def check_composition(
     argv: list[str], conf_dir: Path, options_of: Callable[[str], list[str]] | None = None
-) -> Any:
+) -> DictConfig | None:
     """Compose the first job of `kd-train ARGV` with Hydra's compose API; raise ConfigError if it fails.
     Returns the composed config (None when the check is left to Hydra)."""
     from hydra import compose, initialize_config_dir
@@ -203,7 +208,9 @@ def check_composition(
         message = " ".join(lines[:2]) + (" " + ", ".join(lines[2:]) if lines[2:] else "")
         misspelt = re.match(r"Could not override '([^']+)'", message)
         if misspelt:
-            raise ConfigError(_unknown_key(misspelt.group(1), overrides, conf_dir, options_of)) from None
+            raise ConfigError(
+                _unknown_key(misspelt.group(1), overrides or [], conf_dir, options_of)
+            ) from None
         raise ConfigError(message + _torchvision_hint(message)) from None
 
 
@@ -291,7 +298,7 @@ def compose_run(
     output_dir: Path | str,
     cache_dir: Path | str | None = None,
     cwd: Path | str | None = None,
-) -> Any:
+) -> DictConfig:
     """The config that `kd-train OVERRIDES` would run, composed in this process with `output_dir` as its run
     folder (and `paths.cache_dir`, and the folder it starts from, `cwd`, when given), for
     `kd_lightning.runners.run.run(cfg)` from Python: the notebooks, the benchmarks and the tests."""

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
 import torch
+from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
 from kd_lightning.errors import ConfigError, as_float
+from kd_lightning.plain import Plain
 
 OptimizerFn = Callable[[Iterable[torch.nn.Parameter]], Optimizer]
 SchedulerFn = Callable[..., LRScheduler]
@@ -44,7 +46,7 @@ class OptimSetup:
     interval: str = "epoch"
     needs_total_steps: bool = False
 
-    def configure(self, params: Iterable[torch.nn.Parameter], total_steps: int) -> Any:
+    def configure(self, params: Iterable[torch.nn.Parameter], total_steps: int) -> OptimizerLRScheduler:
         """What `LightningModule.configure_optimizers` returns."""
         params = list(params)
         opt = prime_fused_sgd(self.optimizer(params, **fused_on_gpu(self.optimizer, params)))
@@ -118,7 +120,7 @@ def warmup_cosine(
     return SequentialLR(optimizer, [warm, cosine], milestones=[warmup_epochs])
 
 
-def _instantiate(node: Mapping[str, Any], where: str) -> Callable[..., Any]:
+def _instantiate(node: Mapping[str, Plain], where: str) -> Callable[..., object]:
     import hydra
 
     try:
@@ -134,7 +136,7 @@ def _cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".replace("\n", " ")
 
 
-def build_optim(optim: Mapping[str, Any] | None, scheduler: Mapping[str, Any] | None) -> OptimSetup:
+def build_optim(optim: Mapping[str, Plain] | None, scheduler: Mapping[str, Plain] | None) -> OptimSetup:
     """The run's OptimSetup from `optim` and `scheduler`; every mistake is a ConfigError naming the key."""
     optim = dict(optim or {})
     old = sorted(k for k in optim if k in REPLACED)
@@ -156,9 +158,15 @@ def build_optim(optim: Mapping[str, Any] | None, scheduler: Mapping[str, Any] | 
         opt = make_opt([probe])
     except (TypeError, ValueError) as e:
         raise ConfigError(f"optim ({optim['_target_']}): {e}") from None
+    if not isinstance(opt, Optimizer):
+        raise ConfigError(
+            f"optim._target_={optim['_target_']!r} builds a {type(opt).__name__}, not a torch optimiser"
+        )
+    # the builders as what they were just seen to make (hydra's partials are typed by nothing else)
+    optimizer = cast(OptimizerFn, make_opt)
     sched = dict(scheduler or {})
     if not sched:
-        return OptimSetup(make_opt)
+        return OptimSetup(optimizer)
     interval = sched.pop("interval", "epoch")
     if interval not in INTERVALS:
         raise ConfigError(f"scheduler.interval={interval!r}; valid: {', '.join(INTERVALS)}")
@@ -174,7 +182,7 @@ def build_optim(optim: Mapping[str, Any] | None, scheduler: Mapping[str, Any] | 
         make_sched(opt, **({"total_steps": 10} if needs_total else {}))
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"scheduler ({sched['_target_']}): {e}") from None
-    return OptimSetup(make_opt, make_sched, str(interval), needs_total)
+    return OptimSetup(optimizer, cast(SchedulerFn, make_sched), str(interval), needs_total)
 
 
 def adam_cosine(lr: float, weight_decay: float, max_epochs: int) -> OptimSetup:

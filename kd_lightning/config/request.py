@@ -16,10 +16,11 @@ from typing import TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
+from kd_lightning.config.hydra import to_plain
 from kd_lightning.config.resolvers import register_resolvers
 from kd_lightning.config.run_spec import RunSpec, parse_distill, parse_run, parse_teachers
-from kd_lightning.config.specs import Plain
 from kd_lightning.errors import ConfigError
+from kd_lightning.plain import Plain, plain_map
 
 GROUPS = ("data", "student", "teachers", "distill", "trainer", "optim", "scheduler", "experiment")
 T = TypeVar("T")
@@ -93,9 +94,9 @@ def run_labels(cfg: DictConfig, spec: RunSpec | None = None) -> dict[str, Plain]
     return labels
 
 
-def _plain(cfg: DictConfig, key: str) -> Plain:
-    value = cfg.get(key)
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+def _plain(cfg: DictConfig, key: str) -> Mapping[str, Plain] | None:
+    value = to_plain(cfg.get(key), key)
+    return None if value is None else plain_map(value, key)
 
 
 def _try(make: Callable[[], T]) -> T | None:

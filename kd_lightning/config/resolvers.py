@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 from omegaconf import OmegaConf
 
@@ -90,7 +91,7 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-RESOLVERS = {
+RESOLVERS: dict[str, Callable[..., object]] = {
     "kd_subsets": resolve_subsets,  # ${kd_subsets:${teachers.members}[,min[,max]]} → "[a],[b],[a,b]"
     "kd_num_nodes": num_nodes_from_env,
     "kd_user_cache": user_cache_dir,  # ${kd_user_cache:} → the per-user cache folder (paths.cache_dir)  # ${kd_num_nodes:} → nodes from KD_NUM_NODES / SLURM / torchrun

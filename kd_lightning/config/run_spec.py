@@ -25,6 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from kd_lightning.config.hydra import to_mapping
 from kd_lightning.config.resolvers import register_resolvers
 from kd_lightning.config.specs import (
     CacheSpec,
@@ -33,7 +34,6 @@ from kd_lightning.config.specs import (
     LoaderSpec,
     MemberSpec,
     PerfSpec,
-    Plain,
     StudentSpec,
     TargetSpec,
     TermSpec,
@@ -45,6 +45,7 @@ from kd_lightning.config.specs import (
     targets,
 )
 from kd_lightning.errors import ConfigError, as_int, choices, safe_name
+from kd_lightning.plain import Plain
 
 register_resolvers()  # the configs' ${kd_...} resolvers: resolving a config needs them
 
@@ -210,21 +211,18 @@ class RunSpec:
             return "none"
         return "+".join(sorted({t.distance for t in self.distill.terms.values()})) or "none"
 
-    def replace(self, **changes: Any) -> RunSpec:
-        return dataclasses.replace(self, **changes)
-
 
 def resolved_config(cfg: DictConfig | Mapping[str, Plain]) -> dict[str, Plain]:
     """The config without Hydra's node, every interpolation resolved; an unset value or an interpolation
     that does not resolve is a ConfigError naming the key. Plain data (a recorded config read back with
     yaml.safe_load) is taken as it is: nothing in it is resolved."""
     if not isinstance(cfg, DictConfig):
-        return {k: v for k, v in dict(cfg).items() if k != "hydra"}
-    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        return {str(k): v for k, v in cfg.items() if k != "hydra"}
+    plain = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
     try:
         missing = sorted(OmegaConf.missing_keys(plain))
         if not missing:
-            return OmegaConf.to_container(plain, resolve=True)
+            return to_mapping(plain)
     except OmegaConfBaseException as e:  # an interpolation that does not resolve
         raise ConfigError(f"{e.full_key}: {str(e).splitlines()[0]}") from None
     raise ConfigError(
@@ -233,7 +231,7 @@ def resolved_config(cfg: DictConfig | Mapping[str, Plain]) -> dict[str, Plain]:
     )
 
 
-def nested_target(value: Any, where: str) -> str | None:
+def nested_target(value: Plain, where: str) -> str | None:
     """The key of the first `_target_` nested anywhere in `value`, or None."""
     if isinstance(value, Mapping):
         if "_target_" in value:
@@ -291,19 +289,20 @@ def parse_teachers(value: Mapping[str, Plain] | None) -> TeachersSpec:
         )
         for n, m in pool.items()
     }
-    use = value.get("use")
-    if use is not None:
-        use = [use] if isinstance(use, str) else use
-        if not isinstance(use, list | tuple) or not all(isinstance(u, str) for u in use):
+    given = value.get("use")
+    use: list[str] | None = None
+    if given is not None:
+        listed = [given] if isinstance(given, str) else given
+        if not isinstance(listed, list | tuple) or not all(isinstance(u, str) for u in listed):
             raise ConfigError(
-                f"teachers.use must be null or a list of teacher names from {choices(members)}, got {use!r}"
+                f"teachers.use must be null or a list of teacher names from {choices(members)}, got {given!r}"
             )
+        use = [str(u) for u in listed]
         unknown = [u for u in use if u not in members]
         if unknown and members:
             raise ConfigError(
                 f"teachers.use names unknown teacher(s) {unknown}; the pool has: {choices(members)}"
             )
-        use = list(use)
     fit_seed = as_int("teachers.fit_seed", value.get("fit_seed") or 0, 0)
     return TeachersSpec(members, use, fit_seed)
 
@@ -337,7 +336,7 @@ def as_distill(value: DistillSpec | Mapping[str, Plain] | None) -> DistillSpec:
     return value if isinstance(value, DistillSpec) else parse_distill(value, no_teacher=False)
 
 
-def parse_cache(value: Any, cache_dir: str) -> CacheSpec:
+def parse_cache(value: Plain, cache_dir: str) -> CacheSpec:
     if isinstance(value, str):
         raise ConfigError(
             f"teacher_cache={value!r}: teacher_cache is a group of keys now; use teacher_cache.mode={value}"
@@ -352,11 +351,16 @@ def parse_run(cfg: DictConfig | Mapping[str, Plain]) -> RunSpec:
     names = {f.name for f in fields(RunSettings)}
     settings = parse(RunSettings, {k: plain[k] for k in names if k in plain}, "config")
     paths = _group(plain, "paths")
-    for key in ("output_dir", "cache_dir"):
-        if not isinstance(paths.get(key), str):
-            raise ConfigError(f"paths.{key} must be a folder, got {paths.get(key)!r}")
+    output_dir, cache_dir = paths.get("output_dir"), paths.get("cache_dir")
+    for key, folder in (("output_dir", output_dir), ("cache_dir", cache_dir)):
+        if not isinstance(folder, str):
+            raise ConfigError(f"paths.{key} must be a folder, got {folder!r}")
+    assert isinstance(output_dir, str) and isinstance(cache_dir, str)  # checked just above
     data = _group(plain, "data")
     data.pop("name", None)
+    target = data.pop("_target_", None)
+    if target is not None and not isinstance(target, str):
+        raise ConfigError(f"data._target_ must be a datamodule class path, got {target!r}")
     refuse_nested_targets(data)
     # the keys every datamodule has, checked here already: a bad batch size answers before torch is imported
     loader = {f.name for f in fields(LoaderSpec)}
@@ -368,11 +372,11 @@ def parse_run(cfg: DictConfig | Mapping[str, Plain]) -> RunSpec:
     student = parse(StudentSpec, _group(plain, "student"), "student")
     return RunSpec(
         settings=settings,
-        data=DataSpec(data.pop("_target_", None), data),
+        data=DataSpec(target, data),
         student=student,
         teachers=teachers,
         distill=parse_distill(_group(plain, "distill"), teachers.no_teacher_point),
-        cache=parse_cache(plain.get("teacher_cache"), paths["cache_dir"]),
+        cache=parse_cache(plain.get("teacher_cache"), cache_dir),
         perf=parse(PerfSpec, plain.get("perf"), "perf"),
         evaluation=parse(EvalSpec, plain.get("evaluate"), "evaluate"),
         trainer=TrainerSpec(trainer),
@@ -382,6 +386,6 @@ def parse_run(cfg: DictConfig | Mapping[str, Plain]) -> RunSpec:
         else parse(TargetSpec, plain["scheduler"], "scheduler"),
         callbacks=targets(plain.get("callbacks"), "callbacks"),
         logger=targets(plain.get("logger"), "logger"),
-        paths=PathsSpec(paths["output_dir"], paths["cache_dir"]),
+        paths=PathsSpec(output_dir, cache_dir),
         resolved=plain,
     )

@@ -17,17 +17,20 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, get_args, get_origin
+from typing import TYPE_CHECKING, Any, TypeVar, get_args, get_origin
 
 from kd_lightning.errors import ConfigError, as_float, as_int, choices
+from kd_lightning.plain import Plain, as_plain, plain_map
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
-# A config or results value as plain data: what YAML and JSON hold (a resolved config, results.json).
-Plain = str | int | float | bool | None | list["Plain"] | dict[str, "Plain"]
+T = TypeVar("T", bound="DataclassInstance")
 
 
 # --- field helpers ------------------------------------------------------------------------------
+# Any: a field helper returns what `dataclasses.field` returns, which the type checker reads as the field's
+# own type (`lr: float = num(...)`); the defaults are of that type too.
 def num(
     default: Any = dataclasses.MISSING,
     low: float | None = None,
@@ -40,25 +43,29 @@ def num(
     return field(default=default, metadata=meta)
 
 
+# Any: as `num`
 def one_of(default: Any, *valid: str) -> Any:
     """A string field with a fixed set of choices."""
     return field(default=default, metadata={"choices": tuple(valid)})
 
 
+# Any: as `num`
 def seed_field(default: int = 0) -> Any:
     return num(default, 0, 2**32 - 1)
 
 
+# Any: as `num` (and `dataclasses.field`'s own keyword arguments)
 def mapping(**kw: Any) -> Any:
     return field(default_factory=dict, **kw)
 
 
+# Any: as `mapping`
 def items(**kw: Any) -> Any:
     return field(default_factory=list, **kw)
 
 
 # --- the parser ---------------------------------------------------------------------------------
-def parse(cls: type[T], value: Any, where: str) -> T:
+def parse(cls: type[T], value: object, where: str) -> T:
     """`value` (a mapping, or None for all defaults) as a `cls` instance; ConfigError names the key."""
     if isinstance(value, cls):
         return value
@@ -90,7 +97,19 @@ def parse(cls: type[T], value: Any, where: str) -> T:
     return obj
 
 
-def _convert(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
+def _bound(meta: Mapping[str, object], name: str) -> float | None:
+    """A number field's bound (`num(low=..., high=...)`)."""
+    value = meta.get(name)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _choices(meta: Mapping[str, object]) -> tuple[str, ...]:
+    """A string field's choices (`one_of`)."""
+    value = meta.get("choices")
+    return tuple(str(c) for c in value) if isinstance(value, tuple) else ()
+
+
+def _convert(tp: object, value: object, key: str, meta: Mapping[str, object]) -> object:
     origin, args = get_origin(tp), get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -107,28 +126,28 @@ def _convert(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
         raise ConfigError(f"{key} has an unexpected value {value!r}; valid: {' or '.join(kinds)}")
     if tp is Any:
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return parse(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
         return value
     if tp is int:
-        lo, hi = meta.get("low"), meta.get("high")
+        lo, hi = _bound(meta, "low"), _bound(meta, "high")
         return as_int(key, value, None if lo is None else int(lo), None if hi is None else int(hi))
     if tp is float:
         return as_float(
             key,
             value,
-            meta.get("low"),
-            meta.get("high"),
-            meta.get("open_low", False),
-            meta.get("open_high", False),
+            _bound(meta, "low"),
+            _bound(meta, "high"),
+            bool(meta.get("open_low", False)),
+            bool(meta.get("open_high", False)),
         )
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
-        valid = meta.get("choices")
+        valid = _choices(meta)
         if valid and value not in valid:
             raise ConfigError(f"{key}={value!r}; valid: {', '.join(valid)}")
         return value
@@ -145,24 +164,24 @@ def _convert(tp: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
     return value
 
 
-def _kind(tp: Any, meta: Mapping[str, Any]) -> str:
+def _kind(tp: object, meta: Mapping[str, object]) -> str:
     """How an error names what a field of type `tp` accepts."""
     if tp is bool:
         return "true or false"
-    if tp is str and meta.get("choices"):
-        return " or ".join(meta["choices"])
+    if tp is str and _choices(meta):
+        return " or ".join(_choices(meta))
     return getattr(tp, "__name__", str(tp))
 
 
-def flatten(plain: Mapping[str, Any], skip: Iterable[str] = ()) -> dict[str, Any]:
+def flatten(plain: Mapping[str, Plain], skip: Iterable[str] = ()) -> dict[str, Plain]:
     """A nested config as `dotted.key: value` leaves (lists and empty mappings as their JSON text), leaving
     out the keys in `skip` and everything under them: what a tracker or a report compares across runs."""
     import json
 
     skip = tuple(skip)
-    out: dict[str, Any] = {}
+    out: dict[str, Plain] = {}
 
-    def walk(value: Any, prefix: str) -> None:
+    def walk(value: Plain, prefix: str) -> None:
         key = prefix[:-1]
         if key and any(key == s or key.startswith(s + ".") for s in skip):
             return
@@ -178,9 +197,10 @@ def flatten(plain: Mapping[str, Any], skip: Iterable[str] = ()) -> dict[str, Any
     return out
 
 
-def as_plain(spec: Any) -> Any:
-    """A spec as plain dicts/lists (for cache keys, results and logs)."""
-    return dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else spec
+def spec_dict(spec: DataclassInstance) -> dict[str, Plain]:
+    """A spec as plain data (for cache keys, results and logs)."""
+    name = type(spec).__name__
+    return dict(plain_map(as_plain(dataclasses.asdict(spec), name), name))
 
 
 # --- the specs --------------------------------------------------------------------------------------
@@ -216,9 +236,9 @@ class FitSpec:
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
 
-    def identity(self) -> dict[str, Any]:
+    def identity(self) -> dict[str, Plain]:
         """What decides the fit, for cache keys (unset optim/scheduler left out: older keys stay valid)."""
-        plain = as_plain(self)
+        plain = spec_dict(self)
         return {k: v for k, v in plain.items() if v is not None or k not in ("optim", "scheduler")}
 
 
@@ -352,12 +372,12 @@ class TargetSpec:
     options: dict[str, Any] = mapping()
 
     @property
-    def config(self) -> dict[str, Any]:
+    def config(self) -> dict[str, Plain]:
         """The mapping the builders read, as the config gave it."""
         return ({"_target_": self._target_} if self._target_ is not None else {}) | dict(self.options)
 
 
-def targets(value: Any, where: str) -> dict[str, TargetSpec | None]:
+def targets(value: Plain, where: str) -> dict[str, TargetSpec | None]:
     """`callbacks` or `logger`: each entry a TargetSpec, or None (an entry switched off with `<name>=null`)."""
     if value is None:
         return {}
@@ -377,7 +397,7 @@ class StudentSpec:
     options: dict[str, Any] = mapping()
 
     @property
-    def arch(self) -> dict[str, Any]:
+    def arch(self) -> dict[str, Plain]:
         """The mapping the model builders read (kd_lightning.models.create_model), as the config gave it."""
         return ({"name": self.name} if self.name is not None else {}) | {
             "taps": dict(self.taps),

@@ -8,9 +8,8 @@ Hydra's own sweep syntax, so the basic sweeper (or any launcher) expands it into
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import combinations
-from typing import Any
 
 from kd_lightning.errors import ConfigError
 
@@ -31,10 +30,15 @@ def sweep_string(subsets: Iterable[Iterable[str]]) -> str:
     return ",".join("[" + ",".join(s) + "]" for s in subsets)
 
 
-def resolve_subsets(members: Any, min_size: Any = 1, max_size: Any = None, include_none: Any = False) -> str:
+def resolve_subsets(
+    members: Mapping[str, object] | Sequence[str] | None,
+    min_size: int | str = 1,
+    max_size: int | str | None = None,
+    include_none: bool | str = False,
+) -> str:
     """`include_none`: also the empty subset `[]`, the job's student trained without any teacher (the
     control every teacher set is compared with)."""
-    pool = list(members.keys()) if hasattr(members, "keys") else list(members or [])
+    pool = list(members.keys()) if isinstance(members, Mapping) else list(members or [])
     subsets = teacher_subsets(pool, int(min_size), None if max_size in (None, "") else int(max_size))
     if str(include_none).lower() in ("true", "1"):
         subsets = [[], *subsets]

@@ -11,16 +11,17 @@ checkpoint for the teachers: they are rebuilt from their own files.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning.config.optim import OptimSetup
 from kd_lightning.core.objective import Objective
-from kd_lightning.core.tally import StepTally
+from kd_lightning.core.tally import StepTally, log_every
 from kd_lightning.data.batch import Batch
 from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.teachers.ensemble import TeacherEnsemble
@@ -28,7 +29,21 @@ from kd_lightning.teachers.feed import TeacherFeed
 from kd_lightning.teachers.outputs import TeacherOutputs
 
 
+def _nested(value: object, *keys: str) -> Mapping[str, object]:
+    """`value[k1][k2]...` of a checkpoint's nested dicts; an empty mapping where one is missing."""
+    for key in keys:
+        value = value.get(key) if isinstance(value, Mapping) else None
+    return value if isinstance(value, Mapping) else {}
+
+
 class DistillationModule(pl.LightningModule):
+    # declared for the type checker (nn.Module's attribute lookup would type them Tensor | Module)
+    student: nn.Module
+    objective: Objective
+    taps: FeatureTaps
+    feed: TeacherFeed | None
+    teacher_test_acc: nn.ModuleDict
+
     def __init__(
         self,
         student: nn.Module,
@@ -91,10 +106,11 @@ class DistillationModule(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x, y = self._input(batch), batch.y
         s_feats = self.taps(x)
-        t_feats = self.feed.features(x, batch.cache_slot, batch.targets) if self.needs_teachers else None
+        feed = self.feed if self.needs_teachers else None
+        t_feats = feed.features(x, batch.cache_slot, batch.targets) if feed is not None else None
         loss, parts = self.objective(s_feats, t_feats, y, index=batch.index, epoch=self.current_epoch, x=x)
         self._tally.add(self.global_step, len(y), loss, parts, s_feats["logits"], y)
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+        if self.global_step % log_every(self.trainer) == 0:
             self._read_tally()
             self.log(
                 "train/loss_step", self._tally.last_loss, on_step=True, on_epoch=False, batch_size=len(y)
@@ -127,7 +143,8 @@ class DistillationModule(pl.LightningModule):
     def on_validation_start(self) -> None:
         self._read_tally()  # validation inside the fit: the weights it checks must be finite
         dm = getattr(self.trainer, "datamodule", None)
-        self._val_roles = dm.val_roles() if hasattr(dm, "val_roles") else ["val"]
+        val_roles = getattr(dm, "val_roles", None)
+        self._val_roles = val_roles() if callable(val_roles) else ["val"]
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = self._input(batch), batch.y
@@ -154,20 +171,24 @@ class DistillationModule(pl.LightningModule):
         if not self.trainer.sanity_checking:
             self.test_curve.append(float(acc))
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(self, checkpoint: dict[str, object]) -> None:
         self._read_tally()  # a checkpoint of weights that a non-finite loss has touched is never written
         checkpoint["test_curve"] = list(self.test_curve)
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.test_curve = [float(a) for a in checkpoint.get("test_curve", [])]
+    def on_load_checkpoint(self, checkpoint: dict[str, object]) -> None:
+        curve = checkpoint.get("test_curve")
+        self.test_curve = [float(a) for a in curve] if isinstance(curve, list) else []
         # A checkpoint saved mid-epoch records how far its loader got. Lightning hands that to the loader only
         # when it makes the loader after restoring, but this module's optimiser setup asks for the loader
         # (estimated_stepping_batches) before: the datamodule is told here, before either.
-        loops = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        loops = _nested(checkpoint, "loops", "fit_loop", "state_dict")
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        for state in loops.get("combined_loader") or []:
-            if state and hasattr(dm, "resume_after"):
-                dm.resume_after(int(state["epoch"]), int(state["samples"]))
+        resume_after = getattr(dm, "resume_after", None)
+        states = loops.get("combined_loader")
+        for state in states if isinstance(states, list) else []:
+            epoch, samples = _nested(state).get("epoch"), _nested(state).get("samples")
+            if isinstance(epoch, int) and isinstance(samples, int) and callable(resume_after):
+                resume_after(epoch, samples)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         x, y = self._input(batch), batch.y
@@ -177,15 +198,20 @@ class DistillationModule(pl.LightningModule):
         if self.teachers is not None:
             feats = self.teachers(x)
             for name in self.teachers.names:
-                self.teacher_test_acc[name](feats[name]["logits"], y)
-                self.log(f"test/teacher/{name}/acc", self.teacher_test_acc[name])
+                self._teacher_acc(name)(feats[name]["logits"], y)
+                self.log(f"test/teacher/{name}/acc", self._teacher_acc(name))
             ens = self.teachers.combined_logits(feats)
-            self.teacher_test_acc["ensemble"](ens, y)
-            self.log("test/teacher/ensemble/acc", self.teacher_test_acc["ensemble"])
+            self._teacher_acc("ensemble")(ens, y)
+            self.log("test/teacher/ensemble/acc", self._teacher_acc("ensemble"))
             self.test_agreement(logits.argmax(1), ens.argmax(1))
             self.log("test/agreement", self.test_agreement)
 
+    def _teacher_acc(self, name: str) -> MulticlassAccuracy:
+        metric = self.teacher_test_acc[name]
+        assert isinstance(metric, MulticlassAccuracy)
+        return metric
+
     # --- optimisation ------------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         params = [p for p in self.parameters() if p.requires_grad]  # student + adapters + loss heads
         return self.optim.configure(params, int(self.trainer.estimated_stepping_batches))

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from numbers import Real
-from typing import Any
+from typing import Any, Protocol, TypedDict, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +31,37 @@ from kd_lightning.errors import ConfigError, choices
 from kd_lightning.losses import create_loss, forward_extras, loss_class
 from kd_lightning.losses.adapters import make_adapter
 from kd_lightning.losses.protocol import PreStage
+from kd_lightning.plain import Plain
+from kd_lightning.tensors import add_all
 
 Shape = tuple[int, ...]
 
 
+class DataContext(TypedDict, total=False):
+    """What some methods need from the data (kd_lightning.losses.registry injects it by name)."""
+
+    num_samples: int  # the training split's size (CRD's memory)
+    num_classes: int
+    input_shape: tuple[int, ...]  # one sample's (combine=gate's network)
+
+
+@runtime_checkable
+class HasPreStage(Protocol):
+    """A loss with a part trained before distillation (kd_lightning.losses.protocol)."""
+
+    def pre_stage(self) -> PreStage: ...
+
+
+def _per_sample(loss: nn.Module) -> Callable[..., torch.Tensor]:
+    """The loss's distance per sample (combine=gate checks at build time that the distance has one)."""
+    fn = getattr(loss, "per_sample", None)
+    if not callable(fn):
+        raise ConfigError(f"{type(loss).__name__} has no per_sample distance: combine=gate needs one")
+    return fn
+
+
+# Any: a term reads one tap's tensor (or shape), or for a list of taps (fsp, ReviewKD) the list of them,
+# and hands it to its loss as it is
 def read_tap(feats: Mapping[str, Any], tap: str | list[str]) -> Any:
     """A term's input: one tap's tensor (or shape), or the list of them for a list of taps."""
     return [feats[t] for t in tap] if isinstance(tap, list) else feats[tap]
@@ -44,7 +71,7 @@ def tap_names(tap: str | list[str]) -> list[str]:
     return list(tap) if isinstance(tap, list) else [tap]
 
 
-def check_weight(where: str, value: Any) -> float:
+def check_weight(where: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise ConfigError(f"{where} must be a number, got {value!r}")
     value = float(value)
@@ -68,9 +95,9 @@ class TeacherGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = [min(int(n), self.side) for n in x.shape[2:]]
         pooled = (
-            F.adaptive_avg_pool2d(x, size)
+            F.adaptive_avg_pool2d(x, (size[0], size[1]))
             if x.dim() == 4
-            else F.adaptive_avg_pool1d(x, size)
+            else F.adaptive_avg_pool1d(x, size[0])
             if x.dim() == 3
             else x
         )
@@ -78,14 +105,22 @@ class TeacherGate(nn.Module):
 
 
 class Term(nn.Module):
+    # declared for the type checker (nn.Module's attribute lookup would type them Tensor | Module)
+    student_tap: str | list[str]
+    teacher_tap: str | list[str]
+    weight: float
+    adapters: nn.ModuleDict
+    losses: nn.ModuleDict
+    gate: TeacherGate | None
+
     def __init__(
         self,
         name: str,
-        spec: TermSpec | Mapping[str, Any],
+        spec: TermSpec | Mapping[str, Plain],
         student_shape: Shape,
         teacher_shapes: Mapping[str, Shape],
         teacher_weights: Mapping[str, float],
-        context: Mapping[str, Any] | None = None,
+        context: DataContext | None = None,
     ):
         super().__init__()
         spec = parse(TermSpec, spec, f"distill.terms.{name}")
@@ -127,10 +162,10 @@ class Term(nn.Module):
         )
         self.losses = self._losses(targets, student_shape, loss_kwargs, context)
         self.extras = forward_extras(next(iter(self.losses.values()))) if len(self.losses) else ()
-        stages = [loss.pre_stage() for loss in self.losses.values() if hasattr(loss, "pre_stage")]
+        stages = [st for _, st in self.pre_stages()]
         self.pre_stage_only = bool(stages) and all(st.only for st in stages)  # the fit skips this term
 
-    def _check_logits(self, teacher_shapes: Mapping[str, Shape], classes: Any) -> None:
+    def _check_logits(self, teacher_shapes: Mapping[str, Shape], classes: int | None) -> None:
         if classes is None or self.teacher_tap != "logits":
             return
         wrong = {m: tuple(v) for m, v in teacher_shapes.items() if tuple(v) != (int(classes),)}
@@ -140,7 +175,7 @@ class Term(nn.Module):
                 f"the data's {classes} classes; give each teacher a head for this dataset"
             )
 
-    def _gate(self, members: list[str], context: Mapping[str, Any] | None) -> TeacherGate:
+    def _gate(self, members: list[str], context: DataContext | None) -> TeacherGate:
         """combine=gate: the network that weighs each sample's teachers (Landro et al. 2021's gate)."""
         name, distance = self.name, self.distance
         if not hasattr(loss_class(distance), "per_sample"):
@@ -150,16 +185,17 @@ class Term(nn.Module):
             )
         if len(members) < 2:
             raise ConfigError(f"distill.terms.{name}: combine=gate needs two or more teachers, got {members}")
-        if "input_shape" not in (context or {}):
+        shape = (context or {}).get("input_shape")
+        if shape is None:
             raise ConfigError(f"distill.terms.{name}: combine=gate needs context['input_shape'] (the data's)")
-        return TeacherGate(tuple(context["input_shape"]), len(members))  # type: ignore[index]
+        return TeacherGate(tuple(shape), len(members))
 
     def _losses(
         self,
         targets: Mapping[str, Shape],
         student_shape: Shape,
-        loss_kwargs: Mapping[str, Any],
-        context: Mapping[str, Any] | None,
+        loss_kwargs: Mapping[str, object],
+        context: DataContext | None,
     ) -> nn.ModuleDict:
         """One loss per target: methods with state (VID variances, CRD heads and memories) keep it per teacher."""
         losses = nn.ModuleDict()
@@ -199,18 +235,24 @@ class Term(nn.Module):
         self,
         student: torch.Tensor,
         teachers: Mapping[str, torch.Tensor],
-        ctx: Mapping[str, Any] | None = None,
+        ctx: Mapping[str, object] | None = None,
     ) -> torch.Tensor:
         kw = {k: (ctx or {}).get(k) for k in self.extras}
         if self.gate is not None:
-            w = self.gate((ctx or {})["x"])  # (B, K)
+            x = (ctx or {}).get("x")
+            if not isinstance(x, torch.Tensor):
+                raise ValueError("combine=gate weighs each sample's teachers from its input: ctx['x']")
+            w = self.gate(x)  # (B, K)
             d = torch.stack(
-                [self.losses[m].per_sample(self.adapters[m](student), t, **kw) for m, t in teachers.items()],
+                [
+                    _per_sample(self.losses[m])(self.adapters[m](student), t, **kw)
+                    for m, t in teachers.items()
+                ],
                 1,
             )
             return (w * d).sum(1).mean()
         if self.combine == "per_teacher":
-            return sum(
+            return add_all(
                 self.teacher_weights[m] * self.losses[m](self.adapters[m](student), t, **kw)
                 for m, t in teachers.items()
             )
@@ -225,13 +267,13 @@ class Term(nn.Module):
                 scale = w[0] * len(w)  # 1 for the ensemble's weights, which sum to one
                 mean = torch.stack(ts).mean(0)
                 return mean if scale == 1 else mean * scale
-            return sum(wi * t for wi, t in zip(w, ts, strict=True))
+            return add_all(wi * t for wi, t in zip(w, ts, strict=True))
         ts = list(teachers.values())
         return torch.cat([t.flatten(1) for t in ts], 1) if ts[0].dim() == 2 else torch.cat(ts, 1)
 
     def pre_stages(self) -> list[tuple[str, PreStage]]:
         """(loss key, its pre-stage) for each of this term's losses that declares one (kd_lightning.engine.prestage)."""
-        return [(k, loss.pre_stage()) for k, loss in self.losses.items() if hasattr(loss, "pre_stage")]
+        return [(k, loss.pre_stage()) for k, loss in self.losses.items() if isinstance(loss, HasPreStage)]
 
     def pre_stage_loss(
         self,
@@ -259,23 +301,24 @@ class Objective(nn.Module):
             raise ConfigError(f"distill.label_loss={label_loss!r}; valid: {', '.join(LABEL_LOSSES)}")
         self.label_loss = label_loss
         self.terms = nn.ModuleDict(dict(terms))
+        self.term = dict(terms)  # the same modules, typed (the ModuleDict registers them)
         if self.ce_weight == 0 and not self.terms:
             raise ConfigError(
                 "distill.ce_weight is 0 and there are no distillation terms: nothing to train on"
             )
 
     @staticmethod
-    def student_taps(distill: DistillSpec | Mapping[str, Any]) -> list[str]:
+    def student_taps(distill: DistillSpec | Mapping[str, Plain]) -> list[str]:
         return sorted({n for t in as_distill(distill).terms.values() for n in tap_names(t.student_tap)})
 
     @staticmethod
-    def teacher_taps(distill: DistillSpec | Mapping[str, Any]) -> list[str]:
+    def teacher_taps(distill: DistillSpec | Mapping[str, Plain]) -> list[str]:
         return sorted({n for t in as_distill(distill).terms.values() for n in tap_names(t.tap)})
 
     @property
     def uses_teachers(self) -> bool:
         """Whether the fit reads teacher features (a pre-stage-only term does not)."""
-        return any(not t.pre_stage_only for t in self.terms.values())
+        return any(not t.pre_stage_only for t in self.term.values())
 
     def forward(
         self,
@@ -295,9 +338,11 @@ class Objective(nn.Module):
             else:
                 label = parts["label_mse"] = F.mse_loss(logits, F.one_hot(y, logits.shape[1]).float())
             weighted.append(label if self.ce_weight == 1 else self.ce_weight * label)
-        for name, term in self.terms.items():
+        for name, term in self.term.items():
             if term.pre_stage_only:  # it acted in its pre-stage (kd_lightning.engine.prestage)
                 continue
+            if teachers is None:
+                raise ValueError(f"distill.terms.{name} reads teacher features, and none were given")
             t_feats = {m: read_tap(feats, term.teacher_tap) for m, feats in teachers.items()}
             ctx = {"y": y, "index": index, "epoch": epoch, "x": x}
             parts[name] = term(read_tap(student, term.student_tap), t_feats, ctx)
@@ -311,11 +356,11 @@ class Objective(nn.Module):
 
 
 def build_objective(
-    distill: DistillSpec | Mapping[str, Any],
+    distill: DistillSpec | Mapping[str, Plain],
     student_shapes: Mapping[str, Shape],
     teacher_shapes: Mapping[str, Mapping[str, Shape]] | None,
     teacher_weights: Mapping[str, float] | None,
-    context: Mapping[str, Any] | None = None,
+    context: DataContext | None = None,
 ) -> Objective:
     """`context` holds what some methods need from the data: `num_samples` (train size), `num_classes`.
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
 
 from torch import nn
 
@@ -13,11 +12,12 @@ from kd_lightning.config.run_spec import as_distill
 from kd_lightning.config.specs import DistillSpec, TermSpec
 from kd_lightning.errors import ConfigError
 from kd_lightning.models.taps import stages
+from kd_lightning.plain import Plain
 from kd_lightning.teachers.ensemble import TeacherEnsemble
 
 
 def expand_stage_terms(
-    distill: DistillSpec | Mapping[str, Any], student: nn.Module, teachers: TeacherEnsemble | None
+    distill: DistillSpec | Mapping[str, Plain], student: nn.Module, teachers: TeacherEnsemble | None
 ) -> DistillSpec:
     """A term whose taps are `stages` becomes one term per stage, `<name>1` … `<name>K`, each with the
     term's weight: RepDistiller sums AT's and NST's per-stage losses and weighs the sum. K is the fewest
@@ -27,7 +27,7 @@ def expand_stage_terms(
     a list of taps, `stage*` and `preact*` become stage1 … stageK and preact1 … preactK (ReviewKD, AB)."""
     distill = as_distill(distill)
 
-    def wildcard(tap: Any) -> bool:
+    def wildcard(tap: str | list[str] | None) -> bool:
         return isinstance(tap, list) and any(str(x).endswith("*") for x in tap)
 
     staged = [
@@ -75,7 +75,7 @@ def expand_stage_terms(
 _WILDCARDS = ("stage*", "preact*")
 
 
-def _expand_taps(taps: Any, key: str, name: str, k: int) -> list[str]:
+def _expand_taps(taps: str | list[str], key: str, name: str, k: int) -> list[str]:
     if isinstance(taps, str):
         raise ConfigError(
             f"distill.terms.{name}.{key}={taps!r}: the other tap is a list with stage* or preact*; make this one "

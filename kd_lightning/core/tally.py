@@ -121,3 +121,9 @@ def _reduce_device(reduce: Reduce) -> torch.device:
     """Where the strategy's collectives expect their tensors (its root device)."""
     strategy = getattr(reduce, "__self__", None)
     return strategy.root_device if strategy is not None else torch.device("cpu")
+
+
+def log_every(trainer: object) -> int:
+    """The trainer's `log_every_n_steps` (at least 1): the steps at which the tally is read. Lightning sets the
+    attribute on the Trainer in its logger connector, so the Trainer class does not declare it."""
+    return max(1, int(getattr(trainer, "log_every_n_steps", 50)))

@@ -13,7 +13,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TypeVar
 
 import numpy as np
 import pytorch_lightning as pl
@@ -21,12 +21,25 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from kd_lightning.config.specs import LoaderSpec, parse
-from kd_lightning.data.batch import Batch, collate_samples
+from kd_lightning.data.batch import Batch, Targets, collate_samples
 from kd_lightning.data.device import DeviceBatches, fits_on_device
 from kd_lightning.data.fingerprint import Listings, content_digest
 from kd_lightning.errors import ConfigError, as_seed
 
 log = logging.getLogger(__name__)
+
+# what `_on` keeps on a device: a tensor, or a tuple of them
+Held = TypeVar("Held", torch.Tensor, tuple[torch.Tensor, ...])
+
+
+class _Length(Dataset):
+    """What a DistributedSampler reads of its dataset: the length only."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class EpochSeededSampler(DistributedSampler):
@@ -48,7 +61,7 @@ class EpochSeededSampler(DistributedSampler):
         rank: int = 0,
         view_of: Callable[[int], torch.Tensor] | None = None,
     ):
-        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        super().__init__(_Length(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.n, self.epoch_source = n, epoch_source
         # recorded views made by the dataset: each key is (sample, the view this epoch shows of it)
         self.view_of = view_of
@@ -82,7 +95,18 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
-class IndexedTensorDataset(Dataset):
+class SplitDataset(Dataset):
+    """A datamodule's split: its samples by index and their labels in order (tensors in memory, or files)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def labels(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class IndexedTensorDataset(SplitDataset):
     """`(x[i], y[i], i)`; `__getitems__` returns a whole Batch with one index operation. Under consistent
     teaching the training split's sampler gives `(sample, view)` keys, and the batch carries each key's
     slot (sample · `views` + view), which the augmentation on the device replays."""
@@ -118,8 +142,25 @@ class ResumableLoader(DataLoader):
     run continues with the batch it would have trained next (Lightning saves and restores the state of a
     loader that has `state_dict` / `load_state_dict`)."""
 
-    def __init__(self, *args: Any, position: Callable[[], tuple[int, int]], **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        dataset: Dataset,
+        sampler: EpochSeededSampler,
+        position: Callable[[], tuple[int, int]],
+        batch_size: int,
+        collate_fn: Collate,
+        num_workers: int,
+        pin_memory: bool,
+    ):
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=collate_fn,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+        )
         self.position = position
 
     def state_dict(self) -> dict[str, int]:
@@ -133,19 +174,28 @@ class ResumableLoader(DataLoader):
             self.sampler.resume_after(state["epoch"], state["samples"])
 
 
-def batch_is_collated(batch: Any) -> Any:
+# a DataLoader's collate_fn: what the dataset gave for a batch's keys (a list of samples, or a whole Batch
+# from __getitems__) → the Batch
+Collate = Callable[[object], Batch]
+
+
+def batch_is_collated(batch: object) -> Batch:
     """Collate function for datasets whose `__getitems__` already returns a batch."""
+    if not isinstance(batch, Batch):
+        raise TypeError(f"expected a Batch from the dataset's __getitems__, got {type(batch).__name__}")
     return batch
 
 
 class _with_targets:  # noqa: N801  (a collate function, named as the functions it wraps)
     """A collate function that also reads the batch's stored teacher outputs (in the loader's workers)."""
 
-    def __init__(self, collate: Callable[[Any], Batch], reader: Callable[[torch.Tensor], Any]):
+    def __init__(self, collate: Collate, reader: Callable[[torch.Tensor], Targets]):
         self.collate, self.reader = collate, reader
 
-    def __call__(self, samples: Any) -> Batch:
+    def __call__(self, samples: object) -> Batch:
         batch = self.collate(samples)
+        if batch.cache_slot is None:
+            raise ValueError("stored teacher outputs need the batch's slots (a dataset of kd_lightning's)")
         return batch._replace(targets=self.reader(batch.cache_slot))
 
 
@@ -250,7 +300,7 @@ class TensorDataModule(pl.LightningDataModule):
         self.class_subset = None if spec.class_subset is None else [int(c) for c in spec.class_subset]
         self.shuffle_seed = None if shuffle_seed is None else as_seed("seed", shuffle_seed)
         self.test_each_epoch = bool(test_each_epoch)
-        self.splits: dict[str, Dataset] = {}
+        self.splits: dict[str, SplitDataset] = {}
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None
 
@@ -287,6 +337,18 @@ class TensorDataModule(pl.LightningDataModule):
         if not self.splits:
             self.setup("fit")
 
+    def _view_params(self) -> torch.Tensor:
+        if self.view_params is None:
+            raise RuntimeError("recorded views are drawn at setup: call setup() first")
+        return self.view_params
+
+    def tensors(self, split: str) -> IndexedTensorDataset:
+        """A split held as tensors in memory; TypeError for a split read from files."""
+        ds = self.splits[split]
+        if not isinstance(ds, IndexedTensorDataset):
+            raise TypeError(f"the {split} split of {type(self).__name__} is not held as tensors in memory")
+        return ds
+
     # --- Lightning hooks ------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -298,9 +360,9 @@ class TensorDataModule(pl.LightningDataModule):
 
     def fit_normalization(self) -> None:
         """Per-channel statistics of the training split (datasets read from disk state theirs instead)."""
-        self.set_normalization(self._to_float(self.splits["train"].x))
+        self.set_normalization(self._to_float(self.tensors("train").x))
 
-    def build_splits(self) -> tuple[dict[str, Dataset], int]:
+    def build_splits(self) -> tuple[dict[str, SplitDataset], int]:
         """train / val / test datasets and the class count (in-memory: from `load()`)."""
         arrays = self.load()
         x_tr, y_tr = torch.as_tensor(arrays["x_train"]), torch.as_tensor(arrays["y_train"]).long()
@@ -309,7 +371,7 @@ class TensorDataModule(pl.LightningDataModule):
             (x_tr, y_tr), (x_te, y_te) = self._select_classes(x_tr, y_tr), self._select_classes(x_te, y_te)
         num_classes = int(max(y_tr.max(), y_te.max()) + 1)
         val_idx, tr_idx = self.split_train_val(len(y_tr))
-        splits = {
+        splits: dict[str, SplitDataset] = {
             "train": IndexedTensorDataset(x_tr[tr_idx], y_tr[tr_idx]),
             "val": IndexedTensorDataset(x_tr[val_idx], y_tr[val_idx]),
             "test": IndexedTensorDataset(x_te, y_te),
@@ -393,7 +455,7 @@ class TensorDataModule(pl.LightningDataModule):
         samples = slots // views if views else slots
         ds = self.splits["train"]
         items = samples.tolist()
-        if getattr(ds, "views", None) is not None:  # the dataset makes each recorded view itself
+        if views and getattr(ds, "views", None) is not None:  # the dataset makes each recorded view itself
             raw = collate_samples([ds[(int(s) // views, int(s) % views)] for s in slots.tolist()])
             return self.prepare_batch(raw._replace(x=raw.x.to(device)), train=False).x
         if isinstance(ds, IndexedTensorDataset):
@@ -401,7 +463,7 @@ class TensorDataModule(pl.LightningDataModule):
         else:
             raw = collate_samples([ds[i] for i in items])
         x = self.prepare_batch(raw._replace(x=raw.x.to(device)), train=False).x
-        if views:
+        if views and self.view_params is not None:
             x = crop_flip(x, self.crop_padding, self.view_params[samples, slots % views])
         return x
 
@@ -434,7 +496,7 @@ class TensorDataModule(pl.LightningDataModule):
         return float(torch.cat([x.flatten() for x in xs]).std())
 
     @staticmethod
-    def _collate(ds: Dataset) -> Callable[[Any], Batch]:
+    def _collate(ds: Dataset) -> Collate:
         return batch_is_collated if isinstance(ds, IndexedTensorDataset) else collate_samples
 
     @property
@@ -470,9 +532,10 @@ class TensorDataModule(pl.LightningDataModule):
         reads (statistics, recorded view parameters, this epoch's views) is kept on that device: nothing is
         copied from or read on the host."""
         x = self._to_float(batch.x)
-        if self.mean is not None:
-            mean, std = self._on(x.device, "norm", lambda: (self.mean, self.std))
-            x = (x - mean) / std
+        mean, std = self.mean, self.std
+        if mean is not None and std is not None:
+            on_device = self._on(x.device, "norm", lambda: (mean, std))
+            x = (x - on_device[0]) / on_device[1]
         if train and x.dim() == 4 and (self.crop_padding > 0 or self.hflip):
             if self.views is None:
                 x = random_crop_flip(x, self.crop_padding, self.hflip, self._augment_rng(x.device))
@@ -485,7 +548,7 @@ class TensorDataModule(pl.LightningDataModule):
                     key = ("views", self.shuffle_seed, epoch)
                     views = self._on(x.device, key, lambda: self.epoch_views(epoch))
                     slot = batch.index * self.views + views[batch.index]
-                params = self._on(x.device, "view_params", lambda: self.view_params.flatten(0, 1))
+                params = self._on(x.device, "view_params", lambda: self._view_params().flatten(0, 1))
                 return batch._replace(x=crop_flip(x, self.crop_padding, params[slot]), slot=slot)
         return batch._replace(x=x)
 
@@ -503,7 +566,7 @@ class TensorDataModule(pl.LightningDataModule):
             self.__dict__["_augment"] = held = (key, gen)
         return held[1]
 
-    def _on(self, device: torch.device, what: object, make: Callable[[], Any]) -> Any:
+    def _on(self, device: torch.device, what: object, make: Callable[[], Held]) -> Held:
         """`make()`'s tensors moved to `device` once and kept there (the views of the newest epoch only)."""
         cache = self.__dict__.setdefault("_device_copies", {})
         key = (device, what)
@@ -532,7 +595,7 @@ class TensorDataModule(pl.LightningDataModule):
         """Consistent teaching: every training sample has `views` recorded views (the store holds each)."""
         return self.augments_training and self.views is not None
 
-    def _sampler(self, ds: Dataset, views: bool) -> EpochSeededSampler:
+    def _sampler(self, ds: SplitDataset, views: bool) -> EpochSeededSampler:
         seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed() % (2**31)
         view_of = self.epoch_views if views else None
         sampler = EpochSeededSampler(len(ds), seed, self._trainer_epoch, *_world(), view_of=view_of)
@@ -552,7 +615,7 @@ class TensorDataModule(pl.LightningDataModule):
         batch_size = self.batch_size if split == "train" else self.eval_batch_size
         device = self._device_for_data()
         if device is not None:
-            x, y = self._on(device, ("split", split), lambda: (ds.x, ds.y))  # type: ignore[union-attr]
+            x, y = self._on(device, ("split", split), lambda: (self.tensors(split).x, self.tensors(split).y))
             order = self._sampler(ds, views=False) if shuffle else None
             return DeviceBatches(x, y, batch_size, order, self._position if shuffle else None)
         # the sampler picks this epoch's recorded view of each training sample: the batch carries its slot,
@@ -563,16 +626,23 @@ class TensorDataModule(pl.LightningDataModule):
         collate = self._collate(ds)
         if split == "train" and self.target_reader is not None:
             collate = _with_targets(collate, self.target_reader)
-        kwargs = {"collate_fn": collate, "num_workers": self.num_workers, "pin_memory": self.pin_memory}
         if not shuffle:
-            return DataLoader(ds, batch_size=batch_size, persistent_workers=self.num_workers > 0, **kwargs)
+            return DataLoader(
+                ds,
+                batch_size=batch_size,
+                persistent_workers=self.num_workers > 0,
+                collate_fn=collate,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+            )
         return ResumableLoader(
             ds,
-            batch_size=batch_size,
             sampler=self._sampler(ds, views),
-            persistent_workers=self.num_workers > 0,
             position=self._position,
-            **kwargs,
+            batch_size=batch_size,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
         )
 
     def _position(self) -> tuple[int, int]:
@@ -582,9 +652,9 @@ class TensorDataModule(pl.LightningDataModule):
             return 0, 0
         return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
-    target_reader: Callable[[torch.Tensor], Any] | None = None  # set by read_targets
+    target_reader: Callable[[torch.Tensor], Targets] | None = None  # set by read_targets
 
-    def read_targets(self, reader: Callable[[torch.Tensor], Any] | None) -> None:
+    def read_targets(self, reader: Callable[[torch.Tensor], Targets] | None) -> None:
         """Have the training loader read `reader(slots)` (the teachers' stored outputs, on the CPU) for each
         batch in its workers, as `Batch.targets`: for stores that do not fit on the training device."""
         self.target_reader = reader
@@ -614,7 +684,7 @@ class TensorDataModule(pl.LightningDataModule):
             return None
         if device.type == "cpu":  # held in memory there already: batches are gathered without a loader
             return device
-        nbytes = sum(ds.x.nbytes + ds.y.nbytes for ds in self.splits.values())  # type: ignore[union-attr]
+        nbytes = sum(self.tensors(k).x.nbytes + self.tensors(k).y.nbytes for k in self.splits)
         return device if fits_on_device(nbytes, device) else None
 
     @property
@@ -639,7 +709,7 @@ class TensorDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return None if trainer is None else trainer.current_epoch
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader("train", shuffle=True)
 
     def val_roles(self) -> list[str]:
@@ -648,10 +718,10 @@ class TensorDataModule(pl.LightningDataModule):
         self._require_setup()
         return (["val"] if len(self.splits["val"]) else []) + (["test"] if self.test_each_epoch else [])
 
-    def val_dataloader(self) -> list[DataLoader]:
+    def val_dataloader(self) -> list[DataLoader | DeviceBatches]:
         return [self._loader(role, shuffle=False) for role in self.val_roles()]
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader("test", shuffle=False)
 
     def describe(self) -> str:

@@ -17,13 +17,17 @@ from typing import NamedTuple
 
 import torch
 
+# the teachers' stored outputs for a batch: teacher → tap → the rows as stored (TeacherOutputs.gather)
+Targets = dict[str, dict[str, tuple[torch.Tensor, ...]]]
+
 
 class Batch(NamedTuple):
     x: torch.Tensor
     y: torch.Tensor
-    index: torch.Tensor | None = None
+    # the samples' positions in their split; the name hides tuple.index, which no code of ours calls
+    index: torch.Tensor | None = None  # type: ignore[assignment]
     slot: torch.Tensor | None = None
-    targets: dict[str, dict[str, tuple[torch.Tensor, ...]]] | None = None
+    targets: Targets | None = None
 
     @property
     def cache_slot(self) -> torch.Tensor | None:
@@ -31,9 +35,11 @@ class Batch(NamedTuple):
         return self.slot if self.slot is not None else self.index
 
 
-def collate_samples(samples: list[tuple]) -> Batch:
+def collate_samples(samples: object) -> Batch:
     """Samples `(x, y, index)` read one at a time (image files), or `(x, y, index, slot)` when the dataset
     makes recorded views, → one Batch."""
+    if not isinstance(samples, list):
+        raise TypeError(f"collate_samples takes a list of samples, got {type(samples).__name__}")
     columns = list(zip(*samples, strict=True))
     xs, ys, idx = columns[:3]
     slot = torch.as_tensor(columns[3], dtype=torch.long) if len(columns) > 3 else None

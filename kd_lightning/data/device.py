@@ -11,15 +11,25 @@ Hand-written: neither Lightning nor torch.utils.data offers a loader over device
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
-from torch.utils.data import Sampler
 
 from kd_lightning.data.batch import Batch
 
 # Our choice: a split, or a teacher store, is put on a GPU when it takes at most this share of the memory
 # the device has free at the time (the rest is the models', their activations' and the optimiser's).
 DEVICE_SHARE = 0.25
+
+
+class Order(Protocol):
+    """An epoch's sample positions, in order, that a resumed run can start part-way (EpochSeededSampler)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[int]: ...
+
+    def resume_after(self, epoch: int, samples: int) -> None: ...
 
 
 def fits_on_device(nbytes: int, device: torch.device) -> bool:
@@ -41,7 +51,7 @@ class DeviceBatches:
         x: torch.Tensor,
         y: torch.Tensor,
         batch_size: int,
-        sampler: Sampler[int] | None = None,
+        sampler: Order | None = None,
         position: Callable[[], tuple[int, int]] | None = None,
     ):
         self.x, self.y, self.device = x, y, x.device
@@ -61,7 +71,7 @@ class DeviceBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """A resumed run continues the epoch with the batch it would have trained next."""
-        if state and hasattr(self.order, "resume_after"):
+        if state and self.order is not None:
             self.order.resume_after(state["epoch"], state["samples"])
 
     def __len__(self) -> int:

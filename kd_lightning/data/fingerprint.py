@@ -25,9 +25,10 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from kd_lightning.plain import Plain
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ NOT_IDENTITY = (
 NO_AUGMENT = {"crop_padding": 0, "hflip": False, "views": None}  # data.augment that augments nothing
 
 
-def data_key(data_cfg: Mapping[str, Any], content: str | None = None) -> dict[str, Any]:
+def data_key(data_cfg: Mapping[str, Plain], content: str | None = None) -> dict[str, Plain]:
     """What decides the samples a fitted teacher, a pre-trained model or a teacher store was made from:
     the data config without its loader settings and folders, and the fingerprint of the files of data
     read from disk (`content`, from `TensorDataModule.content_fingerprint`). Generated data has none: its

@@ -8,11 +8,11 @@ from typing import Any
 
 import hydra
 
-from kd_lightning.config.hydra import to_dict
+from kd_lightning.config.hydra import to_mapping
 from kd_lightning.config.run_spec import refuse_nested_targets
-from kd_lightning.config.specs import Plain
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError, choices
+from kd_lightning.plain import Plain
 
 
 # The datamodules of kd_lightning.data, under every name a config may give them.
@@ -28,7 +28,7 @@ def our_datamodules() -> dict[str, type[TensorDataModule]]:
     return out
 
 
-def datamodule_class(target: Any, allowed: Iterable[str] | None = None) -> type[TensorDataModule]:
+def datamodule_class(target: object, allowed: Iterable[str] | None = None) -> type[TensorDataModule]:
     """The class `data._target_` names. `allowed=None` (kd-train: the user's own config): ours, or any
     TensorDataModule subclass. Otherwise (a run folder read back by kd-eval) only ours and the names in
     `allowed`, checked before anything is imported: a recorded config is data, never code."""
@@ -59,20 +59,21 @@ RUN_ARGUMENTS = ("shuffle_seed", "test_each_epoch")
 
 
 def instantiate_datamodule(
-    data_cfg: Mapping[str, Plain], allowed: Iterable[str] | None = None, **run: Any
+    data_cfg: Mapping[str, Plain], allowed: Iterable[str] | None = None, **run: object
 ) -> TensorDataModule:
     """`data` as its datamodule. Unknown keys are a ConfigError listing the valid ones; the class comes from
     `datamodule_class` (see `allowed`); no value is instantiated: a `_target_` nested in a value is refused
     (Hydra's recursive instantiation would run it), and the transform lists are built by the datamodule from
     an allowlist of torchvision transforms (kd_lightning.data.vision.image_pipeline)."""
-    data_cfg = dict(to_dict(data_cfg))
+    data_cfg = to_mapping(data_cfg, "data")
     data_cfg.pop("name", None)
     cls = datamodule_class(data_cfg.pop("_target_", None), allowed)
     valid = set()
     for klass in cls.__mro__:
-        if klass is object or not hasattr(klass, "__init__"):
+        init = vars(klass).get("__init__")
+        if klass is object or init is None:
             continue
-        valid |= {p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "kwargs")}
+        valid |= {p for p in inspect.signature(init).parameters if p not in ("self", "kwargs")}
         if klass is TensorDataModule:
             break
     valid -= set(RUN_ARGUMENTS)
@@ -87,7 +88,9 @@ def instantiate_datamodule(
     unexpected = sorted(set(run) - set(RUN_ARGUMENTS))
     if unexpected:
         raise TypeError(f"instantiate_datamodule: unexpected run arguments {unexpected}")
+    # checked against the class's own signature when it is called (a TypeError below names the key)
+    arguments: dict[str, Any] = {**data_cfg, **run}
     try:
-        return cls(**data_cfg, **run)
+        return cls(**arguments)
     except TypeError as e:
         raise ConfigError(f"data ({cls.__name__}): {e}") from None

@@ -23,11 +23,9 @@ def write_cifar(root: Path, classes: int, n_train: int = 10, n_test: int = 6, se
         key = b"fine_labels"
     folder.mkdir(parents=True)
     for name, n in files.items():
-        batch = {
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            key: list(rng.integers(0, classes, n)),
-        }
-        batch[key][0] = classes - 1
+        labels = list(rng.integers(0, classes, n))
+        labels[0] = classes - 1
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: labels}
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
     return root

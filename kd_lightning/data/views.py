@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 # what a transform step takes and gives: a PIL image or a (C, H, W) tensor
 ImageLike: TypeAlias = "Image | torch.Tensor"
-Step: TypeAlias = Callable[[ImageLike], ImageLike]
+Step: TypeAlias = Callable[[ImageLike], ImageLike]  # a torchvision transform
 # one random step's recorded parameters: its name, its numbers, and for ColorJitter the order of its ops
 Params: TypeAlias = dict[str, str | int | float | bool | list[str]]
 
@@ -107,7 +107,7 @@ class ViewPipeline:
 
     def params(self, size: tuple[int, int], draws: torch.Tensor) -> list[Params]:
         """Each random step's parameters for an image of `size` (h, w) at the start of the pipeline."""
-        out = []
+        out: list[Params] = []
         self._run(None, size, draws, out)
         return out
 
@@ -137,7 +137,8 @@ class ViewPipeline:
         return img  # type: ignore[return-value]
 
 
-Step = Callable[..., "ImageLike"]  # a torchvision v2 transform
+# A replay reads a step's settings (a torchvision transform, v2 or v1 of the same name) with `vars(step)`:
+# the attributes both versions set in __init__.
 Replayed = tuple[
     "ImageLike | None", tuple[int, int]
 ]  # the image (None: sizes only) and its size after the step
@@ -149,8 +150,10 @@ def _resized_crop(
 ) -> Replayed:
     from torchvision.transforms.v2 import functional as F
 
-    top, left, bh, bw = resized_crop_box(*hw, step.scale, step.ratio, u[:22])
+    cfg = vars(step)
+    top, left, bh, bw = resized_crop_box(*hw, cfg["scale"], cfg["ratio"], u[:22])
     p.update(top=top, left=left, height=bh, width=bw)
+    out_h, out_w = cfg["size"]
     if img is not None:
         img = F.resized_crop(
             img,
@@ -158,11 +161,11 @@ def _resized_crop(
             left,
             bh,
             bw,
-            list(step.size),
-            interpolation=step.interpolation,
-            antialias=step.antialias,
+            [out_h, out_w],
+            interpolation=cfg["interpolation"],
+            antialias=cfg["antialias"],
         )
-    return img, tuple(step.size)
+    return img, (out_h, out_w)
 
 
 def _random_crop(
@@ -170,14 +173,16 @@ def _random_crop(
 ) -> Replayed:
     from torchvision.transforms.v2 import functional as F
 
+    cfg = vars(step)
     if img is None:
         img = torch.zeros(3, *hw, dtype=torch.uint8)
-    if step.padding is not None:
-        img = F.pad(img, step.padding, fill=step.fill, padding_mode=step.padding_mode)
-    ch, cw = step.size
+    if cfg["padding"] is not None:
+        img = F.pad(img, cfg["padding"], fill=cfg["fill"], padding_mode=cfg["padding_mode"])
+    ch, cw = cfg["size"]
     ih, iw = _size(img)
-    if step.pad_if_needed and (ih < ch or iw < cw):
-        img = F.pad(img, [max(0, cw - iw), max(0, ch - ih)], fill=step.fill, padding_mode=step.padding_mode)
+    if cfg["pad_if_needed"] and (ih < ch or iw < cw):
+        pad = [max(0, cw - iw), max(0, ch - ih)]
+        img = F.pad(img, pad, fill=cfg["fill"], padding_mode=cfg["padding_mode"])
         ih, iw = _size(img)
     top, left = int(u[0] * (ih - ch + 1)), int(u[1] * (iw - cw + 1))
     p.update(top=top, left=left, height=ch, width=cw)
@@ -216,18 +221,18 @@ def _with_probability(
     """A transform applied with probability `step.p`."""
     from torchvision.transforms.v2 import functional as F
 
-    name = type(step).__name__
-    apply = u[0] < step.p
+    name, cfg = type(step).__name__, vars(step)
+    apply = u[0] < cfg["p"]
     p.update(applied=bool(apply))
     if not apply or img is None:
         return img, hw
     op = getattr(F, _WITH_P[name])
     if name == "RandomPosterize":
-        return op(img, step.bits), hw
+        return op(img, cfg["bits"]), hw
     if name == "RandomSolarize":
-        return op(img, step.threshold), hw
+        return op(img, cfg["threshold"]), hw
     if name == "RandomAdjustSharpness":
-        return op(img, step.sharpness_factor), hw
+        return op(img, cfg["sharpness_factor"]), hw
     if name == "RandomGrayscale":
         return op(img, num_output_channels=F.get_num_channels(img)), hw
     return op(img), hw

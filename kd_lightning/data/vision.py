@@ -10,18 +10,17 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from kd_lightning.data.base import TensorDataModule
+from kd_lightning.data.base import SplitDataset, TensorDataModule
 from kd_lightning.data.fingerprint import FileListing, Listings, scan_tree
 from kd_lightning.data.views import ImageLike, Step, ViewPipeline, draw_views
 from kd_lightning.errors import ConfigError, as_float, as_int
+from kd_lightning.plain import Plain
 
 _NUMPY_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -35,7 +34,7 @@ _NUMPY_GLOBALS = {
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
+    def find_class(self, module: str, name: str) -> object:
         if (module, name) in _NUMPY_GLOBALS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refused global {module}.{name}: CIFAR batches hold only arrays")
@@ -181,26 +180,27 @@ class MNISTDataModule(TensorDataModule):
 
     def content_listings(self) -> Listings | None:
         found = [self._find(s) for pair in self._FILES.values() for s in pair]
-        if None in found:
+        paths = [p for p in found if p is not None]
+        if len(paths) < len(found):
             return None  # load() names what is missing
-        return {"": FileListing.of(self.root, [str(p.relative_to(self.root)) for p in found])}
+        return {"": FileListing.of(self.root, [str(p.relative_to(self.root)) for p in paths])}
 
     def load(self) -> dict[str, np.ndarray]:
         out = {}
         for split, (images, labels) in self._FILES.items():
-            paths = [self._find(images), self._find(labels)]
-            if None in paths:
+            image_path, label_path = self._find(images), self._find(labels)
+            if image_path is None or label_path is None:
                 raise ConfigError(
                     f"{self.variant} files not found in {self.folder} (need {images} and {labels}, optionally .gz). "
                     "Pass data.download=true to fetch them, or set data.root to the folder that holds "
                     f"{self.folder.parent.name}/raw/"
                 )
-            out[f"x_{split}"] = read_idx(paths[0])[:, None, :, :]
-            out[f"y_{split}"] = read_idx(paths[1]).astype(np.int64)
+            out[f"x_{split}"] = read_idx(image_path)[:, None, :, :]
+            out[f"y_{split}"] = read_idx(label_path).astype(np.int64)
         return out
 
 
-class _ImageFiles(Dataset):
+class _ImageFiles(SplitDataset):
     """Images read lazily from disk and passed through `transform` (PIL in), as uint8 (C, H, W) tensors.
 
     With recorded views (`views`, a ViewPipeline, and `draws`, set by the datamodule) an item is a view: the
@@ -238,7 +238,7 @@ class _ImageFiles(Dataset):
             raise ConfigError(
                 f"image file {path} cannot be read ({type(e).__name__}: {e}); remove or replace it"
             ) from None
-        if self.views is None:
+        if self.views is None or self.draws is None:
             return self.transform(img), label, i
         k = self.draws.shape[1]
         return self.transform(self.views(img, self.draws[i, view])), label, i, i * k + view
@@ -258,13 +258,13 @@ TRANSFORMS = (
 _PREFIXES = ("torchvision.transforms.v2.", "torchvision.transforms.")
 
 
-def _plain(value: Any) -> bool:
+def _plain(value: object) -> bool:
     if value is None or isinstance(value, bool | int | float | str):
         return True
     return isinstance(value, list | tuple) and all(_plain(v) for v in value)
 
 
-def build_transform(spec: Any, where: str) -> Any:
+def build_transform(spec: Plain, where: str) -> Step:
     """One transform from `{_target_: torchvision.transforms.v2.<Name>, <arg>: <plain value>, ...}`."""
     from torchvision.transforms import v2
 
@@ -280,18 +280,19 @@ def build_transform(spec: Any, where: str) -> Any:
             f"{where}._target_={target!r} is not an allowed transform; valid: torchvision.transforms.v2."
             f"{{{', '.join(TRANSFORMS)}}}"
         )
-    kwargs = {k: v for k, v in spec.items() if k != "_target_"}
+    kwargs: dict[str, object] = {k: v for k, v in spec.items() if k != "_target_"}
     for k, v in kwargs.items():
         if not _plain(v):
             raise ConfigError(f"{where}.{k}={v!r}: transform arguments are numbers, strings or lists of them")
-    if isinstance(kwargs.get("interpolation"), str):
+    interpolation, policy = kwargs.get("interpolation"), kwargs.get("policy")
+    if isinstance(interpolation, str):
         try:
-            kwargs["interpolation"] = v2.InterpolationMode(kwargs["interpolation"].lower())
+            kwargs["interpolation"] = v2.InterpolationMode(interpolation.lower())
         except ValueError:
             modes = ", ".join(m.value for m in v2.InterpolationMode)
-            raise ConfigError(f"{where}.interpolation={kwargs['interpolation']!r}; valid: {modes}") from None
-    if isinstance(kwargs.get("policy"), str):
-        kwargs["policy"] = v2.AutoAugmentPolicy(kwargs["policy"].lower())
+            raise ConfigError(f"{where}.interpolation={interpolation!r}; valid: {modes}") from None
+    if isinstance(policy, str):
+        kwargs["policy"] = v2.AutoAugmentPolicy(policy.lower())
     try:
         return getattr(v2, name)(**kwargs)
     except Exception as e:
@@ -299,8 +300,8 @@ def build_transform(spec: Any, where: str) -> Any:
 
 
 def image_pipeline(
-    specs: list[Any] | None, image_size: int | None, key: str
-) -> Callable[[Any], torch.Tensor]:
+    specs: Sequence[Plain] | None, image_size: int | None, key: str
+) -> Callable[[ImageLike], torch.Tensor]:
     """A PIL image → uint8 (C, H, W) tensor: the `specs` (torchvision transforms, each a mapping with
     `_target_` and its arguments, applied in order; see TRANSFORMS), or Resize + CenterCrop to `image_size`
     when null. Normalisation is not part of it: the data module normalises batches on their device."""
@@ -322,7 +323,7 @@ def to_uint8() -> list[Step]:
     return [v2.PILToTensor(), _PlainTensor()]
 
 
-def image_steps(specs: list[Any] | None, image_size: int | None, key: str) -> list[Step]:
+def image_steps(specs: Sequence[Plain] | None, image_size: int | None, key: str) -> list[Step]:
     """The transforms of `image_pipeline`, before the conversion to a uint8 tensor."""
     from torchvision.transforms import v2
 
@@ -372,8 +373,8 @@ class ImageFolderDataModule(TensorDataModule):
         image_size: int | None = 32,
         mean: tuple[float, ...] = (0.485, 0.456, 0.406),
         std: tuple[float, ...] = (0.229, 0.224, 0.225),
-        train_transforms: list[Any] | None = None,
-        eval_transforms: list[Any] | None = None,
+        train_transforms: Sequence[Plain] | None = None,
+        eval_transforms: Sequence[Plain] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -456,7 +457,7 @@ class ImageFolderDataModule(TensorDataModule):
     def _keep_classes(self, samples: list[tuple[str, int]], lookup: torch.Tensor) -> list[tuple[str, int]]:
         return [(path, int(lookup[label])) for path, label in samples if lookup[label] >= 0]
 
-    def build_splits(self) -> tuple[dict[str, Dataset], int]:
+    def build_splits(self) -> tuple[dict[str, SplitDataset], int]:
         samples, classes = self._scan(self.root)
         lookup = self.class_lookup(list(range(len(classes))))
         self.class_names = [classes[c] for c in (self.class_subset or range(len(classes)))]
@@ -476,7 +477,7 @@ class ImageFolderDataModule(TensorDataModule):
             "val": _ImageFiles([order[i] for i in val_idx.tolist()], self.eval_transform),
             "test": _ImageFiles(test, self.eval_transform),
         }
-        if self.view_pipeline is not None:  # every (sample, view)'s parameters, drawn once here
+        if self.view_pipeline is not None and self.views is not None:  # each (sample, view)'s parameters
             train = splits["train"]
             train.draws = draw_views(
                 len(train), self.views, self.view_pipeline.draws_per_view, self.split_seed
@@ -487,7 +488,7 @@ class ImageFolderDataModule(TensorDataModule):
                 f"data.train_transforms and data.eval_transforms give images of different shapes {shapes}; "
                 "end both in the same size (e.g. RandomResizedCrop 224 and CenterCrop 224)"
             )
-        return splits, len(self.class_names)
+        return dict(splits), len(self.class_names)
 
     @property
     def augments_training(self) -> bool:

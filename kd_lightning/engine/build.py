@@ -19,9 +19,9 @@ from torch.utils._pytree import tree_map_only
 
 from kd_lightning.config.optim import build_optim
 from kd_lightning.config.run_spec import RunSpec
-from kd_lightning.config.specs import FitSpec, PerfSpec, Plain, StudentSpec, parse
+from kd_lightning.config.specs import FitSpec, PerfSpec, StudentSpec, parse
 from kd_lightning.core.module import DistillationModule
-from kd_lightning.core.objective import Objective, build_objective
+from kd_lightning.core.objective import DataContext, Objective, build_objective
 from kd_lightning.core.stage_terms import expand_stage_terms
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.data.from_config import instantiate_datamodule
@@ -30,6 +30,7 @@ from kd_lightning.engine.pretrain import resolve_pretrained
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import create_model
 from kd_lightning.models.taps import FeatureTaps
+from kd_lightning.plain import Plain
 from kd_lightning.teachers.ensemble import TeacherEnsemble
 from kd_lightning.teachers.feed import TeacherFeed
 from kd_lightning.teachers.members import build_teachers
@@ -97,7 +98,8 @@ def resolve_pretrained_models(spec: RunSpec) -> RunSpec:
     student = resolved("student", spec.student.arch)
     if student != spec.student.arch:
         record["student"] = dict(student)
-    return spec.replace(
+    return replace(
+        spec,
         student=parse(StudentSpec, student, "student"),
         teachers=replace(spec.teachers, members=members),
         resolved=record,
@@ -151,7 +153,7 @@ def build_module(spec: RunSpec, dm: TensorDataModule, teachers: TeacherEnsemble 
         teacher_shapes = {m: {k: tuple(v.shape[1:]) for k, v in f.items()} for m, f in feats.items()}
         for m, shapes in teacher_shapes.items():
             _check_logits(f"teacher {m!r}", shapes["logits"], dm.num_classes)
-    context = {
+    context: DataContext = {
         "num_samples": dm.num_train,
         "num_classes": dm.num_classes,
         "input_shape": tuple(dm.input_shape),
@@ -196,7 +198,7 @@ def _teacher_feed(
     return TeacherFeed(teachers, outputs)
 
 
-def on_cuda(trainer: Mapping[str, Any]) -> bool:
+def on_cuda(trainer: Mapping[str, Plain]) -> bool:
     """Whether the Trainer these options make trains on a CUDA device."""
     accelerator = str(trainer.get("accelerator", "auto"))
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
@@ -217,7 +219,9 @@ def apply_perf(perf: PerfSpec, models: Iterable[nn.Module], images: bool) -> Non
         if perf.compile:
             m.forward = _compiled(m, perf)
     how = perf.compile_backend + (f", {perf.compile_mode}" if perf.compile_mode else "")
-    applied = [f"torch.compile ({how})"] * perf.compile + ["channels_last"] * (perf.channels_last and images)
+    applied = [f"torch.compile ({how})"] * bool(perf.compile) + ["channels_last"] * (
+        perf.channels_last and images
+    )
     if applied:
         log.info("perf: %s on the student and %d teacher(s)", " + ".join(applied), len(models) - 1)
     elif perf.channels_last:
@@ -227,6 +231,7 @@ def apply_perf(perf: PerfSpec, models: Iterable[nn.Module], images: bool) -> Non
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the inductor modes that capture CUDA graphs
 
 
+# Any: the forward of any model, with its own arguments and outputs
 def _compiled(m: nn.Module, perf: PerfSpec) -> Callable[..., Any]:
     """torch.compile of `m.forward`. Under CUDA graphs a replay writes its outputs into the memory of the
     previous replay, and a step keeps one model's outputs while another compiled model runs (the student's
@@ -236,8 +241,9 @@ def _compiled(m: nn.Module, perf: PerfSpec) -> Callable[..., Any]:
     compiled = torch.compile(m.forward, backend=perf.compile_backend, mode=perf.compile_mode)
     if perf.compile_mode not in CUDA_GRAPH_MODES:
         return compiled
-    m.kd_cuda_graphs = True
+    m.__dict__["kd_cuda_graphs"] = True  # read by FeatureTaps (a plain flag: nn.Module would store it so too)
 
+    # Any: as `_compiled`
     @functools.wraps(m.forward)
     def forward(*args: Any, **kwargs: Any) -> Any:
         return tree_map_only(torch.Tensor, torch.clone, compiled(*args, **kwargs))

@@ -19,9 +19,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict, read_write
 
 from kd_lightning.config.resolvers import num_nodes_from_env  # noqa: F401  (the node count: trainer=multinode)
-from kd_lightning.config.specs import Plain
 from kd_lightning.errors import ConfigError
 from kd_lightning.files import atomic_write
+from kd_lightning.plain import Plain
 
 JOB_CONFIG = "ddp_job"
 # the children's log is named by their rank (train_rank1.log), as conf/hydra/default.yaml names every rank's
@@ -43,7 +43,7 @@ def spawns_children(trainer_cfg: Mapping[str, Plain]) -> bool:
     devices = trainer_cfg.get("devices", 1)
     return (
         str(devices) in ("-1", "auto")
-        or (str(devices).isdigit() and int(devices) > 1)
+        or (str(devices).isdigit() and int(str(devices)) > 1)
         or (not isinstance(devices, int | str))
     )
 
@@ -60,7 +60,7 @@ def pin_ddp_children_to_job(
     atomic_write(path, lambda tmp: OmegaConf.save(resolved, tmp))
     sys.argv[1:] = ["--config-path", str(path.parent), "--config-name", JOB_CONFIG, RANK_LOG]
     hydra_cfg = HydraConfig.get()
-    with read_write(hydra_cfg), open_dict(hydra_cfg):
+    with read_write(hydra_cfg), open_dict(hydra_cfg):  # type: ignore[arg-type]  # Hydra's config node at run time
         hydra_cfg.run.dir = str(out)  # Lightning appends hydra.run.dir=<this> to the children's command
     return path
 

@@ -6,19 +6,19 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
 from kd_lightning.config.optim import OptimSetup, adam_cosine, build_optim
-from kd_lightning.config.specs import FitSpec, as_plain
+from kd_lightning.config.specs import FitSpec, spec_dict
 from kd_lightning.core.module import DistillationModule
 from kd_lightning.core.objective import Objective
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.models import create_model, save_model
 from kd_lightning.models.taps import FeatureTaps
+from kd_lightning.plain import Plain
 
 
 def supervised_module(model: nn.Module, num_classes: int, optim: OptimSetup) -> DistillationModule:
@@ -42,14 +42,14 @@ def quiet_trainer(max_epochs: int, accelerator: str = "cpu") -> pl.Trainer:
 
 
 def fit_supervised(
-    spec: Mapping[str, Any],
+    spec: Mapping[str, Plain],
     dm: TensorDataModule,
     seed: int,
     max_epochs: int,
     optim: OptimSetup,
     accelerator: str = "cpu",
     out_path: Path | None = None,
-    meta: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Plain] | None = None,
 ) -> tuple[nn.Module, float]:
     """Train `spec` alone on `dm` with cross-entropy; returns the model (in eval mode) and its test accuracy,
     and writes a self-describing model file to `out_path` when given."""
@@ -71,12 +71,12 @@ def fit_supervised(
 
 
 def fit_model(
-    spec: Mapping[str, Any],
+    spec: Mapping[str, Plain],
     dm: TensorDataModule,
     fit: FitSpec,
     accelerator: str = "cpu",
     out_path: Path | None = None,
-    meta: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Plain] | None = None,
 ) -> tuple[nn.Module, float]:
     """A teacher or source-task fit as its `fit:` block says: Adam with a cosine schedule, or its own
     `optim` and `scheduler`."""
@@ -84,5 +84,5 @@ def fit_model(
         optim = build_optim(fit.optim, fit.scheduler)
     else:
         optim = adam_cosine(fit.lr, fit.weight_decay, fit.max_epochs)
-    meta = {"fit": as_plain(fit), **(meta or {})}
+    meta = {"fit": spec_dict(fit), **(meta or {})}
     return fit_supervised(spec, dm, fit.seed, fit.max_epochs, optim, accelerator, out_path, meta)

@@ -23,10 +23,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.files import atomic_write
+from kd_lightning.plain import Plain
 
 GO, SKIP, REFUSE = "go", "skip", "refuse"
 WAIT_SECONDS = 600  # how long the other ranks wait for rank 0's verdict
@@ -173,17 +173,17 @@ def slurm_tasks(env: Mapping[str, str] = os.environ) -> bool:
     )
 
 
-def expected_world(trainer: Mapping[str, Any]) -> int | None:
+def expected_world(trainer: Mapping[str, Plain]) -> int | None:
     """The process count a Trainer config asks for (devices × num_nodes), None when it cannot be told."""
     devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
     if isinstance(devices, list):
         devices = len(devices)
     if not (str(devices).isdigit() and str(nodes).isdigit()):
         return None  # auto, -1: Lightning counts them
-    return int(devices) * int(nodes)
+    return int(str(devices)) * int(str(nodes))
 
 
-def check_world(trainer: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> None:
+def check_world(trainer: Mapping[str, Plain], env: Mapping[str, str] = os.environ) -> None:
     """Inside a job a launcher started (torchrun, srun): its process count must be the Trainer's
     devices × num_nodes, checked before any data is read (Lightning finds out after, with a traceback)."""
     if "TORCHELASTIC_RUN_ID" in env:
@@ -209,7 +209,7 @@ def check_world(trainer: Mapping[str, Any], env: Mapping[str, str] = os.environ)
 POOL = "gpu_pool"  # conf/hydra/launcher/gpu_pool.yaml
 
 
-def pool_devices(trainer: Mapping[str, Any], job_num: int, gpus: int) -> dict[str, Any]:
+def pool_devices(trainer: Mapping[str, Plain], job_num: int, gpus: int) -> dict[str, Plain]:
     """The Trainer's arguments for job `job_num` of a hydra/launcher=gpu_pool sweep on `gpus` visible GPUs:
     a one-device GPU job trains on GPU job_num mod gpus (`devices=[g]`: loky reuses its worker processes, so
     the device is chosen per job, not by CUDA_VISIBLE_DEVICES once per process). Anything else (the CPU, no

@@ -17,11 +17,13 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
+from kd_lightning.core.tally import log_every
 from kd_lightning.engine.resume import RunInterrupted
 
 
@@ -32,7 +34,7 @@ class PreemptionCheckpoint(pl.Callback):
         self.previous: Any = None
         self.saved: Path | None = None
 
-    def _mark(self, signum: int, frame: Any) -> None:
+    def _mark(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
         self._frame = frame
 
@@ -56,7 +58,7 @@ class PreemptionCheckpoint(pl.Callback):
             self.previous = None
 
     def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, batch_idx: int
     ) -> None:
         if not self._agreed(trainer):
             return
@@ -78,7 +80,7 @@ class PreemptionCheckpoint(pl.Callback):
         step, the first of every `log_every_n_steps` after any rank was signalled."""
         if trainer.world_size == 1:
             return self.received is not None
-        if trainer.global_step % max(1, trainer.log_every_n_steps) != 0:
+        if trainer.global_step % log_every(trainer) != 0:
             return False
         flag = torch.tensor([1.0 if self.received is not None else 0.0], device=trainer.strategy.root_device)
         return bool(trainer.strategy.reduce(flag, reduce_op="sum").item() > 0)

@@ -18,16 +18,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from torch import nn
 
+from kd_lightning.data.batch import Batch
 from kd_lightning.losses.protocol import PreStage
+from kd_lightning.plain import Plain
 
 if TYPE_CHECKING:
     from kd_lightning.core.module import DistillationModule
+    from kd_lightning.data.base import TensorDataModule
 
 
 def student_feature_parameters(student: nn.Module) -> list[nn.Parameter]:
@@ -52,13 +56,13 @@ Stage = tuple[str, str, PreStage]  # (term name, loss key, pre-stage)
 
 
 def declared_pre_stages(distill: DistillationModule) -> list[Stage]:
-    return [
-        (name, key, st) for name, term in distill.objective.terms.items() for key, st in term.pre_stages()
-    ]
+    return [(name, key, st) for name, term in distill.objective.term.items() for key, st in term.pre_stages()]
 
 
 class PreStageModule(pl.LightningModule):
     """Trains the given pre-stage modules on the training split; nothing else has gradients."""
+
+    distill: DistillationModule  # declared for the type checker: set with object.__setattr__
 
     def __init__(self, distill: DistillationModule, stages: list[Stage]):
         super().__init__()
@@ -71,16 +75,18 @@ class PreStageModule(pl.LightningModule):
         # RepDistiller's init: the student in eval mode unless its layers are what the stage trains
         self.distill.student.train(self.trains_student)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         d = self.distill
         x = batch.x
         with torch.set_grad_enabled(self.trains_student):
             s_feats = d.taps(x)
+        if d.teachers is None:
+            raise RuntimeError("a pre-stage trains against the teachers, and this module has none")
         with torch.no_grad():
             t_feats = d.teachers(x)
         total = x.new_zeros((), dtype=torch.float32)
         for name, key, stage in self.stages:
-            term = d.objective.terms[name]
+            term = d.objective.term[name]
             loss = term.pre_stage_loss(key, stage, s_feats, t_feats)
             total = total + (term.weight * loss if stage.only else loss)
         self.log("pre_stage/loss", total, on_step=False, on_epoch=True, batch_size=len(x))
@@ -92,18 +98,18 @@ class PreStageModule(pl.LightningModule):
             params += student_feature_parameters(self.distill.student)
         return params
 
-    def configure_optimizers(self) -> Any:
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         return self.distill.optim.optimizer(self.parameters_trained())
 
 
-def run_pre_stages(distill: DistillationModule, dm: Any, accelerator: str) -> dict[str, Any]:
+def run_pre_stages(distill: DistillationModule, dm: TensorDataModule, accelerator: str) -> dict[str, Plain]:
     """Trains every pre-stage the objective declares; returns what results.json records (empty if none)."""
     from kd_lightning.engine.fitting import quiet_trainer
 
     stages = declared_pre_stages(distill)
     if not stages:
         return {}
-    losses = {}
+    losses: dict[str, Plain] = {}  # by the stage's epochs, as results.json's keys are (text)
     for epochs in sorted({st.epochs for _, _, st in stages}):
         group = [x for x in stages if x[2].epochs == epochs]
         module = PreStageModule(distill, group)
@@ -111,7 +117,7 @@ def run_pre_stages(distill: DistillationModule, dm: Any, accelerator: str) -> di
         with trainable(list(module.trained)):
             trainer.fit(module, datamodule=dm)
         loss = trainer.callback_metrics.get("pre_stage/loss")
-        losses[epochs] = float(loss) if loss is not None else None
+        losses[str(epochs)] = float(loss) if loss is not None else None
     return {
         "pre_stage_terms": sorted({name for name, _, _ in stages}),
         "pre_stage_last_loss_by_epochs": losses,

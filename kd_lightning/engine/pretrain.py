@@ -18,9 +18,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kd_lightning.config.specs import FitSpec, Plain, PretrainedSpec, parse
+from kd_lightning.config.specs import FitSpec, PretrainedSpec, parse
 from kd_lightning.data.fingerprint import data_key
 from kd_lightning.errors import ConfigError
+from kd_lightning.plain import Plain
 from kd_lightning.teachers.fit_once import fit_once, keyed_path
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def resolve_pretrained(
         if fit_fn is None:
             raise ConfigError(f"{owner}.pretrained: no checkpoint at {path} and no way to pre-train here")
         log.info("%s: pre-training on the source task → %s (unless a parallel job does)", owner, path)
-        fit_once(path, lambda: fit_fn(arch, ps.data, ps.fit, path))
+        source, fit = ps.data, fit_fn
+        fit_once(path, lambda: fit(arch, source or {}, ps.fit, path))
     spec["pretrained"] = str(path)
     return spec

@@ -8,14 +8,15 @@ every step wait for the GPU. The training loss is read every `trainer.log_every_
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar
 
 
 class LossProgressBar(RichProgressBar):
-    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    def get_metrics(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> dict[str, int | str | float | dict[str, float]]:
         items = super().get_metrics(trainer, pl_module)
         loss = getattr(pl_module, "shown_loss", math.nan)
         if not math.isnan(loss):

@@ -16,15 +16,16 @@ import logging
 import os
 import shlex
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from types import FrameType
 
 from omegaconf import OmegaConf
 
-from kd_lightning.config.specs import Plain
+from kd_lightning.config.hydra import to_plain
 from kd_lightning.errors import ConfigError
+from kd_lightning.plain import Plain, as_plain, plain_map
 
 log = logging.getLogger("kd_lightning")
 
@@ -69,16 +70,23 @@ def newest_checkpoint(out: Path) -> Path | None:
 _MISSING = object()
 
 
-def _diff(old: Any, new: Any, prefix: str, out: list[tuple[str, Any, Any]]) -> None:
+Change = tuple[str, Plain, Plain]  # (key, the run's value, the new value)
+
+
+def _diff(old: object, new: object, prefix: str, out: list[Change]) -> None:
     """Differing leaves; a subtree present on one side only is one entry (not one per leaf)."""
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         for k in sorted(set(old) | set(new), key=str):
             _diff(old.get(k, _MISSING), new.get(k, _MISSING), f"{prefix}{k}.", out)
     elif old != new:
-        out.append((prefix[:-1], None if old is _MISSING else old, None if new is _MISSING else new))
+        out.append((prefix[:-1], _leaf(old), _leaf(new)))
 
 
-def _short(value: Any) -> str:
+def _leaf(value: object) -> Plain:
+    return None if value is _MISSING else as_plain(value)
+
+
+def _short(value: Plain) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -87,7 +95,7 @@ def _covered(key: str, prefixes: tuple[str, ...] | list[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def _relative_to_paths(value: Any, paths: Mapping[str, Plain]) -> Any:
+def _relative_to_paths(value: Plain, paths: Mapping[str, Plain]) -> Plain:
     """`value` with every string under one of the `paths.*` folders written relative to it
     (`${paths.output_dir}/checkpoints`), so that a run folder that was moved compares equal to itself."""
     prefixes = sorted(
@@ -95,10 +103,10 @@ def _relative_to_paths(value: Any, paths: Mapping[str, Plain]) -> Any:
         key=lambda p: -len(p[0]),
     )
 
-    def rel(v: Any) -> Any:
+    def rel(v: Plain) -> Plain:
         if isinstance(v, Mapping):
             return {k: rel(x) for k, x in v.items()}
-        if isinstance(v, list):
+        if isinstance(v, list | tuple):
             return [rel(x) for x in v]
         if isinstance(v, str):
             for prefix, key in prefixes:
@@ -111,10 +119,10 @@ def _relative_to_paths(value: Any, paths: Mapping[str, Plain]) -> Any:
 
 def comparable(plain: Mapping[str, Plain]) -> dict[str, Plain]:
     """A resolved config as resume=auto compares it: without the neutral keys, folders relative to `paths`."""
-    paths = plain.get("paths") if isinstance(plain.get("paths"), Mapping) else {}
-    out: dict[str, Any] = {}
+    given = plain.get("paths")
+    paths = given if isinstance(given, Mapping) else {}
 
-    def keep(value: Any, prefix: str) -> Any:
+    def keep(value: Plain, prefix: str) -> Plain:
         if isinstance(value, Mapping):
             return {
                 k: keep(v, f"{prefix}{k}.")
@@ -124,7 +132,7 @@ def comparable(plain: Mapping[str, Plain]) -> dict[str, Plain]:
         return value
 
     out = keep({k: v for k, v in plain.items() if k != "hydra"}, "")
-    return _relative_to_paths(out, paths)
+    return dict(plain_map(_relative_to_paths(out, paths), "config"))
 
 
 def config_hash(plain: Mapping[str, Plain]) -> str:
@@ -136,16 +144,16 @@ def config_hash(plain: Mapping[str, Plain]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def config_changes(new: Mapping[str, Plain], out: Path) -> list[tuple[str, Any, Any]]:
+def config_changes(new: Mapping[str, Plain], out: Path) -> list[Change]:
     """(key, the run's value, the new value) for every key of the resolved config `new` that differs from
     the run's recorded one and changes what the run computes. Empty when the run has no recorded config."""
     recorded = out / "config.resolved.yaml"
     if not recorded.is_file():
         return []
-    old = OmegaConf.to_container(OmegaConf.load(recorded), resolve=False)
+    old = to_plain(OmegaConf.load(recorded), str(recorded), resolve=False)
     if not isinstance(old, Mapping):
         return []
-    diffs: list[tuple[str, Any, Any]] = []
+    diffs: list[Change] = []
     _diff(comparable(old), comparable(new), "", diffs)
     # A pretraining recipe ({data, fit, ...}) is recorded resolved, as the file it produced: not a change.
     return [
@@ -190,7 +198,7 @@ def interruption(e: BaseException) -> RunInterrupted | None:
     return None
 
 
-def raise_on_sigterm() -> Any:
+def raise_on_sigterm() -> signal.Handlers | Callable[[int, FrameType | None], object] | int | None:
     """Outside the Lightning fit (which has its own handler), SIGTERM raises RunInterrupted, so that
     results.json records the interruption. Returns the previous handler (main thread only)."""
 

@@ -17,13 +17,12 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 from filelock import FileLock, Timeout
 
-from kd_lightning.config.specs import Plain
 from kd_lightning.errors import ConfigError
 from kd_lightning.files import atomic_write
+from kd_lightning.plain import Plain
 
 _HELD: dict[str, tuple[FileLock, int]] = {}  # folders this process owns: path → (lock, claims)
 
@@ -107,7 +106,7 @@ def holds_work(out: Path) -> str | None:
         sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) if (out / "checkpoints").is_dir() else []
     )
     if status == "ok":
-        acc = r.get("test_acc")
+        acc = (r or {}).get("test_acc")
         return f"a finished run (results.json: status ok{f', test_acc {acc:.4f}' if isinstance(acc, float) else ''})"
     if status in ("running", "interrupted"):
         how = "did not finish (it was killed)" if status == "running" else "was interrupted"
@@ -117,7 +116,7 @@ def holds_work(out: Path) -> str | None:
     return None
 
 
-def refuse_to_replace(out: Path, resume: Any, overwrite: bool) -> None:
+def refuse_to_replace(out: Path, resume: str | None, overwrite: bool) -> None:
     """Raise before anything is written when a run without resume=auto would replace earlier work; with
     `overwrite`, move that work aside first."""
     if resume is not None:  # resume=auto, or a checkpoint the user names: continuing is what was asked

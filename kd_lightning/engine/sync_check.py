@@ -29,6 +29,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kd_lightning.core.tally import log_every
+
 # tensor methods that copy values to the host, and the operators that read one value (`.item()`, `float(t)`,
 # `if t:` all run `_local_scalar_dense`) or whose output size depends on the values
 HOST_METHODS = {"tolist", "cpu", "numpy"}
@@ -55,6 +57,7 @@ class _Reads(TorchFunctionMode):
         super().__init__()
         self.sink = sink
 
+    # Any: torch's mode protocol passes any op and its arguments through
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if getattr(func, "__name__", "") in HOST_METHODS:
             where = _where()
@@ -68,6 +71,7 @@ class _Ops(TorchDispatchMode):
         super().__init__()
         self.sink = sink
 
+    # Any: torch's mode protocol passes any op and its arguments through
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func.overloadpacket.__name__
         if name in HOST_OPS:
@@ -86,12 +90,17 @@ class SyncCheck(pl.Callback):
         self._cuda = False
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: object,
+        batch: object,
+        batch_idx: int,
     ) -> None:
         if self._close():
             self.steps += 1
         last = batch_idx + 1 >= trainer.num_training_batches
-        reads_tally = trainer.global_step % max(1, trainer.log_every_n_steps) == 0  # the next step logs
+        reads_tally = trainer.global_step % log_every(trainer) == 0  # the next step logs
         if batch_idx + 1 >= self.warmup and not last and not reads_tally:
             self._start(pl_module.device)
 
@@ -120,7 +129,9 @@ class SyncCheck(pl.Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Any) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, object]
+    ) -> None:
         self._close()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

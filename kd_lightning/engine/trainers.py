@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -16,14 +17,17 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter as _ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from kd_lightning.config.hydra import instantiate
 from kd_lightning.config.run_spec import RunSpec
 from kd_lightning.config.specs import TargetSpec
+from kd_lightning.core.tally import log_every
 from kd_lightning.errors import ConfigError
 from kd_lightning.files import atomic_write, save_torch_atomic
+from kd_lightning.plain import Plain, plain_list, plain_num
 
 
 class CheckpointSaveError(OSError):
@@ -36,7 +40,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     across filesystems (fsspec's local transaction), so a disk that fills during the copy leaves a truncated
     checkpoint under its final name, which resume=auto would then read."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, object], path: str | os.PathLike[str], storage_options: object = None
+    ) -> None:
         path = Path(path)
         try:
             save_torch_atomic(path, checkpoint)
@@ -80,31 +86,33 @@ class RunProgress(pl.Callback):
     and on a GPU the peak memory its tensors took (`peak_gpu_memory_mib`). A resumed run adds the earlier
     attempts' time, teacher work and kept epochs to its own (`carry`; `attempts` counts them)."""
 
-    def __init__(self, results: dict[str, Any], path: Path, forward_samples: Callable[[], int] = lambda: 0):
+    def __init__(self, results: dict[str, Plain], path: Path, forward_samples: Callable[[], int] = lambda: 0):
         self.results, self.path = results, path
         self.forward_samples = forward_samples  # this process's teacher samples so far
         self.started = self.fit_started = 0.0
         self.epochs: list[float] = []  # this attempt's
-        self.carried: dict[str, Any] = {"fit_seconds": 0.0, "teacher_forward_samples": 0, "epoch_seconds": []}
+        # the earlier attempts' fit time, teacher samples and epoch times
+        self.carried_seconds, self.carried_samples, self.carried_epochs = 0.0, 0, list[float]()
         self.attempts = 1
         self._first_epoch = 0
 
-    def carry(self, earlier: Mapping[str, Any], epochs_kept: int) -> None:
+    def carry(self, earlier: Mapping[str, Plain], epochs_kept: int) -> None:
         """Continue the earlier attempt of this run: its time and teacher work, and the epochs its checkpoint
         holds (an epoch it finished after that checkpoint is done again, and counted once)."""
-        self.carried = {
-            "fit_seconds": float(earlier.get("fit_seconds") or 0.0),
-            "teacher_forward_samples": int(earlier.get("teacher_forward_samples") or 0),
-            "epoch_seconds": list(earlier.get("epoch_seconds") or [])[:epochs_kept],
-        }
-        self.attempts = int(earlier.get("attempts") or 1) + 1
+        self.carried_seconds = plain_num(earlier.get("fit_seconds") or 0.0, "fit_seconds")
+        self.carried_samples = int(
+            plain_num(earlier.get("teacher_forward_samples") or 0, "teacher_forward_samples")
+        )
+        epochs = plain_list(earlier.get("epoch_seconds"), "epoch_seconds")
+        self.carried_epochs = [plain_num(v, "epoch_seconds") for v in epochs][:epochs_kept]
+        self.attempts = int(plain_num(earlier.get("attempts") or 1, "attempts")) + 1
 
-    def totals(self, fit_seconds: float, teacher_forward_samples: int) -> dict[str, Any]:
+    def totals(self, fit_seconds: float, teacher_forward_samples: int) -> dict[str, Plain]:
         """The run's figures over its attempts, from this attempt's own."""
         return {
-            "fit_seconds": self.carried["fit_seconds"] + fit_seconds,
-            "teacher_forward_samples": self.carried["teacher_forward_samples"] + teacher_forward_samples,
-            "epoch_seconds": [*self.carried["epoch_seconds"], *self.epochs],
+            "fit_seconds": self.carried_seconds + fit_seconds,
+            "teacher_forward_samples": self.carried_samples + teacher_forward_samples,
+            "epoch_seconds": [*self.carried_epochs, *self.epochs],
             "attempts": self.attempts,
         }
 
@@ -130,20 +138,20 @@ class RunProgress(pl.Callback):
     # of results.json (SIGTERM, preemption) leaves results.json one epoch behind, and the resumed run takes
     # the times of the epochs it continues from the checkpoint that holds them.
     def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, object]
     ) -> None:
-        epochs = self.totals(0.0, 0)["epoch_seconds"]
+        epochs = [*self.carried_epochs, *self.epochs]
         ending = getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False)
         if ending and len(self.epochs) <= trainer.current_epoch - self._first_epoch:  # saved before its end
             epochs.append(round(time.perf_counter() - self.started, 4))
         checkpoint[PROGRESS_KEY] = {"epoch_seconds": epochs}
 
     def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, object]
     ) -> None:
         saved = checkpoint.get(PROGRESS_KEY)
-        if saved is not None:
-            self.carried["epoch_seconds"] = [float(v) for v in saved["epoch_seconds"]]
+        if isinstance(saved, dict):
+            self.carried_epochs = [float(v) for v in saved["epoch_seconds"]]
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -154,14 +162,13 @@ class RunProgress(pl.Callback):
         self.results.update(self.totals(time.perf_counter() - self.fit_started, so_far))
         if pl_module.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
-            self.results["peak_gpu_memory_mib"] = round(
-                max(peak, self.results.get("peak_gpu_memory_mib", 0)), 1
-            )
+            before = plain_num(self.results.get("peak_gpu_memory_mib", 0), "peak_gpu_memory_mib")
+            self.results["peak_gpu_memory_mib"] = round(max(peak, before), 1)
         self.results["progress"] = {"epochs_done": trainer.current_epoch, "max_epochs": trainer.max_epochs}
         write_json_atomic(self.path, self.results)
 
 
-def _instantiate_all(node: Mapping[str, TargetSpec | None], group: str) -> list[Any]:
+def _instantiate_all(node: Mapping[str, TargetSpec | None], group: str) -> list[object]:
     """Every entry that names a `_target_` (an entry set to null is off)."""
     return [instantiate(c.config, f"{group}.{k}") for k, c in node.items() if c is not None and c._target_]
 
@@ -197,13 +204,13 @@ def broadcast_sigterm_every_n_steps(trainer: pl.Trainer) -> None:
     every = getattr(loop, "_broadcast_sigterm_tensor", None)
     if every is None or hasattr(trainer, "broadcast_sigterm_every_n_steps"):
         return
-    n = max(1, int(trainer.log_every_n_steps))
+    n = log_every(trainer)
 
     def sparse() -> None:
         if trainer.global_step % n == 0:
             every()
 
-    loop._broadcast_sigterm_tensor = sparse
+    loop._broadcast_sigterm_tensor = sparse  # type: ignore[method-assign]  # Lightning's own hook, thinned
 
 
 def _without_validation(callbacks: Mapping[str, TargetSpec | None]) -> dict[str, TargetSpec | None]:
@@ -241,7 +248,7 @@ def evaluation_trainer(trainer: pl.Trainer) -> pl.Trainer:
     )
 
 
-def log_final_results(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
+def log_final_results(trainer: pl.Trainer, metrics: Mapping[str, float | None]) -> None:
     """The run's final figures in every tracker, beside the config the fit logged as its hyperparameters:
     in TensorBoard as the HPARAMS tab's metrics (one row per run there, filterable by any config key)."""
     from pytorch_lightning.loggers import TensorBoardLogger
@@ -249,7 +256,7 @@ def log_final_results(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None
     final = {f"final/{k}": float(v) for k, v in metrics.items() if v is not None}
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(trainer.lightning_module.hparams, final)
+            logger.log_hyperparams(dict(trainer.lightning_module.hparams), final)
         else:
             logger.log_metrics(final, step=trainer.global_step)
         logger.save()
@@ -302,7 +309,7 @@ class CSVLogger(LightningCSVLogger):
         return writer
 
 
-def _write_rows(path: Path, header: list[str], rows: Iterable[Mapping[str, Any]]) -> None:
+def _write_rows(path: Path, header: list[str], rows: Iterable[Mapping[str, object]]) -> None:
     """metrics.csv, whole (a temporary file, then a rename)."""
     import io
 
@@ -315,7 +322,7 @@ def _write_rows(path: Path, header: list[str], rows: Iterable[Mapping[str, Any]]
     write_text_atomic(path, text.getvalue())
 
 
-def _save_whole(writer: Any) -> None:
+def _save_whole(writer: _ExperimentWriter) -> None:
     """Lightning's CSV writer appends rows to metrics.csv, and rewrites it in place when a column appears:
     a full disk then leaves a cut row, or loses every earlier row. Here hparams.yaml and metrics.csv are
     written whole each time (the earlier rows read back, a temporary file, a rename)."""

@@ -4,17 +4,42 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import torch
 
-from kd_lightning.config.specs import Plain
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.evaluation.corruptions import check_corruptions, corrupt
 from kd_lightning.evaluation.metrics import classification_metrics
+from kd_lightning.plain import Plain, plain_list, plain_map, plain_num, plain_str
 
 # normalised inputs → {model name: logits}, every model on the same batch (teachers forwarded once)
 Predictor = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
+
+
+class RobustnessRow(TypedDict):
+    """One model's test accuracy under one corruption at one severity (0: clean)."""
+
+    model: str
+    corruption: str
+    severity: int
+    acc: float
+
+
+def read_rows(value: Plain) -> list[RobustnessRow]:
+    """The `robustness` entry of an evaluation (as written, or read back from JSON) as typed rows."""
+    rows = []
+    for i, r in enumerate(plain_list(value, "robustness")):
+        row = plain_map(r, f"robustness[{i}]")
+        rows.append(
+            RobustnessRow(
+                model=plain_str(row.get("model"), f"robustness[{i}].model"),
+                corruption=plain_str(row.get("corruption"), f"robustness[{i}].corruption"),
+                severity=int(plain_num(row.get("severity"), f"robustness[{i}].severity")),
+                acc=plain_num(row.get("acc"), f"robustness[{i}].acc"),
+            )
+        )
+    return rows
 
 
 @torch.no_grad()
@@ -46,19 +71,19 @@ def evaluate_models(
             xc = x if c is None else corrupt(x, c, s, scale, seed * 100003 + i)
             if clip and c is not None:
                 xc = xc.clamp(0, 1)
-            out = predict(dm.prepare_batch(raw._replace(x=xc.to(device)), train=False).x)
+            predicted = predict(dm.prepare_batch(raw._replace(x=xc.to(device)), train=False).x)
             slot = logits.setdefault((c or "clean", s), {})
-            for name, v in out.items():
+            for name, v in predicted.items():
                 slot.setdefault(name, []).append(v.float().cpu())
     merged = {k: {n: torch.cat(v) for n, v in per.items()} for k, per in logits.items()}
     clean_logits = merged[("clean", 0)]
-    out: dict[str, Any] = {"clean": {n: classification_metrics(v, y) for n, v in clean_logits.items()}}
+    out: dict[str, Plain] = {"clean": {n: classification_metrics(v, y) for n, v in clean_logits.items()}}
     if reference is not None and reference in clean_logits:
         ref = clean_logits[reference].argmax(1)
         out["agreement"] = {
             n: float((v.argmax(1) == ref).float().mean()) for n, v in clean_logits.items() if n != reference
         }
-    rows = []
+    rows: list[Plain] = []
     for c in corruptions:
         for s in severities:
             for name, v in (clean_logits if s == 0 else merged[(c, s)]).items():
@@ -68,13 +93,13 @@ def evaluate_models(
     return out
 
 
-def robustness_summary(rows: Sequence[Mapping[str, Plain]]) -> dict[str, dict[str, float]]:
+def robustness_summary(rows: Plain) -> dict[str, dict[str, float]]:
     """model → corruption → mean accuracy over the severities ≥ 1 (and `mean` over corruptions)."""
     acc: dict[str, dict[str, list[float]]] = {}
-    for r in rows:
+    for r in read_rows(rows):
         if r["severity"] > 0:
             acc.setdefault(r["model"], {}).setdefault(r["corruption"], []).append(r["acc"])
-    out = {}
+    out: dict[str, dict[str, float]] = {}
     for model, per in acc.items():
         out[model] = {c: sum(v) / len(v) for c, v in per.items()}
         out[model]["mean"] = sum(out[model].values()) / len(per)
@@ -83,12 +108,15 @@ def robustness_summary(rows: Sequence[Mapping[str, Plain]]) -> dict[str, dict[st
 
 def robustness_table(result: Mapping[str, Plain]) -> str:
     """Markdown: per model, clean metrics and mean accuracy under each corruption (severities ≥ 1)."""
-    summary = robustness_summary(result.get("robustness", []))
-    corruptions = sorted({r["corruption"] for r in result.get("robustness", [])})
-    agree = result.get("agreement", {})
+    summary = robustness_summary(result.get("robustness"))
+    corruptions = sorted({r["corruption"] for r in read_rows(result.get("robustness"))})
+    agree = {
+        k: plain_num(v, f"agreement.{k}") for k, v in plain_map(result.get("agreement"), "agreement").items()
+    }
     head = ["model", "acc", "macro F1", "ECE", "agreement", *corruptions, "mean corrupted"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for model, m in result["clean"].items():
+    for model, clean in plain_map(result.get("clean"), "clean").items():
+        m = {k: plain_num(v, f"clean.{model}.{k}") for k, v in plain_map(clean, f"clean.{model}").items()}
         cells = [
             model,
             f"{100 * m['acc']:.2f}",
@@ -102,8 +130,9 @@ def robustness_table(result: Mapping[str, Plain]) -> str:
     return "\n".join(lines)
 
 
-def plot_robustness(rows: Sequence[Mapping[str, Plain]], path: str | Path, title: str = "") -> Path:
+def plot_robustness(value: Plain, path: str | Path, title: str = "") -> Path:
     """One panel per corruption: accuracy against severity, one line per model."""
+    rows = read_rows(value)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -11,16 +11,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd_lightning.config.specs import EvalSpec, Plain, parse
+from kd_lightning.config.specs import EvalSpec, parse
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.errors import ConfigError
 from kd_lightning.evaluation.corruptions import check_corruptions
-from kd_lightning.evaluation.robustness import Predictor, evaluate_models, plot_robustness, robustness_table
+from kd_lightning.evaluation.robustness import (
+    Predictor,
+    evaluate_models,
+    plot_robustness,
+    read_rows,
+    robustness_table,
+)
 from kd_lightning.files import write_text_atomic
+from kd_lightning.plain import Plain
 from kd_lightning.teachers.ensemble import TeacherEnsemble
 
 
-def check_eval_cfg(cfg: Mapping[str, Plain] | None, input_shape: tuple[int, ...]) -> EvalSpec:
+def check_eval_cfg(cfg: EvalSpec | Mapping[str, Plain] | None, input_shape: tuple[int, ...]) -> EvalSpec:
     """Validate `evaluate.*` before training (corruptions need signals or images)."""
     spec = parse(EvalSpec, cfg, "evaluate")
     check_corruptions(spec.corruptions, spec.severities)
@@ -80,7 +87,7 @@ def evaluate_and_write(
         table = io.StringIO()
         w = csv.DictWriter(table, fieldnames=["model", "corruption", "severity", "acc"])
         w.writeheader()
-        w.writerows(result["robustness"])
+        w.writerows(read_rows(result["robustness"]))
         write_text_atomic(out / "robustness.csv", table.getvalue())
         plot_robustness(result["robustness"], out / "robustness.png", title=str(out.name))
     return result

@@ -23,6 +23,7 @@ class Adapter(nn.Module):
         super().__init__()
         self.student_shape, self.teacher_shape = tuple(student_shape), tuple(teacher_shape)
         s, t = self.student_shape, self.teacher_shape
+        self.proj: nn.Module
         self.spatial = len(s) >= 2 and len(t) >= 2 and len(s) == len(t)
         if self.spatial:
             conv = nn.Conv2d if len(s) == 3 else nn.Conv1d if len(s) == 2 else None
@@ -65,6 +66,7 @@ class ConvReg(nn.Module):
                 f"{tuple(teacher_shape)}: use adapter: auto"
             )
         two = len(student_shape) == 3
+        self.conv: nn.Module
         conv, deconv = (nn.Conv2d, nn.ConvTranspose2d) if two else (nn.Conv1d, nn.ConvTranspose1d)
         (sc, *s_size), (tc, *t_size) = student_shape, teacher_shape
         if s_size[0] == 2 * t_size[0]:
@@ -72,7 +74,8 @@ class ConvReg(nn.Module):
         elif 2 * s_size[0] == t_size[0]:
             self.conv = deconv(sc, tc, 4, stride=2, padding=1)
         elif all(a >= b for a, b in zip(s_size, t_size, strict=True)):
-            self.conv = conv(sc, tc, tuple(1 + a - b for a, b in zip(s_size, t_size, strict=True)))
+            grow = [1 + a - b for a, b in zip(s_size, t_size, strict=True)]
+            self.conv = nn.Conv2d(sc, tc, (grow[0], grow[1])) if two else nn.Conv1d(sc, tc, grow[0])
         else:
             raise ConfigError(
                 f"adapter: convreg cannot map a {'×'.join(map(str, s_size))} student map onto a "

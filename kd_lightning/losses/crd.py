@@ -48,6 +48,11 @@ def _gather_rows(x: torch.Tensor) -> torch.Tensor:
 @register_loss("crd")
 class CRD(nn.Module):
     shape_free = True
+    # buffers (register_buffer), declared for the type checker
+    memory_s: torch.Tensor
+    memory_t: torch.Tensor
+    z_s: torch.Tensor
+    z_t: torch.Tensor
     full_bank_ratio = 32  # score the whole bank when N <= ratio · (K + 1)
 
     def __init__(

@@ -28,6 +28,12 @@ from torch import nn
 from kd_lightning.errors import ConfigError, as_float, as_int
 from kd_lightning.losses.protocol import PreStage
 from kd_lightning.losses.registry import register_loss
+from kd_lightning.tensors import add_all
+
+
+def _check_maps(method: str, *maps: torch.Tensor) -> None:
+    for x in maps:
+        _check_map(x, method)
 
 
 def _check_map(x: torch.Tensor, method: str) -> None:
@@ -50,10 +56,16 @@ def pool_to_smaller(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, tor
     """The larger of two maps average-pooled to the smaller's spatial size (RepDistiller's AT, NST, FT and FSP)."""
     if s.shape[2:] == t.shape[2:]:
         return s, t
-    pool = F.adaptive_avg_pool2d if s.dim() == 4 else F.adaptive_avg_pool1d  # images or signals
     if math.prod(s.shape[2:]) > math.prod(t.shape[2:]):
-        return pool(s, t.shape[2:]), t
-    return s, pool(t, s.shape[2:])
+        return _pool_to(s, t.shape[2:]), t
+    return s, _pool_to(t, s.shape[2:])
+
+
+def _pool_to(x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """`x` average-pooled to the spatial `size`: images (2-D) or signals (1-D)."""
+    if x.dim() == 4:
+        return F.adaptive_avg_pool2d(x, (size[0], size[1]))
+    return F.adaptive_avg_pool1d(x, size[0])
 
 
 @register_loss("at")
@@ -71,7 +83,7 @@ class AttentionTransfer(nn.Module):
         return F.normalize(x.float().abs().pow(self.p).sum(1).flatten(1), dim=1)
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        _check_map(s, "at"), _check_map(t, "at")
+        _check_maps("at", s, t)
         if self.mode == "code":  # RepDistiller: the larger map pooled down, squared differences averaged
             s, t = pool_to_smaller(s.float(), t.float())
             return (self.attention(s) - self.attention(t)).pow(2).mean()
@@ -92,7 +104,7 @@ class NeuronSelectivityTransfer(nn.Module):
         return (a @ b.transpose(1, 2) + self.c).pow(self.degree).mean((1, 2))
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        _check_map(s, "nst"), _check_map(t, "nst")
+        _check_maps("nst", s, t)
         s, t = pool_to_smaller(s.float(), t.float())  # as RepDistiller (the weight 50 is its)
         fs = F.normalize(s.flatten(2), dim=2)  # (B, C_s, HW)
         ft = F.normalize(t.flatten(2), dim=2)
@@ -121,7 +133,7 @@ class ICKD(nn.Module):
         return F.normalize(f @ f.transpose(1, 2), dim=2)
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        _check_map(s, "ickd"), _check_map(t, "ickd")
+        _check_maps("ickd", s, t)
         diff = self.gram(self.embed(s)) - self.gram(t)
         return diff.pow(2).sum() / (t.shape[1] * len(t))
 
@@ -174,7 +186,9 @@ class FSP(nn.Module):
         return [_fsp_matrix(a, b) for a, b in zip(maps[:-1], maps[1:], strict=True)]
 
     def forward(self, s: list[torch.Tensor], t: list[torch.Tensor]) -> torch.Tensor:
-        return sum((gs - gt).pow(2).mean() for gs, gt in zip(self.matrices(s), self.matrices(t), strict=True))
+        return add_all(
+            (gs - gt).pow(2).mean() for gs, gt in zip(self.matrices(s), self.matrices(t), strict=True)
+        )
 
     def pre_stage(self) -> PreStage:
         return PreStage(epochs=self.init_epochs, loss=self.forward, student=True, only=True)

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
@@ -75,7 +74,7 @@ def check_options(name: str, given: Iterable[str]) -> None:
     )
 
 
-def create_loss(name: str, injected: dict[str, Any] | None = None, **kwargs: Any) -> nn.Module:
+def create_loss(name: str, injected: Mapping[str, object] | None = None, **kwargs: object) -> nn.Module:
     cls = loss_class(name)
     params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
     check_options(name, kwargs)

@@ -30,6 +30,7 @@ from torch import nn
 
 from kd_lightning.errors import ConfigError, as_float, as_int
 from kd_lightning.losses.registry import register_loss
+from kd_lightning.tensors import add_all
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -163,7 +164,7 @@ class CorrelationCongruence(nn.Module):
     def _correlation(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(_flat(x), dim=1)
         sim = x @ x.T  # for unit vectors ‖x − y‖² = 2 − 2 xᵀy, so exp(−γ‖x−y‖²) = e^{−2γ} e^{2γ xᵀy}
-        return math.exp(-2 * self.gamma) * sum(
+        return math.exp(-2 * self.gamma) * add_all(
             (2 * self.gamma) ** p / math.factorial(p) * sim.pow(p) for p in range(self.order + 1)
         )
 

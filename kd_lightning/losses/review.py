@@ -34,6 +34,7 @@ from kd_lightning.errors import ConfigError, as_float, as_int
 from kd_lightning.losses.adapters import ConvReg
 from kd_lightning.losses.protocol import PreStage
 from kd_lightning.losses.registry import register_loss
+from kd_lightning.tensors import add_all
 
 
 def _map_lists(
@@ -91,7 +92,7 @@ class ActivationBoundaries(nn.Module):
             w * self.boundary(c(g), target)
             for w, c, g, target in zip(self.stage_weights, self.connectors, s, t, strict=True)
         ]
-        return sum(losses) / len(s[0]) * 3 / 1000
+        return add_all(losses) / len(s[0]) * 3 / 1000
 
     def pre_stage(self) -> PreStage:
         return PreStage(
@@ -105,17 +106,21 @@ class ABF(nn.Module):
     def __init__(self, c_in: int, c_mid: int, c_out: int, fuse: bool, dims: int):
         super().__init__()
         conv, bn = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv1d, nn.BatchNorm1d)
-        self.conv1 = nn.Sequential(conv(c_in, c_mid, 1, bias=False), bn(c_mid))
-        self.conv2 = nn.Sequential(conv(c_mid, c_out, 3, 1, 1, bias=False), bn(c_out))
+        first = conv(c_in, c_mid, 1, bias=False)
+        self.conv1 = nn.Sequential(first, bn(c_mid))
+        second = conv(c_mid, c_out, 3, 1, 1, bias=False)
+        self.conv2 = nn.Sequential(second, bn(c_out))
         self.att_conv = nn.Sequential(conv(2 * c_mid, 2, 1), nn.Sigmoid()) if fuse else None
-        nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
-        nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
+        nn.init.kaiming_uniform_(first.weight, a=1)
+        nn.init.kaiming_uniform_(second.weight, a=1)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, out_size: tuple[int, ...]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.conv1(x)
         if self.att_conv is not None:
+            if residual is None:
+                raise ValueError("a fusing ReviewKD block needs the residual of the block before it")
             residual = F.interpolate(residual, size=tuple(x.shape[2:]), mode="nearest")
             z = self.att_conv(torch.cat([x, residual], 1))
             x = x * z[:, :1] + residual * z[:, 1:]
@@ -131,7 +136,7 @@ def _pooled(f: torch.Tensor) -> torch.Tensor:
 
 def hcl(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
     """ReviewKD's hierarchical context loss (see the module's docstring)."""
-    total = 0.0
+    per_level = []
     for fs, ft in zip(student, teacher, strict=True):
         fs, ft = fs.float(), ft.float()
         pool = F.adaptive_avg_pool2d if fs.dim() == 4 else F.adaptive_avg_pool1d
@@ -142,8 +147,8 @@ def hcl(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tenso
             cnt /= 2.0
             loss = loss + F.mse_loss(pool(fs, level), pool(ft, level)) * cnt
             tot += cnt
-        total = total + loss / tot
-    return total
+        per_level.append(loss / tot)
+    return add_all(per_level)
 
 
 @register_loss("reviewkd")

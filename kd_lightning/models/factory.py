@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
 
 from torch import nn
 
-from kd_lightning.config.specs import Plain
 from kd_lightning.errors import ConfigError, choices
 from kd_lightning.models.registry import call_model_fn, get_model_fn, list_models
 from kd_lightning.models.torchvision_adapter import torchvision_model, torchvision_names
@@ -19,6 +17,7 @@ from kd_lightning.models.weights import (
     load_weights,
     safe_load,
 )
+from kd_lightning.plain import Plain, plain_str
 
 # Keys of a model spec that are not arguments of the architecture function.
 SPEC_KEYS = {"name", "source", "checkpoint", "weights", "small_input", "taps", "pretrained"}
@@ -45,8 +44,11 @@ def create_model(spec: Mapping[str, Plain], num_classes: int, input_shape: tuple
             raise ConfigError(f"model {name!r} has no torchvision weights; use 'checkpoint: <file>' instead")
         model = call_model_fn(name, fn, num_classes, input_shape, kwargs)
     elif name in torchvision_names():
+        weights = spec.get("weights")
+        if weights is not None and not isinstance(weights, str):
+            raise ConfigError(f"model {name!r}: weights must be a torchvision weights name, got {weights!r}")
         model = torchvision_model(
-            name, num_classes, input_shape, spec.get("weights"), bool(spec.get("small_input", False)), kwargs
+            name, num_classes, input_shape, weights, bool(spec.get("small_input", False)), kwargs
         )
     elif source == "torchvision":
         raise ConfigError(
@@ -62,11 +64,11 @@ def create_model(spec: Mapping[str, Plain], num_classes: int, input_shape: tuple
     if spec.get("pretrained"):
         load_pretrained(model, _pretrained_path(spec["pretrained"], name))
     if spec.get("checkpoint"):
-        load_weights(model, spec["checkpoint"])
+        load_weights(model, plain_str(spec["checkpoint"], f"model {name!r}: checkpoint"))
     return model
 
 
-def _pretrained_path(value: Any, name: str) -> str:
+def _pretrained_path(value: object, name: str) -> str:
     if isinstance(value, str | os.PathLike):
         return str(value)
     raise ConfigError(

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from kd_lightning.config.specs import Plain
 from kd_lightning.errors import ConfigError, choices
 from kd_lightning.files import save_torch_atomic
 from kd_lightning.models.weights import safe_load
+from kd_lightning.plain import Plain
 
 TASKS: dict[str, tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = {
     "digit": (10, lambda y: y),
@@ -31,7 +30,7 @@ def task_labels(task: str, y: torch.Tensor) -> torch.Tensor:
     return TASKS[task][1](y)
 
 
-def check_tasks(key: str, tasks: Any) -> list[str]:
+def check_tasks(key: str, tasks: object) -> list[str]:
     if isinstance(tasks, str) or not isinstance(tasks, Sequence) or not tasks:
         raise ConfigError(f"{key} must be a non-empty list of tasks from {choices(TASKS)}, got {tasks!r}")
     bad = [t for t in tasks if t not in TASKS]
@@ -73,6 +72,12 @@ class MultiTaskNet(nn.Module):
             "kernel_size": int(kernel_size),
             "tasks": list(tasks),
         }
+
+    def conv(self, k: int) -> nn.Conv1d | nn.Conv2d:
+        """The convolution that opens block `k`."""
+        conv = self.blocks[k][0]  # type: ignore[index]  # a ModuleList of Sequentials (built above)
+        assert isinstance(conv, nn.Conv1d | nn.Conv2d)
+        return conv
 
     def trunk(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         for block in self.blocks[: len(self.blocks) if upto is None else upto]:

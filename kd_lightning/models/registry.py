@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
 
 from torch import nn
 
@@ -31,7 +30,7 @@ def get_model_fn(name: str) -> ModelFn | None:
 
 
 def call_model_fn(
-    name: str, fn: ModelFn, num_classes: int, input_shape: tuple[int, ...], kwargs: dict[str, Any]
+    name: str, fn: ModelFn, num_classes: int, input_shape: tuple[int, ...], kwargs: Mapping[str, object]
 ) -> nn.Module:
     """Call a model factory, turning unknown keyword arguments into a ConfigError listing the valid ones."""
     params = inspect.signature(fn).parameters

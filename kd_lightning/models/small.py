@@ -7,6 +7,7 @@ default `embed` tap (input of the last Linear) is the penultimate representation
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ def _activation(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
 
 
-def _positive(name: str, values: list[int] | tuple[int, ...]) -> list[int]:
+def _positive(name: str, values: Sequence[int]) -> list[int]:
     if isinstance(values, int | float | str) or not values:
         raise ConfigError(f"{name} must be a non-empty list of positive sizes, got {values!r}")
     return [as_int(f"{name} entries", v, 1) for v in values]
@@ -31,6 +32,11 @@ def _positive(name: str, values: list[int] | tuple[int, ...]) -> list[int]:
 
 class Classifier(nn.Module):
     """`features` → `fc`; `forward_features` and `forward_head` split the two (timm-style)."""
+
+    # the multi-stage taps of the CNNs (_declare_stages), declared for the type checker
+    stage_taps: tuple[str, ...]
+    preact_taps: tuple[str, ...]
+    stem_tap: str
 
     def __init__(self, features: nn.Module, feature_dim: int, num_classes: int):
         super().__init__()
@@ -53,7 +59,7 @@ class Classifier(nn.Module):
 def mlp(
     num_classes: int,
     input_shape: tuple[int, ...],
-    hidden: list[int] = (100, 100),
+    hidden: Sequence[int] = (100, 100),
     activation: str = "relu",
     dropout: float = 0.0,
 ) -> nn.Module:
@@ -168,7 +174,7 @@ def _declare_stages(model: Classifier) -> Classifier:
 def cnn(
     num_classes: int,
     input_shape: tuple[int, ...],
-    channels: list[int] = (32, 64),
+    channels: Sequence[int] = (32, 64),
     kernel_size: int = 3,
     pool: bool = True,
 ) -> nn.Module:
@@ -195,7 +201,7 @@ def cnn(
 def cnn1d(
     num_classes: int,
     input_shape: tuple[int, ...],
-    channels: list[int] = (32, 32, 32),
+    channels: Sequence[int] = (32, 32, 32),
     kernel_size: int = 5,
     stride: int = 2,
 ) -> nn.Module:

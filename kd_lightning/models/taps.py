@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import torch
 from torch import nn
@@ -159,8 +158,7 @@ class FeatureTaps:
         owner: str = "model",
     ):
         self.model = model
-        keys = list(taps) if not isinstance(taps, Mapping) else list(taps.items())
-        pairs = [(k, k) for k in keys] if not isinstance(taps, Mapping) else keys
+        pairs = list(taps.items()) if isinstance(taps, Mapping) else [(k, k) for k in taps]
         self.specs = {key: resolve_tap(model, spec, aliases, owner) for key, spec in pairs}
         self._store: dict[str, torch.Tensor] = {}
         self._handles = []
@@ -178,14 +176,14 @@ class FeatureTaps:
                 self._handles.append(module.register_forward_hook(self._hook(keys_)))
 
     def _hook(self, keys: list[str]):
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        def hook(_module: nn.Module, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             for k in keys:
                 self._store[k] = output
 
         return hook
 
     def _pre_hook(self, keys: list[str]):
-        def hook(module: nn.Module, inputs: Any) -> None:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             # an in-place module (torchvision's ReLU(inplace=True)) would overwrite the input it is given
             x = inputs[0].clone() if getattr(module, "inplace", False) else inputs[0]
             for k in keys:

@@ -79,8 +79,14 @@ def torchvision_model(
         cin = input_shape[0]
         stem_small = small_input and hasattr(model, "maxpool")
         if conv.in_channels != cin or stem_small:
-            k, s, p = ((3, 3), 1, 1) if stem_small else (conv.kernel_size, conv.stride, conv.padding)
-            new = nn.Conv2d(cin, conv.out_channels, k, s, p, bias=conv.bias is not None)
+            if stem_small:
+                new = nn.Conv2d(cin, conv.out_channels, (3, 3), 1, 1, bias=conv.bias is not None)
+            else:
+                k, s = conv.kernel_size, conv.stride
+                p = conv.padding if isinstance(conv.padding, str) else (conv.padding[0], conv.padding[1])
+                new = nn.Conv2d(
+                    cin, conv.out_channels, (k[0], k[1]), (s[0], s[1]), p, bias=conv.bias is not None
+                )
             if weights and not stem_small:
                 with torch.no_grad():  # keep pretrained filters: average over the RGB channels
                     new.weight.copy_(conv.weight.mean(1, keepdim=True).expand_as(new.weight))

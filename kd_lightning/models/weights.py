@@ -11,15 +11,14 @@ import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from kd_lightning.config.specs import Plain
 from kd_lightning.errors import ConfigError
 from kd_lightning.files import save_torch_atomic
 from kd_lightning.models.torchvision_adapter import last_linear
+from kd_lightning.plain import Plain
 
 MODEL_FILE_FORMAT = "kd_lightning.model/1"
 
@@ -49,7 +48,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> list[str]:
     return dropped
 
 
-def safe_load(path: str | os.PathLike) -> Any:
+def safe_load(path: str | os.PathLike) -> object:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint file not found: {path}")
@@ -75,7 +74,7 @@ def _strip_data_parallel(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return sd
 
 
-def extract_state_dict(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def extract_state_dict(obj: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and "state_dict" not in obj:
         obj = obj["model"]  # released checkpoints: {'epoch', 'model': state_dict, 'best_acc', 'optimizer'}
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
@@ -93,7 +92,7 @@ def extract_state_dict(obj: Any, path: str | os.PathLike) -> dict[str, torch.Ten
 
 def load_weights(
     model: nn.Module, path: str | os.PathLike, owner: str = "model", arch: Mapping[str, Plain] | None = None
-) -> dict[str, Any]:
+) -> dict[str, object]:
     """Strictly load weights from our model file, a Lightning checkpoint or a plain state_dict.
 
     A head of the wrong size is reported as a class-count mismatch, naming both counts. `arch`, the
@@ -120,7 +119,7 @@ def check_fits(
     sd: Mapping[str, torch.Tensor],
     path: str | os.PathLike,
     owner: str,
-    file_arch: Any,
+    file_arch: object,
     arch: Mapping[str, Plain] | None,
 ) -> None:
     """A ConfigError naming the keys when `sd` does not load strictly into `model` (never torch's raw

@@ -30,16 +30,17 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from torch import nn
 
 from kd_lightning.config.run_spec import RunSpec
-from kd_lightning.config.specs import AmalgamationSpec, MultiTaskTeacherSpec, Plain, as_plain, parse
+from kd_lightning.config.specs import AmalgamationSpec, MultiTaskTeacherSpec, parse, spec_dict
 from kd_lightning.data.base import TensorDataModule
+from kd_lightning.data.batch import Batch
 from kd_lightning.data.fingerprint import data_key
 from kd_lightning.engine.fitting import quiet_trainer
 from kd_lightning.errors import ConfigError, safe_name
@@ -50,8 +51,10 @@ from kd_lightning.models.multitask import (
     save_multitask,
     task_labels,
 )
+from kd_lightning.plain import Plain, plain_list, plain_map, plain_num, plain_str
 from kd_lightning.runners import RunContext, register_runner
 from kd_lightning.teachers.fit_once import fit_once, keyed_path
+from kd_lightning.tensors import add_all
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ class _Stage(pl.LightningModule):
         super().__init__()
         self._params, self.lr, self.weight_decay = params, lr, weight_decay
 
-    def configure_optimizers(self) -> Any:
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         opt = torch.optim.Adam(self._params, lr=self.lr, weight_decay=self.weight_decay)
         steps = max(1, int(self.trainer.estimated_stepping_batches))
         return {
@@ -81,10 +84,10 @@ class SupervisedMultiTask(_Stage):
         super().__init__(list(model.parameters()), lr, weight_decay)
         self.model = model
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
         out = self.model(x)
-        return sum(F.cross_entropy(out[t], task_labels(t, y)) for t in out)
+        return add_all(F.cross_entropy(out[t], task_labels(t, y)) for t in out)
 
 
 class ChannelAttention(nn.Module):
@@ -120,20 +123,19 @@ class BlockStage(_Stage):
         tasks: Mapping[str, Sequence[str]] | None = None,
         temperature: float = 4.0,
     ):
-        conv = nn.Conv1d if isinstance(student.blocks[0][0], nn.Conv1d) else nn.Conv2d
-        c_s = student.blocks[k][0].out_channels
-        projections = nn.ModuleDict(
-            {n: conv(c_s, t.blocks[k][0].out_channels, 1) for n, t in teachers.items()}
-        )
+        conv = nn.Conv1d if isinstance(student.conv(0), nn.Conv1d) else nn.Conv2d
+        c_s = student.conv(k).out_channels
+        projections = nn.ModuleDict({n: conv(c_s, t.conv(k).out_channels, 1) for n, t in teachers.items()})
         attention = nn.ModuleDict({n: ChannelAttention(c_s) for n in teachers} if tasks else {})
         super().__init__(
             [*student.blocks[k].parameters(), *projections.parameters(), *attention.parameters()], lr
         )
         self.student, self.k, self.projections, self.attention = student, k, projections, attention
         self.tasks, self.temperature = dict(tasks or {}), temperature
+        self.teachers: dict[str, MultiTaskNet]
         object.__setattr__(self, "teachers", dict(teachers))  # frozen, not submodules
         for n, w in channel_weights.items():
-            self.register_buffer(f"w_{n}", w.view(1, -1, *[1] * (student.blocks[0][0].weight.dim() - 2)))
+            self.register_buffer(f"w_{n}", w.view(1, -1, *[1] * (student.conv(0).weight.dim() - 2)))
 
     def on_train_epoch_start(self) -> None:
         for block in self.student.blocks[: self.k]:
@@ -147,7 +149,7 @@ class BlockStage(_Stage):
         z = z.flatten(1)
         return [teacher.heads[t](z) for t in tasks]
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x, T = batch[0], self.temperature
         with torch.no_grad():
             inp = self.student.trunk(x, self.k)
@@ -191,13 +193,14 @@ class HeadStage(_Stage):
     ):
         super().__init__(list((student if whole else student.heads).parameters()), lr)
         self.student, self.temperature, self.whole = student, temperature, whole
+        self.sources: dict[str, list[MultiTaskNet]]  # not submodules: the teachers stay frozen
         object.__setattr__(self, "sources", dict(sources))
 
     def on_train_epoch_start(self) -> None:
         if not self.whole:
             self.student.blocks.eval()
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x, T = batch[0], self.temperature
         with torch.set_grad_enabled(self.whole):
             z = self.student.trunk(x).flatten(1)
@@ -240,7 +243,7 @@ def taylor_channel_weights(
 
     `batches`: the (normalised) training inputs, batch by batch."""
     teacher.eval()
-    total = None
+    per_batch = []
     for xb in batches:
         t = teacher.trunk(xb, k + 1).detach().requires_grad_(True)
         z = t
@@ -248,10 +251,11 @@ def taylor_channel_weights(
             z = block(z)
         z = z.flatten(1)
         logits = [teacher.heads[task](z) for task in tasks]
-        loss = sum(F.cross_entropy(out, out.argmax(1)) for out in logits)
+        loss = add_all(F.cross_entropy(out, out.argmax(1)) for out in logits)
         (grad,) = torch.autograd.grad(loss, t)
         imp = (grad * t).abs().transpose(0, 1).flatten(1).sum(1).detach()
-        total = imp if total is None else total + imp
+        per_batch.append(imp)
+    total = add_all(per_batch)
     return total / total.mean().clamp_min(1e-12)
 
 
@@ -323,7 +327,7 @@ def fit_or_load_teacher(
     accelerator: str,
 ) -> tuple[MultiTaskNet, Path]:
     key = {
-        "teacher": as_plain(spec),
+        "teacher": spec_dict(spec),
         "data": data_key(data_cfg, dm.content_fingerprint()),
         "order": "fit.seed",
     }
@@ -407,7 +411,7 @@ def train_stages(
         weights = {
             n: taylor_channel_weights(teachers[n], k, ts, train_inputs())
             if a.filter == "taylor"
-            else torch.ones(teachers[n].blocks[k][0].out_channels)
+            else torch.ones(teachers[n].conv(k).out_channels)
             for n, ts in relevant.items()
         }
         stage = BlockStage(
@@ -436,16 +440,20 @@ def train_stages(
 
 def print_task_table(results: Mapping[str, Plain]) -> None:
     """Student vs each teacher on every chosen task (test accuracy, %)."""
-    tasks = results.get("tasks") or []
-    teachers = results.get("teacher_task_acc") or {}
+    tasks = [plain_str(t, "tasks") for t in plain_list(results.get("tasks"), "tasks")]
+    student = plain_map(results.get("task_acc"), "task_acc")
     print("\n| model | " + " | ".join(tasks) + " |\n|---|" + "---|" * len(tasks))
     print(
-        "| student (no labels) | " + " | ".join(f"{100 * results['task_acc'][t]:.2f}" for t in tasks) + " |"
+        "| student (no labels) | "
+        + " | ".join(f"{100 * plain_num(student.get(t), f'task_acc.{t}'):.2f}" for t in tasks)
+        + " |"
     )
-    for n, per in teachers.items():
-        print(
-            f"| teacher {n} | " + " | ".join(f"{100 * per[t]:.2f}" if t in per else "—" for t in tasks) + " |"
-        )
+    for n, accs in plain_map(results.get("teacher_task_acc"), "teacher_task_acc").items():
+        per = plain_map(accs, f"teacher_task_acc.{n}")
+        cells = [
+            f"{100 * plain_num(per[t], f'teacher_task_acc.{n}.{t}'):.2f}" if t in per else "—" for t in tasks
+        ]
+        print(f"| teacher {n} | " + " | ".join(cells) + " |")
 
 
 @register_runner("amalgamation", summary=print_task_table, keys=AmalgamationKeys)
@@ -453,7 +461,7 @@ def run_amalgamation_job(ctx: RunContext) -> None:
     """runner=amalgamation (experiment=ye2019): its own training loop, stage by stage; no labels used."""
 
     spec = ctx.spec
-    a: AmalgamationKeys = ctx.keys
+    a = ctx.keys_as(AmalgamationKeys)
     unused = {  # settings of the generic runner that this one would silently ignore
         "baseline=true": spec.settings.baseline,
         "evaluate.metrics/corruptions": spec.evaluation.active,

@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from kd_lightning.config.run_spec import RunSpec
 from kd_lightning.config.specs import EvalSpec, flatten
@@ -36,9 +38,11 @@ from kd_lightning.evaluation import robustness_summary
 from kd_lightning.evaluation.run_eval import check_eval_cfg, evaluate_and_write
 from kd_lightning.losses.registry import check_options
 from kd_lightning.models import save_model
+from kd_lightning.plain import Plain
 from kd_lightning.runners.registry import RunContext, register_runner
 from kd_lightning.runners.summary import print_summary
 from kd_lightning.teachers.ensemble import TeacherEnsemble
+from kd_lightning.teachers.feed import TeacherFeed
 from kd_lightning.teachers.precompute import TeacherPrecompute
 
 log = logging.getLogger("kd_lightning")
@@ -111,6 +115,11 @@ class Tested:
     teacher_agreement: float | None
 
 
+def _computed_samples(feed: TeacherFeed | None) -> Callable[[], int]:
+    """How many samples the teachers have run on so far (0 without teachers), for the run's progress."""
+    return (lambda: feed.computed_samples) if feed is not None else (lambda: 0)
+
+
 def stage_build(ctx: RunContext) -> Built:
     spec, dm = ctx.spec, ctx.dm
     check_term_options(spec)  # before any teacher is fitted
@@ -122,7 +131,7 @@ def stage_build(ctx: RunContext) -> Built:
     progress = RunProgress(
         ctx.results,
         ctx.out / "results.json",
-        (lambda: module.feed.computed_samples) if module.feed is not None else (lambda: 0),
+        _computed_samples(module.feed),
     )
     syncs = SyncCheck() if spec.perf.check_syncs else None
     preempt = PreemptionCheckpoint(ctx.out) if preemption_warned() else None  # SLURM's warning: save, requeue
@@ -161,10 +170,9 @@ def stage_fit(ctx: RunContext, built: Built) -> Fitted:
     if trainer.interrupted:
         raise KeyboardInterrupt("training was interrupted")
     cb = trainer.checkpoint_callback
-    best = cb.best_model_path if cb is not None else ""
-    val = (
-        float(cb.best_model_score) if best and cb.best_model_score is not None else _last(trainer, "val/acc")
-    )
+    best = cb.best_model_path if isinstance(cb, ModelCheckpoint) else ""
+    score = cb.best_model_score if isinstance(cb, ModelCheckpoint) else None
+    val = float(score) if best and score is not None else _last(trainer, "val/acc")
     tests_here = True
     if trainer.world_size > 1:
         # Rank 0 tests alone (each test sample once) and writes; the other ranks are done. The group
@@ -197,7 +205,7 @@ def stage_test(ctx: RunContext, built: Built, fitted: Fitted) -> Tested:
     )
 
 
-def stage_report(ctx: RunContext, built: Built, tested: Tested) -> dict[str, Any]:
+def stage_report(ctx: RunContext, built: Built, tested: Tested) -> dict[str, Plain]:
     """Stage 6: evaluation beyond accuracy, the student-alone baseline, the exported student."""
     spec, dm, out = ctx.spec, ctx.dm, ctx.out
     results: dict[str, Any] = {}
@@ -301,7 +309,7 @@ def dry_run_summary(ctx: RunContext, built: Built) -> str:
             how = "not fitted yet: a real run fits it first" if name in built.teachers.unfitted else "loaded"
             parts.append(f"{name} ({built.teachers.checkpoints[name]}, {how})")
         teachers = f"{len(parts)} frozen teacher(s): " + "; ".join(parts)
-    terms = ", ".join(f"{n} ({t.distance} on {t.student_tap})" for n, t in module.objective.terms.items())
+    terms = ", ".join(f"{n} ({t.distance} on {t.student_tap})" for n, t in module.objective.term.items())
     outputs = module.teacher_outputs
     store = f"; teacher outputs stored ({spec.cache.mode})" if outputs is not None else ""
     return (

@@ -15,14 +15,18 @@ import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar
 
 from kd_lightning.config.run_spec import RunSpec
-from kd_lightning.config.specs import Plain, parse
+from kd_lightning.config.specs import parse
 from kd_lightning.errors import ConfigError, choices
+from kd_lightning.plain import Plain
 
 if TYPE_CHECKING:  # the datamodule's class imports Lightning; the registry is read before that is needed
     from kd_lightning.data.base import TensorDataModule
+
+
+K = TypeVar("K")
 
 
 @dataclass
@@ -35,18 +39,24 @@ class RunContext:
     spec: RunSpec
     dm: TensorDataModule  # set up
     out: Path
-    results: dict[str, Any] = field(default_factory=dict)
-    earlier: dict[str, Any] = field(default_factory=dict)  # results.json of the attempt a resume continues
-    keys: Any = None  # a runner's own dataclass: its type is the runner's to declare
+    results: dict[str, Plain] = field(default_factory=dict)
+    earlier: dict[str, Plain] = field(default_factory=dict)  # results.json of the attempt a resume continues
+    keys: object = None  # a runner's own dataclass: its type is the runner's to declare (keys_as)
+
+    def keys_as(self, cls: type[K]) -> K:
+        """`keys`, checked to be the runner's declared class `cls` (what `register_runner(keys=cls)` reads)."""
+        if not isinstance(self.keys, cls):
+            raise TypeError(f"this run's keys are a {type(self.keys).__name__}, not a {cls.__name__}")
+        return self.keys
 
 
 @dataclass(frozen=True)
 class Runner:
     run: Callable[[RunContext], None]  # fills ctx.results (status "ok" is set by the caller)
-    summary: Callable[[Mapping[str, Any]], None] | None = None
+    summary: Callable[[Mapping[str, Plain]], None] | None = None
     keys: type | None = None  # a frozen dataclass: the settings this runner reads that RunSpec does not hold
 
-    def read_keys(self, name: str, resolved: Mapping[str, Plain]) -> Any:
+    def read_keys(self, name: str, resolved: Mapping[str, Plain]) -> object:
         """The runner's settings, the config's `<name>.*`, parsed into its `keys` dataclass: an unknown or
         ill-typed key is a ConfigError naming it (kd_lightning.config.specs.parse), before anything runs.
         A runner without `keys` reads nothing beyond the RunSpec; a `keys` class may say what is missing when
@@ -54,8 +64,9 @@ class Runner:
         if self.keys is None:
             return None
         value = resolved.get(name)
-        if value is None and getattr(self.keys, "__missing__", None):
-            raise ConfigError(self.keys.__missing__)
+        missing = getattr(self.keys, "__missing__", None)
+        if value is None and missing:
+            raise ConfigError(str(missing))
         return parse(self.keys, value, name)
 
 
@@ -96,7 +107,7 @@ def discover() -> None:
         importlib.import_module(f"kd_lightning.runners.{m}")
 
 
-def get_runner(name: Any) -> Runner:
+def get_runner(name: object) -> Runner:
     if name not in _RUNNERS:
         discover()
     if name not in _RUNNERS:

@@ -17,14 +17,13 @@ import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from kd_lightning.config.request import RunRequest, read_request
 from kd_lightning.config.run_spec import RunSpec, TrainerSpec
-from kd_lightning.config.specs import Plain
 from kd_lightning.engine import launch, run_folder
 from kd_lightning.engine.distributed import is_rank_zero
 from kd_lightning.engine.resume import (
@@ -38,6 +37,7 @@ from kd_lightning.engine.resume import (
 )
 from kd_lightning.errors import ConfigError
 from kd_lightning.files import write_text_atomic
+from kd_lightning.plain import Plain
 
 if TYPE_CHECKING:  # Lightning and torch are imported when a run gets that far, not before stage 0
     from kd_lightning.data.base import TensorDataModule
@@ -67,7 +67,8 @@ def write_traceback(text: str, out: Path) -> Path:
     for h in files:
         h.acquire()
         try:
-            h.stream.write(text)
+            if h.stream is not None:
+                h.stream.write(text)
             h.flush()
         finally:
             h.release()
@@ -106,7 +107,7 @@ def write_resolved_config(resolved: Mapping[str, Plain], out: Path) -> None:
         write_text_atomic(out / "config.resolved.yaml", OmegaConf.to_yaml(OmegaConf.create(dict(resolved))))
 
 
-def run(cfg: RunRequest | Mapping[str, Any]) -> dict[str, Plain]:
+def run(cfg: RunRequest | Mapping[str, Plain]) -> dict[str, Plain]:
     """One experiment; returns the results dict that it also writes to results.json. `cfg`: the composed
     config (read once, by kd_lightning.config.request.read_request) or the request read from it.
 
@@ -151,24 +152,25 @@ class _Stage0:
     spec: RunSpec | None
     problem: ConfigError | None
     runner: Runner | None = None
-    keys: Any = None  # the runner's own typed keys (register_runner(keys=...)), None when it has none
+    keys: object = None  # the runner's own typed keys (register_runner(keys=...)), None when it has none
 
 
 def _stage0(request: RunRequest) -> _Stage0:
-    if request.spec is None:
+    spec = request.spec
+    if spec is None:
         return _Stage0(None, request.problem)
     job = launch.pooled_job()
     if job is not None:  # hydra/launcher=gpu_pool: this job's GPU
         from kd_lightning.config.resolvers import visible_gpus
 
-        options = launch.pool_devices(request.spec.trainer.options, job, visible_gpus())
-        request = dataclasses.replace(request, spec=request.spec.replace(trainer=TrainerSpec(options)))
+        options = launch.pool_devices(spec.trainer.options, job, visible_gpus())
+        spec = dataclasses.replace(spec, trainer=TrainerSpec(options))
     try:
-        launch.check_world(request.spec.trainer.options)
-        name, resolved = request.spec.settings.runner, request.spec.resolved
+        launch.check_world(spec.trainer.options)
+        name, resolved = spec.settings.runner, spec.resolved
         runner = get_runner(name)
         check_groups_of_other_runners(name, resolved)
-        return _Stage0(request.spec, None, runner, runner.read_keys(name, resolved))
+        return _Stage0(spec, None, runner, runner.read_keys(name, resolved))
     except ConfigError as e:
         return _Stage0(None, e)
 
@@ -179,7 +181,7 @@ def _run_in_folder(request: RunRequest, owner: bool, team: launch.Peers | None) 
     spec = stage.spec
     digest = config_hash(spec.resolved) if spec is not None else None
     accepted: list[str] = []
-    earlier: dict[str, Any] = {}  # results.json of the attempt this run continues (resume=auto)
+    earlier: dict[str, Plain] = {}  # results.json of the attempt this run continues (resume=auto)
     if resume == "auto":
         if spec is None:
             if owner and run_folder.holds_work(out):
@@ -213,9 +215,9 @@ def _run_in_folder(request: RunRequest, owner: bool, team: launch.Peers | None) 
     return results
 
 
-def _started_results(request: RunRequest, digest: str | None, accepted: list[str]) -> dict[str, Any]:
+def _started_results(request: RunRequest, digest: str | None, accepted: list[str]) -> dict[str, Plain]:
     """results.json as a run starts: `running`, its labels, folder, config hash and owner."""
-    results: dict[str, Any] = {
+    results: dict[str, Plain] = {
         "status": "running",
         "seed": request.seed,
         **request.labels,
@@ -229,7 +231,7 @@ def _started_results(request: RunRequest, digest: str | None, accepted: list[str
 
 
 def _execute(
-    stage: _Stage0, out: Path, owner: bool, results: dict[str, Any], earlier: dict[str, Any]
+    stage: _Stage0, out: Path, owner: bool, results: dict[str, Plain], earlier: dict[str, Plain]
 ) -> None:
     """Data, then the runner; results.json says how it ended (ok, config_error, failed, interrupted)."""
     previous_sigterm = raise_on_sigterm()
@@ -264,7 +266,7 @@ def _execute(
             write_json_atomic(out / "results.json", results)
 
 
-def _record_failure(e: BaseException, out: Path, owner: bool, results: dict[str, Any]) -> NoReturn:
+def _record_failure(e: BaseException, out: Path, owner: bool, results: dict[str, Plain]) -> NoReturn:
     """An error or a stop signal, in results.json (with the last checkpoint and how to resume); raised again."""
     stop = interruption(e)
     if stop is None:

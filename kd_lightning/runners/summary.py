@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from kd_lightning.config.specs import Plain
+from kd_lightning.plain import Plain, plain_map, plain_num
 
 
-def _pct(v: Any) -> str:
-    return "—" if v is None else f"{100 * float(v):.2f}%"
+def _pct(v: Plain) -> str:
+    return "—" if v is None else f"{100 * plain_num(v, 'an accuracy'):.2f}%"
 
 
 def print_summary(results: Mapping[str, Plain], console: Console | None = None) -> None:
@@ -22,12 +21,10 @@ def print_summary(results: Mapping[str, Plain], console: Console | None = None) 
     table.add_column("model")
     table.add_column("role")
     table.add_column("test acc", justify="right")
-    for name, acc in (results.get("teacher_test_acc") or {}).items():
+    teacher_acc = plain_map(results.get("teacher_test_acc"), "teacher_test_acc")
+    for name, acc in teacher_acc.items():
         table.add_row(name, "teacher", _pct(acc))
-    if (
-        results.get("teacher_ensemble_test_acc") is not None
-        and len(results.get("teacher_test_acc") or {}) > 1
-    ):
+    if results.get("teacher_ensemble_test_acc") is not None and len(teacher_acc) > 1:
         table.add_row("ensemble", "teachers' mean logits", _pct(results["teacher_ensemble_test_acc"]))
     if results.get("baseline_test_acc") is not None:
         table.add_row(
@@ -40,7 +37,7 @@ def print_summary(results: Mapping[str, Plain], console: Console | None = None) 
         f"val acc {_pct(results.get('val_acc'))}"
         if results.get("val_acc") is not None
         else "no validation split",
-        f"fit {results.get('fit_seconds', 0):.1f}s",
+        f"fit {plain_num(results.get('fit_seconds', 0), 'fit_seconds'):.1f}s",
     ]
     if results.get("last_test_acc") is not None:
         extra.append(f"last epoch test {_pct(results['last_test_acc'])}")
@@ -50,9 +47,9 @@ def print_summary(results: Mapping[str, Plain], console: Console | None = None) 
         )
     if results.get("teacher_agreement") is not None:
         extra.append(f"student/teacher agreement {_pct(results['teacher_agreement'])}")
-    if results.get("baseline_test_acc") is not None and results.get("test_acc") is not None:
-        extra.append(
-            f"gain over baseline {100 * (results['test_acc'] - results['baseline_test_acc']):+.2f} pts"
-        )
+    test, baseline = results.get("test_acc"), results.get("baseline_test_acc")
+    if baseline is not None and test is not None:
+        gain = plain_num(test, "test_acc") - plain_num(baseline, "baseline_test_acc")
+        extra.append(f"gain over baseline {100 * gain:+.2f} pts")
     console.print(" · ".join(extra))
     console.print(f"results: {results.get('output_dir')}/results.json")

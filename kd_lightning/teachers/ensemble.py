@@ -9,6 +9,7 @@ from torch import nn
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.models.taps import FeatureTaps
+from kd_lightning.tensors import add_all
 
 TapFeatures = dict[str, torch.Tensor]  # one model's features: {tap: tensor}
 TeacherFeatures = dict[str, TapFeatures]  # every member's: {member: {tap: tensor}}
@@ -84,4 +85,4 @@ class TeacherEnsemble(nn.Module):
 
     def combined_logits(self, feats: Mapping[str, TapFeatures]) -> torch.Tensor:
         """Weighted mean of the members' logits (weights normalised to sum to one)."""
-        return sum(self.weights[n] * feats[n]["logits"].float() for n in self.members)
+        return add_all(self.weights[n] * feats[n]["logits"].float() for n in self.members)

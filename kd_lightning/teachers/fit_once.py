@@ -10,14 +10,13 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from filelock import FileLock
 
 from kd_lightning.errors import safe_name
 
 
-def keyed_path(folder: str | Path, stem: str, key: Any) -> Path:
+def keyed_path(folder: str | Path, stem: str, key: object) -> Path:
     """`folder/<stem>-<10 hex digits of the key's JSON>.pt`; `stem` must be a plain name (no path)."""
     safe_name("a cache file's name", stem)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from kd_lightning.config.run_spec import TeachersSpec, parse_teachers
-from kd_lightning.config.specs import FitSpec, MemberSpec, Plain
+from kd_lightning.config.specs import FitSpec, MemberSpec
 from kd_lightning.data.fingerprint import data_key
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import create_model, load_weights
 from kd_lightning.models.weights import safe_load
+from kd_lightning.plain import Plain
 from kd_lightning.teachers.ensemble import TeacherEnsemble
 from kd_lightning.teachers.fit_once import fit_once, keyed_path
 
@@ -107,12 +108,14 @@ def build_teachers(
             f"teachers.fit_seed={pool.fit_seed} changes nothing: every selected teacher comes from a file or "
             "from torchvision weights, none is fitted here; leave it at 0"
         )
-    members, checkpoints, unfitted = {}, {}, []
+    members: dict[str, nn.Module] = {}
+    checkpoints: dict[str, str] = {}
+    unfitted: list[str] = []
     for name, m in resolved.items():
-        members[name], checkpoints[name] = _load_or_fit(name, m, num_classes, input_shape, fit_fn, dry_run)
-        if checkpoints[name] is None:
+        members[name], checkpoint = _load_or_fit(name, m, num_classes, input_shape, fit_fn, dry_run)
+        if checkpoint is None:
             unfitted.append(name)
-            checkpoints[name] = str(m.path)
+        checkpoints[name] = checkpoint if checkpoint is not None else str(m.path)
     aliases = {name: dict(m.spec.taps) for name, m in resolved.items()}
     ensemble = TeacherEnsemble(members, aliases, weights, checkpoints)
     ensemble.unfitted = unfitted

@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from kd_lightning.config.specs import AUTO_TOPK, AUTO_TOPK_CLASSES, CacheSpec, Plain
+from kd_lightning.config.specs import AUTO_TOPK, AUTO_TOPK_CLASSES, CacheSpec
 from kd_lightning.data.base import TensorDataModule
 from kd_lightning.data.device import fits_on_device
 from kd_lightning.data.fingerprint import data_key
 from kd_lightning.errors import ConfigError
+from kd_lightning.plain import Plain
 from kd_lightning.teachers.ensemble import TeacherEnsemble, TeacherFeatures
 from kd_lightning.teachers.store import (
     OutputStore,
@@ -109,6 +110,8 @@ class TeacherOutputs:
         for taps in self.stores.values():
             for tap, s in taps.items():
                 if s.path is None:
+                    if self.scratch is None:
+                        raise RuntimeError("teacher stores held in RAM need a scratch folder to be shared")
                     taps[tap] = s.moved(self.scratch)
         self._complete = all(s.complete for s in self.all())
 
@@ -284,7 +287,7 @@ def build_outputs(
             cache.mode,
         )
         return None
-    folder = Path(cache.dir) / dm.name if cache.mode == "disk" else None
+    folder = Path(cache.dir) / dm.name if cache.mode == "disk" and cache.dir is not None else None
     identity = data_key(data_config, dm.content_fingerprint())
     replay = dm.replay_identity()
     if replay is not None:

@@ -41,7 +41,9 @@ class TeacherPrecompute(pl.Callback):
         if ranks.world > 1:
             outputs.share_between_ranks()
             ranks.barrier()  # every rank has opened the shared files before rank 0 locks them to fill
-        dm = trainer.datamodule
+        dm = getattr(trainer, "datamodule", None)  # Lightning sets it on the Trainer at fit
+        if dm is None or self.feed.teachers is None:
+            raise RuntimeError("the teacher outputs are filled in a fit with a datamodule and teachers")
         teachers = self.feed.teachers.to(device)  # the module moves them with itself later; the fill is now
 
         def run_teacher(x: torch.Tensor, member: str) -> dict[str, torch.Tensor]:
@@ -76,7 +78,9 @@ class TeacherPrecompute(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         counts = torch.tensor([self.feed.computed_samples], device=pl_module.device)
         if trainer.world_size > 1:
-            counts = pl_module.all_gather(counts).flatten()
+            gathered = pl_module.all_gather(counts)
+            assert isinstance(gathered, torch.Tensor)
+            counts = gathered.flatten()
             trainer.strategy.barrier()
             if trainer.is_global_zero and self.feed.outputs is not None:
                 self.feed.outputs.remove_scratch()

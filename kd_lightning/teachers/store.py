@@ -33,13 +33,14 @@ import shutil
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from filelock import FileLock
 
 from kd_lightning.errors import ConfigError, safe_name
 from kd_lightning.files import atomic_write
+from kd_lightning.plain import Plain, plain_list, plain_num, plain_str
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +132,14 @@ def model_digest(model: torch.nn.Module) -> str:
 
 
 def store_key(
-    data_identity: Mapping[str, Any],
+    data_identity: Mapping[str, Plain],
     slots: int,
     checkpoint_digest: str,
     tap: str,
     module: str,
     dtype: str,
     precision: str,
-) -> dict[str, Any]:
+) -> dict[str, Plain]:
     """Everything one teacher's outputs for one tap depend on (and nothing they do not)."""
     return {
         "format": FORMAT,
@@ -152,7 +153,7 @@ def store_key(
     }
 
 
-def key_digest(key: Mapping[str, Any]) -> str:
+def key_digest(key: Mapping[str, object]) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -160,12 +161,14 @@ class OutputStore(Protocol):
     """What a run fills and reads, one teacher's outputs for one tap by training slot: a TapStore (every
     value) or a TopKLogitsStore (compact logits). TeacherOutputs and the precompute hold either."""
 
-    key: dict[str, Any]
+    key: dict[str, Plain]
     label: str
     folder: Path | None
     path: Path | None
     lock_path: Path | None
-    shape: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
 
     @property
     def complete(self) -> bool: ...
@@ -198,13 +201,21 @@ class OutputStore(Protocol):
     def remove(self) -> None: ...
 
 
+class _StoreFiles(NamedTuple):
+    rows: Path
+    meta: Path
+    filled: Path
+    digests: Path
+    lock: Path
+
+
 class TapStore:
     """The outputs of one teacher for one tap: `rows[slot]`, a filled flag per slot, in RAM or in a file."""
 
-    def __init__(self, key: Mapping[str, Any], shape: tuple[int, ...], folder: Path | None, label: str):
+    def __init__(self, key: Mapping[str, Plain], shape: tuple[int, ...], folder: Path | None, label: str):
         self.key, self.label = dict(key), safe_name("a teacher store's name (teacher-tap)", label)
-        self.shape = (int(key["slots"]), *shape)
-        self.dtype = DTYPES[key["dtype"]]
+        self.shape = (int(plain_num(key["slots"], "slots")), *shape)
+        self.dtype = DTYPES[plain_str(key["dtype"], "dtype")]
         self.folder = folder
         name = f"{label}-{key_digest(key)}"
         self.path = folder / f"{name}.bin" if folder else None
@@ -219,8 +230,15 @@ class TapStore:
     def _numel(self) -> int:
         return math.prod(self.shape)
 
+    def _files(self) -> _StoreFiles:
+        """The store's files (a store in RAM has none)."""
+        if self.folder is None or self.path is None or self.meta_path is None:
+            raise RuntimeError(f"teacher store {self.label} is held in memory: it has no files")
+        assert self.filled_path and self.digest_path and self.lock_path  # set together in __init__
+        return _StoreFiles(self.path, self.meta_path, self.filled_path, self.digest_path, self.lock_path)
+
     def _open(self) -> None:
-        if self.path is None:
+        if self.folder is None:
             self.rows = torch.empty(self.shape, dtype=self.dtype)
             self.filled = torch.zeros(self.shape[0], dtype=torch.uint8)
             self._complete = False
@@ -228,51 +246,49 @@ class TapStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         # Under the store's lock: the ranks of a DDP job (and parallel jobs) open a store at the same time,
         # and exactly one of them may create (or rebuild) its files; the others then map the same files.
-        with FileLock(str(self.lock_path)):
-            self._open_files()
+        files = self._files()
+        with FileLock(str(files.lock)):
+            self._open_files(files)
 
-    def _open_files(self) -> None:
+    def _open_files(self, files: _StoreFiles) -> None:
         meta = self._read_meta()
         expected = self._numel() * self.dtype.itemsize
         if meta is not None and (
             meta.get("key") != self.key
-            or list(meta.get("shape", [])) != list(self.shape)
-            or not self.path.is_file()
-            or self.path.stat().st_size != expected
-            or not self.filled_path.is_file()
-            or self.filled_path.stat().st_size != self.shape[0]
+            or list(plain_list(meta.get("shape"), "shape")) != list(self.shape)
+            or not files.rows.is_file()
+            or files.rows.stat().st_size != expected
+            or not files.filled.is_file()
+            or files.filled.stat().st_size != self.shape[0]
         ):
-            log.warning("teacher store %s does not match its key or size; rebuilding it", self.path)
+            log.warning("teacher store %s does not match its key or size; rebuilding it", files.rows)
             meta = None
         if meta is None:
-            for p in (self.path, self.filled_path, self.digest_path):
+            for p in (files.rows, files.filled, files.digests):
                 p.unlink(missing_ok=True)
         # Every block of both files is allocated before they are mapped: a memory map that the disk
         # cannot back kills the process with SIGBUS on first touch, with no error and no results.json.
-        reserve(self.path, expected, self.label)
-        reserve(self.filled_path, self.shape[0], self.label)
-        reserve(self.digest_path, 8 * self.shape[0], self.label)  # zeros: no digest (rows of an older store)
-        self.rows = torch.from_file(str(self.path), shared=True, size=self._numel(), dtype=self.dtype).view(
+        reserve(files.rows, expected, self.label)
+        reserve(files.filled, self.shape[0], self.label)
+        reserve(files.digests, 8 * self.shape[0], self.label)  # zeros: no digest (rows of an older store)
+        self.rows = torch.from_file(str(files.rows), shared=True, size=self._numel(), dtype=self.dtype).view(
             self.shape
         )
-        self.digests = torch.from_file(
-            str(self.digest_path), shared=True, size=self.shape[0], dtype=torch.int64
-        )
-        self.filled = torch.from_file(
-            str(self.filled_path), shared=True, size=self.shape[0], dtype=torch.uint8
-        )
+        self.digests = torch.from_file(str(files.digests), shared=True, size=self.shape[0], dtype=torch.int64)
+        self.filled = torch.from_file(str(files.filled), shared=True, size=self.shape[0], dtype=torch.uint8)
         if meta is None:
             self._write_meta(complete=False)
         self._complete = bool(meta and meta.get("complete"))
-        if self._complete:
-            self._sums = list(meta.get("sums") or [])
+        if meta is not None and self._complete:
+            self._sums = [int(plain_num(v, "sums")) for v in plain_list(meta.get("sums"), "sums")]
             self.check(full=self.rows.numel() * self.dtype.itemsize <= VERIFY_AT_OPEN_BYTES)
 
-    def _read_meta(self) -> dict[str, Any] | None:
-        if not self.meta_path.is_file():
+    def _read_meta(self) -> dict[str, Plain] | None:
+        path = self._files().meta
+        if not path.is_file():
             return None
         try:
-            meta = json.loads(self.meta_path.read_text())
+            meta = json.loads(path.read_text())
         except (OSError, ValueError):
             log.warning("teacher store meta %s is unreadable; rebuilding the store", self.meta_path)
             return None
@@ -282,14 +298,15 @@ class TapStore:
         meta = {"key": self.key, "shape": list(self.shape), "dtype": self.key["dtype"], "complete": complete}
         if sums is not None:
             meta.update(block_rows=self.block_rows(), sums=sums)
-        atomic_write(self.meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1, sort_keys=True)))
+        text = json.dumps(meta, indent=1, sort_keys=True)
+        atomic_write(self._files().meta, lambda tmp: tmp.write_text(text))
 
     def refresh(self) -> None:
         """Re-read the completion flag (another process may have finished the store)."""
         if self.meta_path is not None:
             meta = self._read_meta()
             self._complete = bool(meta and meta.get("complete") and meta.get("key") == self.key)
-            self._sums = list((meta or {}).get("sums") or [])
+            self._sums = [int(plain_num(v, "sums")) for v in plain_list((meta or {}).get("sums"), "sums")]
 
     # --- rows ----------------------------------------------------------------------------------
     @property
@@ -362,7 +379,7 @@ class TapStore:
         flat = self.rows.view(-1).view(torch.uint8).numpy()
         step = self.block_rows() * (flat.size // max(1, self.shape[0]))
         chosen = range(self.n_blocks()) if blocks is None else blocks
-        return [zlib.crc32(flat[b * step : (b + 1) * step]) for b in chosen]
+        return [zlib.crc32(flat[b * step : (b + 1) * step].data) for b in chosen]
 
     def check(self, full: bool = True) -> list[int]:
         """Verify the rows of a complete store against the checksums recorded when it was completed (every
@@ -449,7 +466,7 @@ class TopKLogitsStore:
     another temperature the tail's shape is lost; the error this adds to each loss is measured in
     docs/STORE.md and bounded by tests/test_teacher_cache.py. Same interface as TapStore."""
 
-    def __init__(self, key: Mapping[str, Any], classes: int, k: int, folder: Path | None, label: str):
+    def __init__(self, key: Mapping[str, Plain], classes: int, k: int, folder: Path | None, label: str):
         self.classes, self.k, self.base_key = int(classes), int(k), dict(key)
         index_dtype = "int16" if self.classes < 2**15 else "int32"
         self.values = TapStore(
