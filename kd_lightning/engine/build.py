@@ -256,3 +256,19 @@ def _check_logits(owner: str, shape: tuple[int, ...], num_classes: int) -> None:
         raise ConfigError(
             f"{owner} outputs shape {shape} per sample but the dataset has {num_classes} classes"
         )
+
+
+def build_shared_feed(
+    spec: RunSpec, dm: TensorDataModule, teachers: TeacherEnsemble, taps: list[str], scratch: Path
+) -> TeacherFeed:
+    """One feed of `teachers` (their `taps`) for several jobs that train together (kd_lightning.core.packed):
+    stored where the run's teacher_cache says, as a run's own feed is; `scratch`: where stores shared
+    between ranks would go."""
+    teachers.configure_taps(taps)
+    batch = dm.prepare_batch(next(dm.iter_split("train", batch_size=8)), train=False)
+    feats = teachers(batch.x[: min(8, len(batch.x))])
+    shapes = {m: {k: tuple(v.shape[1:]) for k, v in f.items()} for m, f in feats.items()}
+    outputs = build_outputs(
+        spec.cache, dm, teachers, taps, shapes, spec.data.config, spec.trainer.precision, scratch=scratch
+    )
+    return TeacherFeed(teachers, outputs)

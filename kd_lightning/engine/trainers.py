@@ -194,6 +194,26 @@ def build_trainer(
     return trainer
 
 
+def build_pack_trainer(spec: RunSpec, folder: Path, callbacks: Iterable[pl.Callback] = ()) -> pl.Trainer:
+    """The Trainer of packed jobs (kd_lightning.core.packed): the jobs' trainer settings, the pack's own
+    checkpoints/last.ckpt in `folder` (resume=auto continues the pack from it), no logger (each job's figures
+    go to its results.json) and the given `callbacks`."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    last = ModelCheckpoint(
+        dirpath=folder / "checkpoints",
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    options = {**spec.trainer.options, "default_root_dir": str(folder)}
+    extra: dict[str, Any] = {} if spec.trainer.options.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    trainer = instantiate(options, "trainer", callbacks=[last, *callbacks], logger=False, **extra)
+    broadcast_sigterm_every_n_steps(trainer)
+    return trainer
+
+
 def broadcast_sigterm_every_n_steps(trainer: pl.Trainer) -> None:
     """Under DDP, Lightning 2.6 broadcasts a "SIGTERM received" flag from rank 0 before every training step
     and reads it on the host: a GPU wait per step (Lightning issue #21487). Here the ranks broadcast it every

@@ -25,7 +25,7 @@ across teachers of different architectures.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -198,6 +198,15 @@ class FeatureTaps:
         self._store = {}
         if getattr(self.model, "kd_cuda_graphs", False):  # copied out of the graph's memory (engine/build.py)
             feats = {k: v.clone() for k, v in feats.items()}
+        feats[OUTPUT] = out
+        return feats
+
+    def collect(self, forward: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The taps recorded while `forward()` runs the model some other way (with other weights through
+        torch.func.functional_call, under vmap: kd_lightning.core.packed), and its output as `logits`."""
+        self._store = {}
+        out = forward()
+        feats, self._store = self._store, {}
         feats[OUTPUT] = out
         return feats
 

@@ -175,7 +175,19 @@ def _stage0(request: RunRequest) -> _Stage0:
         return _Stage0(None, e)
 
 
-def _run_in_folder(request: RunRequest, owner: bool, team: launch.Peers | None) -> dict[str, Plain]:
+@dataclass
+class Opened:
+    """A run whose folder is checked and whose results.json may be written: stage 0's outcome, the results so
+    far (`running`) and those of the attempt it continues (resume=auto)."""
+
+    stage: _Stage0
+    results: dict[str, Plain]
+    earlier: dict[str, Plain]
+
+
+def open_run(request: RunRequest, owner: bool, team: launch.Peers | None) -> Opened | dict[str, Plain]:
+    """Stage 0 and the folder's checks: resume=auto's verdict (a finished run's results, returned as they
+    are), or the refusal to replace earlier work. Nothing is written yet."""
     out, resume = request.output_dir, resume_mode(request.resume)
     stage = _stage0(request)
     spec = stage.spec
@@ -199,20 +211,34 @@ def _run_in_folder(request: RunRequest, owner: bool, team: launch.Peers | None) 
                 return done
     elif owner:
         run_folder.refuse_to_replace(out, resume, request.overwrite)
-    results = _started_results(request, digest, accepted)
+    return Opened(stage, _started_results(request, digest, accepted), earlier)
+
+
+def _run_in_folder(request: RunRequest, owner: bool, team: launch.Peers | None) -> dict[str, Plain]:
+    out = request.output_dir
+    opened = open_run(request, owner, team)
+    if not isinstance(opened, Opened):
+        return opened
+    stage, results = opened.stage, opened.results
     if team is not None:  # every check that can refuse the run is behind us: the other ranks may start
         team.publish(
             launch.refusal(stage.problem) if stage.problem is not None else launch.Verdict(launch.GO)
         )
     if owner:
         write_json_atomic(out / "results.json", results)
-    _execute(stage, out, owner, results, earlier)
+    _execute(stage, out, owner, results, opened.earlier)
+    show_summary(stage, results, out, owner)
+    return results
+
+
+def show_summary(stage: _Stage0, results: dict[str, Plain], out: Path, owner: bool = True) -> None:
+    """The end-of-run table (or the dry run's paragraph) on the console, when the run prints one."""
+    spec = stage.spec
     if spec is not None and spec.settings.print_summary and owner and stage.runner is not None:
         if results["status"] == "dry_run":
             print(results.get("dry_run_summary") or f"dry run: built and checked; nothing trained ({out})")
         elif stage.runner.summary is not None:
             stage.runner.summary(results)
-    return results
 
 
 def _started_results(request: RunRequest, digest: str | None, accepted: list[str]) -> dict[str, Plain]:

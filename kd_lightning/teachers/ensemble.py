@@ -71,6 +71,22 @@ class TeacherEnsemble(nn.Module):
             for name, m in self.members.items()
         }
 
+    def subset(self, names: Iterable[str]) -> TeacherEnsemble:
+        """The members `names` as an ensemble of their own (the same modules, not copies; their weights
+        normalised again over the subset), for jobs that train beside each other on one union of teachers."""
+        chosen = list(names)
+        unknown = [n for n in chosen if n not in self.members]
+        if unknown:
+            raise ConfigError(f"teachers {unknown} are not in this ensemble ({', '.join(self.names)})")
+        part = TeacherEnsemble(
+            {n: self.members[n] for n in chosen},
+            {n: self.aliases[n] for n in chosen},
+            {n: self.weights[n] for n in chosen},
+            {n: self.checkpoints[n] for n in chosen if n in self.checkpoints},
+        )
+        part.unfitted = [n for n in self.unfitted if n in chosen]
+        return part
+
     def tap_module(self, member: str, tap: str) -> str:
         """The module a member's tap reads (`fc:input`, `logits`, ...), after its aliases."""
         return self._taps[member].specs[tap]

@@ -1,0 +1,1 @@
+"""kd_lightning's packed launcher for Hydra (hydra/launcher=packed): kd_lightning.runners.packed."""
