@@ -35,18 +35,19 @@ format: $(STAMP)
 bench-accuracy: $(STAMP)  ## gallo2020 with controls, landro2021 every teacher subset × combine mode; 3 teacher fits × 3 seeds, 95% CIs
 	$(PY) bench/accuracy.py $(ARGS)
 
-bench: $(STAMP)  ## throughput (student, KD live / stored, hand loop, torchdistill), store scale (sweep, DDP, memory), integrity costs (fingerprint of 100k files, checksums of a 1 GB store), startup, recorded views vs live teachers (ImageNet recipe); median [min-max] of interleaved reps
+bench: $(STAMP)  ## throughput (student, KD live / stored, hand loop, torchdistill), store scale (sweep, DDP, memory), integrity costs (fingerprint of 100k files, checksums of a 1 GB store), startup, recorded views vs live teachers (ImageNet recipe), packed students (landro2021's 7-job sweep, packed vs one by one); median [min-max] of interleaved reps
 	$(PY) -c "import torchdistill" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) bench/throughput.py $(ARGS)
 	$(PY) bench/scale.py
 	$(PY) bench/integrity.py
 	$(PY) bench/startup.py
 	$(PY) bench/views.py
+	$(PY) bench/packed.py
 
 gpu-check: $(STAMP)  ## on one GPU (under 8 min): 16-mixed/bf16-mixed, live vs stored, compile + channels-last, CUDA graphs, recorded views, DDP over NCCL, each with perf.check_syncs; a hand-written loop beside the cifar cases (framework/hand); images/s, ratios, peak memory; writes docs/GPU_CHECK.md (ARGS=--cpu: the smoke mode)
 	$(PY) bench/gpu_check.py $(if $(findstring --cpu,$(ARGS)),,--report docs/GPU_CHECK.md) $(ARGS)
 
-bench-sweeps: $(STAMP)  ## on a GPU: K = 1, 4, 8 jobs of the CIFAR pair at once (hydra/launcher=gpu_pool), student alone and live KD; images/s of the sweep over one job's (ARGS=--cpu: a tiny smoke run)
+bench-sweeps: $(STAMP)  ## on a GPU: K = 1, 4, 8 jobs of the CIFAR pair at once (hydra/launcher=gpu_pool) and K packed (hydra/launcher=packed), student alone and live KD; images/s of the sweep over one job's (ARGS=--cpu: a tiny smoke run)
 	$(PY) bench/sweep_pool.py $(ARGS)
 
 bench-papers: $(STAMP)  ## rahbar2020, thapa2022, ye2019, landro2021 reproductions with controls; teacher fits × seeds, tables + PNG plots

@@ -105,6 +105,31 @@ def keeps_best(spec: RunSpec) -> bool:
     )
 
 
+def _test_job(k: int, job: Job, pack: PackedModule, trainer: pl.Trainer) -> tuple[Tested, bool]:
+    """Job k tested as the distill runner tests a run: the last epoch, then (when its callbacks keep one) its
+    best epoch by val/acc, which its module then holds; and whether that best epoch was tested."""
+    ctx, module = job.ctx, job.module
+    if job.teachers is not None:
+        job.teachers.configure_taps(job.teacher_taps)
+    module.to(pack.device)
+    scores = trainer.test(module, datamodule=ctx.dm, verbose=False)[0]
+    last = float(scores["test/acc"])
+    state = pack.best_state[k] if keeps_best(ctx.spec) else None
+    best = state is not None and "val" in ctx.dm.val_roles()
+    if best:  # the epoch callbacks.model_checkpoint would keep
+        pack.students.unpack_into(k, module.student, state)
+        scores = trainer.test(module, datamodule=ctx.dm, verbose=False)[0]
+    names = job.teachers.names if job.teachers is not None else []
+    tested = Tested(
+        float(scores["test/acc"]),
+        last,
+        {n: float(scores[f"test/teacher/{n}/acc"]) for n in names if f"test/teacher/{n}/acc" in scores},
+        float(scores["test/teacher/ensemble/acc"]) if "test/teacher/ensemble/acc" in scores else None,
+        float(scores["test/agreement"]) if "test/agreement" in scores else None,
+    )
+    return tested, best
+
+
 def _finish_job(
     k: int,
     job: Job,
@@ -116,26 +141,10 @@ def _finish_job(
 ) -> None:
     """Job k's test (the last epoch, then its best epoch by val/acc) and report, into its results."""
     ctx, module = job.ctx, job.module
-    if job.teachers is not None:
-        job.teachers.configure_taps(job.teacher_taps)
-    module.to(pack.device)
     ctx.results["teacher_checkpoints"] = job.teachers.checkpoints if job.teachers is not None else {}
-    scores = trainer.test(module, datamodule=ctx.dm, verbose=False)[0]
-    last = float(scores["test/acc"])
-    state = pack.best_state[k] if keeps_best(ctx.spec) else None
-    if state is not None and "val" in ctx.dm.val_roles():  # the epoch callbacks.model_checkpoint would keep
-        pack.students.unpack_into(k, module.student, state)
-        scores = trainer.test(module, datamodule=ctx.dm, verbose=False)[0]
-    names = job.teachers.names if job.teachers is not None else []
-    tested = Tested(
-        float(scores["test/acc"]),
-        last,
-        {n: float(scores[f"test/teacher/{n}/acc"]) for n in names if f"test/teacher/{n}/acc" in scores},
-        float(scores["test/teacher/ensemble/acc"]) if "test/teacher/ensemble/acc" in scores else None,
-        float(scores["test/agreement"]) if "test/agreement" in scores else None,
-    )
+    tested, best = _test_job(k, job, pack, trainer)
     curve = pack.val_curves[k]
-    val = pack.best_acc[k] if state is not None else (curve[-1] if curve else None)
+    val = pack.best_acc[k] if best else (curve[-1] if curve else None)
     ctx.results.update(
         resumed_from=ckpt,
         fit_seconds=seconds,  # the whole pack's: its jobs trained at once
