@@ -35,7 +35,9 @@ def test_wheel_installed_elsewhere_runs_a_one_batch_job(tmp_path: Path):
     _sh(*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source), cwd=tmp_path)
     [wheel] = list(wheels.glob("kd_lightning-*.whl"))
     shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
-    assert shipped == {r for r in tracked if r.startswith("kd_lightning/") and r.endswith(".py")}
+    # the package, and the packed launcher where Hydra looks for launchers (hydra_plugins)
+    packages = ("kd_lightning/", "hydra_plugins/")
+    assert shipped == {r for r in tracked if r.startswith(packages) and r.endswith(".py")}
     _sh(*pip, "install", "--no-deps", "--target", str(target), str(wheel), cwd=tmp_path)
     assert (target / "kd_lightning" / "conf" / "train.yaml").is_file()
     assert (target / "kd_lightning" / "conf" / "scheduler" / "multistep.yaml").is_file()
