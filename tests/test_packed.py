@@ -64,8 +64,10 @@ def test_jobs_that_cannot_pack_are_told_why(tmp_path, cache_dir):
         request(2, "teachers.use=[cnn_l]", "+trainer.gradient_clip_val=1.0"),
         request(3, "teachers.use=[cnn_l]", "optim.lr=0.01"),
         request(4, "teachers.use=[cnn_l]", "test_each_epoch=true"),
+        request(5, "teachers.use=[cnn_s]", "seed=1"),
+        request(6, "teachers.use=[cnn_l]", "seed=1"),
     ])  # fmt: skip
-    assert plan.packs == [[0, 1]]
+    assert plan.packs == [[0, 1], [5, 6]]  # another seed, another batch order: a pack of its own
     assert "gradient_clip_val" in plan.alone[2]
     assert "shares its settings" in plan.alone[3]
     assert "test_each_epoch" in plan.alone[4]
@@ -134,3 +136,16 @@ def test_an_interrupted_pack_continues_from_its_checkpoint(tmp_path, cache_dir):
         assert after["status"] == "ok" and after["resumed_from"] == checkpoint
         assert len(before["val_curve"]) == 1 and len(after["val_curve"]) == 2
         assert after["val_curve"][0] == before["val_curve"][0]
+
+
+def test_a_convolutional_student_with_batch_norm_packs_to_float_rounding(tmp_path, cache_dir):
+    """A CNN student (batch norm: its running statistics stacked and updated under vmap) over its first
+    steps: packed, each job's weights and statistics are the job's alone to float rounding (a batched
+    convolution rounds differently from one at a time)."""
+    steps = ["student=cnn", "trainer.max_epochs=1", "+trainer.limit_train_batches=3"]
+    alone = [run(r) for r in _requests(tmp_path / "alone", cache_dir, *steps)[:3]]
+    packed = run_pack(_requests(tmp_path / "packed", cache_dir, *steps)[:3])
+    for a, p in zip(alone, packed, strict=True):
+        wa, wp = _weights(a), _weights(p)
+        assert any("running_mean" in k for k in wa)
+        assert all(torch.allclose(wa[k].float(), wp[k].float(), rtol=1e-5, atol=1e-6) for k in wa)
