@@ -66,11 +66,13 @@ def test_jobs_that_cannot_pack_are_told_why(tmp_path, cache_dir):
         request(4, "teachers.use=[cnn_l]", "test_each_epoch=true"),
         request(5, "teachers.use=[cnn_s]", "seed=1"),
         request(6, "teachers.use=[cnn_l]", "seed=1"),
+        request(7, "teachers.use=[cnn_l]", "+distill.terms.feat.no_such_option=1"),
     ])  # fmt: skip
     assert plan.packs == [[0, 1], [5, 6]]  # another seed, another batch order: a pack of its own
     assert "gradient_clip_val" in plan.alone[2]
     assert "shares its settings" in plan.alone[3]
     assert "test_each_epoch" in plan.alone[4]
+    assert "no_such_option" in plan.alone[7]  # it fails alone, with its own message, not the pack
 
 
 @pytest.mark.multiprocess

@@ -57,6 +57,13 @@ def plan_packs(requests: Sequence[RunRequest]) -> PackPlan:
             alone[i] = f"its config does not parse ({stage.problem})"
             continue
         reason = why_not_packed(stage.spec)
+        if reason is None:
+            try:  # a job that would stop on its own options stops alone, not the pack it would join
+                from kd_lightning.runners.distill import check_term_options
+
+                check_term_options(stage.spec)
+            except ConfigError as e:
+                reason = f"its distillation terms are refused ({e})"
         if reason is not None:
             alone[i] = reason
             continue
