@@ -112,11 +112,13 @@ class ViewPipeline:
         return out
 
     def __call__(self, img: ImageLike, draws: torch.Tensor) -> ImageLike:
-        return self._run(img, _size(img), draws, None)
+        out = self._run(img, _size(img), draws, None)
+        assert out is not None  # an image in, an image out
+        return out
 
     def _run(
         self, img: ImageLike | None, size: tuple[int, int], draws: torch.Tensor, record: list[Params] | None
-    ) -> ImageLike:
+    ) -> ImageLike | None:
         """The pipeline on `img` with the parameters `draws` gives each random step (sizes only when `img` is
         None), each random step's parameters appended to `record`."""
         u = [float(x) for x in draws]
@@ -134,7 +136,7 @@ class ViewPipeline:
             img, (h, w) = replay(step, img, (h, w), u[at:], p)
             if record is not None:
                 record.append(p)
-        return img  # type: ignore[return-value]
+        return img
 
 
 # A replay reads a step's settings (a torchvision transform, v2 or v1 of the same name) with `vars(step)`:

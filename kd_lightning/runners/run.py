@@ -197,7 +197,8 @@ def open_run(request: RunRequest, owner: bool, team: launch.Peers | None) -> Ope
     if resume == "auto":
         if spec is None:
             if owner and run_folder.holds_work(out):
-                raise stage.problem  # type: ignore[misc]  # the folder's earlier work stays as it is
+                assert stage.problem is not None  # stage 0 gives a spec or a problem
+                raise stage.problem  # the folder's earlier work stays as it is
         else:
             accepted = check_resume(spec.resolved, spec.settings.resume_accept, out)
             if accepted:
