@@ -21,13 +21,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from multirun import run_quietly  # noqa: E402
 
 
 def sweep(launcher: str, out: Path, cache: Path, epochs: int, samples: int) -> tuple[float, dict[str, dict]]:
@@ -36,14 +38,12 @@ def sweep(launcher: str, out: Path, cache: Path, epochs: int, samples: int) -> t
         f"trainer.max_epochs={epochs}", f"data.num_samples={samples}", "logger=none",
         "trainer.enable_progress_bar=false", "print_summary=false", f"hydra.sweep.dir={out}",
     ]  # fmt: skip
-    env = {**os.environ, "KD_CACHE_DIR": str(cache), "PYTHONWARNINGS": "ignore"}
+    os.environ["KD_CACHE_DIR"] = str(cache)  # the bench's own cache: the teachers it fitted
     t0 = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "kd_lightning.train", *args], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    code = run_quietly([sys.executable, "-m", "kd_lightning.train", *args], "bench-packed")
     wall = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise SystemExit(f"sweep with hydra/launcher={launcher} failed:\n{done.stderr[-3000:]}")
+    if code != 0:
+        raise SystemExit(f"sweep with hydra/launcher={launcher} failed (its stderr above)")
     results = {}
     for path in sorted(out.glob("*/results.json")):
         r = json.loads(path.read_text())

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +29,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+from multirun import run_quietly  # noqa: E402
 
 from kd_lightning.data.generate import write_cifar  # noqa: E402
 
@@ -56,14 +58,11 @@ def sweep(kind: str, k: int, mode: str, data: Path, out: Path, launcher: str = "
         "teachers.members.teacher.random_weights=true",
         "distill=none" if kind == "student" else "teacher_cache.mode=none",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     t0 = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "kd_lightning.train", *args], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    code = run_quietly([sys.executable, "-m", "kd_lightning.train", *args], "bench-sweeps")
     wall = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise SystemExit(f"sweep {kind} K={k} failed:\n{done.stderr[-3000:]}")
+    if code != 0:
+        raise SystemExit(f"sweep {kind} K={k} failed (its stderr above)")
     samples = 0
     results = sorted(out.rglob("results.json"))
     for path in results:

@@ -50,6 +50,17 @@ def probe_shapes(model_taps: FeatureTaps, x: torch.Tensor) -> dict[str, tuple[in
     return {k: tuple(v.shape[1:]) for k, v in feats.items()}
 
 
+def dry_batch(dm: TensorDataModule) -> torch.Tensor:
+    """Up to 8 training inputs, prepared as the teachers see them: what the shapes are probed on."""
+    batch = dm.prepare_batch(next(dm.iter_split("train", batch_size=8)), train=False)
+    return batch.x[: min(8, len(batch.x))]
+
+
+def teacher_tap_shapes(teachers: TeacherEnsemble, x: torch.Tensor) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Each member's per-sample shape of every tap it records, from the dry batch `x`."""
+    return {m: {k: tuple(v.shape[1:]) for k, v in f.items()} for m, f in teachers(x).items()}
+
+
 def build_datamodule(spec: RunSpec, allowed: Iterable[str] | None = None) -> TensorDataModule:
     """Stage 1's datamodule: `data` with the run's shuffle seed and per-epoch test (nothing set afterwards)."""
     return instantiate_datamodule(
@@ -142,15 +153,13 @@ def build_module(spec: RunSpec, dm: TensorDataModule, teachers: TeacherEnsemble 
         aliases=dict(spec.student.taps),
         owner="student",
     )
-    batch = dm.prepare_batch(next(dm.iter_split("train", batch_size=8)), train=False)
-    x = batch.x[: min(8, len(batch.x))]
+    x = dry_batch(dm)
     student_shapes = probe_shapes(student_taps, x)
     _check_logits("student", student_shapes["logits"], dm.num_classes)
     teacher_shapes = None
     if teachers is not None:
         teachers.configure_taps(Objective.teacher_taps(distill))
-        feats = teachers(x)
-        teacher_shapes = {m: {k: tuple(v.shape[1:]) for k, v in f.items()} for m, f in feats.items()}
+        teacher_shapes = teacher_tap_shapes(teachers, x)
         for m, shapes in teacher_shapes.items():
             _check_logits(f"teacher {m!r}", shapes["logits"], dm.num_classes)
     context: DataContext = {
@@ -265,9 +274,7 @@ def build_shared_feed(
     stored where the run's teacher_cache says, as a run's own feed is; `scratch`: where stores shared
     between ranks would go."""
     teachers.configure_taps(taps)
-    batch = dm.prepare_batch(next(dm.iter_split("train", batch_size=8)), train=False)
-    feats = teachers(batch.x[: min(8, len(batch.x))])
-    shapes = {m: {k: tuple(v.shape[1:]) for k, v in f.items()} for m, f in feats.items()}
+    shapes = teacher_tap_shapes(teachers, dry_batch(dm))
     outputs = build_outputs(
         spec.cache, dm, teachers, taps, shapes, spec.data.config, spec.trainer.precision, scratch=scratch
     )

@@ -8,12 +8,9 @@ different batch orders (the data order follows the seed), so they pack per seed.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 from kd_lightning.config.run_spec import RunSpec
 from kd_lightning.engine.launch import expected_world
-from kd_lightning.engine.resume import comparable
+from kd_lightning.engine.resume import comparable, config_hash
 from kd_lightning.losses import loss_class
 from kd_lightning.plain import plain_map
 
@@ -61,4 +58,4 @@ def pack_key(spec: RunSpec) -> str:
     paths = dict(plain_map(plain.get("paths"), "paths"))
     paths.pop("output_dir", None)
     plain["paths"] = paths
-    return hashlib.sha1(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return config_hash(plain)
