@@ -62,6 +62,7 @@ from kd_lightning.teachers.ensemble import TeacherEnsemble  # noqa: E402
 from kd_lightning.teachers.feed import TeacherFeed  # noqa: E402
 from kd_lightning.teachers.outputs import TeacherOutputs  # noqa: E402
 from kd_lightning.teachers.precompute import TeacherPrecompute  # noqa: E402
+from kd_lightning.teachers.slots import Slots  # noqa: E402
 from kd_lightning.teachers.store import TapStore, store_key  # noqa: E402
 
 T, ALPHA, LR = 4.0, 0.9, 1e-3
@@ -152,7 +153,11 @@ def build(work: dict, dm: TensorDataModule, with_teachers: bool, cache: bool):
         n = dm.num_train
         key = lambda m: store_key({"bench": m}, n, m, "logits", "logits", "float32", "32-true")  # noqa: E731
         outputs = TeacherOutputs(
-            {m: {"logits": TapStore(key(m), (work["classes"],), None, f"{m}-logits")} for m in teachers.names}
+            {
+                m: {"logits": TapStore(key(m), (work["classes"],), None, f"{m}-logits")}
+                for m in teachers.names
+            },
+            Slots(n),
         )
     optim = build_optim({"_target_": "torch.optim.Adam", "_partial_": True, "lr": LR}, None)
     feed = TeacherFeed(teachers, outputs) if teachers is not None else None

@@ -34,7 +34,7 @@ def test_digits_splits_are_disjoint_seeded_and_yield_indices():
     torch.testing.assert_close(a.splits["train"].x, b.splits["train"].x)
     batch = next(iter(a.train_dataloader()))
     x, y, idx = batch.x, batch.y, batch.index
-    assert x.shape == (64, 1, 8, 8) and y.shape == idx.shape == (64,) and batch.slot is None
+    assert x.shape == (64, 1, 8, 8) and y.shape == idx.shape == (64,) and batch.view is None
     torch.testing.assert_close(a.splits["train"].x[idx], x)
     c = DigitsDataModule(split_seed=4)
     c.setup()
@@ -209,16 +209,16 @@ def test_imagefolder_class_subset_relabels_in_the_order_given(tmp_path: Path):
         ImageFolderDataModule(root=str(root), class_subset=[0, 7]).setup()
 
 
-def test_imagefolder_consistent_teaching_views_give_slots(tmp_path: Path):
+def test_imagefolder_consistent_teaching_batches_say_each_samples_view(tmp_path: Path):
     root = write_png_classes(tmp_path / "train", ["a", "b"], 8)
     dm = ImageFolderDataModule(
         root=str(root), image_size=12, batch_size=4, augment={"crop_padding": 2, "hflip": True, "views": 3}
     )
     dm.setup()
     assert dm.view_params is not None and dm.view_params.shape == (dm.num_train, 3, 3)
-    assert dm.cache_slots == 3 * dm.num_train and not dm.fresh_views
+    assert dm.views_per_sample == 3 and not dm.fresh_views
     batch = dm.prepare_batch(next(iter(dm.train_dataloader())), train=True)
-    assert batch.slot is not None and torch.equal(batch.slot // 3, batch.index)
+    assert batch.view is not None and torch.equal(batch.view, dm.epoch_views(0)[batch.index])
 
 
 def test_imagefolder_runs_with_class_subset_views_cache_and_robustness(make_cfg, tmp_path: Path):

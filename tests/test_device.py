@@ -46,9 +46,9 @@ def test_stores_on_disk_are_read_by_the_loaders_workers_with_the_same_losses(mak
     def spy(module):
         features = module.feed.features
 
-        def features_seen(x, slots, targets=None):
+        def features_seen(x, index, view=None, targets=None):
             seen.setdefault("targets", targets is not None)
-            return features(x, slots, targets)
+            return features(x, index, view, targets)
 
         module.feed.features = features_seen
 

@@ -14,6 +14,7 @@ from kd_lightning.engine.build import build_module, build_teacher_ensemble
 from kd_lightning.models import load_model, save_model
 from kd_lightning.teachers.outputs import Ranks, TeacherOutputs
 from kd_lightning.teachers.precompute import TeacherPrecompute
+from kd_lightning.teachers.slots import Slots
 from kd_lightning.teachers.store import TapStore, store_key
 
 from .conftest import built_data
@@ -120,6 +121,18 @@ def _key(slots: int = 6) -> dict:
     return store_key({"d": 1}, slots, "abc", "embed", "fc:input", "float32", "32-true")
 
 
+def test_slots_put_the_views_of_a_sample_side_by_side_and_give_them_back():
+    slots = Slots(samples=5, views=3)
+    index, view = torch.tensor([0, 4, 2, 2]), torch.tensor([0, 2, 1, 2])
+    rows = slots.rows(index, view)
+    assert rows.tolist() == [0, 14, 7, 8] and slots.count == 15
+    back_index, back_view = slots.keys(torch.arange(slots.count))
+    assert back_view is not None and torch.equal(slots.rows(back_index, back_view), torch.arange(15))
+    assert Slots(5).keys(torch.arange(5))[1] is None and torch.equal(Slots(5).rows(index, None), index)
+    with pytest.raises(ValueError, match="3 recorded views per sample"):
+        slots.rows(index, None)
+
+
 def test_a_store_killed_half_way_is_completed_and_equals_an_uninterrupted_one(tmp_path):
     values = torch.randn(6, 3)
     runs = {"n": 0}
@@ -129,10 +142,10 @@ def test_a_store_killed_half_way_is_completed_and_equals_an_uninterrupted_one(tm
         return {"embed": values[x.long().flatten()]}
 
     def outputs(folder):
-        return TeacherOutputs({"t": {"embed": TapStore(_key(), (3,), folder, "t-embed")}})
+        return TeacherOutputs({"t": {"embed": TapStore(_key(), (3,), folder, "t-embed")}}, Slots(6))
 
     whole = outputs(tmp_path / "a")
-    whole.fill(run_teacher, lambda chunks: (c.float().view(-1, 1) for c in chunks), batch_size=4)
+    whole.fill(run_teacher, lambda chunks: (i.float().view(-1, 1) for i, _ in chunks), batch_size=4)
     assert whole.complete and runs["n"] == 6
 
     killed = outputs(tmp_path / "b").stores["t"]["embed"]  # a writer that died after 3 rows
@@ -141,28 +154,31 @@ def test_a_store_killed_half_way_is_completed_and_equals_an_uninterrupted_one(tm
     runs["n"] = 0
     again = outputs(tmp_path / "b")
     assert not again.complete  # never read as complete
-    again.fill(run_teacher, lambda chunks: (c.float().view(-1, 1) for c in chunks), batch_size=4)
+    again.fill(run_teacher, lambda chunks: (i.float().view(-1, 1) for i, _ in chunks), batch_size=4)
     assert runs["n"] == 3 and again.complete  # only the missing rows
-    torch.testing.assert_close(again.get(torch.arange(6), "cpu")["t"]["embed"], values)
-    torch.testing.assert_close(whole.get(torch.arange(6), "cpu")["t"]["embed"], values)
+    torch.testing.assert_close(again.get(torch.arange(6), None, "cpu")["t"]["embed"], values)
+    torch.testing.assert_close(whole.get(torch.arange(6), None, "cpu")["t"]["embed"], values)
 
 
 def test_teachers_missing_the_same_rows_share_each_chunk_of_inputs_and_others_get_their_own():
     values = {m: torch.randn(6, 3) for m in ("a", "b", "c")}
-    outs = TeacherOutputs({m: {"embed": TapStore(_key(), (3,), None, f"{m}-embed")} for m in values})
+    outs = TeacherOutputs(
+        {m: {"embed": TapStore(_key(), (3,), None, f"{m}-embed")} for m in values}, Slots(6)
+    )
     outs.stores["c"]["embed"].write(torch.tensor([0, 1, 2]), values["c"][:3])  # c misses other rows
     made = []
 
-    def slot_batches(chunks):
-        for c in chunks:
-            made.append(c.tolist())
-            yield c.float().view(-1, 1)
+    def view_batches(chunks):
+        for i, view in chunks:
+            assert view is None  # no recorded views: a slot is a sample
+            made.append(i.tolist())
+            yield i.float().view(-1, 1)
 
-    outs.fill(lambda x, m: {"embed": values[m][x.long().flatten()]}, slot_batches, batch_size=4)
+    outs.fill(lambda x, m: {"embed": values[m][x.long().flatten()]}, view_batches, batch_size=4)
     assert made == [[0, 1, 2, 3], [4, 5], [3, 4, 5]]  # a and b read rows 0-5 once; c its own three
     assert outs.computed == 6 + 6 + 3 and outs.complete
     for m in values:
-        torch.testing.assert_close(outs.get(torch.arange(6), "cpu")[m]["embed"], values[m])
+        torch.testing.assert_close(outs.get(torch.arange(6), None, "cpu")[m]["embed"], values[m])
 
 
 def test_a_corrupt_or_mismatched_store_is_reported_and_rebuilt(tmp_path, caplog):
@@ -197,7 +213,7 @@ def test_float16_and_bfloat16_storage_round_trip_within_their_precision(tmp_path
 
 def test_ranks_split_the_missing_rows():
     store = TapStore(_key(8), (1,), None, "t-embed")
-    outs = TeacherOutputs({"t": {"embed": store}})
+    outs = TeacherOutputs({"t": {"embed": store}}, Slots(8))
     seen = []
 
     def run_teacher(x, member):
@@ -206,7 +222,7 @@ def test_ranks_split_the_missing_rows():
 
     outs.fill(
         run_teacher,
-        lambda chunks: (c.float().view(-1, 1) for c in chunks),
+        lambda chunks: (i.float().view(-1, 1) for i, _ in chunks),
         Ranks(rank=1, world=2),
         batch_size=8,
     )
@@ -237,15 +253,15 @@ def test_consistent_teaching_views_are_recorded_and_repeat(make_cfg):
         current_epoch = 0
 
     dm.trainer = _T()
-    seen: dict[int, torch.Tensor] = {}
+    seen: dict[tuple[int, int], torch.Tensor] = {}
     for e in range(6):
         _T.current_epoch = e
-        xb, _, _, slot, _ = dm.prepare_batch(Batch(x.clone(), y, index), train=True)
-        assert torch.equal(slot, index * 2 + views[e])
-        for i, s in enumerate(slot.tolist()):
-            if s in seen:
-                assert torch.equal(seen[s], xb[i])  # the same (sample, view) is the same image
-            seen[s] = xb[i]
+        xb, _, _, view, _ = dm.prepare_batch(Batch(x.clone(), y, index), train=True)
+        assert torch.equal(view, views[e])
+        for i, key in enumerate(zip(index.tolist(), view.tolist(), strict=True)):
+            if key in seen:
+                assert torch.equal(seen[key], xb[i])  # the same (sample, view) is the same image
+            seen[key] = xb[i]
     assert len(seen) > 16  # both views of some samples were shown
 
 
@@ -487,8 +503,8 @@ def test_a_slow_rank_still_fills_its_share_when_the_other_rank_has_written_first
 
     def rank(r: int) -> None:
         try:
-            outs = TeacherOutputs({"t": {"embed": stores[r]}})
-            outs.fill(lambda x, m: {"embed": x}, lambda chunks: (c.float().view(-1, 1) for c in chunks),
+            outs = TeacherOutputs({"t": {"embed": stores[r]}}, Slots(16))
+            outs.fill(lambda x, m: {"embed": x}, lambda chunks: (i.float().view(-1, 1) for i, _ in chunks),
                       Ranks(rank=r, world=2, barrier=lambda: barrier.wait(timeout=30)), batch_size=4)  # fmt: skip
         except Exception as e:  # noqa: BLE001  (reported by the assertion below)
             errors.append(e)
@@ -565,7 +581,7 @@ def test_flipped_bytes_in_a_store_are_caught_and_only_their_block_recomputed(tmp
     values = torch.randn(10, 3)
 
     def outputs():
-        return TeacherOutputs({"t": {"embed": TapStore(_key(10), (3,), tmp_path, "t-embed")}})
+        return TeacherOutputs({"t": {"embed": TapStore(_key(10), (3,), tmp_path, "t-embed")}}, Slots(10))
 
     def run_teacher(x, member):
         runs.append(len(x))
@@ -573,7 +589,7 @@ def test_flipped_bytes_in_a_store_are_caught_and_only_their_block_recomputed(tmp
 
     runs: list[int] = []
     first = outputs()
-    first.fill(run_teacher, lambda chunks: (c.float().view(-1, 1) for c in chunks))
+    first.fill(run_teacher, lambda chunks: (i.float().view(-1, 1) for i, _ in chunks))
     path = first.stores["t"]["embed"].path
     del first
     raw = bytearray(path.read_bytes())
@@ -583,9 +599,9 @@ def test_flipped_bytes_in_a_store_are_caught_and_only_their_block_recomputed(tmp
     runs.clear()
     again = outputs()
     assert not again.complete and "1 of 3 blocks do not match their checksums (rows 4-7)" in caplog.text
-    again.fill(run_teacher, lambda chunks: (c.float().view(-1, 1) for c in chunks))
+    again.fill(run_teacher, lambda chunks: (i.float().view(-1, 1) for i, _ in chunks))
     assert runs == [4] and again.complete  # that block's rows only
-    torch.testing.assert_close(again.get(torch.arange(10), "cpu")["t"]["embed"], values)
+    torch.testing.assert_close(again.get(torch.arange(10), None, "cpu")["t"]["embed"], values)
     caplog.clear()
     assert outputs().complete and "checksums" not in caplog.text  # repaired for good
 
@@ -596,7 +612,7 @@ def test_a_byte_that_changes_before_the_store_is_sealed_is_computed_again_not_se
     sealed store holds the teacher's outputs."""
     key = store_key({"data": "x"}, 64, "t", "logits", "logits", "float32", "32-true")
     store = TapStore(key, (10,), tmp_path, "t-logits")
-    outputs = TeacherOutputs({"t": {"logits": store}})
+    outputs = TeacherOutputs({"t": {"logits": store}}, Slots(64))
     inputs = torch.randn(64, 10)
 
     def teacher(x, member):
@@ -605,7 +621,7 @@ def test_a_byte_that_changes_before_the_store_is_sealed_is_computed_again_not_se
     flipped = []
 
     def batches(chunks):
-        for chunk in chunks:
+        for chunk, _ in chunks:
             yield inputs[chunk]
             if not flipped and store.filled.sum() == 64:  # every row written, nothing sealed yet
                 with open(store.path, "r+b") as f:

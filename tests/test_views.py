@@ -17,6 +17,7 @@ from kd_lightning.data import ImageFolderDataModule
 from kd_lightning.data.views import resized_crop_box
 from kd_lightning.engine.build import build_module, build_teacher_ensemble
 from kd_lightning.errors import ConfigError
+from kd_lightning.teachers.slots import Slots
 
 from .conftest import built_data
 from .test_imagenet_recipe import _pngs
@@ -48,22 +49,25 @@ class _Epoch:  # the trainer the datamodule reads the epoch (and the device) fro
 def test_a_recorded_view_is_the_same_pixels_wherever_it_is_made(tmp_path):
     _pngs(tmp_path / "train", ["a", "b"], 6)
     dm = _views_dm(tmp_path / "train", [*CROP_FLIP, JITTER])
-    assert dm.cache_slots == 3 * dm.num_train and not dm.fresh_views and dm.input_shape == (3, 16, 16)
+    assert dm.views_per_sample == 3 and not dm.fresh_views and dm.input_shape == (3, 16, 16)
     dm.trainer = _Epoch()
-    made_for_teacher = {}  # what the teacher-output precompute shows the teacher, slot by slot
-    slots = torch.arange(dm.cache_slots)
-    for chunk, x in zip(slots.split(8), dm.slot_batches(list(slots.split(8))), strict=True):
-        made_for_teacher.update(zip(chunk.tolist(), x, strict=True))
+    made_for_teacher = {}  # what the teacher-output precompute shows the teacher, (sample, view) by (sample, view)
+    slots = Slots.of(dm)
+    chunks = [slots.keys(chunk) for chunk in torch.arange(slots.count).split(8)]
+    for (index, view), x in zip(chunks, dm.view_batches(chunks), strict=True):
+        made_for_teacher.update(zip(zip(index.tolist(), view.tolist(), strict=True), x, strict=True))
+    assert len(made_for_teacher) == 3 * dm.num_train
     seen = set()
     for epoch in range(4):  # the student's batches replay those views, epoch after epoch
         _Epoch.current_epoch = epoch
         for batch in dm.train_dataloader():
             batch = dm.prepare_batch(batch, train=True)
-            assert torch.equal(batch.slot // 3, batch.index)
-            assert torch.equal(batch.slot % 3, dm.epoch_views(epoch)[batch.index])
-            for s, x in zip(batch.slot.tolist(), batch.x, strict=True):
-                assert torch.equal(x, made_for_teacher[s]), f"slot {s} differs from the view the teacher saw"
-                seen.add(s)
+            assert torch.equal(batch.view, dm.epoch_views(epoch)[batch.index])
+            for key, x in zip(
+                zip(batch.index.tolist(), batch.view.tolist(), strict=True), batch.x, strict=True
+            ):
+                assert torch.equal(x, made_for_teacher[key]), f"{key} differs from the view the teacher saw"
+                seen.add(key)
     assert len(seen) > dm.num_train  # several views of some samples were shown
     # different views of one sample are different crops
     x0, x1 = dm.splits["train"][(0, 0)][0], dm.splits["train"][(0, 1)][0]
@@ -146,15 +150,15 @@ def test_stored_teacher_outputs_of_a_view_are_the_teacher_on_that_view(make_cfg,
     assert outputs is not None and outputs.all()[0].shape[0] == 2 * dm.num_train
     teachers = module.teachers
     computed = outputs.fill(
-        lambda x, m: teachers(x, names=[m])[m], lambda c: dm.slot_batches(c), batch_size=7
+        lambda x, m: teachers(x, names=[m])[m], lambda c: dm.view_batches(c), batch_size=7
     )
-    assert computed == dm.cache_slots and outputs.complete
+    assert computed == 2 * dm.num_train and outputs.complete
     dm.trainer = _Epoch()
     for epoch in (0, 1):
         _Epoch.current_epoch = epoch
         batch = dm.prepare_batch(next(iter(dm.train_dataloader())), train=True)
         live = teachers(batch.x)
-        stored = outputs.get(batch.slot, "cpu")
+        stored = outputs.get(batch.index, batch.view, "cpu")
         for tap, value in live["cnn_s"].items():
             torch.testing.assert_close(stored["cnn_s"][tap], value, rtol=2e-3, atol=2e-3)  # float16's bound
 
@@ -172,12 +176,14 @@ def test_views_made_in_worker_processes_are_the_same(tmp_path):
         _views_dm(tmp_path / "train", views=2),
         _views_dm(tmp_path / "train", views=2, num_workers=1),
     )
-    chunks = list(torch.arange(here.cache_slots).split(5))
-    for a, b in zip(here.slot_batches(chunks), workers.slot_batches(chunks), strict=True):
+    slots = Slots.of(here)
+    chunks = [slots.keys(chunk) for chunk in torch.arange(slots.count).split(5)]
+    for a, b in zip(here.view_batches(chunks), workers.view_batches(chunks), strict=True):
         assert torch.equal(a, b)
-    made = {int(s): x for s, x in zip(torch.cat(chunks).tolist(), torch.cat(list(here.slot_batches(chunks))))}
+    keys = [(i, v) for index, view in chunks for i, v in zip(index.tolist(), view.tolist(), strict=True)]
+    made = dict(zip(keys, torch.cat(list(here.view_batches(chunks))), strict=True))
     workers.trainer = _Epoch()
     for batch in workers.train_dataloader():
         batch = workers.prepare_batch(batch, train=True)
-        for s, x in zip(batch.slot.tolist(), batch.x, strict=True):
-            assert torch.equal(x, made[s])
+        for key, x in zip(zip(batch.index.tolist(), batch.view.tolist(), strict=True), batch.x, strict=True):
+            assert torch.equal(x, made[key])

@@ -82,7 +82,7 @@ def fill_stores(cfg: DictConfig, verify: bool = False) -> Filled:
     with precision_context(spec.trainer.precision, device):
         computed = outputs.fill(
             lambda x, m: teachers(x, names=[m])[m],
-            lambda chunks: dm.slot_batches(chunks, device),
+            lambda chunks: dm.view_batches(chunks, device),
             batch_size=dm.eval_batch_size,
         )
     return Filled(files=outputs.files(), computed=computed, mismatched=mismatched)

@@ -107,7 +107,7 @@ class DistillationModule(pl.LightningModule):
         x, y = self._input(batch), batch.y
         s_feats = self.taps(x)
         feed = self.feed if self.needs_teachers else None
-        t_feats = feed.features(x, batch.cache_slot, batch.targets) if feed is not None else None
+        t_feats = feed.features(x, batch.index, batch.view, batch.targets) if feed is not None else None
         loss, parts = self.objective(s_feats, t_feats, y, index=batch.index, epoch=self.current_epoch, x=x)
         self._tally.add(self.global_step, len(y), loss, parts, s_feats["logits"], y)
         if self.global_step % log_every(self.trainer) == 0:

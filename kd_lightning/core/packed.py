@@ -141,7 +141,7 @@ class PackedModule(pl.LightningModule):
         x, y = batch.x, batch.y
         student = self.students(x)
         feed = self.feed if self.needs_teachers else None
-        teachers = feed.features(x, batch.cache_slot, batch.targets) if feed is not None else None
+        teachers = feed.features(x, batch.index, batch.view, batch.targets) if feed is not None else None
         losses = []
         for k, objective in enumerate(self.objectives):
             mine = {tap: v[k] for tap, v in student.items()}

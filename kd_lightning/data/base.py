@@ -1,6 +1,6 @@
 """The datamodule base: splits, normalisation and augmentation on device, and the public reading API.
 
-Every batch is a `Batch(x, y, index, slot, targets)` (kd_lightning.data.batch). Normalisation and augmentation
+Every batch is a `Batch(x, y, index, view, targets)` (kd_lightning.data.batch). Normalisation and augmentation
 run in `on_after_batch_transfer`, after the batch has reached the device, so student and teachers always
 see the same tensor. Other parts of the framework (evaluation, amalgamation) read data only through the
 public methods `iter_split`, `labels`, `prepare_batch`, `input_shape`, `num_classes` and `num_train`, so a
@@ -108,8 +108,8 @@ class SplitDataset(Dataset):
 
 class IndexedTensorDataset(SplitDataset):
     """`(x[i], y[i], i)`; `__getitems__` returns a whole Batch with one index operation. Under consistent
-    teaching the training split's sampler gives `(sample, view)` keys, and the batch carries each key's
-    slot (sample · `views` + view), which the augmentation on the device replays."""
+    teaching the training split's sampler gives `(sample, view)` keys, and the batch carries each sample's
+    view, which the augmentation on the device replays."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
         if len(x) != len(y):
@@ -125,11 +125,9 @@ class IndexedTensorDataset(SplitDataset):
     def __getitems__(self, keys: list[int] | list[tuple[int, int]]) -> Batch:
         if keys and isinstance(keys[0], tuple):
             idx, view = torch.as_tensor(keys, dtype=torch.long).unbind(1)
-            return Batch(self.x[idx], self.y[idx], idx, idx * self.slots_per_sample + view)
+            return Batch(self.x[idx], self.y[idx], idx, view)
         idx = torch.as_tensor(keys, dtype=torch.long)
         return Batch(self.x[idx], self.y[idx], idx)
-
-    slots_per_sample = 1  # recorded views per sample, set on the training split under consistent teaching
 
     @property
     def labels(self) -> torch.Tensor:
@@ -186,17 +184,23 @@ def batch_is_collated(batch: object) -> Batch:
     return batch
 
 
+# what the teacher stores give for a batch's samples (and their recorded views): their rows, read on the host
+TargetReader = Callable[[torch.Tensor, torch.Tensor | None], Targets]
+
+
 class _with_targets:  # noqa: N801  (a collate function, named as the functions it wraps)
     """A collate function that also reads the batch's stored teacher outputs (in the loader's workers)."""
 
-    def __init__(self, collate: Collate, reader: Callable[[torch.Tensor], Targets]):
+    def __init__(self, collate: Collate, reader: TargetReader):
         self.collate, self.reader = collate, reader
 
     def __call__(self, samples: object) -> Batch:
         batch = self.collate(samples)
-        if batch.cache_slot is None:
-            raise ValueError("stored teacher outputs need the batch's slots (a dataset of kd_lightning's)")
-        return batch._replace(targets=self.reader(batch.cache_slot))
+        if batch.index is None:
+            raise ValueError(
+                "stored teacher outputs need the batch's sample indices (a dataset of kd_lightning's)"
+            )
+        return batch._replace(targets=self.reader(batch.index, batch.view))
 
 
 def crop_flip_params(
@@ -446,40 +450,39 @@ class TensorDataModule(pl.LightningDataModule):
         )
         yield from loader
 
-    def slot_inputs(self, slots: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-        """What the teachers see for these training slots (`Batch.cache_slot`): the samples normalised and,
-        under consistent teaching, in their recorded view; for the teacher-output precompute."""
+    def view_inputs(
+        self, index: torch.Tensor, view: torch.Tensor | None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """What the teachers see for these training samples: normalised and, under consistent teaching, in
+        recorded view `view` (None without recorded views); for the teacher-output precompute."""
         self._require_setup()
-        slots = slots.cpu()
-        views = self.views if self.augments_training and self.views else None
-        samples = slots // views if views else slots
+        index = index.cpu()
         ds = self.splits["train"]
-        items = samples.tolist()
-        if views and getattr(ds, "views", None) is not None:  # the dataset makes each recorded view itself
-            raw = collate_samples([ds[(int(s) // views, int(s) % views)] for s in slots.tolist()])
+        if view is not None and getattr(ds, "views", None) is not None:  # the dataset makes each view itself
+            raw = collate_samples([ds[key] for key in zip(index.tolist(), view.tolist(), strict=True)])
             return self.prepare_batch(raw._replace(x=raw.x.to(device)), train=False).x
         if isinstance(ds, IndexedTensorDataset):
-            raw = ds.__getitems__(items)
+            raw = ds.__getitems__(index.tolist())
         else:
-            raw = collate_samples([ds[i] for i in items])
+            raw = collate_samples([ds[i] for i in index.tolist()])
         x = self.prepare_batch(raw._replace(x=raw.x.to(device)), train=False).x
-        if views and self.view_params is not None:
-            x = crop_flip(x, self.crop_padding, self.view_params[samples, slots % views])
+        if view is not None and self.view_params is not None:
+            x = crop_flip(x, self.crop_padding, self.view_params[index, view.cpu()])
         return x
 
-    def slot_batches(
-        self, chunks: Sequence[torch.Tensor], device: torch.device | str = "cpu"
+    def view_batches(
+        self, chunks: Sequence[tuple[torch.Tensor, torch.Tensor | None]], device: torch.device | str = "cpu"
     ) -> Iterator[torch.Tensor]:
-        """`slot_inputs` of each chunk of training slots in turn. Recorded views made from image files are
+        """`view_inputs` of each chunk of (samples, views) in turn. Recorded views made from image files are
         read and made in `num_workers` worker processes (the precompute decodes K views of every image)."""
         self._require_setup()
         ds = self.splits["train"]
-        if getattr(ds, "views", None) is None or self.num_workers == 0:
-            for chunk in chunks:
-                yield self.slot_inputs(chunk, device)
+        made_by_dataset = getattr(ds, "views", None) is not None and all(v is not None for _, v in chunks)
+        if not made_by_dataset or self.num_workers == 0:
+            for index, view in chunks:
+                yield self.view_inputs(index, view, device)
             return
-        k = self.views
-        keys = [[(s // k, s % k) for s in chunk.tolist()] for chunk in chunks]
+        keys = [list(zip(i.tolist(), v.tolist(), strict=True)) for i, v in chunks if v is not None]
         loader = DataLoader(ds, batch_sampler=keys, collate_fn=collate_samples, num_workers=self.num_workers)
         for raw in loader:
             yield self.prepare_batch(raw._replace(x=raw.x.to(device)), train=False).x
@@ -510,10 +513,11 @@ class TensorDataModule(pl.LightningDataModule):
         return self.augments_training and self.views is None
 
     @property
-    def cache_slots(self) -> int:
-        """Rows a teacher-output cache needs: one per training sample, or per (sample, view)."""
-        n = len(self.splits["train"])
-        return n * self.views if self.augments_training and self.views else n
+    def views_per_sample(self) -> int:
+        """How many views of each training sample there are for teachers to see: K under consistent teaching
+        (`Batch.view` says which), else 1."""
+        self._require_setup()
+        return self.views if self.recorded_views and self.views else 1
 
     def epoch_views(self, epoch: int) -> torch.Tensor:
         """Which recorded view each training sample shows in `epoch` (depends on the run seed and epoch).
@@ -540,16 +544,15 @@ class TensorDataModule(pl.LightningDataModule):
             if self.views is None:
                 x = random_crop_flip(x, self.crop_padding, self.hflip, self._augment_rng(x.device))
             elif batch.index is not None:
-                # consistent teaching: this epoch's recorded view of each sample. `slot`, the (sample, view)
-                # the teacher-output store keys on, comes from the sampler, else is found here on the device
-                slot = batch.slot
-                if slot is None:
+                # consistent teaching: this epoch's recorded view of each sample (the teacher stores key on it
+                # too) comes from the sampler, else is found here on the device
+                view = batch.view
+                if view is None:
                     epoch = self.trainer.current_epoch if self.trainer is not None else 0
                     key = ("views", self.shuffle_seed, epoch)
-                    views = self._on(x.device, key, lambda: self.epoch_views(epoch))
-                    slot = batch.index * self.views + views[batch.index]
-                params = self._on(x.device, "view_params", lambda: self._view_params().flatten(0, 1))
-                return batch._replace(x=crop_flip(x, self.crop_padding, params[slot]), slot=slot)
+                    view = self._on(x.device, key, lambda: self.epoch_views(epoch))[batch.index]
+                params = self._on(x.device, "view_params", self._view_params)
+                return batch._replace(x=crop_flip(x, self.crop_padding, params[batch.index, view]), view=view)
         return batch._replace(x=x)
 
     def _augment_rng(self, device: torch.device) -> torch.Generator:
@@ -581,7 +584,7 @@ class TensorDataModule(pl.LightningDataModule):
     def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int) -> Batch:
         """A batch that is on `device` already (DeviceBatches gather it there) is returned as it is: Lightning's
         move walks every field of the batch on the host at every step, to copy nothing."""
-        on = [batch.x, batch.y, batch.index, batch.slot] if isinstance(batch, Batch) else None
+        on = [batch.x, batch.y, batch.index, batch.view] if isinstance(batch, Batch) else None
         if on is not None and batch.targets is None and all(t is None or t.device == device for t in on):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
@@ -618,11 +621,9 @@ class TensorDataModule(pl.LightningDataModule):
             x, y = self._on(device, ("split", split), lambda: (self.tensors(split).x, self.tensors(split).y))
             order = self._sampler(ds, views=False) if shuffle else None
             return DeviceBatches(x, y, batch_size, order, self._position if shuffle else None)
-        # the sampler picks this epoch's recorded view of each training sample: the batch carries its slot,
-        # so stored teacher outputs can be read beside the inputs (`read_targets`)
+        # the sampler picks this epoch's recorded view of each training sample: the batch carries it, so
+        # stored teacher outputs can be read beside the inputs (`read_targets`)
         views = shuffle and (getattr(ds, "views", None) is not None or self.recorded_views)
-        if views and isinstance(ds, IndexedTensorDataset):
-            ds.slots_per_sample = self.views or 1
         collate = self._collate(ds)
         if split == "train" and self.target_reader is not None:
             collate = _with_targets(collate, self.target_reader)
@@ -652,11 +653,11 @@ class TensorDataModule(pl.LightningDataModule):
             return 0, 0
         return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
-    target_reader: Callable[[torch.Tensor], Targets] | None = None  # set by read_targets
+    target_reader: TargetReader | None = None  # set by read_targets
 
-    def read_targets(self, reader: Callable[[torch.Tensor], Targets] | None) -> None:
-        """Have the training loader read `reader(slots)` (the teachers' stored outputs, on the CPU) for each
-        batch in its workers, as `Batch.targets`: for stores that do not fit on the training device."""
+    def read_targets(self, reader: TargetReader | None) -> None:
+        """Have the training loader read `reader(index, view)` (the teachers' stored outputs, on the CPU) for
+        each batch in its workers, as `Batch.targets`: for stores that do not fit on the training device."""
         self.target_reader = reader
 
     def _device_for_data(self) -> torch.device | None:

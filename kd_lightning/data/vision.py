@@ -204,8 +204,7 @@ class _ImageFiles(SplitDataset):
     """Images read lazily from disk and passed through `transform` (PIL in), as uint8 (C, H, W) tensors.
 
     With recorded views (`views`, a ViewPipeline, and `draws`, set by the datamodule) an item is a view: the
-    key `(sample, view)` gives that view of that sample, `(x, y, sample, slot)` with slot = sample·K + view
-    (a plain index gives view 0)."""
+    key `(sample, view)` gives that view of that sample, `(x, y, sample, view)` (a plain index gives view 0)."""
 
     def __init__(
         self,
@@ -240,8 +239,7 @@ class _ImageFiles(SplitDataset):
             ) from None
         if self.views is None or self.draws is None:
             return self.transform(img), label, i
-        k = self.draws.shape[1]
-        return self.transform(self.views(img, self.draws[i, view])), label, i, i * k + view
+        return self.transform(self.views(img, self.draws[i, view])), label, i, view
 
 
 # The torchvision transforms a config may name (`torchvision.transforms.v2.<Name>`, or the same name under

@@ -11,8 +11,8 @@ from kd_lightning.teachers.outputs import TeacherOutputs
 
 
 class TeacherFeed:
-    """The teachers of a run and, when it has them, the stores of their outputs. `features(x, slots, targets)`
-    reads the stores once they are complete: the rows the loader read with the batch (`targets`, stores
+    """The teachers of a run and, when it has them, the stores of their outputs. `features(x, index, view,
+    targets)` reads the stores once they are complete: the rows the loader read with the batch (`targets`, stores
     kept on the host), else one gather per store from its copy on the device; otherwise it runs the teachers
     on the batch and counts those samples (per teacher, as the stores count), for the precompute's
     accounting."""
@@ -25,14 +25,16 @@ class TeacherFeed:
     def features(
         self,
         x: torch.Tensor,
-        slots: torch.Tensor | None,
+        index: torch.Tensor | None,
+        view: torch.Tensor | None = None,
         targets: Mapping[str, Mapping[str, tuple[torch.Tensor, ...]]] | None = None,
     ) -> TeacherFeatures:
+        """For the batch `x` of training samples `index`, in recorded views `view` (None without them)."""
         if self.outputs is not None and self.outputs.complete:
             if targets is not None:
                 return self.outputs.assemble(targets, x.device)
-            if slots is not None:
-                return self.outputs.get(slots, x.device)
+            if index is not None:
+                return self.outputs.get(index, view, x.device)
         self.live_samples += len(x) * len(self.teachers.names)
         return self.teachers(x)
 

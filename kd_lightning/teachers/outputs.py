@@ -1,4 +1,4 @@
-"""The teacher outputs a run reads: one store per (teacher, tap), filled before the fit, read by slot.
+"""The teacher outputs a run reads: one store per (teacher, tap), filled before the fit, read by sample and view.
 
 `build_outputs` holds every rule about which stores a run has and where they live (mode, fresh augmentation,
 top-K, the folder, the key). `fill` is the precompute stage (driven by kd_lightning.teachers.precompute). It runs at the start of the fit on every rank: rank 0 takes the stores'
@@ -26,6 +26,7 @@ from kd_lightning.data.fingerprint import data_key
 from kd_lightning.errors import ConfigError
 from kd_lightning.plain import Plain
 from kd_lightning.teachers.ensemble import TeacherEnsemble, TeacherFeatures
+from kd_lightning.teachers.slots import Slots
 from kd_lightning.teachers.store import (
     OutputStore,
     TapStore,
@@ -47,11 +48,20 @@ class Ranks:
     barrier: Callable[[], None] = lambda: None
 
 
-class TeacherOutputs:
-    """`stores[member][tap]`; `complete` once every store is; `get(slots)` → {member: {tap: tensor}}."""
+# the inputs the teachers must see to fill chunks of slots: for each (samples, views) in turn, a batch
+# (TensorDataModule.view_batches)
+ViewBatches = Callable[[list[tuple[torch.Tensor, torch.Tensor | None]]], Iterable[torch.Tensor]]
 
-    def __init__(self, stores: Mapping[str, Mapping[str, OutputStore]], scratch: Path | None = None):
+
+class TeacherOutputs:
+    """`stores[member][tap]`, each with a row per slot of `slots`; `complete` once every store is;
+    `get(index, view)` → {member: {tap: tensor}}."""
+
+    def __init__(
+        self, stores: Mapping[str, Mapping[str, OutputStore]], slots: Slots, scratch: Path | None = None
+    ):
         self.stores = {m: dict(taps) for m, taps in stores.items()}
+        self.slots = slots
         self.scratch = scratch  # where RAM stores move to when several ranks must share them
         self.computed = 0  # samples this process ran a teacher on to fill the stores
         self._complete = all(s.complete for s in self.all())  # read on every training step
@@ -73,12 +83,19 @@ class TeacherOutputs:
     def files(self) -> list[str]:
         return sorted(f for s in self.all() for f in s.files())
 
-    def get(self, slots: torch.Tensor, device: torch.device | str) -> TeacherFeatures:
-        return {m: {tap: s.read(slots, device) for tap, s in taps.items()} for m, taps in self.stores.items()}
+    def get(
+        self, index: torch.Tensor, view: torch.Tensor | None, device: torch.device | str
+    ) -> TeacherFeatures:
+        """The stored outputs for these samples in these views, on `device`."""
+        rows = self.slots.rows(index, view)
+        return {m: {tap: s.read(rows, device) for tap, s in taps.items()} for m, taps in self.stores.items()}
 
-    def gather(self, slots: torch.Tensor) -> dict[str, dict[str, tuple[torch.Tensor, ...]]]:
+    def gather(
+        self, index: torch.Tensor, view: torch.Tensor | None
+    ) -> dict[str, dict[str, tuple[torch.Tensor, ...]]]:
         """The batch's rows as stored (in the loader's workers, for stores kept on the host)."""
-        return {m: {tap: s.gather(slots) for tap, s in taps.items()} for m, taps in self.stores.items()}
+        rows = self.slots.rows(index, view)
+        return {m: {tap: s.gather(rows) for tap, s in taps.items()} for m, taps in self.stores.items()}
 
     def assemble(
         self, rows: Mapping[str, Mapping[str, tuple[torch.Tensor, ...]]], device: torch.device | str
@@ -124,14 +141,14 @@ class TeacherOutputs:
     def fill(
         self,
         run_teacher: Callable[[torch.Tensor, str], Mapping[str, torch.Tensor]],
-        slot_batches: Callable[[list[torch.Tensor]], Iterable[torch.Tensor]],
+        view_batches: ViewBatches,
         ranks: Ranks | None = None,
         batch_size: int = 512,
     ) -> int:
         """Compute the missing rows of every incomplete store, sharded over the ranks; returns the samples
-        this rank ran a teacher on. `run_teacher(x, member)` → {tap: outputs}; `slot_batches(chunks)` → for
-        each chunk of training slots in turn, the inputs they show (normalised, in their recorded view:
-        TensorDataModule.slot_batches)."""
+        this rank ran a teacher on. `run_teacher(x, member)` → {tap: outputs}; `view_batches(chunks)` → for
+        each chunk of (training samples, their recorded views) in turn, what the teachers see (normalised, in
+        that view: TensorDataModule.view_batches)."""
         ranks = ranks or Ranks()
         with ExitStack() as locks:
             if ranks.rank == 0:
@@ -151,7 +168,7 @@ class TeacherOutputs:
             done = 0
             for mine, members in _sharing_rows(plan):
                 chunks = list(mine.split(batch_size))
-                for chunk, x in zip(chunks, slot_batches(chunks), strict=True):
+                for chunk, x in zip(chunks, self._inputs(view_batches, chunks), strict=True):
                     for member in members:
                         outputs = run_teacher(x, member)
                         for tap, s in plan[member][0].items():
@@ -159,7 +176,7 @@ class TeacherOutputs:
                         done += len(chunk)
             ranks.barrier()
             if ranks.rank == 0:
-                done += self._seal(run_teacher, slot_batches, batch_size)
+                done += self._seal(run_teacher, view_batches, batch_size)
         ranks.barrier()
         for s in self.all():
             s.refresh()
@@ -168,6 +185,10 @@ class TeacherOutputs:
         if done:
             log.info("teacher outputs: computed %d samples on rank %d of %d", done, ranks.rank, ranks.world)
         return done
+
+    def _inputs(self, view_batches: ViewBatches, chunks: list[torch.Tensor]) -> Iterable[torch.Tensor]:
+        """What the teachers see for each chunk of slots."""
+        return view_batches([self.slots.keys(chunk) for chunk in chunks])
 
     def _plan(self, ranks: Ranks) -> dict[str, tuple[dict[str, OutputStore], torch.Tensor]]:
         """Each member's incomplete stores and this rank's share of the rows any of them misses."""
@@ -182,7 +203,7 @@ class TeacherOutputs:
     def _seal(
         self,
         run_teacher: Callable[[torch.Tensor, str], Mapping[str, torch.Tensor]],
-        slot_batches: Callable[[list[torch.Tensor]], Iterable[torch.Tensor]],
+        view_batches: ViewBatches,
         batch_size: int,
     ) -> int:
         """Rank 0, once every rank has written: seal each store; rows that read back otherwise than they were
@@ -199,7 +220,7 @@ class TeacherOutputs:
             for member, taps in unsealed.items():
                 missing = torch.unique(torch.cat([s.missing_slots() for s in taps.values()]))
                 chunks = list(missing.split(batch_size))
-                for chunk, x in zip(chunks, slot_batches(chunks), strict=True):
+                for chunk, x in zip(chunks, self._inputs(view_batches, chunks), strict=True):
                     outputs = run_teacher(x, member)
                     for tap, s in taps.items():
                         s.write(chunk, outputs[tap])
@@ -276,7 +297,7 @@ def build_outputs(
       views of data with more than 100 classes when every stored tap is logits (FKD's top-k soft labels),
       every logit otherwise;
     - the key (kd_lightning.teachers.store.store_key): the data (config and content fingerprint), the slot
-      count, the teacher's bytes, the tap, the dtype and the trainer's precision."""
+      count (kd_lightning.teachers.slots), the teacher's bytes, the tap, the dtype and the trainer's precision."""
     if cache.mode == "none" or teachers.unfitted:
         return None
     if dm.fresh_views:
@@ -293,6 +314,7 @@ def build_outputs(
     if replay is not None:
         identity = {**identity, "replay": replay}
     k = _topk(cache.logits_topk, dm, teachers, taps)
+    slots = Slots.of(dm)
     stores: dict[str, dict[str, OutputStore]] = {}
     for m in teachers.names:
         source = Path(teachers.checkpoints[m])
@@ -300,11 +322,11 @@ def build_outputs(
         stores[m] = {}
         for tap in taps:
             module = teachers.tap_module(m, tap)
-            key = store_key(identity, dm.cache_slots, digest, tap, module, cache.dtype, precision)
+            key = store_key(identity, slots.count, digest, tap, module, cache.dtype, precision)
             label = f"{m}-{tap}"
             if k is None:
                 stores[m][tap] = TapStore(key, shapes[m][tap], folder, label=label)
             else:
                 _check_topk(k, tap, module, dm.num_classes)
                 stores[m][tap] = TopKLogitsStore(key, dm.num_classes, k, folder, label=label)
-    return TeacherOutputs(stores, scratch=scratch)
+    return TeacherOutputs(stores, slots, scratch=scratch)

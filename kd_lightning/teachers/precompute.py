@@ -52,7 +52,7 @@ class TeacherPrecompute(pl.Callback):
         t0 = time.perf_counter()
         with trainer.precision_plugin.forward_context():  # the same autocast as the training steps
             outputs.fill(
-                run_teacher, lambda chunks: dm.slot_batches(chunks, device), ranks, dm.eval_batch_size
+                run_teacher, lambda chunks: dm.view_batches(chunks, device), ranks, dm.eval_batch_size
             )
         self.fill_seconds = time.perf_counter() - t0
         # the steps gather the rows on their device, or the loader reads them beside the inputs

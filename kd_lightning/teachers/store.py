@@ -1,7 +1,7 @@
 """Teacher-output store: what a frozen teacher outputs for every training slot, computed once per teacher.
 
 One store holds the outputs of ONE teacher for ONE tap (under consistent teaching, for every recorded
-view): rows indexed by the training slot (`Batch.cache_slot`). Its key is what the outputs depend on:
+view): rows indexed by the training slot (kd_lightning.teachers.slots: sample·K + view). Its key is what the outputs depend on:
 the data identity, the slot count, the teacher checkpoint's bytes (SHA-1), the tap (and the module it
 names), the storage dtype and the trainer's precision. The teacher set, the student, the seed, the
 distance and the method are not in it, so every job of a sweep over teacher subsets, seeds or methods
