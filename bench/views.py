@@ -2,6 +2,7 @@
 RandomResizedCrop + flip.
 
     python bench/views.py [--images 2000] [--size 64] [--views 4] [--epochs 3] [--reps 3]
+                          [--replays per_sample,batched]
 
 A generated ImageFolder of `--images` PNGs of size × size (1000 class folders, the images in the first
 20: the ImageNet teacher's head), `experiment=imagenet/resnet34_resnet18` with RandomResizedCrop(size) +
@@ -12,7 +13,10 @@ each `kd-train` in a fresh process:
   live      KD, the teacher run live on every batch (teacher_cache.mode=none; without recorded views the
             store switches itself off under these transforms)
   recorded  KD on `--views` recorded views per image (data.augment.views=K, teacher_cache.mode=disk) from
-            a store filled once before the repetitions (its fill is timed apart: `fill`)
+            a store filled once before the repetitions (its fill is timed apart: `fill`), the views made
+            image by image in the loader (data.augment.replay=per_sample)
+  recorded_batched  the same with data.augment.replay=batched: the views of a batch made in one roi_align
+            after the transfer (on the CPU here: the main thread's work; the op is for GPUs)
 Each figure is the fit's wall time (results.json `fit_seconds`) as median [min–max] over the repetitions;
 the ratios are formed within a repetition. `teacher_forward_samples` comes from results.json, and the
 store's size per image is the sum of its files over the training images.
@@ -57,6 +61,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workers", type=int, default=0, help="data.num_workers")
+    p.add_argument("--replays", default="per_sample,batched", help="data.augment.replay of the recorded runs")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -84,9 +89,16 @@ def main() -> None:
         runs = {
             "student": [*common, "teachers=none", "distill=none"],
             "live": [*common, *teacher, "teacher_cache.mode=none"],
-            "recorded": [*common, *teacher, *store],
         }
-        fill = kd_train([*runs["recorded"], f"hydra.run.dir={tmp / 'fill'}"], env)
+        recorded = {"per_sample": "recorded", "batched": "recorded_batched"}
+        for replay in a.replays.split(","):
+            runs[recorded[replay]] = [*common, *teacher, *store, f"data.augment.replay={replay}"]
+        fills = {
+            name: kd_train([*runs[name], f"hydra.run.dir={tmp / f'fill_{name}'}"], env)
+            for name in runs
+            if name.startswith("recorded")
+        }
+        fill = next(iter(fills.values()))
         seconds: dict[str, list[float]] = {name: [] for name in runs}
         forwards: dict[str, set[int]] = {name: set() for name in runs}
         for rep in range(a.reps):
@@ -102,15 +114,19 @@ def main() -> None:
     )
     for name in runs:
         print(f"views.{name}_fit_s={spread(seconds[name])}  teacher_forward_samples={sorted(forwards[name])}")
-    print(
-        f"views.fill_s={fill['fit_seconds']:.2f} (its precompute {fill['teacher_precompute_seconds']:.2f})  "
-        f"teacher_forward_samples={fill['teacher_forward_samples']}"
-    )
+    for name, filled in fills.items():
+        print(
+            f"views.fill_s={filled['fit_seconds']:.2f} (its precompute {filled['teacher_precompute_seconds']:.2f}, "
+            f"{name})  teacher_forward_samples={filled['teacher_forward_samples']}"
+        )
     ratio = {
-        k: [x / s for x, s in zip(seconds[k], seconds["student"], strict=True)] for k in ("live", "recorded")
+        k: [x / s for x, s in zip(seconds[k], seconds["student"], strict=True)]
+        for k in runs
+        if k != "student"
     }
     print(f"views.live_over_student={spread(ratio['live'], 3)}")
-    print(f"views.recorded_over_student={spread(ratio['recorded'], 3)}  (goal <= 1.10)")
+    for name in fills:
+        print(f"views.{name}_over_student={spread(ratio[name], 3)}  (goal <= 1.10)")
     print(
         f"views.store_bytes_per_image={store_bytes / n:.0f}  per view={store_bytes / n / a.views:.0f} "
         f"({len(fill['teacher_store_files'])} files, {store_bytes / 2**20:.1f} MiB for {n} images)"

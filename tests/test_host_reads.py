@@ -56,6 +56,24 @@ def test_no_host_read_with_recorded_views_and_stored_features(make_cfg, tmp_path
     assert res["teacher_forward_samples"] == 2 * res["train_samples"]  # every view once, in the fill
 
 
+def test_no_host_read_when_the_device_makes_the_recorded_views_of_image_files(make_cfg, tmp_path):
+    """data.augment.replay=batched: the loader's worker decodes the images and works out each view's box; the
+    step's crop, resize and flip of the whole batch (one roi_align) and the stored logits read nothing."""
+    from .test_imagenet_recipe import _pngs
+    from .test_views import CROP_FLIP, EVAL, _hydra
+
+    _pngs(tmp_path / "train", ["a", "b", "c"], 12)
+    res = run(make_cfg(
+        *CHECKED, "data=imagefolder", f"data.root={tmp_path / 'train'}", "data.image_size=null",
+        "data.val_fraction=0", "data.batch_size=4", "data.num_workers=1",
+        f"data.train_transforms={_hydra(CROP_FLIP)}", f"data.eval_transforms={_hydra(EVAL)}",
+        "data.augment={views: 2, replay: batched}", "student=cnn", "teachers.use=[cnn_s]",
+        "teachers.members.cnn_s.fit.max_epochs=1", "distill=kd", "teacher_cache.mode=memory",
+    ))  # fmt: skip
+    _checked(res)
+    assert res["teacher_forward_samples"] == 2 * res["train_samples"]  # every view once, in the fill
+
+
 @pytest.mark.multiprocess
 def test_no_host_read_under_ddp_with_stores_read_by_the_loader(tmp_path, cache_dir):
     """Two CPU processes: the stores are files that both ranks map, read beside the inputs by the loader."""

@@ -256,7 +256,8 @@ def test_consistent_teaching_views_are_recorded_and_repeat(make_cfg):
     seen: dict[tuple[int, int], torch.Tensor] = {}
     for e in range(6):
         _T.current_epoch = e
-        xb, _, _, view, _ = dm.prepare_batch(Batch(x.clone(), y, index), train=True)
+        prepared = dm.prepare_batch(Batch(x.clone(), y, index), train=True)
+        xb, view = prepared.x, prepared.view
         assert torch.equal(view, views[e])
         for i, key in enumerate(zip(index.tolist(), view.tolist(), strict=True)):
             if key in seen:

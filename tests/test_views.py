@@ -14,7 +14,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from kd_lightning.data import ImageFolderDataModule
-from kd_lightning.data.views import resized_crop_box
+from kd_lightning.data.batch import stack_padded
+from kd_lightning.data.views import replay_crops, resized_crop_box
 from kd_lightning.engine.build import build_module, build_teacher_ensemble
 from kd_lightning.errors import ConfigError
 from kd_lightning.teachers.slots import Slots
@@ -32,10 +33,12 @@ EVAL = [{"_target_": "torchvision.transforms.v2.Resize", "size": 16},
         {"_target_": "torchvision.transforms.v2.CenterCrop", "size": 16}]  # fmt: skip
 
 
-def _views_dm(root: Path, train=CROP_FLIP, views: int = 3, **kwargs) -> ImageFolderDataModule:
+def _views_dm(
+    root: Path, train=CROP_FLIP, views: int = 3, replay: str = "per_sample", **kwargs
+) -> ImageFolderDataModule:
     dm = ImageFolderDataModule(
         root=str(root), image_size=None, train_transforms=train, eval_transforms=EVAL, val_fraction=0,
-        batch_size=4, augment={"views": views}, **kwargs,
+        batch_size=4, augment={"views": views, "replay": replay}, **kwargs,
     )  # fmt: skip
     dm.setup()
     return dm
@@ -46,9 +49,15 @@ class _Epoch:  # the trainer the datamodule reads the epoch (and the device) fro
     strategy = SimpleNamespace(root_device=torch.device("cpu"))
 
 
-def test_a_recorded_view_is_the_same_pixels_wherever_it_is_made(tmp_path):
+@pytest.mark.parametrize("replay", ["per_sample", "batched"])
+def test_a_recorded_view_is_the_same_pixels_wherever_it_is_made(tmp_path, replay):
+    """The precompute makes the views in chunks of 8, the training loader in batches of 4 in another order:
+    the same pixels for every (sample, view). Batched, the images (40-90 pixels a side) are padded to each
+    batch's largest, so a crop at an image's edge must not see its neighbours' sizes."""
     _pngs(tmp_path / "train", ["a", "b"], 6)
-    dm = _views_dm(tmp_path / "train", [*CROP_FLIP, JITTER])
+    dm = _views_dm(
+        tmp_path / "train", [*CROP_FLIP, JITTER] if replay == "per_sample" else CROP_FLIP, replay=replay
+    )
     assert dm.views_per_sample == 3 and not dm.fresh_views and dm.input_shape == (3, 16, 16)
     dm.trainer = _Epoch()
     made_for_teacher = {}  # what the teacher-output precompute shows the teacher, (sample, view) by (sample, view)
@@ -70,7 +79,7 @@ def test_a_recorded_view_is_the_same_pixels_wherever_it_is_made(tmp_path):
                 seen.add(key)
     assert len(seen) > dm.num_train  # several views of some samples were shown
     # different views of one sample are different crops
-    x0, x1 = dm.splits["train"][(0, 0)][0], dm.splits["train"][(0, 1)][0]
+    x0, x1 = made_for_teacher[(0, 0)], made_for_teacher[(0, 1)]
     assert x0.shape == x1.shape == (3, 16, 16) and not torch.equal(x0, x1)
 
 
@@ -135,13 +144,14 @@ def test_what_cannot_be_recorded_is_refused_by_name(tmp_path, train, augment, pa
         ).setup()  # fmt: skip
 
 
-def test_stored_teacher_outputs_of_a_view_are_the_teacher_on_that_view(make_cfg, tmp_path):
+@pytest.mark.parametrize("replay", ["per_sample", "batched"])
+def test_stored_teacher_outputs_of_a_view_are_the_teacher_on_that_view(make_cfg, tmp_path, replay):
     """float16 rows of the recorded views, filled by the precompute, against the teacher run on each view."""
     _pngs(tmp_path / "train", ["a", "b", "c"], 5)
     cfg = make_cfg(
         "data=imagefolder", f"data.root={tmp_path / 'train'}", "data.image_size=null", "data.val_fraction=0",
         f"data.train_transforms={_hydra(CROP_FLIP)}", f"data.eval_transforms={_hydra(EVAL)}",
-        "data.augment={views: 2}", "student=cnn", "teachers.use=[cnn_s]", "teachers.members.cnn_s.fit.max_epochs=1",
+        f"data.augment={{views: 2, replay: {replay}}}", "student=cnn", "teachers.use=[cnn_s]", "teachers.members.cnn_s.fit.max_epochs=1",
         "distill=[feature,kd]", "teacher_cache.mode=memory", "teacher_cache.dtype=float16",
     )  # fmt: skip
     spec, dm = built_data(cfg)
@@ -187,3 +197,79 @@ def test_views_made_in_worker_processes_are_the_same(tmp_path):
         batch = workers.prepare_batch(batch, train=True)
         for key, x in zip(zip(batch.index.tolist(), batch.view.tolist(), strict=True), batch.x, strict=True):
             assert torch.equal(x, made[key])
+
+
+def _smooth_pngs(root: Path, n: int) -> None:
+    """Images of smooth colour gradients, 40-90 pixels a side, where two good resamplings of one box agree."""
+    gen = torch.Generator().manual_seed(3)
+    (root / "a").mkdir(parents=True)
+    for i in range(n):
+        h, w = (int(v) for v in torch.randint(40, 91, (2,), generator=gen))
+        yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+        phase = torch.rand(3, generator=gen) * 6
+        img = torch.stack([(yy * (2 + c) + xx * (3 - c) + phase[c]).sin() for c in range(3)]) * 110 + 128
+        Image.fromarray(img.round().byte().permute(1, 2, 0).numpy()).save(root / "a" / f"{i}.png")
+
+
+def test_batched_views_are_the_per_image_views_resampled_in_one_op(tmp_path):
+    """replay=batched makes each recorded view from the same box and flip as the per-image replay: on smooth
+    images the two agree to resampling error (a wrong box, a missed flip or a transposed crop would not)."""
+    _smooth_pngs(tmp_path / "train", 6)
+    each, batched = (_views_dm(tmp_path / "train", replay=r) for r in ("per_sample", "batched"))
+    slots = Slots.of(each)
+    chunks = [slots.keys(torch.arange(slots.count))]
+    a, b = (torch.cat(list(dm.view_batches(chunks))) for dm in (each, batched))
+    assert a.shape == b.shape == (slots.count, 3, 16, 16)
+    scale = each.std.view(1, 3, 1, 1)  # back to [0, 1] pixel units
+    differ = ((a - b) * scale).abs().mean(dim=(1, 2, 3))
+    assert differ.max() < 0.03, differ
+    assert ((a - b.flip(3)) * scale).abs().mean(dim=(1, 2, 3)).max() > 0.05  # a flip is not within that bound
+
+
+def test_replay_crops_reads_only_each_images_own_pixels():
+    """A crop at the right and bottom edges of a small image, padded beside a large one, equals that crop of
+    the image alone, to the bit."""
+    small, large = torch.rand(3, 20, 30), torch.rand(3, 50, 60)
+    crop = torch.tensor([[7, 11, 13, 19, 0], [0, 0, 50, 60, 1]])
+    both = replay_crops(stack_padded([small, large]), crop, (8, 8))
+    assert torch.equal(both[0], replay_crops(stack_padded([small]), crop[:1], (8, 8))[0])
+    assert torch.equal(both[1], replay_crops(stack_padded([large]), crop[1:], (8, 8))[0])
+    # and the crop is of the image's own pixels: an edge-to-edge crop at the image's size is the image
+    whole = replay_crops(
+        stack_padded([small, large]), torch.tensor([[0, 0, 20, 30, 0], [0, 0, 50, 60, 1]]), (20, 30)
+    )
+    torch.testing.assert_close(whole[0], small, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "train,augment,pattern",
+    [
+        ([*CROP_FLIP, JITTER], {"views": 2, "replay": "batched"},
+         r"replay=batched .* must be a RandomResizedCrop, then at most a RandomHorizontalFlip; it is "
+         r"\['RandomResizedCrop', 'RandomHorizontalFlip', 'ColorJitter'\]"),
+        ([{**CROP_FLIP[0], "interpolation": "nearest"}], {"views": 2, "replay": "batched"},
+         r"resizes bilinearly; data.train_transforms\[0\] \(RandomResizedCrop\) asks for .*NEAREST"),
+        (CROP_FLIP, {"replay": "batched"}, r"replay=batched .* needs data.train_transforms and data.augment.views"),
+        (CROP_FLIP, {"views": 2, "replay": "on_gpu"}, r"data.augment.replay='on_gpu'; valid: per_sample, batched"),
+    ],
+)  # fmt: skip
+def test_a_batched_replay_it_cannot_make_is_refused_by_name(tmp_path, train, augment, pattern):
+    _pngs(tmp_path / "train", ["a", "b"], 2)
+    with pytest.raises(ConfigError, match=pattern):
+        ImageFolderDataModule(
+            root=str(tmp_path / "train"), image_size=None, train_transforms=train, eval_transforms=EVAL,
+            augment=augment,
+        )  # fmt: skip
+
+
+def test_in_memory_data_refuses_a_batched_replay():
+    from kd_lightning.data import DigitsDataModule
+
+    with pytest.raises(ConfigError, match=r"replay=batched .* digits is held in memory"):
+        DigitsDataModule(augment={"views": 2, "replay": "batched"})
+
+
+def test_the_stores_key_tells_the_two_replays_apart(tmp_path):
+    _pngs(tmp_path / "train", ["a", "b"], 2)
+    each, batched = (_views_dm(tmp_path / "train", replay=r) for r in ("per_sample", "batched"))
+    assert each.replay_identity() != batched.replay_identity()

@@ -255,11 +255,14 @@ class PretrainedSpec:
 @dataclass(frozen=True)
 class AugmentSpec:
     """`data.augment`: random crop (zero padding) and horizontal flip, for images; `views` for consistent
-    teaching (K recorded views per sample instead of a fresh one each step)."""
+    teaching (K recorded views per sample instead of a fresh one each step); `replay`, how recorded views of
+    image files are made: image by image in the loader's workers (`per_sample`), or a whole batch at once on
+    the training device (`batched`: kd_lightning.data.views.replay_crops)."""
 
     crop_padding: int = num(0, 0)
     hflip: bool = False
     views: int | None = num(None, 1)
+    replay: str = one_of("per_sample", "per_sample", "batched")
 
 
 @dataclass(frozen=True)

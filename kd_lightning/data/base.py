@@ -24,6 +24,7 @@ from kd_lightning.config.specs import LoaderSpec, parse
 from kd_lightning.data.batch import Batch, Targets, collate_samples
 from kd_lightning.data.device import DeviceBatches, fits_on_device
 from kd_lightning.data.fingerprint import Listings, content_digest
+from kd_lightning.data.views import replay_crops
 from kd_lightning.errors import ConfigError, as_seed
 
 log = logging.getLogger(__name__)
@@ -299,6 +300,14 @@ class TensorDataModule(pl.LightningDataModule):
         # consistent teaching: a fixed number of recorded views per sample (None: a fresh view every step)
         self.views = spec.augment.views
         self.view_params: torch.Tensor | None = None  # (n_train, views, 3), drawn once at setup
+        self.replay = spec.augment.replay
+        if self.replay == "batched" and not self.replays_file_views:
+            raise ConfigError(
+                f"data.augment.replay=batched makes recorded views of image files on the device; {self.name} "
+                "is held in memory, where every view is already made on the device in one batched op: "
+                "drop data.augment.replay"
+            )
+        self.crop_size: tuple[int, int] | None = None  # the views' size when the device crops them (batched)
         self.num_workers = spec.num_workers
         self.on_device = spec.on_device  # True | False | "auto" (kd_lightning.data.device)
         self.class_subset = None if spec.class_subset is None else [int(c) for c in spec.class_subset]
@@ -307,6 +316,8 @@ class TensorDataModule(pl.LightningDataModule):
         self.splits: dict[str, SplitDataset] = {}
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None
+
+    replays_file_views = False  # a dataset of image files whose recorded views `replay` can make
 
     # --- to implement -------------------------------------------------------------------
     def load(self) -> dict[str, np.ndarray]:
@@ -536,6 +547,11 @@ class TensorDataModule(pl.LightningDataModule):
         reads (statistics, recorded view parameters, this epoch's views) is kept on that device: nothing is
         copied from or read on the host."""
         x = self._to_float(batch.x)
+        if batch.crop is not None:  # recorded views of image files, made here (data.augment.replay=batched)
+            if self.crop_size is None:
+                raise RuntimeError("a batch with crops needs data.augment.replay=batched")
+            x = replay_crops(x, batch.crop, self.crop_size)
+            batch = batch._replace(crop=None)
         mean, std = self.mean, self.std
         if mean is not None and std is not None:
             on_device = self._on(x.device, "norm", lambda: (mean, std))
@@ -584,7 +600,7 @@ class TensorDataModule(pl.LightningDataModule):
     def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int) -> Batch:
         """A batch that is on `device` already (DeviceBatches gather it there) is returned as it is: Lightning's
         move walks every field of the batch on the host at every step, to copy nothing."""
-        on = [batch.x, batch.y, batch.index, batch.view] if isinstance(batch, Batch) else None
+        on = [batch.x, batch.y, batch.index, batch.view, batch.crop] if isinstance(batch, Batch) else None
         if on is not None and batch.targets is None and all(t is None or t.device == device for t in on):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)

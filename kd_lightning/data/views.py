@@ -14,6 +14,14 @@ student sees what the teacher saw.
 A random transform whose parameters are not recorded here (rotations, affine and perspective warps,
 blurs with a random sigma, the policy augmentations) is refused with views, naming it; deterministic
 transforms (Resize, CenterCrop, Pad, ...) run as they are.
+
+`data.augment.replay=batched` makes the ImageNet recipe's views (RandomResizedCrop, then an optional
+RandomHorizontalFlip) on the training device instead: the loader's workers only decode the images and work
+out each view's box and flip from its recorded numbers (`ViewPipeline.crop`), and `replay_crops` crops,
+resizes and flips the whole batch in one `torchvision.ops.roi_align`, as FFCV and DALI move this work off the
+per-image path. Its pixels differ slightly from torchvision's resize (roi_align averages bilinear samples
+where torchvision filters with antialiasing), so the replay is part of the stores' key; the precompute and
+the training steps make each view the same way, so the student still sees what the teacher saw.
 """
 
 from __future__ import annotations
@@ -104,6 +112,41 @@ class ViewPipeline:
             self.offsets.append(total)
             total += DRAWS.get(name, 0)
         self.draws_per_view = total
+
+    def batched_size(self, where: str = "data.train_transforms") -> tuple[int, int]:
+        """The views' size when `replay_crops` can make them on a batch (data.augment.replay=batched): the
+        pipeline is a bilinear RandomResizedCrop, then at most a RandomHorizontalFlip."""
+        from torchvision.transforms import InterpolationMode
+
+        names = [type(step).__name__ for step in self.steps]
+        if names not in (["RandomResizedCrop"], ["RandomResizedCrop", "RandomHorizontalFlip"]):
+            raise ConfigError(
+                f"data.augment.replay=batched crops, resizes and flips a batch in one op: {where} must be a "
+                f"RandomResizedCrop, then at most a RandomHorizontalFlip; it is {names}. Set "
+                "data.augment.replay=per_sample to replay these transforms image by image"
+            )
+        cfg = vars(self.steps[0])
+        if cfg["interpolation"] not in (InterpolationMode.BILINEAR, "bilinear"):
+            raise ConfigError(
+                f"data.augment.replay=batched resizes bilinearly; {where}[0] (RandomResizedCrop) asks for "
+                f"{cfg['interpolation']}: drop its interpolation or set data.augment.replay=per_sample"
+            )
+        out_h, out_w = cfg["size"]
+        return int(out_h), int(out_w)
+
+    def crop(self, size: tuple[int, int], draws: torch.Tensor) -> tuple[int, int, int, int, int]:
+        """(top, left, height, width, flip) of the view `draws` records, for an image of `size` (h, w): what
+        `replay_crops` applies (the pipeline is the one `batched_size` accepts)."""
+        params = self.params(size, draws)
+        flip = len(params) > 1 and params[1]["applied"] is True
+        top, left, height, width = (params[0][k] for k in ("top", "left", "height", "width"))
+        assert (
+            isinstance(top, int)
+            and isinstance(left, int)
+            and isinstance(height, int)
+            and isinstance(width, int)
+        )
+        return top, left, height, width, int(flip)
 
     def params(self, size: tuple[int, int], draws: torch.Tensor) -> list[Params]:
         """Each random step's parameters for an image of `size` (h, w) at the start of the pipeline."""
@@ -243,6 +286,22 @@ def _with_probability(
 _REPLAYS: dict[str, Replay] = {
     "RandomResizedCrop": _resized_crop, "RandomCrop": _random_crop, "ColorJitter": _color_jitter,
 }  # fmt: skip
+
+
+def replay_crops(x: torch.Tensor, crop: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Each image of the float batch `x` (N, C, H, W; images padded as kd_lightning.data.batch.stack_padded
+    pads them) cropped to its box in `crop` (N, 5: top, left, height, width, flip), resized to `size` and
+    flipped where its flip is 1, in one roi_align and one select on x's device: no per-image work. Each output
+    pixel averages ceil(box / size) × ceil(box / size) bilinear samples of its bin (sampling_ratio=-1), which
+    filters a downscale as an antialiased resize does."""
+    from torchvision.ops import roi_align
+
+    crop = crop.to(x.device)
+    top, left, height, width, flip = crop.unbind(1)
+    batch = torch.arange(len(x), device=x.device)
+    boxes = torch.stack([batch, left, top, left + width, top + height], 1).to(x.dtype)
+    out = roi_align(x, boxes, list(size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return torch.where(flip.bool()[:, None, None, None], out.flip(3), out)
 
 
 def draw_views(n: int, views: int, per_view: int, seed: int) -> torch.Tensor:

@@ -204,17 +204,22 @@ class _ImageFiles(SplitDataset):
     """Images read lazily from disk and passed through `transform` (PIL in), as uint8 (C, H, W) tensors.
 
     With recorded views (`views`, a ViewPipeline, and `draws`, set by the datamodule) an item is a view: the
-    key `(sample, view)` gives that view of that sample, `(x, y, sample, view)` (a plain index gives view 0)."""
+    key `(sample, view)` gives that view of that sample, `(x, y, sample, view)` (a plain index gives view 0).
+    With `batched` the key `(sample, view)` gives the decoded image whole and the view's crop instead,
+    `(x, y, sample, view, (top, left, height, width, flip))`, for the device to make the view
+    (kd_lightning.data.views.replay_crops)."""
 
     def __init__(
         self,
         samples: list[tuple[str, int]],
         transform: Callable[[ImageLike], torch.Tensor],
         views: ViewPipeline | None = None,
+        batched: bool = False,
     ):
         self.samples = samples
         self.transform = transform
         self.views = views
+        self.batched = batched
         self.draws: torch.Tensor | None = None  # (samples, K, draws per view), set at setup
 
     def __len__(self) -> int:
@@ -239,6 +244,10 @@ class _ImageFiles(SplitDataset):
             ) from None
         if self.views is None or self.draws is None:
             return self.transform(img), label, i
+        if self.batched and isinstance(key, tuple):
+            whole = self.transform(img)
+            size = (int(whole.shape[1]), int(whole.shape[2]))
+            return whole, label, i, view, self.views.crop(size, self.draws[i, view])
         return self.transform(self.views(img, self.draws[i, view])), label, i, view
 
 
@@ -362,6 +371,7 @@ class ImageFolderDataModule(TensorDataModule):
     """
 
     name = "imagefolder"
+    replays_file_views = True
 
     def __init__(
         self,
@@ -405,6 +415,13 @@ class ImageFolderDataModule(TensorDataModule):
                     "RandomHorizontalFlip) and keep data.augment.views only"
                 )
             self.view_pipeline = ViewPipeline(steps)  # refuses a random transform it cannot record
+        if self.replay == "batched":
+            if self.view_pipeline is None:
+                raise ConfigError(
+                    "data.augment.replay=batched makes recorded views on the device: it needs "
+                    "data.train_transforms and data.augment.views=K (or drop data.augment.replay)"
+                )
+            self.crop_size = self.view_pipeline.batched_size()
         self.train_transform = v2_compose([*([] if self.view_pipeline is not None else steps), *to_uint8()])
         self.eval_transform = image_pipeline(eval_transforms, self.image_size, "eval_transforms")
         self.mean_std = (tuple(mean), tuple(std))
@@ -470,7 +487,10 @@ class ImageFolderDataModule(TensorDataModule):
         val_idx, tr_idx = self.split_train_val(len(order))
         splits = {
             "train": _ImageFiles(
-                [order[i] for i in tr_idx.tolist()], self.train_transform, self.view_pipeline
+                [order[i] for i in tr_idx.tolist()],
+                self.train_transform,
+                self.view_pipeline,
+                batched=self.replay == "batched",
             ),
             "val": _ImageFiles([order[i] for i in val_idx.tolist()], self.eval_transform),
             "test": _ImageFiles(test, self.eval_transform),
@@ -503,7 +523,10 @@ class ImageFolderDataModule(TensorDataModule):
 
         # the functional ops that make a view from its parameters are torchvision's: another version may
         # resample differently, and stored teacher outputs must belong to the pixels the student sees
-        return {"views": "kd_lightning.views/1", "torchvision": torchvision.__version__}
+        made = {"views": "kd_lightning.views/1", "torchvision": torchvision.__version__}
+        if self.replay == "batched":  # another resampling: other pixels than the per-image replay
+            made["replay"] = "batched/roi_align/1"
+        return made
 
     def fit_normalization(self) -> None:
         mean, std = self.mean_std
