@@ -15,7 +15,9 @@ in this process, on generated data (nothing is downloaded), teachers with random
                               disk store: the run that fills it, then one that reads it (no teacher)
              and at bf16-mixed with perf.compile=true perf.channels_last=true: live, stored
   views      experiment=imagenet/resnet34_resnet18 on a generated ImageFolder (1000 class folders),
-             RandomResizedCrop + flip recorded as 2 views per image: student, live, fill, stored
+             RandomResizedCrop + flip recorded as 2 views per image: student, live, fill, stored; and
+             fill+batched, stored+batched with data.augment.replay=batched (the views made on the device,
+             a batch in one roi_align, instead of image by image in the loader's workers)
   ddp        trainer=ddp trainer.devices=1 (NCCL on a GPU, gloo with --cpu), 16-mixed, stored
   graphs     the GPU default, perf.compile=auto (every model compiled with CUDA graphs): the cifar student
              alone, KD live and stored, FitNet (live; also run eager as cifar/bf16-mixed/fitnet), and the
@@ -130,6 +132,8 @@ def cases(mode: str, data: Path) -> list[tuple[str, list[str]]]:
         ("views/live", [*views, *teacher, "teacher_cache.mode=none"]),
         ("views/fill", recorded),
         ("views/stored", recorded),
+        ("views/fill+batched", [*recorded, "data.augment.replay=batched"]),
+        ("views/stored+batched", [*recorded, "data.augment.replay=batched"]),
     ]
     ddp = ["trainer=ddp", "trainer.devices=1"] if mode == "gpu" else ["trainer=ddp_cpu", "trainer.devices=1"]
     at = [*cifar, *ddp, "trainer.precision=16-mixed", *teacher, "data.augment.views=4", *store]
@@ -416,6 +420,12 @@ def main() -> None:
             f"gpu_check.{prefix}: stored/student={per['stored'] / per['student']:.3f}  "
             f"live/(student+teacher)={per['live'] / (per['student'] + teacher):.3f}  "
             f"live/student={per['live'] / per['student']:.3f}"
+        )
+    if all(n in speeds for n in ("views/stored", "views/stored+batched")):
+        say(
+            "gpu_check.views: stored+batched/stored="
+            f"{speed('views/stored') / speed('views/stored+batched'):.3f} (time per image, the views made on "
+            "the device in one roi_align against image by image in the loader)"
         )
     for p in ("16-mixed", "bf16-mixed"):
         names = {k: f"cifar/{p}/{k}" for k in HAND_KINDS}

@@ -28,7 +28,7 @@ def test_gpu_check_smoke_mode_runs_every_case(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     cases = re.findall(r"^gpu_check\.(\S+): images_per_s=(\d+)  teacher", done.stdout, re.M)
     names = [n for n, _ in cases]
-    assert len(names) == 21 and all(int(v) > 0 for _, v in cases)
+    assert len(names) == 23 and all(int(v) > 0 for _, v in cases)
     hand = re.findall(r"^gpu_check\.hand/(\S+): images_per_s=(\d+)$", done.stdout, re.M)
     assert len(hand) == 6 and all(int(v) > 0 for _, v in hand)
     # the ceiling: every cifar case beside its hand-written loop, and the compiled student beside the eager one
@@ -48,6 +48,7 @@ def test_gpu_check_smoke_mode_runs_every_case(tmp_path):
         )
     for needed in (
         "cifar/16-mixed/stored", "cifar/bf16-mixed/stored+compile+channels_last", "views/stored",
+        "views/stored+batched",
         "graphs/bf16-mixed/fitnet", "graphs/ddp/16-mixed/stored",
     ):  # fmt: skip
         assert needed in names
@@ -56,7 +57,8 @@ def test_gpu_check_smoke_mode_runs_every_case(tmp_path):
         r"^gpu_check\.(\S+): stored/student=([\d.]+)  live/\(student\+teacher\)=([\d.]+)", done.stdout, re.M
     )
     assert [r[0] for r in ratios] == ["cifar/16-mixed", "cifar/bf16-mixed", "views"]
-    assert "21 cases in" in done.stdout and " 0 failed" in done.stdout
+    assert re.search(r"^gpu_check\.views: stored\+batched/stored=[\d.]+ ", done.stdout, re.M)
+    assert "23 cases in" in done.stdout and " 0 failed" in done.stdout
     assert report.read_text().startswith("# make gpu-check") and "on cpu (smoke mode)" in report.read_text()
 
 
