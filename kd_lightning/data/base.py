@@ -1,8 +1,8 @@
 """The datamodule base: splits, normalisation and augmentation on device, and the public reading API.
 
-Every batch is a `Batch(x, y, index, view, targets)` (kd_lightning.data.batch). Normalisation and augmentation
-run in `on_after_batch_transfer`, after the batch has reached the device, so student and teachers always
-see the same tensor. Other parts of the framework (evaluation, amalgamation) read data only through the
+Every batch is a `Batch` (kd_lightning.data.batch: x, y, index, view, targets, crop). Normalisation and
+augmentation run in `on_after_batch_transfer`, after the batch has reached the device, so student and
+teachers always see the same tensor. Other parts of the framework (evaluation, amalgamation) read data only through the
 public methods `iter_split`, `labels`, `prepare_batch`, `input_shape`, `num_classes` and `num_train`, so a
 dataset read from disk supports them as an in-memory one does.
 """
