@@ -300,13 +300,7 @@ class TensorDataModule(pl.LightningDataModule):
         # consistent teaching: a fixed number of recorded views per sample (None: a fresh view every step)
         self.views = spec.augment.views
         self.view_params: torch.Tensor | None = None  # (n_train, views, 3), drawn once at setup
-        self.replay = spec.augment.replay
-        if self.replay == "batched" and not self.replays_file_views:
-            raise ConfigError(
-                f"data.augment.replay=batched makes recorded views of image files on the device; {self.name} "
-                "is held in memory, where every view is already made on the device in one batched op: "
-                "drop data.augment.replay"
-            )
+        self.replay = self._checked_replay(spec.augment.replay)
         self.crop_size: tuple[int, int] | None = None  # the views' size when the device crops them (batched)
         self.num_workers = spec.num_workers
         self.on_device = spec.on_device  # True | False | "auto" (kd_lightning.data.device)
@@ -318,6 +312,16 @@ class TensorDataModule(pl.LightningDataModule):
         self.std: torch.Tensor | None = None
 
     replays_file_views = False  # a dataset of image files whose recorded views `replay` can make
+
+    def _checked_replay(self, replay: str) -> str:
+        """`data.augment.replay`: `batched` is for recorded views of image files (ImageFolderDataModule)."""
+        if replay == "batched" and not self.replays_file_views:
+            raise ConfigError(
+                f"data.augment.replay=batched makes recorded views of image files on the device; {self.name} "
+                "is held in memory, where every view is already made on the device in one batched op: "
+                "drop data.augment.replay"
+            )
+        return replay
 
     # --- to implement -------------------------------------------------------------------
     def load(self) -> dict[str, np.ndarray]:
