@@ -133,6 +133,14 @@ def test_resized_crop_boxes_follow_torchvisions_sampling():
          r"data.train_transforms\[2\] \(RandomRotation\) draws random parameters that data.augment.views cannot "
          r"record; with recorded views use ColorJitter, "),
         (CROP_FLIP, {"views": 2, "hflip": True}, r"data.augment.crop_padding / hflip .* RandomHorizontalFlip"),
+        # data.augment.replay=batched: what one roi_align per batch cannot make
+        ([*CROP_FLIP, JITTER], {"views": 2, "replay": "batched"},
+         r"replay=batched .* must be a RandomResizedCrop, then at most a RandomHorizontalFlip; it is "
+         r"\['RandomResizedCrop', 'RandomHorizontalFlip', 'ColorJitter'\]"),
+        ([{**CROP_FLIP[0], "interpolation": "nearest"}], {"views": 2, "replay": "batched"},
+         r"resizes bilinearly; data.train_transforms\[0\] \(RandomResizedCrop\) asks for .*NEAREST"),
+        (CROP_FLIP, {"replay": "batched"}, r"replay=batched .* needs data.train_transforms and data.augment.views"),
+        (CROP_FLIP, {"views": 2, "replay": "on_gpu"}, r"data.augment.replay='on_gpu'; valid: per_sample, batched"),
     ],
 )  # fmt: skip
 def test_what_cannot_be_recorded_is_refused_by_name(tmp_path, train, augment, pattern):
@@ -239,27 +247,6 @@ def test_replay_crops_reads_only_each_images_own_pixels():
         stack_padded([small, large]), torch.tensor([[0, 0, 20, 30, 0], [0, 0, 50, 60, 1]]), (20, 30)
     )
     torch.testing.assert_close(whole[0], small, rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    "train,augment,pattern",
-    [
-        ([*CROP_FLIP, JITTER], {"views": 2, "replay": "batched"},
-         r"replay=batched .* must be a RandomResizedCrop, then at most a RandomHorizontalFlip; it is "
-         r"\['RandomResizedCrop', 'RandomHorizontalFlip', 'ColorJitter'\]"),
-        ([{**CROP_FLIP[0], "interpolation": "nearest"}], {"views": 2, "replay": "batched"},
-         r"resizes bilinearly; data.train_transforms\[0\] \(RandomResizedCrop\) asks for .*NEAREST"),
-        (CROP_FLIP, {"replay": "batched"}, r"replay=batched .* needs data.train_transforms and data.augment.views"),
-        (CROP_FLIP, {"views": 2, "replay": "on_gpu"}, r"data.augment.replay='on_gpu'; valid: per_sample, batched"),
-    ],
-)  # fmt: skip
-def test_a_batched_replay_it_cannot_make_is_refused_by_name(tmp_path, train, augment, pattern):
-    _pngs(tmp_path / "train", ["a", "b"], 2)
-    with pytest.raises(ConfigError, match=pattern):
-        ImageFolderDataModule(
-            root=str(tmp_path / "train"), image_size=None, train_transforms=train, eval_transforms=EVAL,
-            augment=augment,
-        )  # fmt: skip
 
 
 def test_in_memory_data_refuses_a_batched_replay():
